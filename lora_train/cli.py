@@ -1,0 +1,128 @@
+"""Command line: train | demo | tiny-model (more subcommands join as their features land)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+from .config import ConfigError, TrainConfig, parse_overrides
+
+
+class TqdmRenderer:
+    """Renders trainer events with tqdm."""
+
+    def __init__(self, stream=None):
+        self.bar = None
+        self.stream = stream or sys.stderr
+
+    def __call__(self, ev):
+        from tqdm.auto import tqdm
+
+        kind = ev["kind"]
+        if kind == "start":
+            self.bar = tqdm(total=ev["total_steps"], desc="training", unit="step", file=self.stream)
+        elif kind == "step" and self.bar is not None:
+            self.bar.n = ev["step"]
+            self.bar.set_postfix(epoch=ev["epoch"], loss=f"{ev['loss']:.4f}", lr=f"{ev['lr']:.2e}", refresh=False)
+            self.bar.refresh()
+        elif kind == "warning":
+            (self.bar.write if self.bar else print)(f"warning: {ev['message']}")
+        elif kind == "checkpoint":
+            msg = f"saved {ev['path']}"
+            (self.bar.write if self.bar else print)(msg)
+        elif kind == "done" and self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args, extra: List[str]) -> int:
+    from .trainer import train
+
+    overrides = parse_overrides(extra)
+    cfg = TrainConfig.load(args.config, overrides)
+    res = train(cfg, callback=TqdmRenderer())
+    state = "stopped early" if res.stopped else "finished"
+    print(f"{state}: {res.steps} steps in {res.seconds:.1f}s; LoRA: {res.lora_path}; loss log: {res.loss_csv}")
+    return 0
+
+
+def cmd_tiny_model(args, extra: List[str]) -> int:
+    from .models import build_tiny, save_diffusers_folder
+
+    if os.path.exists(os.path.join(args.dir, "model_index.json")) and not args.overwrite:
+        print(f"error: '{args.dir}' already holds a model; pass --overwrite or choose another folder", file=sys.stderr)
+        return 2
+    save_diffusers_folder(build_tiny("v_prediction" if args.v else "epsilon"), args.dir)
+    print(f"wrote the tiny demo model to {args.dir}")
+    return 0
+
+
+def cmd_demo(args, extra: List[str]) -> int:
+    from .demo import DEMO_TRIGGER, write_demo_dataset
+    from .io_utils import next_free_name, save_image
+    from .lora import load_file
+    from .models import build_tiny
+    from .sampler import strength_grid
+    from .trainer import train
+
+    t0 = time.time()
+    out = os.path.abspath(args.out)
+    data = os.path.join(out, "dataset")
+    write_demo_dataset(data, n=8, size=64)
+    print(f"[1/3] dataset: {data} (8 procedural images, trigger word '{DEMO_TRIGGER}')")
+    name = next_free_name(out, "demo_lora")
+    cfg = TrainConfig(train_data_dir=data, base_model="tiny", output_dir=out, output_name=name, resolution=64,
+                      lora_rank=8, learning_rate=args.lr, batch_size=2, epochs=args.epochs, lr_scheduler="cosine",
+                      lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10)
+    cfg.validate()
+    res = train(cfg, callback=TqdmRenderer())
+    print(f"[2/3] trained {res.steps} steps in {res.seconds:.1f}s -> {res.lora_path}")
+    model = build_tiny()
+    lw = load_file(res.lora_path, model)
+    grid = strength_grid(model, lw, f"{DEMO_TRIGGER}, a red circle on a blue background", [0.5, 1.0], [1, 2],
+                         steps=args.sample_steps, cfg_scale=1.0, size=64)
+    grid_path = os.path.join(out, f"{name}_grid.png")
+    save_image(grid, grid_path)
+    print(f"[3/3] grid (strength 0 / 0.5 / 1.0): {grid_path}")
+    print(f"loss curve: {res.loss_png}; done in {time.time() - t0:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lora_train", description="LoRA trainer for Stable Diffusion")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a LoRA from a YAML config; any key can be overridden as --key value")
+    t.add_argument("config")
+    d = sub.add_parser("demo", help="procedural dataset -> train the tiny model on CPU -> strength grid")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--epochs", type=int, default=40)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--seed", type=int, default=42)
+    d.add_argument("--sample-steps", type=int, default=20)
+    tm = sub.add_parser("tiny-model", help="write the tiny demo model as a diffusers folder")
+    tm.add_argument("dir")
+    tm.add_argument("--v", action="store_true", help="v-prediction variant")
+    tm.add_argument("--overwrite", action="store_true")
+    return p
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "tiny-model": cmd_tiny_model}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return COMMANDS[args.cmd](args, extra)
+    except (ConfigError, FileExistsError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,265 @@
+"""TrainConfig: every training knob, YAML load/save and validation with actionable messages."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("AdamW",)
+PRECISIONS = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key, the value, what is allowed and what to do."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    train_data_dir: str = ""
+    caption_extension: str = ".txt"
+    trigger_word: str = ""
+    resolution: int = 512
+    # model
+    base_model: str = "tiny"
+    prediction_type: str = "auto"
+    # output
+    output_dir: str = "output"
+    output_name: str = "my_lora"
+    overwrite: bool = False
+    save_every_n_epochs: int = 1
+    # network
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None  # default: = lora_rank
+    train_text_encoder: bool = False
+    # optimisation
+    learning_rate: float = 2e-4
+    text_encoder_lr: Optional[float] = None  # default: = learning_rate / 2
+    optimizer: str = "AdamW"
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 100
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    epochs: int = 10
+    max_train_steps: Optional[int] = None  # overrides epochs
+    # run
+    seed: int = 42
+    mixed_precision: str = "no"
+    device: str = "auto"
+    log_every_n_steps: int = 1
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def te_lr(self) -> float:
+        return float(self.learning_rate / 2 if self.text_encoder_lr is None else self.text_encoder_lr)
+
+    @classmethod
+    def keys(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], validate: bool = True) -> "TrainConfig":
+        data = dict(data or {})
+        known = {f.name: f for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(key, unknown_key_message(key, list(known)))
+        cfg = cls()
+        for key, value in data.items():
+            setattr(cfg, key, coerce(key, value, known[key]))
+        if validate:
+            cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str, overrides: Optional[Dict[str, Any]] = None) -> "TrainConfig":
+        if not os.path.isfile(path):
+            raise ConfigError("config", f"config file '{path}' does not exist: check the path, or write one with "
+                              f"`python -m lora_train suggest --images DIR --write config.yaml`.")
+        with open(path, "r", encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError("config", f"config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("config", f"config file '{path}' must hold a mapping of key: value lines, "
+                              f"got {type(data).__name__}.")
+        data.update(overrides or {})
+        return cls.from_dict(data)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str) -> None:
+        from .io_utils import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        data = self.to_dict()
+        data.update(changes)
+        return TrainConfig.from_dict(data)
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> "TrainConfig":
+        def need(cond: bool, key: str, allowed: str, todo: str) -> None:
+            if not cond:
+                raise ConfigError(key, f"{key} = {getattr(self, key)!r} is not valid: allowed {allowed}. {todo}")
+
+        def positive_float(key: str, lo: float, hi: float, todo: str) -> None:
+            v = getattr(self, key)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and lo < v <= hi, key,
+                 f"a number in ({lo:g}, {hi:g}]", todo)
+
+        positive_float("learning_rate", 0.0, 1.0, "A usual start is 2e-4 (1e-4 for fewer than ~50 images or batch 1).")
+        if self.text_encoder_lr is not None:
+            positive_float("text_encoder_lr", 0.0, 1.0, "A usual value is half the UNet learning rate, e.g. 5e-5..1e-4.")
+        need(isinstance(self.lora_rank, int) and 1 <= self.lora_rank <= 1024, "lora_rank", "an integer 1..1024",
+             "Use 4-6 for a simple style, 8-12 for faces or a specific style, 16 as an upper bound for most.")
+        if self.lora_alpha is not None:
+            need(isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
+                 and 0 < self.lora_alpha <= 4096, "lora_alpha", "a number in (0, 4096]",
+                 "Leave it empty to use alpha = rank (scale 1.0), or use rank/2.")
+        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1024, "batch_size", "an integer 1..1024",
+             "Use 1-2 on 8 GB cards, 4 on 12-16 GB.")
+        need(isinstance(self.gradient_accumulation_steps, int) and 1 <= self.gradient_accumulation_steps <= 1024,
+             "gradient_accumulation_steps", "an integer 1..1024", "Use 1 unless you need a larger effective batch.")
+        need(isinstance(self.epochs, int) and 1 <= self.epochs <= 100000, "epochs", "an integer 1..100000",
+             "A usual run is 10-20 epochs.")
+        if self.max_train_steps is not None:
+            need(isinstance(self.max_train_steps, int) and 1 <= self.max_train_steps <= 10_000_000, "max_train_steps",
+                 "an integer >= 1 (or empty to use epochs)", "Remove it to train by epochs.")
+        need(self.lr_scheduler in SCHEDULERS, "lr_scheduler", ", ".join(SCHEDULERS),
+             "cosine with 100-200 warmup steps is the sane default.")
+        need(isinstance(self.lr_warmup_steps, int) and 0 <= self.lr_warmup_steps <= 1_000_000, "lr_warmup_steps",
+             "an integer >= 0", "Use 100-200 steps (fewer for very short runs).")
+        need(isinstance(self.lr_scheduler_num_cycles, int) and self.lr_scheduler_num_cycles >= 1,
+             "lr_scheduler_num_cycles", "an integer >= 1", "Use 1 unless you want restarts.")
+        need(self.optimizer in OPTIMIZERS, "optimizer", ", ".join(OPTIMIZERS), "Use AdamW.")
+        need(isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay <= 1, "weight_decay",
+             "a number in [0, 1]", "A usual value is 0.01.")
+        need(isinstance(self.max_grad_norm, (int, float)) and 0 <= self.max_grad_norm <= 1e6, "max_grad_norm",
+             "a number >= 0 (0 disables clipping)", "A usual value is 1.0.")
+        need(isinstance(self.resolution, int) and 32 <= self.resolution <= 4096 and self.resolution % 8 == 0,
+             "resolution", "a multiple of 8 in 32..4096", "Use 512 for SD1.x, 768 for SD2-v, 1024 for SDXL.")
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63, "seed", "an integer >= 0", "Any fixed number.")
+        need(self.mixed_precision in PRECISIONS, "mixed_precision", ", ".join(PRECISIONS),
+             "Use bf16 on RTX 30xx or newer, fp16 on older cards, no on CPU.")
+        need(self.prediction_type in PREDICTION_TYPES, "prediction_type", ", ".join(PREDICTION_TYPES),
+             "Leave it on auto: the base model's scheduler says what it predicts.")
+        need(isinstance(self.save_every_n_epochs, int) and self.save_every_n_epochs >= 0, "save_every_n_epochs",
+             "an integer >= 0 (0: only the final file)", "Use 1 to compare epochs afterwards.")
+        need(isinstance(self.log_every_n_steps, int) and self.log_every_n_steps >= 1, "log_every_n_steps",
+             "an integer >= 1", "Use 1, or 10 for long runs.")
+        need(isinstance(self.output_name, str) and self.output_name.strip() != ""
+             and not any(c in self.output_name for c in '/\\:*?"<>|'), "output_name",
+             "a non-empty file name without / \\ : * ? \" < > |", "Use letters, digits, _ and -.")
+        need(isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir", "a folder path",
+             "Set it to the folder where the LoRA files should go.")
+        need(isinstance(self.caption_extension, str) and self.caption_extension.startswith("."), "caption_extension",
+             "an extension starting with '.', e.g. .txt", "Use .txt.")
+        need(isinstance(self.base_model, str) and self.base_model.strip() != "", "base_model",
+             "'tiny', a diffusers folder or a checkpoint file", "Point it at your model.")
+        return self
+
+
+def unknown_key_message(key: str, valid: List[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}'.{hint} Valid keys: {', '.join(valid)}."
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(key, f"{key} = {value!r} is not valid: allowed true or false.")
+
+
+def coerce(key: str, value: Any, f: "dataclasses.Field") -> Any:
+    """Convert a YAML/CLI value to the field's type, with a message naming key and value on failure."""
+    default = f.default
+    typ = str(f.type)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if "Optional" in typ:
+            return None
+        raise ConfigError(key, f"{key} is empty: it needs a value (default {default!r}).")
+    try:
+        if "bool" in typ:
+            return _parse_bool(key, value)
+        if "int" in typ and "float" not in typ:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if "float" in typ:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        kind = "an integer" if ("int" in typ and "float" not in typ) else "a number"
+        raise ConfigError(key, f"{key} = {value!r} is not valid: allowed {kind} (default {default!r}).") from None
+
+
+def parse_overrides(argv: List[str]) -> Dict[str, Any]:
+    """`--key value` / `--key=value` / `--flag` pairs into a dict (values parsed as YAML scalars)."""
+    out: Dict[str, Any] = {}
+    i = 0
+    valid = TrainConfig.keys()
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ConfigError(tok, f"unexpected argument '{tok}': overrides are written --key value.")
+        tok = tok[2:].replace("-", "_")
+        if "=" in tok:
+            key, raw = tok.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, raw = tok, argv[i + 1]
+            i += 2
+        else:
+            key, raw = tok, "true"
+            i += 1
+        if key not in valid:
+            raise ConfigError(key, unknown_key_message(key, valid))
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
