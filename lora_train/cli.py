@@ -23,7 +23,7 @@ class TqdmRenderer:
 
         kind = ev["kind"]
         if kind == "start":
-            self.bar = tqdm(total=ev["total_steps"], desc="training", unit="step", file=self.stream)
+            self.bar = tqdm(total=ev["total_steps"], desc="training", unit="step", file=self.stream, mininterval=0.5)
         elif kind == "step" and self.bar is not None:
             self.bar.n = ev["step"]
             self.bar.set_postfix(epoch=ev["epoch"], loss=f"{ev['loss']:.4f}", lr=f"{ev['lr']:.2e}", refresh=False)
@@ -82,7 +82,7 @@ def cmd_demo(args, extra: List[str]) -> int:
     model = build_tiny()
     lw = load_file(res.lora_path, model)
     grid = strength_grid(model, lw, f"{DEMO_TRIGGER}, a red circle on a blue background", [0.5, 1.0], [1, 2],
-                         steps=args.sample_steps, cfg_scale=1.0, size=64)
+                         steps=args.sample_steps, cfg_scale=1.0, size=64, cell_size=128)
     grid_path = os.path.join(out, f"{name}_grid.png")
     save_image(grid, grid_path)
     print(f"[3/3] grid (strength 0 / 0.5 / 1.0): {grid_path}")
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="procedural dataset -> train the tiny model on CPU -> strength grid")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--epochs", type=int, default=40)
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--lr", type=float, default=2e-3,
+                   help="high on purpose: the tiny random model needs it; real models start at 1e-4..2e-4")
     d.add_argument("--seed", type=int, default=42)
     d.add_argument("--sample-steps", type=int, default=20)
     tm = sub.add_parser("tiny-model", help="write the tiny demo model as a diffusers folder")

@@ -210,9 +210,13 @@ def coerce(key: str, value: Any, f: "dataclasses.Field") -> Any:
     """Convert a YAML/CLI value to the field's type, with a message naming key and value on failure."""
     default = f.default
     typ = str(f.type)
+    if typ == "str" and isinstance(value, str):
+        return value
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         if "Optional" in typ:
             return None
+        if typ == "str":
+            return ""
         raise ConfigError(key, f"{key} is empty: it needs a value (default {default!r}).")
     try:
         if "bool" in typ:
@@ -246,7 +250,7 @@ def parse_overrides(argv: List[str]) -> Dict[str, Any]:
         tok = argv[i]
         if not tok.startswith("--"):
             raise ConfigError(tok, f"unexpected argument '{tok}': overrides are written --key value.")
-        tok = tok[2:].replace("-", "_")
+        tok = tok[2:]
         if "=" in tok:
             key, raw = tok.split("=", 1)
             i += 1
@@ -256,6 +260,7 @@ def parse_overrides(argv: List[str]) -> Dict[str, Any]:
         else:
             key, raw = tok, "true"
             i += 1
+        key = key.replace("-", "_")
         if key not in valid:
             raise ConfigError(key, unknown_key_message(key, valid))
         try:

@@ -75,7 +75,7 @@ def labelled_grid(cells: Sequence[Sequence[Image.Image]], col_labels: Sequence[s
 
 def strength_grid(model: BaseModel, lw: "lora_mod.LoraWeights", prompt: str, strengths: Sequence[float],
                   seeds: Sequence[int], steps: int = 20, cfg_scale: float = 7.0, size: Optional[int] = None,
-                  adapter: str = "grid") -> Image.Image:
+                  adapter: str = "grid", cell_size: Optional[int] = None) -> Image.Image:
     """Strengths across, seeds down, base (strength 0) column always first."""
     strengths = [0.0] + [s for s in strengths if s != 0.0]
     size = size or model.native_resolution
@@ -95,4 +95,4 @@ def strength_grid(model: BaseModel, lw: "lora_mod.LoraWeights", prompt: str, str
         lora_mod.remove_adapter(model.unet, adapter)
         lora_mod.remove_adapter(model.text_encoder, adapter)
     return labelled_grid(rows, [f"w={s:g}" + (" (base)" if s == 0 else "") for s in strengths],
-                         [f"seed {s}" for s in seeds], title=f"{prompt} | steps {steps}, DDIM, cfg {cfg_scale:g}")
+                         [f"seed {s}" for s in seeds], title=f"{prompt} | steps {steps}, DDIM, cfg {cfg_scale:g}", cell_size=cell_size)

@@ -141,7 +141,7 @@ class Trainer:
     @torch.no_grad()
     def _cache_latents(self) -> List[torch.Tensor]:
         m, ds = self.model, self.dataset
-        vae = m.vae.to(self.device, dtype=torch.float32)
+        vae = m.vae.to(self.device)
         out = []
         for i in range(len(ds.items)):
             px = ds.load_pixels(i).unsqueeze(0).to(self.device)
@@ -189,9 +189,10 @@ class Trainer:
             te_targets = lora_mod.te_target_modules(m.text_encoder)
             lora_mod.inject(m.text_encoder, te_targets, cfg.lora_rank, cfg.alpha, adapter)
             params.append({"params": lora_mod.lora_parameters(m.text_encoder, adapter), "lr": cfg.te_lr})
-        m.unet.to(self.device, dtype=self.weight_dtype if self.device.type != "cpu" else torch.float32)
-        if cfg.train_text_encoder:
-            m.text_encoder.to(self.device, dtype=self.weight_dtype if self.device.type != "cpu" else torch.float32)
+        base_dtype = self.weight_dtype if self.device.type != "cpu" else None
+        m.unet.to(self.device, dtype=base_dtype) if base_dtype else m.unet.to(self.device)
+        if cfg.train_text_encoder and base_dtype:
+            m.text_encoder.to(self.device, dtype=base_dtype)
         trainable = [p for g in params for p in g["params"]]
         for p in trainable:  # LoRA weights always train in fp32
             p.data = p.data.float()
@@ -405,3 +406,28 @@ def pred_dtype(unet, device: torch.device, weight_dtype: torch.dtype) -> torch.d
 def train(cfg: TrainConfig, callback: Optional[Callback] = None, model: Optional[BaseModel] = None,
           stop_event: Optional[threading.Event] = None) -> TrainResult:
     return Trainer(cfg, model=model, callback=callback, stop_event=stop_event).run()
+
+
+@torch.no_grad()
+def fixed_noise_loss(model: BaseModel, latents: torch.Tensor, text_embeds: torch.Tensor, seed: int = 0,
+                     n_draws: int = 4) -> float:
+    """Denoising MSE with noise and timesteps held fixed by `seed` (deterministic validation loss).
+
+    latents: (N, C, H, W) already scaled; text_embeds: (N, L, D). Each image gets `n_draws` noise draws at
+    timesteps spread evenly over the schedule.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sched = model.noise_scheduler
+    T = sched.config.num_train_timesteps
+    device = next(model.unet.parameters()).device
+    dtype = next(model.unet.parameters()).dtype
+    total, count = 0.0, 0
+    for d in range(n_draws):
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.full((latents.shape[0],), int((d + 0.5) * T / n_draws), dtype=torch.long)
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        pred = model.unet(noisy.to(device, dtype), t.to(device), text_embeds.to(device, dtype)).sample
+        total += float(F.mse_loss(pred.float().cpu(), target.float(), reduction="sum"))
+        count += target.numel()
+    return total / count

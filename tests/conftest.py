@@ -1,0 +1,57 @@
+"""Test setup: no network at all, offline Hugging Face, shared small fixtures."""
+import os
+import socket
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference",
+                         "kohya_lora_names.json")
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or self.family == socket.AF_UNIX):
+        return _real_connect(self, address)
+    raise NetworkBlocked(f"test tried to reach the network: {address!r}")
+
+
+socket.socket.connect = _guarded_connect
+
+
+@pytest.fixture(scope="session")
+def reference_names():
+    import json
+
+    if not os.path.isfile(REFERENCE):
+        pytest.fail(f"reference file missing: {REFERENCE} (shared/ must sit beside the repo)")
+    with open(REFERENCE, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@pytest.fixture
+def demo_data(tmp_path):
+    from lora_train.demo import write_demo_dataset
+
+    return write_demo_dataset(str(tmp_path / "data"), n=8, size=64)
+
+
+def small_cfg(data, out, **kw):
+    from lora_train.config import TrainConfig
+
+    base = dict(train_data_dir=data, output_dir=str(out), output_name="t", resolution=64, lora_rank=4,
+                learning_rate=1e-3, batch_size=2, epochs=1, lr_warmup_steps=0, save_every_n_epochs=0, seed=5)
+    base.update(kw)
+    return TrainConfig(**base).validate()

@@ -1,0 +1,50 @@
+import os
+import subprocess
+import sys
+
+import yaml
+from safetensors import safe_open
+
+from lora_train.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tiny_model_folder_then_train_from_yaml(tmp_path, demo_data, capsys):
+    assert main(["tiny-model", str(tmp_path / "tiny")]) == 0
+    assert os.path.isfile(tmp_path / "tiny" / "model_index.json")
+    assert main(["tiny-model", str(tmp_path / "tiny")]) == 2  # never overwrites
+    cfg = {"train_data_dir": demo_data, "base_model": str(tmp_path / "tiny"), "output_dir": str(tmp_path / "out"),
+           "output_name": "cli", "resolution": 64, "lora_rank": 4, "batch_size": 2, "epochs": 1,
+           "lr_warmup_steps": 0}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml"), "--max_train_steps", "2", "--lora_rank", "2"]) == 0
+    with safe_open(str(tmp_path / "out" / "cli.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+        assert meta["ss_network_dim"] == "2" and meta["ss_steps"] == "2" and meta["ss_sd_model_name"] == "tiny"
+    saved = yaml.safe_load((tmp_path / "out" / "cli.yaml").read_text())
+    assert saved["lora_rank"] == 2 and saved["max_train_steps"] == 2
+
+
+def test_train_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("train_data_dir: nowhere\nlerning_rate: 1e-4\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "Traceback" not in err
+    (tmp_path / "c.yaml").write_text(f"train_data_dir: {tmp_path / 'nowhere'}\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "lora_train", "demo", "--out", str(out), "--epochs", "4",
+                        "--sample-steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = set(os.listdir(out))
+    assert {"demo_lora.safetensors", "demo_lora_loss.png", "demo_lora_grid.png", "demo_lora.yaml"} <= names
+    # a second demo run never overwrites the first
+    r = subprocess.run([sys.executable, "-m", "lora_train", "demo", "--out", str(out), "--epochs", "1",
+                        "--sample-steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "demo_lora_v2.safetensors" in os.listdir(out)
