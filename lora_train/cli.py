@@ -106,10 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("dir")
     tm.add_argument("--v", action="store_true", help="v-prediction variant")
     tm.add_argument("--overwrite", action="store_true")
+    _load_extensions(sub)
     return p
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "tiny-model": cmd_tiny_model}
+
+# Feature modules add their own subcommands: each exposes `add_commands(subparsers) -> {name: func}`,
+# func(args, extra) -> exit code.
+EXTENSIONS = ["lora_train.sampler_cli", "lora_train.tuning_cli", "lora_train.caption_cli"]
+
+
+def _load_extensions(sub) -> None:
+    import importlib
+
+    for modname in EXTENSIONS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue  # feature not present in this build
+            raise
+        COMMANDS.update(mod.add_commands(sub))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
