@@ -61,10 +61,9 @@ def cmd_tiny_model(args, extra: List[str]) -> int:
 
 def cmd_demo(args, extra: List[str]) -> int:
     from .demo import DEMO_TRIGGER, write_demo_dataset
-    from .io_utils import next_free_name, save_image
-    from .lora import load_file
+    from .io_utils import next_free_name
     from .models import build_tiny
-    from .sampler import strength_grid
+    from .sampler import GenParams, Generator, build_grid
     from .trainer import train
 
     t0 = time.time()
@@ -79,12 +78,11 @@ def cmd_demo(args, extra: List[str]) -> int:
     cfg.validate()
     res = train(cfg, callback=TqdmRenderer())
     print(f"[2/3] trained {res.steps} steps in {res.seconds:.1f}s -> {res.lora_path}")
-    model = build_tiny()
-    lw = load_file(res.lora_path, model)
-    grid = strength_grid(model, lw, f"{DEMO_TRIGGER}, a red circle on a blue background", [0.5, 1.0], [1, 2],
-                         steps=args.sample_steps, cfg_scale=1.0, size=64, cell_size=128)
-    grid_path = os.path.join(out, f"{name}_grid.png")
-    save_image(grid, grid_path)
+    gen = Generator(build_tiny(), lora_dirs=[out])
+    base = GenParams(prompt=f"{DEMO_TRIGGER}, a red circle on a blue background <lora:{name}:1>", steps=args.sample_steps,
+                     cfg_scale=1.0, width=64, height=64)
+    grid = build_grid(gen, base, name, [0.5, 1.0], [1, 2], cell_size=128)
+    grid_path = grid.save(os.path.join(out, "grids"), name)[0]
     print(f"[3/3] grid (strength 0 / 0.5 / 1.0): {grid_path}")
     print(f"loss curve: {res.loss_png}; done in {time.time() - t0:.1f}s")
     return 0
@@ -139,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.cmd](args, extra)
-    except (ConfigError, FileExistsError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, FileExistsError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

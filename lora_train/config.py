@@ -65,6 +65,13 @@ class TrainConfig:
     mixed_precision: str = "no"
     device: str = "auto"
     log_every_n_steps: int = 1
+    # samples during training (strength-1 row beside the base, into output_dir/samples)
+    sample_every_n_steps: int = 0
+    sample_every_n_epochs: int = 0
+    sample_prompts: List[str] = field(default_factory=list)
+    sample_seed: int = 1
+    sample_steps: int = 20
+    sample_cfg: float = 7.0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -174,6 +181,14 @@ class TrainConfig:
              "Leave it on auto: the base model's scheduler says what it predicts.")
         need(isinstance(self.save_every_n_epochs, int) and self.save_every_n_epochs >= 0, "save_every_n_epochs",
              "an integer >= 0 (0: only the final file)", "Use 1 to compare epochs afterwards.")
+        for k in ("sample_every_n_steps", "sample_every_n_epochs"):
+            need(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, k, "an integer >= 0 (0: off)",
+                 "Use 0 to turn samples off, or e.g. 1 epoch.")
+        need(isinstance(self.sample_steps, int) and 1 <= self.sample_steps <= 200, "sample_steps", "1..200",
+             "20-30 steps are usual.")
+        need((self.sample_every_n_steps == 0 and self.sample_every_n_epochs == 0) or bool(self.sample_prompts),
+             "sample_prompts", "at least one prompt when sampling is on",
+             "Add sample_prompts (e.g. your trigger word and a short scene), or set the sample_every_* keys to 0.")
         need(isinstance(self.log_every_n_steps, int) and self.log_every_n_steps >= 1, "log_every_n_steps",
              "an integer >= 1", "Use 1, or 10 for long runs.")
         need(isinstance(self.output_name, str) and self.output_name.strip() != ""
@@ -212,6 +227,15 @@ def coerce(key: str, value: Any, f: "dataclasses.Field") -> Any:
     typ = str(f.type)
     if typ == "str" and isinstance(value, str):
         return value
+    if typ.startswith("List"):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [v.strip() for v in value.replace("\n", "|").split("|") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(key, f"{key} = {value!r} is not valid: allowed a list of texts (or one text with | "
+                               f"between prompts).")
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         if "Optional" in typ:
             return None

@@ -47,7 +47,7 @@ def unet_target_modules(unet: nn.Module) -> List[str]:
             if not cname or ".base_layer" in cname or cname.endswith("base_layer") or ".lora_" in cname \
                     or cname.startswith("lora_"):
                 continue
-            if _is_target_layer(child) and not _has_peft_parent(parent, cname):
+            if _is_target_layer(_base(child)) and not _has_peft_parent(parent, cname):
                 names.append(f"{pname}.{cname}" if pname else cname)
     return names
 
@@ -60,7 +60,7 @@ def _has_peft_parent(root: nn.Module, cname: str) -> bool:
 def te_target_modules(text_encoder: nn.Module) -> List[str]:
     names = []
     for name, m in text_encoder.named_modules():
-        if any(name.endswith(s) for s in TE_TARGET_SUFFIXES) and (_is_target_layer(m) or hasattr(m, "base_layer")):
+        if any(name.endswith(s) for s in TE_TARGET_SUFFIXES) and _is_target_layer(_base(m)):
             names.append(name)
     return names
 
@@ -158,24 +158,21 @@ def activate(module: nn.Module, adapter: str) -> None:
 
 
 def remove_adapter(module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> None:
-    """Take the adapter out again, leaving the wrapped layers' base weights untouched."""
-    for name, m in list(module.named_modules()):
-        la = getattr(m, "lora_A", None)
-        if isinstance(la, nn.ModuleDict) and adapter in la:
-            for attr in ("lora_A", "lora_B", "lora_dropout"):
-                d = getattr(m, attr, None)
-                if isinstance(d, nn.ModuleDict) and adapter in d:
-                    del d[adapter]
-            for attr in ("r", "lora_alpha", "scaling", "use_dora", "lora_magnitude_vector"):
-                d = getattr(m, attr, None)
-                if isinstance(d, dict) and adapter in d:
-                    del d[adapter]
-            if hasattr(m, "_active_adapter"):
-                act = m._active_adapter
-                if isinstance(act, str) and act == adapter:
-                    m._active_adapter = []
-                elif isinstance(act, list) and adapter in act:
-                    m._active_adapter = [a for a in act if a != adapter]
+    """Take the adapter out again, leaving the wrapped layers' base weights untouched.
+
+    The layers' active adapter lists are left to the caller (peft may activate a remaining adapter).
+    """
+    for _, m in list(lora_layers(module, adapter)):
+        if hasattr(m, "delete_adapter"):
+            m.delete_adapter(adapter)
+            continue
+        for attr in tuple(getattr(m, "adapter_layer_names", ())) + tuple(getattr(m, "other_param_names", ())):
+            d = getattr(m, attr, None)
+            if isinstance(d, (nn.ModuleDict, nn.ParameterDict, dict)) and adapter in d:
+                del d[adapter]
+        act = getattr(m, "_active_adapter", None)
+        if act == adapter or (isinstance(act, list) and adapter in act):
+            m._active_adapter = [a for a in ([act] if isinstance(act, str) else act) if a != adapter]
 
 
 def extract(model, adapter: str = DEFAULT_ADAPTER) -> LoraWeights:
@@ -285,6 +282,9 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
             lw.modules[rev[name]] = (down, up, alpha)
         if unknown:
             lw.metadata["_unmatched"] = json.dumps(unknown)
+            if not lw.modules:
+                raise LoraFormatError(f"none of the {len(unknown)} LoRA modules match this base model (first: "
+                                      f"{unknown[0]}): the LoRA was made for another model kind.")
         return lw
     # diffusers / peft layouts
     comp_prefix = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2", "te1.": "te1"}

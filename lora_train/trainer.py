@@ -282,11 +282,15 @@ class Trainer:
                     self.emit("step", total_steps=total_steps, total_epochs=total_epochs, its=its,
                               eta=(total_steps - global_step) / its if its > 0 else None,
                               step_time=now - t_last, **rec)
-                t_last = now
+                if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
+                    self._sample(global_step, epoch)
+                t_last = time.time()
                 if global_step >= total_steps:
                     break
             if stopped:
                 break
+            if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
+                self._sample(global_step, epoch)
             self.emit("epoch", epoch=epoch, step=global_step,
                       mean_loss=float(np.mean([h["loss"] for h in self.history if h["epoch"] == epoch] or [0.0])))
             if (cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < total_steps):
@@ -372,6 +376,22 @@ class Trainer:
         if cfg.trigger_word:
             meta["modelspec.trigger_phrase"] = cfg.trigger_word
         return meta
+
+    def _sample(self, step: int, epoch: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from .sampler import sample_in_training
+
+        cfg, m = self.cfg, self.model
+        if self.device.type != "cpu":
+            m.vae.to(self.device)
+        img = sample_in_training(m, lora_mod.DEFAULT_ADAPTER, cfg.sample_prompts, cfg.sample_seed, cfg.sample_steps,
+                                 cfg.sample_cfg, cfg.resolution)
+        if self.device.type != "cpu":
+            m.vae.to("cpu")
+        path = os.path.join(cfg.output_dir, "samples", f"{cfg.output_name}_e{epoch:04d}_s{step:06d}.png")
+        save_image(img, path)
+        self.emit("sample", path=path, step=step, epoch=epoch)
 
     def _save_lora(self, path: str, epoch: int, step: int) -> None:
         if not self.accelerator.is_main_process:
