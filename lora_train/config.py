@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-OPTIMIZERS = ("AdamW",)
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
+NAN_POLICIES = ("stop", "recover")
 PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
@@ -47,6 +48,7 @@ class TrainConfig:
     learning_rate: float = 2e-4
     text_encoder_lr: Optional[float] = None  # default: = learning_rate / 2
     optimizer: str = "AdamW"
+    optimizer_args: Dict[str, Any] = field(default_factory=dict)
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -65,6 +67,20 @@ class TrainConfig:
     mixed_precision: str = "no"
     device: str = "auto"
     log_every_n_steps: int = 1
+    # reliability
+    save_state_every_n_steps: int = 0
+    save_state_every_n_epochs: int = 1
+    save_state_keep: int = 2
+    nan_policy: str = "stop"
+    nan_max_recoveries: int = 3
+    # memory / quality features
+    gradient_checkpointing: bool = False
+    noise_offset: float = 0.0
+    min_snr_gamma: Optional[float] = None
+    caption_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    validation_split: float = 0.0
+    validation_seed: int = 1234
     # samples during training (strength-1 row beside the base, into output_dir/samples)
     sample_every_n_steps: int = 0
     sample_every_n_epochs: int = 0
@@ -167,7 +183,28 @@ class TrainConfig:
              "an integer >= 0", "Use 100-200 steps (fewer for very short runs).")
         need(isinstance(self.lr_scheduler_num_cycles, int) and self.lr_scheduler_num_cycles >= 1,
              "lr_scheduler_num_cycles", "an integer >= 1", "Use 1 unless you want restarts.")
-        need(self.optimizer in OPTIMIZERS, "optimizer", ", ".join(OPTIMIZERS), "Use AdamW.")
+        need(self.optimizer in OPTIMIZERS, "optimizer", ", ".join(OPTIMIZERS),
+             "Use AdamW (AdamW8bit saves memory on CUDA; Prodigy sets its own lr: use learning_rate 1 with it).")
+        need(isinstance(self.optimizer_args, dict), "optimizer_args", "a mapping such as {decouple: true}",
+             "Write optimizer_args as key: value pairs.")
+        need(self.nan_policy in NAN_POLICIES, "nan_policy", ", ".join(NAN_POLICIES),
+             "Use stop (default) or recover (roll back, halve lr, add warmup).")
+        need(isinstance(self.nan_max_recoveries, int) and 0 <= self.nan_max_recoveries <= 100, "nan_max_recoveries",
+             "an integer 0..100", "3 is a sane limit.")
+        for k in ("save_state_every_n_steps", "save_state_every_n_epochs"):
+            need(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, k, "an integer >= 0 (0: off)",
+                 "Use 1 epoch, or a few hundred steps for long epochs.")
+        need(isinstance(self.save_state_keep, int) and self.save_state_keep >= 1, "save_state_keep",
+             "an integer >= 1", "2 keeps the last two resumable states.")
+        need(isinstance(self.noise_offset, (int, float)) and 0 <= self.noise_offset <= 1, "noise_offset",
+             "a number in [0, 1]", "0.05-0.1 helps very dark/bright images; 0 turns it off.")
+        if self.min_snr_gamma is not None:
+            need(isinstance(self.min_snr_gamma, (int, float)) and 0 < self.min_snr_gamma <= 100, "min_snr_gamma",
+                 "a number in (0, 100] or empty", "5 is the published value.")
+        need(isinstance(self.caption_dropout_rate, (int, float)) and 0 <= self.caption_dropout_rate < 1,
+             "caption_dropout_rate", "a number in [0, 1)", "0.05-0.1, or 0 to turn it off.")
+        need(isinstance(self.validation_split, (int, float)) and 0 <= self.validation_split < 0.5,
+             "validation_split", "a number in [0, 0.5)", "0.1 holds out 10% of the images for a validation loss.")
         need(isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay <= 1, "weight_decay",
              "a number in [0, 1]", "A usual value is 0.01.")
         need(isinstance(self.max_grad_norm, (int, float)) and 0 <= self.max_grad_norm <= 1e6, "max_grad_norm",
@@ -227,6 +264,19 @@ def coerce(key: str, value: Any, f: "dataclasses.Field") -> Any:
     typ = str(f.type)
     if typ == "str" and isinstance(value, str):
         return value
+    if typ.startswith("Dict"):
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return dict(value)
+        if isinstance(value, str):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return parsed
+        raise ConfigError(key, f"{key} = {value!r} is not valid: allowed a mapping such as {{weight_decay: 0.01}}.")
     if typ.startswith("List"):
         if value is None:
             return []

@@ -1,23 +1,47 @@
-"""Image folders with captions: .txt sidecars, metadata.csv / metadata.jsonl, kohya `N_name` repeats."""
+"""Image folders with captions: .txt sidecars, metadata.csv / metadata.jsonl, kohya `N_name` repeats.
+
+Loading validates every image (opened and decoded once, in a few threads) so a bad file is skipped with a
+message before training starts, never in the middle of it. Nothing in the user's folder is ever written.
+
+Decisions for inputs that could go either way (each one is warned about, naming the files):
+- caption not UTF-8: the caption is NOT used (no guessing of the encoding: a wrong guess would train
+  garbage); the image gets the fallback caption (trigger word / folder name). UTF-8 with a BOM and UTF-16
+  with a BOM (Windows Notepad "Unicode") are decoded properly.
+- two images with one stem (a.png + a.jpg): both are kept and both use a.txt.
+- animated GIF / WebP / PNG: the first frame is used.
+- metadata rows that are malformed, name unknown files or leave the folder: the row is ignored, the image
+  (if any) falls back to its .txt caption. A metadata header without file_name/text is an error.
+"""
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
+import io
 import json
 import logging
 import os
 import re
+import warnings as _warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .buckets import BucketPlan, SampleTransform, assign_buckets, plan_resize, square_transform
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MIN_IMAGE_SIDE = 8  # one latent pixel; anything smaller has nothing to learn from
 _REPEAT_RE = re.compile(r"^(\d+)_(.+)$")
+_LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
+_FLIP_LR = getattr(Image, "Transpose", Image).FLIP_LEFT_RIGHT
+_SHOW = 20  # files listed per warning
 
 
 class DatasetError(ValueError):
@@ -31,6 +55,10 @@ class Item:
     repeats: int = 1
     folder_name: str = ""
     caption_source: str = "txt"  # txt | metadata | fallback
+    width: int = 0               # after EXIF orientation; 0 = not probed yet
+    height: int = 0
+    content_hash: str = ""       # sha256 of the file bytes; "" = not computed yet
+    frames: int = 1
 
 
 @dataclass
@@ -40,6 +68,8 @@ class ImageDataset:
     resolution: int
     trigger_word: str = ""
     warnings: List[str] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason) of image files not used
+    bucket_plan: Optional[BucketPlan] = None
 
     # ---------------------------------------------------------------- views
     @property
@@ -54,7 +84,7 @@ class ImageDataset:
         return out
 
     def __len__(self) -> int:
-        return len(self.expanded())
+        return sum(it.repeats for it in self.items)
 
     def tag_frequency(self) -> Dict[str, Dict[str, int]]:
         """kohya `ss_tag_frequency`: {folder: {tag: count}} with comma-separated tags."""
@@ -65,45 +95,246 @@ class ImageDataset:
                 c[tag] += 1
         return {k: dict(v) for k, v in freq.items()}
 
-    def load_pixels(self, index: int) -> torch.Tensor:
-        """CHW float tensor in [-1, 1], resized and centre-cropped to `resolution`."""
-        im = load_image(self.items[index].path)
-        im = resize_center_crop(im, self.resolution)
+    # ---------------------------------------------------------------- sizes, hashes, buckets
+    def image_size(self, index: int) -> Tuple[int, int]:
+        """(width, height) after EXIF orientation."""
+        it = self.items[index]
+        if not it.width or not it.height:
+            it.width, it.height = probe_size(it.path)
+        return it.width, it.height
+
+    def content_hash(self, index: int) -> str:
+        it = self.items[index]
+        if not it.content_hash:
+            it.content_hash = file_sha256(it.path)
+        return it.content_hash
+
+    def make_buckets(self, step: int = 64, min_res: Optional[int] = None, max_res: Optional[int] = None,
+                     no_upscale: bool = False) -> BucketPlan:
+        """Assign every item to an aspect-ratio bucket (kept in `bucket_plan`; `load_pixels(i)` then gives the
+        bucket-sized crop). Area <= resolution^2, sides multiples of `step` in [min_res, max_res]."""
+        sizes = [self.image_size(i) for i in range(len(self.items))]
+        self.bucket_plan = assign_buckets(sizes, self.resolution, step=step, min_res=min_res, max_res=max_res,
+                                          no_upscale=no_upscale)
+        return self.bucket_plan
+
+    def transform(self, index: int, size: Optional[Tuple[int, int]] = None) -> SampleTransform:
+        """The resize + crop of item `index`: to `size` (w, h) if given, else its bucket, else the square
+        `resolution`."""
+        w, h = self.image_size(index)
+        if size is not None:
+            resized, crop = plan_resize(w, h, (int(size[0]), int(size[1])))
+            return SampleTransform((w, h), resized, crop, (int(size[0]), int(size[1])))
+        if self.bucket_plan is not None:
+            return self.bucket_plan.transforms[index]
+        return square_transform(w, h, self.resolution)
+
+    def load_pixels(self, index: int, size: Optional[Tuple[int, int]] = None, flip: bool = False) -> torch.Tensor:
+        """CHW float tensor in [-1, 1]: resized to cover and centre-cropped to `size` (w, h) if given, else to the
+        item's bucket (after `make_buckets`), else to the square `resolution`. `flip` mirrors left-right."""
+        t = self.transform(index, size)
+        im = load_image(self.items[index].path, draft_size=t.resized_size)
+        (ow, oh), (w, h) = t.original_size, im.size
+        if abs(w * oh - h * ow) > 0.02 * ow * oh and (size is not None or self.bucket_plan is None):
+            # the file changed since it was probed: plan again (a bucket's target size never changes)
+            self.items[index].width, self.items[index].height = probe_size(self.items[index].path)
+            t = self.transform(index, size)
+        im = resize_crop(im, t)
+        if flip:
+            im = im.transpose(_FLIP_LR)
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+# -------------------------------------------------------------------- images
 def split_tags(caption: str) -> List[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image, apply EXIF orientation, composite alpha on white, return RGB."""
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _orientation_swaps(im: Image.Image) -> bool:
+    try:
+        return im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # malformed EXIF: exif_transpose is skipped too
+        return False
+
+
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # malformed EXIF must not cost the image
+        return im.copy()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit scaled (not clipped), alpha / transparency composited on white."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im).astype(np.float64) / 257.0  # 16-bit PNG: 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        if arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.nan_to_num(np.round(arr)), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str, draft_size: Optional[Tuple[int, int]] = None) -> Image.Image:
+    """Open an image (first frame if animated), apply EXIF orientation, composite alpha on white, return RGB.
+
+    `draft_size` (w, h, after orientation) lets a JPEG decode at a reduced DCT scale no smaller than that size.
+    A file that cannot be decoded raises DatasetError naming it."""
+    try:
+        with Image.open(path) as im:
+            if draft_size and im.format == "JPEG":
+                dw, dh = draft_size
+                if _orientation_swaps(im):
+                    dw, dh = dh, dw
+                if dw * 2 <= im.size[0] and dh * 2 <= im.size[1]:
+                    im.draft(im.mode, (dw, dh))
+            im.load()
+            return _to_rgb(_exif_transpose(im))
+    except DatasetError:
+        raise
+    except Exception as exc:  # OSError, SyntaxError, DecompressionBombError, ValueError ...
+        raise DatasetError(f"{path}: cannot be read now ({type(exc).__name__}: {exc}). It was checked when the "
+                           f"dataset was loaded: was it changed, moved or deleted during training? Restore it "
+                           f"or remove it and start again.") from exc
+
+
+def probe_size(path: str) -> Tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return im.convert("RGB")
+        w, h = im.size
+        return (h, w) if _orientation_swaps(im) else (w, h)
+
+
+def resize_crop(im: Image.Image, t: SampleTransform) -> Image.Image:
+    if im.size != t.resized_size:
+        im = im.resize(t.resized_size, _LANCZOS)
+    left, top = t.crop
+    tw, th = t.target_size
+    return im.crop((left, top, left + tw, top + th))
 
 
 def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), Image.LANCZOS)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    return resize_crop(im, square_transform(im.size[0], im.size[1], size))
 
 
-def _read_caption(path: str) -> Optional[str]:
+class _quiet_bomb_warning(_warnings.catch_warnings):
+    """Images over Image.MAX_IMAGE_PIXELS are refused by our own check with a clear message; Pillow's
+    DecompressionBombWarning would only repeat it. The global limit is never changed."""
+
+    def __enter__(self):
+        r = super().__enter__()
+        _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return r
+
+
+@dataclass
+class _Probe:
+    ok: bool
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    sha: str = ""
+    frames: int = 1
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c >= 32 or c in (9, 10, 13) for c in head)
+
+
+def check_image(path: str, min_side: int = MIN_IMAGE_SIDE) -> _Probe:
+    """Open and decode one image file; never raises. `reason` names what is wrong and what to do."""
+    fix = "re-export or re-download it, or remove it from the folder"
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return _Probe(False, f"cannot be read ({exc.strerror or exc}): check that it exists and that you may read it")
+    if not data:
+        return _Probe(False, f"is an empty file (0 bytes): {fix}")
+    sha = hashlib.sha256(data).hexdigest()
+    limit = Image.MAX_IMAGE_PIXELS
+    bomb = (f"is larger than Pillow's safety limit of {limit or 0:,} pixels (a decompression-bomb guard): "
+            f"downscale it (e.g. to 4096 px on the long side) and save it again")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return _Probe(False, bomb)
+    except UnidentifiedImageError:
+        what = "is a text file, not an image" if _looks_like_text(data) else "is not an image Pillow can read"
+        ext = os.path.splitext(path)[1]
+        return _Probe(False, f"{what} (despite its {ext} name): {fix}")
+    except Exception as exc:
+        return _Probe(False, f"cannot be opened ({type(exc).__name__}: {exc}): {fix}")
+    with im:
+        w, h = im.size
+        if limit and w * h > limit:
+            return _Probe(False, bomb.replace("is larger", f"is {w}x{h} = {w * h:,} pixels, larger"))
+        if _orientation_swaps(im):
+            w, h = h, w
+        if min(w, h) < min_side:
+            return _Probe(False, f"is {w}x{h} px, too small: the minimum is {min_side} px on each side (use images "
+                                 f"of at least a quarter of the training resolution), or remove it")
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        try:
+            if im.format == "JPEG":  # decode at 1/8 DCT scale: still reads every byte, catches truncation
+                im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+            _to_rgb(_exif_transpose(im))
+        except Exception as exc:
+            msg = str(exc)
+            kind = "is truncated" if "truncated" in msg.lower() else "is damaged"
+            return _Probe(False, f"{kind} ({type(exc).__name__}: {msg}): {fix}")
+    return _Probe(True, width=w, height=h, sha=sha, frames=frames)
+
+
+# -------------------------------------------------------------------- captions
+def _decode_text(data: bytes) -> str:
+    """UTF-8 (with or without BOM) or BOM-marked UTF-16; anything else raises UnicodeDecodeError."""
+    if data.startswith(codecs.BOM_UTF8):
+        return data[len(codecs.BOM_UTF8):].decode("utf-8")
+    if data.startswith(codecs.BOM_UTF16_LE) or data.startswith(codecs.BOM_UTF16_BE):
+        return data.decode("utf-16")
+    return data.decode("utf-8")
+
+
+def _read_caption(path: str) -> Tuple[Optional[str], Optional[str]]:
+    """(caption or None, problem or None)."""
     if not os.path.isfile(path):
-        return None
-    with open(path, "r", encoding="utf-8") as fh:
-        text = fh.read()
+        return None, None
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    try:
+        text = _decode_text(data)
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text"
     text = " ".join(text.split())
-    return text or None
+    return text or None, None
 
 
 def _with_trigger(caption: str, trigger: str) -> str:
@@ -114,84 +345,327 @@ def _with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
-def _read_metadata(folder: str) -> Optional[Dict[str, str]]:
+def _meta_key(name: str) -> Optional[str]:
+    """Normalised relative path of a metadata file_name, or None if it is absolute or leaves the folder."""
+    n = name.strip().replace("\\", "/")
+    if not n or n.startswith("/") or re.match(r"^[A-Za-z]:", n) or os.path.isabs(n):
+        return None
+    norm = os.path.normpath(n).replace("\\", "/")
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        return None
+    return norm
+
+
+def _read_metadata(folder: str, problems: List[str]) -> Optional[Dict[str, Optional[str]]]:
+    """{relative path: caption or None} from metadata.csv / metadata.jsonl; row problems go to `problems`."""
     csv_path, jsonl_path = os.path.join(folder, "metadata.csv"), os.path.join(folder, "metadata.jsonl")
-    rows: Dict[str, str] = {}
-    if os.path.isfile(csv_path):
-        with open(csv_path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "file_name" not in reader.fieldnames or "text" not in reader.fieldnames:
-                raise DatasetError(f"{csv_path}: needs the columns file_name,text (found "
-                                   f"{','.join(reader.fieldnames or [])}). Fix the header line.")
-            for row in reader:
-                if row.get("file_name"):
-                    rows[row["file_name"]] = row.get("text") or ""
-        return rows
-    if os.path.isfile(jsonl_path):
-        with open(jsonl_path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{jsonl_path}, line {n}: not valid JSON ({exc}).") from exc
-                if "file_name" not in row:
-                    raise DatasetError(f"{jsonl_path}, line {n}: needs a 'file_name' field.")
-                rows[row["file_name"]] = row.get("text") or ""
-        return rows
-    return None
+    path = csv_path if os.path.isfile(csv_path) else jsonl_path if os.path.isfile(jsonl_path) else None
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            text = _decode_text(fh.read())
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: is not UTF-8 text ({exc.reason} at byte {exc.start}). Save it as UTF-8 "
+                           f"(in Excel: Save As -> CSV UTF-8).") from exc
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+    rows: Dict[str, Optional[str]] = {}
+    base = os.path.basename(path)
 
+    def add(where: str, name, caption) -> None:
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{base} {where}: no file_name")
+            return
+        key = _meta_key(name)
+        if key is None:
+            problems.append(f"{base} {where}: '{name}' is outside the dataset folder (absolute or '..' paths are "
+                            f"refused; use a path relative to {folder})")
+            return
+        if isinstance(caption, (list, tuple)):
+            caption = ", ".join(str(c) for c in caption)
+        if caption is None or not str(caption).strip():
+            problems.append(f"{base} {where}: '{name}' has no text (its .txt caption or the fallback is used)")
+            caption = None
+        rows[key] = None if caption is None else " ".join(str(caption).split())
 
-def _scan_folder(folder: str, repeats: int, folder_name: str, caption_ext: str, trigger: str,
-                 items: List[Item], missing: List[str]) -> None:
-    meta = _read_metadata(folder)
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path) or os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
+    if path == csv_path:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or "file_name" not in reader.fieldnames or "text" not in reader.fieldnames:
+            raise DatasetError(f"{csv_path}: needs the columns file_name,text (found "
+                               f"{','.join(reader.fieldnames or [])}). Fix the header line.")
+        for row in reader:
+            where = f"line {reader.line_num}"
+            if row.get(None):
+                problems.append(f"{base} {where}: more columns than the header (extra ignored; quote captions that "
+                                f"contain commas)")
+            if row.get("file_name") is None and row.get("text") is None and not any(v for v in row.values() if v):
+                continue  # blank line
+            add(where, row.get("file_name"), row.get("text"))
+        return rows
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
             continue
-        caption = None
-        source = "txt"
-        if meta is not None and name in meta:
-            caption, source = " ".join(meta[name].split()) or None, "metadata"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{base} line {n}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{base} line {n}: not a JSON object")
+            continue
+        add(f"line {n}", row.get("file_name"), row.get("text"))
+    return rows
+
+
+# -------------------------------------------------------------------- scanning
+@dataclass
+class _Cand:
+    path: str
+    caption: Optional[str]
+    source: str
+    repeats: int
+    folder_name: str
+    caption_problem: str = ""    # caption file present but unusable
+    caption_file: str = ""
+
+
+@dataclass
+class _Scan:
+    root: str
+    caption_ext: str
+    cands: List[_Cand] = field(default_factory=list)
+    pre_skipped: List[Tuple[str, str]] = field(default_factory=list)
+    orphans: List[str] = field(default_factory=list)
+    shared: List[str] = field(default_factory=list)
+    meta_problems: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    unused_dirs: List[str] = field(default_factory=list)
+    seen_dirs: set = field(default_factory=set)
+
+
+def _listdir(folder: str) -> List[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _has_images(folder: str) -> bool:
+    try:
+        with os.scandir(folder) as it:
+            return any(os.path.splitext(e.name)[1].lower() in IMAGE_EXTS for e in it)
+    except OSError:
+        return False
+
+
+def _rel(root: str, path: str) -> str:
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:
+        return path
+
+
+def _scan_folder(st: _Scan, folder: str, repeats: int, folder_name: str) -> None:
+    try:
+        entries = _listdir(folder)
+    except OSError as exc:
+        st.notes.append(f"folder {folder} cannot be listed ({exc.strerror or exc}) and was skipped: check its "
+                        f"permissions.")
+        return
+    meta = _read_metadata(folder, st.meta_problems)
+    names = {e.name for e in entries}
+    images: List[str] = []
+    for e in entries:
+        if os.path.splitext(e.name)[1].lower() not in IMAGE_EXTS:
+            continue
+        try:
+            is_file = e.is_file()  # follows links; a looping / dangling link is simply not a file
+        except OSError:
+            is_file = False
+        if is_file:
+            images.append(e.name)
+        elif e.is_symlink():
+            st.pre_skipped.append((e.path, "is a broken or looping symbolic link: point it at a real image or "
+                                           "remove the link"))
+    # metadata rows that name files in subfolders (Hugging Face imagefolder style) or files that do not exist
+    extra: List[str] = []
+    if meta:
+        for key in meta:
+            if key in names:
+                continue
+            full = os.path.join(folder, key)
+            if "/" in key and os.path.splitext(key)[1].lower() in IMAGE_EXTS and os.path.isfile(full):
+                extra.append(key)
+            else:
+                st.meta_problems.append(f"metadata in {_rel(st.root, folder) or '.'}: '{key}' is not in the folder "
+                                        f"(row ignored; check the name)")
+    # stems shared by several images (a.png + a.jpg): all kept, all use the same caption file
+    by_stem: Dict[str, List[str]] = {}
+    for n in images:
+        by_stem.setdefault(os.path.splitext(n)[0], []).append(n)
+    image_stems = {os.path.splitext(e.name)[0] for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTS}
+    for stem, group in by_stem.items():
+        if len(group) > 1:
+            cap = stem + st.caption_ext
+            uses = f"both use the caption {cap}" if cap in names else f"a caption {cap} would apply to all of them"
+            st.shared.append(f"{' and '.join(_rel(st.root, os.path.join(folder, g)) for g in group)} "
+                             f"({uses})")
+    # caption files without an image
+    for e in entries:
+        stem, ext = os.path.splitext(e.name)
+        if ext == st.caption_ext and stem not in image_stems:
+            st.orphans.append(_rel(st.root, e.path))
+    for name in images + sorted(extra):
+        path = os.path.join(folder, name)
+        caption, source, problem, cap_file = None, "txt", "", ""
+        if meta is not None and meta.get(name.replace(os.sep, "/")) is not None:
+            caption, source = meta[name.replace(os.sep, "/")], "metadata"
         if caption is None:
-            caption = _read_caption(os.path.splitext(path)[0] + caption_ext)
+            cap_file = os.path.splitext(path)[0] + st.caption_ext
+            caption, problem = _read_caption(cap_file)
             source = "txt"
-        if caption is None:
-            missing.append(path)
-            caption, source = (trigger or folder_name), "fallback"
-        items.append(Item(path=path, caption=_with_trigger(caption, trigger), repeats=repeats,
-                          folder_name=folder_name, caption_source=source))
+        st.cands.append(_Cand(path=path, caption=caption, source=source, repeats=repeats, folder_name=folder_name,
+                              caption_problem=problem or "", caption_file=cap_file))
 
 
-def load_dataset(root: str, resolution: int = 512, trigger_word: str = "", caption_extension: str = ".txt"
-                 ) -> ImageDataset:
+def _listing(paths: Sequence[str], more_hint: str = "") -> str:
+    shown = ", ".join(paths[:_SHOW])
+    if len(paths) > _SHOW:
+        shown += f" and {len(paths) - _SHOW} more{more_hint}"
+    return shown
+
+
+def _validate(cands: List[_Cand], min_side: int) -> List[_Probe]:
+    if not cands:
+        return []
+    workers = max(1, min(8, os.cpu_count() or 1, len(cands)))
+    with _quiet_bomb_warning():
+        if workers == 1:
+            return [check_image(c.path, min_side) for c in cands]
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow decodes without the GIL
+            return list(pool.map(lambda c: check_image(c.path, min_side), cands))
+
+
+def load_dataset(root: str, resolution: int = 512, trigger_word: str = "", caption_extension: str = ".txt",
+                 min_image_side: int = MIN_IMAGE_SIDE) -> ImageDataset:
+    """Read `root` (and its kohya `N_name` subfolders), check every image, and return the usable ones.
+
+    Unusable files are skipped and listed in `.skipped` and one summary in `.warnings`; DatasetError only when
+    the folder itself is wrong or no usable image remains."""
     if not root:
         raise DatasetError("train_data_dir is empty: set it to the folder that holds your images.")
     if not os.path.exists(root):
+        if os.path.islink(root):
+            raise DatasetError(f"dataset folder '{root}' is a broken or looping symbolic link: point "
+                               f"train_data_dir at the real folder.")
         raise DatasetError(f"dataset folder '{root}' does not exist: check the path (train_data_dir).")
     if not os.path.isdir(root):
         raise DatasetError(f"'{root}' is a file, not a folder: set train_data_dir to the folder that holds "
                            f"the images.")
     root = os.path.abspath(root)
-    items: List[Item] = []
-    missing: List[str] = []
+    st = _Scan(root=root, caption_ext=caption_extension)
     base_name = os.path.basename(root)
-    _scan_folder(root, 1, base_name, caption_extension, trigger_word, items, missing)
-    for sub in sorted(os.listdir(root)):
-        full = os.path.join(root, sub)
-        m = _REPEAT_RE.match(sub)
-        if os.path.isdir(full) and m:
-            _scan_folder(full, max(1, int(m.group(1))), m.group(2), caption_extension, trigger_word, items, missing)
+    st.seen_dirs.add(os.path.realpath(root))
+    _scan_folder(st, root, 1, base_name)
+    try:
+        subs = _listdir(root)
+    except OSError as exc:
+        raise DatasetError(f"dataset folder '{root}' cannot be listed ({exc.strerror or exc}): check its "
+                           f"permissions.") from exc
+    for e in subs:
+        try:
+            is_dir = e.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            continue
+        m = _REPEAT_RE.match(e.name)
+        if not m:
+            if _has_images(e.path):
+                st.unused_dirs.append(e.name)
+            continue
+        real = os.path.realpath(e.path)
+        if real in st.seen_dirs:
+            st.notes.append(f"subfolder {e.name} is a link to a folder already read ({real}): skipped so that its "
+                            f"images are not counted twice.")
+            continue
+        st.seen_dirs.add(real)
+        _scan_folder(st, e.path, max(1, int(m.group(1))), m.group(2))
+
+    probes = _validate(st.cands, min_image_side)
+    items: List[Item] = []
+    skipped: List[Tuple[str, str]] = list(st.pre_skipped)
+    missing, bad_caps, animated, small = [], [], [], []
+    for c, p in zip(st.cands, probes):
+        if not p.ok:
+            skipped.append((c.path, p.reason))
+            continue
+        caption, source = c.caption, c.source
+        if caption is None:
+            if c.caption_problem:
+                bad_caps.append(f"{_rel(root, c.caption_file)} ({c.caption_problem})")
+            else:
+                missing.append(c.path)
+            caption, source = (trigger_word or c.folder_name), "fallback"
+        if p.frames > 1:
+            animated.append(f"{_rel(root, c.path)} ({p.frames} frames)")
+        if min(p.width, p.height) * 4 < resolution:
+            small.append(f"{_rel(root, c.path)} ({p.width}x{p.height})")
+        items.append(Item(path=c.path, caption=_with_trigger(caption, trigger_word), repeats=c.repeats,
+                          folder_name=c.folder_name, caption_source=source, width=p.width, height=p.height,
+                          content_hash=p.sha, frames=p.frames))
+
+    n_files = len(st.cands) + len(st.pre_skipped)
     if not items:
-        raise DatasetError(f"no images found in '{root}' (looked for {', '.join(IMAGE_EXTS)} in the folder and in "
-                           f"kohya-style N_name subfolders). Put your images there.")
-    ds = ImageDataset(root=root, items=items, resolution=resolution, trigger_word=trigger_word)
+        if n_files == 0:
+            hint = ""
+            if st.unused_dirs:
+                hint = (f" Subfolder(s) {', '.join(st.unused_dirs[:5])} hold images but are not read: only the folder "
+                        f"itself and kohya-style N_name subfolders are (rename e.g. '{st.unused_dirs[0]}' to "
+                        f"'1_{st.unused_dirs[0]}').")
+            raise DatasetError(f"no images found in '{root}' (looked for {', '.join(IMAGE_EXTS)} in the folder and in "
+                               f"kohya-style N_name subfolders). Put your images there.{hint}")
+        lines = "\n".join(f"  - {_rel(root, p)}: {r}" for p, r in skipped[:_SHOW])
+        more = f"\n  ... and {len(skipped) - _SHOW} more" if len(skipped) > _SHOW else ""
+        raise DatasetError(f"no usable images in '{root}': all {n_files} image file(s) were skipped:\n{lines}{more}\n"
+                           f"Fix or replace these files and try again.")
+
+    ds = ImageDataset(root=root, items=items, resolution=resolution, trigger_word=trigger_word, skipped=skipped)
+    msgs: List[str] = []
+    if skipped:
+        lines = "\n".join(f"  - {_rel(root, p)}: {r}" for p, r in skipped[:_SHOW])
+        more = f"\n  ... and {len(skipped) - _SHOW} more (all listed in dataset.skipped)" if len(skipped) > _SHOW else ""
+        msgs.append(f"skipped {len(skipped)} of {n_files} image file(s); training goes on with the other "
+                    f"{len(items)}:\n{lines}{more}")
     if missing:
-        shown = ", ".join(os.path.relpath(p, root) for p in missing[:10])
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        msg = (f"{len(missing)} image(s) have no caption and use '{trigger_word or 'the folder name'}' instead: "
-               f"{shown}{more}. Add {caption_extension} files (or run `python -m lora_train caption`).")
+        shown = _listing([_rel(root, p) for p in missing])
+        msgs.append(f"{len(missing)} image(s) have no caption and use '{trigger_word or 'the folder name'}' instead: "
+                    f"{shown}. Add {caption_extension} files (or run `python -m lora_train caption`).")
+    if bad_caps:
+        msgs.append(f"{len(bad_caps)} caption file(s) could not be used, so their images use the fallback caption "
+                    f"'{trigger_word or 'the folder name'}': {_listing(bad_caps)}. The caption is not guessed from "
+                    f"another encoding: open the file and save it as UTF-8.")
+    if st.orphans:
+        msgs.append(f"{len(st.orphans)} caption file(s) have no image of the same name and are not used: "
+                    f"{_listing(st.orphans)}. A caption must share its image's name (cat.png + cat"
+                    f"{caption_extension}); rename or remove them.")
+    if st.shared:
+        msgs.append(f"{len(st.shared)} name(s) are shared by several images, which are all kept: "
+                    f"{'; '.join(st.shared[:_SHOW])}. Rename one if they need different captions, or remove the "
+                    f"duplicate so that it does not count twice.")
+    if st.meta_problems:
+        msgs.append(f"{len(st.meta_problems)} metadata row(s) ignored: {'; '.join(st.meta_problems[:_SHOW])}"
+                    + (f"; and {len(st.meta_problems) - _SHOW} more" if len(st.meta_problems) > _SHOW else "") + ".")
+    if animated:
+        msgs.append(f"{len(animated)} animated image(s): only the first frame is used: {_listing(animated)}. Export "
+                    f"the frame you want as PNG to choose another.")
+    if small:
+        msgs.append(f"{len(small)} image(s) are smaller than a quarter of the resolution ({resolution} px) and are "
+                    f"upscaled a lot (blurry training data): {_listing(small)}.")
+    if st.unused_dirs:
+        msgs.append(f"subfolder(s) {', '.join(st.unused_dirs[:_SHOW])} hold images that are not used: only kohya-"
+                    f"style N_name subfolders are read (rename e.g. '{st.unused_dirs[0]}' to '1_{st.unused_dirs[0]}').")
+    msgs.extend(st.notes)
+    for msg in msgs:
         ds.warnings.append(msg)
         log.warning(msg)
     return ds

@@ -238,9 +238,9 @@ def load_base_model(spec: str, prediction_type: str = "auto") -> BaseModel:
                              f"base_model at the folder that holds model_index.json.")
         model = load_diffusers_folder(path)
     else:
-        raise ModelError(f"'{spec}' is a single-file checkpoint; this version loads diffusers folders and 'tiny'. "
-                         f"Convert it with diffusers' convert_original_stable_diffusion_to_diffusers.py, or use "
-                         f"a diffusers folder.")
+        from .checkpoints import load_single_file  # SD1.x / SD2.x / SDXL single file, offline
+
+        model = load_single_file(path, prediction_type=prediction_type)
     if prediction_type != "auto" and prediction_type != model.prediction_type:
         model.noise_scheduler.register_to_config(prediction_type=prediction_type)
     return model

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,6 +52,10 @@ class TrainResult:
     stopped: bool
     losses: List[float] = field(default_factory=list)
     seconds: float = 0.0
+    nan_stopped: bool = False
+    message: str = ""
+    val_losses: List[float] = field(default_factory=list)
+    recoveries: int = 0
 
 
 def output_paths(cfg: TrainConfig) -> Dict[str, str]:
@@ -92,16 +96,37 @@ def encode_prompts(model: BaseModel, captions: List[str], device: torch.device) 
     return model.text_encoder(tok.input_ids.to(device))[0]
 
 
+STATE_DIRNAME = "state"
+
+
+def list_states(run_dir: str) -> List[str]:
+    """Resumable states of a run folder (or a state folder itself), oldest first."""
+    if os.path.isfile(os.path.join(run_dir, "trainer.json")):
+        return [run_dir]
+    root = os.path.join(run_dir, STATE_DIRNAME)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-")
+                   and os.path.isfile(os.path.join(root, n, "trainer.json")))
+    return [os.path.join(root, n) for n in names]
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: Optional[BaseModel] = None, dataset: Optional[ImageDataset] = None,
-                 callback: Optional[Callback] = None, stop_event: Optional[threading.Event] = None):
+                 callback: Optional[Callback] = None, stop_event: Optional[threading.Event] = None,
+                 resume_from: Optional[str] = None, loss_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None):
         self.cfg = cfg.validate()
         self.model = model
         self.dataset = dataset
         self.callbacks: List[Callback] = [callback] if callback else []
         self.stop_event = stop_event or threading.Event()
+        self.resume_from = resume_from
+        self.loss_hook = loss_hook  # fault injection in tests: (step, loss) -> loss
         self.history: List[Dict[str, float]] = []
+        self.val_history: List[Dict[str, float]] = []
         self.started_at = 0.0
+        self.recoveries = 0
+        self.ramp: Optional[List[int]] = None  # [start_step, length] of a post-NaN warm-up
 
     # ------------------------------------------------------------------ events
     def emit(self, kind: str, **data: Any) -> None:
@@ -116,7 +141,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _prepare(self):
         cfg = self.cfg
-        check_outputs_free(cfg)
+        if self.resume_from is None:
+            check_outputs_free(cfg)
+        elif not list_states(self.resume_from):
+            raise FileNotFoundError(f"no resumable state in '{self.resume_from}': give the run's output folder "
+                                    f"(it holds {STATE_DIRNAME}/step-*/), or train without --resume.")
         if self.dataset is None:
             self.dataset = load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word, cfg.caption_extension)
         for w in self.dataset.warnings:
@@ -139,35 +168,205 @@ class Trainer:
         return torch.Generator(device="cpu").manual_seed(seed)
 
     @torch.no_grad()
-    def _cache_latents(self) -> List[torch.Tensor]:
+    def _cache_latents(self, flip: bool = False) -> List[torch.Tensor]:
         m, ds = self.model, self.dataset
         vae = m.vae.to(self.device)
         out = []
         for i in range(len(ds.items)):
             px = ds.load_pixels(i).unsqueeze(0).to(self.device)
-            lat = vae.encode(px).latent_dist.mean * m.vae_scale
-            out.append(lat[0].cpu())
+            if flip:
+                px = torch.flip(px, dims=[3])
+            lat = vae.encode(px.to(vae.dtype)).latent_dist.mean * m.vae_scale
+            out.append(lat[0].float().cpu())
         return out
 
     @torch.no_grad()
-    def _cache_text(self) -> Dict[str, torch.Tensor]:
-        caps = sorted({it.caption for it in self.dataset.items})
+    def _cache_text(self, extra: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+        caps = sorted({it.caption for it in self.dataset.items} | set(extra))
         out = {}
         for i in range(0, len(caps), 16):
             chunk = caps[i:i + 16]
             h = encode_prompts(self.model, chunk, self.device)
             for c, e in zip(chunk, h):
-                out[c] = e.cpu()
+                out[c] = e.float().cpu()
         return out
+
+    def _split(self) -> Tuple[List[int], List[int]]:
+        """(train item indices, validation item indices), deterministic for validation_seed."""
+        n = len(self.dataset.items)
+        k = int(round(n * self.cfg.validation_split))
+        if k == 0 or n - k < 1:
+            return list(range(n)), []
+        val = sorted(random.Random(self.cfg.validation_seed).sample(range(n), k))
+        vs = set(val)
+        return [i for i in range(n) if i not in vs], val
+
+    # ------------------------------------------------------------------ state (resume)
+    def _trainable_named(self) -> Dict[str, torch.nn.Parameter]:
+        out = {}
+        for prefix, mod in (("unet", self.model.unet), ("te", self.model.text_encoder)):
+            for n, p in mod.named_parameters():
+                if ".lora_A." in n or ".lora_B." in n:
+                    if lora_mod.DEFAULT_ADAPTER in n:
+                        out[f"{prefix}.{n}"] = p
+        return out
+
+    def _snapshot(self) -> Dict[str, Any]:
+        """Everything needed to continue bit for bit, in memory."""
+        import copy
+
+        snap = {
+            "params": {k: v.detach().clone() for k, v in self._trainable_named().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.lr_scheduler.state_dict()),
+            "gen": self.gen.get_state().clone(),
+            "torch_rng": torch.random.get_rng_state().clone(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "pos": dict(self.pos),
+            "history": list(self.history), "val_history": list(self.val_history),
+            "recoveries": self.recoveries, "ramp": list(self.ramp) if self.ramp else None,
+        }
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            snap["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return snap
+
+    def _restore(self, snap: Dict[str, Any], params_and_optimizer_only: bool = False) -> None:
+        named = self._trainable_named()
+        with torch.no_grad():
+            for k, v in snap["params"].items():
+                named[k].copy_(v)
+        self.optimizer.load_state_dict(snap["optimizer"])
+        if params_and_optimizer_only:
+            return
+        self.lr_scheduler.load_state_dict(snap["scheduler"])
+        self.gen.set_state(snap["gen"])
+        torch.random.set_rng_state(snap["torch_rng"])
+        np.random.set_state(snap["numpy_rng"])
+        random.setstate(snap["python_rng"])
+        if "cuda_rng" in snap and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(snap["cuda_rng"])
+        self.pos = dict(snap["pos"])
+        self.history, self.val_history = list(snap["history"]), list(snap["val_history"])
+        self.recoveries, self.ramp = snap["recoveries"], snap["ramp"]
+
+    def save_state(self) -> Optional[str]:
+        """Write a resumable state folder atomically; keep the last `save_state_keep`."""
+        if not self.accelerator.is_main_process:
+            return None
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        snap = self._snapshot()
+        root = os.path.join(self.cfg.output_dir, STATE_DIRNAME)
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, f"step-{self.pos['step']:08d}")
+        tmp = tempfile.mkdtemp(prefix=".tmp-state-", dir=root)
+        try:
+            save_file({k: v.float().cpu().contiguous() for k, v in snap["params"].items()},
+                      os.path.join(tmp, "adapter.safetensors"))
+            torch.save({"optimizer": snap["optimizer"], "scheduler": snap["scheduler"], "gen": snap["gen"],
+                        "torch_rng": snap["torch_rng"], "cuda_rng": snap.get("cuda_rng")},
+                       os.path.join(tmp, "torch_state.pt"))
+            np_state = snap["numpy_rng"]
+            meta = {
+                "version": 1, "pos": snap["pos"], "history": snap["history"], "val_history": snap["val_history"],
+                "recoveries": snap["recoveries"], "ramp": snap["ramp"],
+                "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                              float(np_state[4])],
+                "python_rng": [snap["python_rng"][0], list(snap["python_rng"][1]), snap["python_rng"][2]],
+                "config": self.cfg.to_dict(),
+            }
+            with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as fh:
+                json.dump(meta, fh)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        for old in list_states(self.cfg.output_dir)[:-self.cfg.save_state_keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.last_good = snap
+        self.emit("state", path=final, step=self.pos["step"])
+        return final
+
+    def load_state(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        states = list_states(path)
+        d = states[-1]
+        with open(os.path.join(d, "trainer.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+        ts = torch.load(os.path.join(d, "torch_state.pt"), weights_only=True)
+        npr = meta["numpy_rng"]
+        snap = {
+            "params": load_file(os.path.join(d, "adapter.safetensors")),
+            "optimizer": ts["optimizer"], "scheduler": ts["scheduler"], "gen": ts["gen"],
+            "torch_rng": ts["torch_rng"],
+            "numpy_rng": (npr[0], np.array(npr[1], dtype=np.uint32), npr[2], npr[3], npr[4]),
+            "python_rng": (meta["python_rng"][0], tuple(meta["python_rng"][1]), meta["python_rng"][2]),
+            "pos": meta["pos"], "history": meta["history"], "val_history": meta["val_history"],
+            "recoveries": meta["recoveries"], "ramp": meta["ramp"],
+        }
+        if ts.get("cuda_rng") is not None:
+            snap["cuda_rng"] = ts["cuda_rng"]
+        missing = set(self._trainable_named()) ^ set(snap["params"])
+        if missing:
+            raise ValueError(f"the state in '{d}' does not fit this config (different LoRA modules, e.g. "
+                             f"{sorted(missing)[0]}): resume with the config it was saved with.")
+        self._restore(snap)
+        self.last_good = snap
+        self.emit("resumed", path=d, step=self.pos["step"], epoch=self.pos["epoch"])
+
+    # ------------------------------------------------------------------ NaN handling
+    def _on_nonfinite(self, what: str, value: float) -> bool:
+        """Returns True to continue (recovered), False to stop."""
+        cfg = self.cfg
+        step = self.pos["step"] + 1
+        advice = ("halve learning_rate, add warm-up (lr_warmup_steps 100-200), and resume from the last good "
+                  f"state with --resume {cfg.output_dir}")
+        if cfg.nan_policy == "recover" and self.recoveries < cfg.nan_max_recoveries and self.last_good is not None:
+            self.recoveries += 1
+            self._restore(self.last_good, params_and_optimizer_only=True)
+            old = [g["lr"] for g in self.optimizer.param_groups]
+            self.lr_scheduler.base_lrs = [b * 0.5 for b in self.lr_scheduler.base_lrs]
+            warm = max(10, cfg.lr_warmup_steps)
+            self.ramp = [self.pos["step"], warm]
+            self.emit("nan", step=step, what=what, value=value, action="recover", recovery=self.recoveries,
+                      lr_before=old[0], lr_base_after=self.lr_scheduler.base_lrs[0], warmup_steps=warm,
+                      message=f"non-finite {what} at step {step}: rolled back to step {self.last_good['pos']['step']}'s "
+                              f"weights, halved the learning rate to {self.lr_scheduler.base_lrs[0]:.3g} and added "
+                              f"{warm} warm-up steps (recovery {self.recoveries}/{cfg.nan_max_recoveries}).")
+            return True
+        self.nan_message = (f"non-finite {what} ({value}) at step {step}: training stopped; the update was not "
+                            f"applied and the files written so far are finite. Next: {advice}.")
+        self.emit("nan", step=step, what=what, value=value, action="stop", message=self.nan_message)
+        return False
+
+    def _apply_ramp(self) -> None:
+        if not self.ramp:
+            return
+        start, length = self.ramp
+        k = (self.pos["step"] - start) / float(length)
+        if k >= 1:
+            self.ramp = None
+            return
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * max(k, 1.0 / length)
 
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
         cfg = self.cfg
         self._prepare()
         m, ds, acc = self.model, self.dataset, self.accelerator
-        gen = self._seed_all(cfg.seed)
+        self.gen = gen = self._seed_all(cfg.seed)
         paths = output_paths(cfg)
         os.makedirs(cfg.output_dir, exist_ok=True)
+        self.nan_message = ""
+        self.last_good = None
 
         m.unet.requires_grad_(False)
         m.vae.requires_grad_(False)
@@ -175,19 +374,26 @@ class Trainer:
             te.requires_grad_(False)
         m.text_encoder.to(self.device)
         latents = self._cache_latents()
+        latents_flip = self._cache_latents(flip=True) if cfg.flip_aug else None
         if self.device.type != "cpu":
             m.vae.to("cpu")
-        text_cache = None if cfg.train_text_encoder else self._cache_text()
+        dropout_caps = [""] if cfg.caption_dropout_rate > 0 else []
+        text_cache = None if cfg.train_text_encoder else self._cache_text(dropout_caps)
+        train_idx, val_idx = self._split()
+        val_set = None
+        if val_idx:
+            tc = text_cache if text_cache is not None else self._cache_text()
+            val_set = (torch.stack([latents[i] for i in val_idx]),
+                       torch.stack([tc[ds.items[i].caption] for i in val_idx]))
 
         # adapters (seeded so that two runs with one seed are identical)
         torch.manual_seed(cfg.seed)
         adapter = lora_mod.DEFAULT_ADAPTER
-        unet_targets = lora_mod.unet_target_modules(m.unet)
-        lora_mod.inject(m.unet, unet_targets, cfg.lora_rank, cfg.alpha, adapter)
+        lora_mod.inject(m.unet, lora_mod.unet_target_modules(m.unet), cfg.lora_rank, cfg.alpha, adapter)
         params = [{"params": lora_mod.lora_parameters(m.unet, adapter), "lr": cfg.learning_rate}]
         if cfg.train_text_encoder:
-            te_targets = lora_mod.te_target_modules(m.text_encoder)
-            lora_mod.inject(m.text_encoder, te_targets, cfg.lora_rank, cfg.alpha, adapter)
+            lora_mod.inject(m.text_encoder, lora_mod.te_target_modules(m.text_encoder), cfg.lora_rank, cfg.alpha,
+                            adapter)
             params.append({"params": lora_mod.lora_parameters(m.text_encoder, adapter), "lr": cfg.te_lr})
         base_dtype = self.weight_dtype if self.device.type != "cpu" else None
         m.unet.to(self.device, dtype=base_dtype) if base_dtype else m.unet.to(self.device)
@@ -197,10 +403,18 @@ class Trainer:
         for p in trainable:  # LoRA weights always train in fp32
             p.data = p.data.float()
             p.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            m.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder and hasattr(m.text_encoder, "gradient_checkpointing_enable"):
+                m.text_encoder.gradient_checkpointing_enable()
 
-        optimizer = torch.optim.AdamW(params, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                      weight_decay=cfg.weight_decay)
-        n_samples = len(ds)
+        from .optim import describe, make_optimizer
+
+        optimizer = make_optimizer(cfg.optimizer, params, self.device, cfg.weight_decay,
+                                   (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.optimizer_args)
+        self.optimizer_desc = describe(optimizer)
+        expanded = [i for i in ds.expanded() if i in set(train_idx)]
+        n_samples = len(expanded)
         batches_per_epoch = math.ceil(n_samples / cfg.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_train_steps or steps_per_epoch * cfg.epochs
@@ -219,64 +433,108 @@ class Trainer:
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=total_steps, **sched_kw)
         unet, optimizer = acc.prepare(m.unet, optimizer)
-        te_model = acc.prepare(m.text_encoder) if cfg.train_text_encoder else m.text_encoder
-        self._meta_common = dict(n_images=ds.image_count, n_samples=n_samples, batches_per_epoch=batches_per_epoch,
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self._meta_common = dict(n_images=len(train_idx), n_samples=n_samples, batches_per_epoch=batches_per_epoch,
                                  total_steps=total_steps, total_epochs=total_epochs)
+        self.pos = {"step": 0, "epoch": 0, "batch": batches_per_epoch, "order": []}
+        if self.resume_from is not None:
+            self.load_state(self.resume_from)
+        else:
+            self.last_good = self._snapshot()
 
         self.started_at = time.time()
-        self.emit("start", total_steps=total_steps, total_epochs=total_epochs, images=ds.image_count,
-                  samples=n_samples, device=str(self.device), steps_per_epoch=steps_per_epoch)
+        start_step = self.pos["step"]
+        self.emit("start", total_steps=total_steps, total_epochs=total_epochs, images=len(train_idx),
+                  samples=n_samples, device=str(self.device), steps_per_epoch=steps_per_epoch,
+                  resumed_at=start_step, validation_images=len(val_idx))
         sched = m.noise_scheduler
         T = sched.config.num_train_timesteps
         pred_type = m.prediction_type
-        global_step, epoch, stopped = 0, 0, False
+        stopped = nan_stop = False
         epoch_files: List[str] = []
-        losses: List[float] = []
         t_last = time.time()
         unet.train()
-        while global_step < total_steps and not stopped:
-            epoch += 1
-            order = torch.randperm(n_samples, generator=gen).tolist()
-            expanded = ds.expanded()
-            micro = 0
-            running = []
-            for b in range(batches_per_epoch):
+        accum = cfg.gradient_accumulation_steps
+        while self.pos["step"] < total_steps and not stopped:
+            if self.pos["batch"] >= batches_per_epoch:  # start a new epoch
+                self.pos["epoch"] += 1
+                self.pos["batch"] = 0
+                self.pos["order"] = torch.randperm(n_samples, generator=gen).tolist()
+            epoch, order = self.pos["epoch"], self.pos["order"]
+            micro, running, bad = 0, [], None
+            for b in range(self.pos["batch"], batches_per_epoch):
                 if self.stop_event.is_set():
                     stopped = True
                     break
                 idx = [expanded[j] for j in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-                lat = torch.stack([latents[i] for i in idx]).to(self.device)
-                noise = torch.randn(lat.shape, generator=gen).to(self.device)
+                flips = ([bool(x) for x in (torch.rand(len(idx), generator=gen) < 0.5)] if latents_flip
+                         else [False] * len(idx))
+                lat = torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]).to(self.device)
+                noise = torch.randn(lat.shape, generator=gen)
+                if cfg.noise_offset:
+                    noise = noise + cfg.noise_offset * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
+                noise = noise.to(self.device)
                 t = torch.randint(0, T, (lat.shape[0],), generator=gen).to(self.device)
+                caps = [ds.items[i].caption for i in idx]
+                if cfg.caption_dropout_rate > 0:
+                    drop = (torch.rand(len(idx), generator=gen) < cfg.caption_dropout_rate).tolist()
+                    caps = ["" if d else c for c, d in zip(caps, drop)]
                 noisy = sched.add_noise(lat, noise, t)
                 target = noise if pred_type == "epsilon" else sched.get_velocity(lat, noise, t)
                 with acc.autocast():
                     if text_cache is not None:
-                        ehs = torch.stack([text_cache[ds.items[i].caption] for i in idx]).to(self.device)
+                        ehs = torch.stack([text_cache[c] for c in caps]).to(self.device)
                     else:
-                        ehs = encode_prompts(m, [ds.items[i].caption for i in idx], self.device)
-                    pred = unet(noisy.to(self.weight_dtype) if self.device.type != "cpu" else noisy, t,
-                                ehs.to(pred_dtype(unet, self.device, self.weight_dtype))).sample
-                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-                acc.backward(loss / cfg.gradient_accumulation_steps)
-                running.append(loss.detach())
+                        ehs = encode_prompts(m, caps, self.device)
+                    in_dtype = base_dtype or torch.float32
+                    pred = unet(noisy.to(in_dtype), t, ehs.to(in_dtype)).sample
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+                if cfg.min_snr_gamma:
+                    from diffusers.training_utils import compute_snr
+
+                    snr = compute_snr(sched, t.cpu()).to(self.device)
+                    w = torch.clamp(snr, max=cfg.min_snr_gamma)
+                    w = w / (snr + 1) if pred_type == "v_prediction" else w / snr
+                    loss = loss * w
+                loss = loss.mean()
+                if self.loss_hook is not None:
+                    loss = self.loss_hook(self.pos["step"] + 1, loss)
+                if not torch.isfinite(loss.detach()):
+                    bad = bad or ("loss", float(loss.detach()))
+                else:
+                    acc.backward(loss / accum)
+                    running.append(loss.detach())
                 micro += 1
                 last_batch = b == batches_per_epoch - 1
-                if micro % cfg.gradient_accumulation_steps != 0 and not last_batch:
+                if micro % accum != 0 and not last_batch:
                     continue
-                if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                if bad is None:
+                    norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                    if norm is not None and cfg.mixed_precision != "fp16" and not torch.isfinite(torch.as_tensor(norm)):
+                        bad = ("gradient", float(norm))
+                if bad is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    running = []
+                    if not self._on_nonfinite(*bad):
+                        nan_stop = stopped = True
+                        break
+                    bad = None
+                    self.pos["batch"] = b + 1
+                    continue
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                step_loss = float(torch.stack(running).mean())
+                self.pos["step"] += 1
+                self.pos["batch"] = b + 1
+                self._apply_ramp()
+                global_step = self.pos["step"]
+                step_loss = float(torch.stack(running).mean()) if running else float("nan")
                 running = []
-                losses.append(step_loss)
                 now = time.time()
                 elapsed = now - self.started_at
-                its = global_step / elapsed if elapsed > 0 else 0.0
-                rec = {"step": global_step, "epoch": epoch, "loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                its = (global_step - start_step) / elapsed if elapsed > 0 else 0.0
+                rec = {"step": global_step, "epoch": epoch, "loss": step_loss,
+                       "lr": float(optimizer.param_groups[0]["lr"])}
                 self.history.append(rec)
                 if global_step % cfg.log_every_n_steps == 0 or global_step == total_steps:
                     self.emit("step", total_steps=total_steps, total_epochs=total_epochs, its=its,
@@ -284,23 +542,38 @@ class Trainer:
                               step_time=now - t_last, **rec)
                 if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
                     self._sample(global_step, epoch)
+                if cfg.save_state_every_n_steps and global_step % cfg.save_state_every_n_steps == 0:
+                    self.save_state()
                 t_last = time.time()
                 if global_step >= total_steps:
                     break
             if stopped:
                 break
+            if self.pos["batch"] < batches_per_epoch:  # max steps reached mid-epoch
+                break
+            global_step = self.pos["step"]
+            if val_set is not None:
+                vl = fixed_noise_loss(m, val_set[0], val_set[1], seed=cfg.validation_seed)
+                self.val_history.append({"step": global_step, "epoch": epoch, "val_loss": vl})
+                self.emit("val_loss", step=global_step, epoch=epoch, val_loss=vl)
+                unet.train()
             if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
                 self._sample(global_step, epoch)
             self.emit("epoch", epoch=epoch, step=global_step,
                       mean_loss=float(np.mean([h["loss"] for h in self.history if h["epoch"] == epoch] or [0.0])))
-            if (cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < total_steps):
+            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < total_steps:
                 path = epoch_path(cfg, epoch)
                 self._save_lora(path, epoch, global_step)
                 epoch_files.append(path)
                 self.emit("checkpoint", path=path, epoch=epoch, step=global_step)
+            if cfg.save_state_every_n_epochs and epoch % cfg.save_state_every_n_epochs == 0:
+                self.save_state()
 
+        global_step, epoch = self.pos["step"], self.pos["epoch"]
         final = None
-        if global_step > 0:
+        if stopped and global_step > start_step:
+            self.save_state()  # resumable from exactly here
+        if global_step > 0 and not nan_stop:
             final = paths["lora"]
             self._save_lora(final, epoch, global_step)
             self.emit("checkpoint", path=final, epoch=epoch, step=global_step, final=True)
@@ -309,8 +582,9 @@ class Trainer:
             cfg.save(paths["config"])
         res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=final, epoch_files=epoch_files,
                           config_path=paths["config"], loss_csv=paths["loss_csv"], loss_png=paths["loss_png"],
-                          steps=global_step, epochs_done=epoch, stopped=stopped, losses=losses,
-                          seconds=time.time() - self.started_at)
+                          steps=global_step, epochs_done=epoch, stopped=stopped, losses=[h["loss"] for h in self.history],
+                          seconds=time.time() - self.started_at, nan_stopped=nan_stop, message=self.nan_message,
+                          val_losses=[v["val_loss"] for v in self.val_history], recoveries=self.recoveries)
         unet.eval()
         self.emit("done", result=res)
         return res
@@ -331,8 +605,7 @@ class Trainer:
             "ss_network_train_unet_only": str(not cfg.train_text_encoder),
             "ss_lr_scheduler": cfg.lr_scheduler,
             "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
-            "ss_optimizer": f"torch.optim.adamw.AdamW(weight_decay={cfg.weight_decay:g},"
-                            f"betas=({cfg.adam_beta1:g}, {cfg.adam_beta2:g}))",
+            "ss_optimizer": self.optimizer_desc,
             "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
             "ss_num_train_images": str(mc["n_samples"]),
             "ss_num_reg_images": "0",
@@ -345,6 +618,7 @@ class Trainer:
             "ss_total_batch_size": str(cfg.batch_size * cfg.gradient_accumulation_steps
                                        * self.accelerator.num_processes),
             "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
+            "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
             "ss_resolution": res,
             "ss_seed": str(cfg.seed),
             "ss_mixed_precision": cfg.mixed_precision,
@@ -356,7 +630,10 @@ class Trainer:
             "ss_new_sd_model_hash": m.model_hash(),
             "ss_prediction_type": m.prediction_type,
             "ss_clip_skip": "None",
-            "ss_noise_offset": "None",
+            "ss_noise_offset": f"{cfg.noise_offset:g}" if cfg.noise_offset else "None",
+            "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else "None",
+            "ss_caption_dropout_rate": f"{cfg.caption_dropout_rate:g}",
+            "ss_flip_aug": str(cfg.flip_aug),
             "ss_tag_frequency": json.dumps(ds.tag_frequency()),
             "ss_dataset_dirs": json.dumps({os.path.basename(ds.root): {"n_repeats": 1, "img_count": ds.image_count}}),
             "ss_training_started_at": f"{self.started_at:.3f}",
@@ -408,14 +685,19 @@ class Trainer:
             return
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["step", "epoch", "loss", "lr"])
+        w.writerow(["step", "epoch", "loss", "lr", "val_loss"])
+        val = {v["step"]: v["val_loss"] for v in self.val_history}
         for h in self.history:
-            w.writerow([h["step"], h["epoch"], f"{h['loss']:.6g}", f"{h['lr']:.6g}"])
+            vl = val.get(h["step"])
+            w.writerow([h["step"], h["epoch"], f"{h['loss']:.6g}", f"{h['lr']:.6g}",
+                        "" if vl is None else f"{vl:.6g}"])
         atomic_write_text(paths["loss_csv"], buf.getvalue())
         from .plots import loss_plot
 
         img = loss_plot([h["step"] for h in self.history], [h["loss"] for h in self.history],
-                        title=f"{self.cfg.output_name}: training loss")
+                        title=f"{self.cfg.output_name}: training loss",
+                        val_steps=[v["step"] for v in self.val_history],
+                        val_losses=[v["val_loss"] for v in self.val_history])
         save_image(img, paths["loss_png"])
 
 

@@ -35,7 +35,8 @@ def test_files_written(trained):
     tr, res, events = trained
     out = res.output_dir
     names = sorted(os.listdir(out))
-    assert names == ["e2e-000020.safetensors", "e2e.safetensors", "e2e.yaml", "e2e_loss.csv", "e2e_loss.png"]
+    assert names == ["e2e-000020.safetensors", "e2e.safetensors", "e2e.yaml", "e2e_loss.csv", "e2e_loss.png", "state"]
+    assert sorted(os.listdir(os.path.join(out, "state"))) == ["step-00000156", "step-00000160"]  # last 2 kept
     assert not any(n.endswith(".tmp") for n in names)
     kinds = {e["kind"] for e in events}
     assert {"start", "step", "epoch", "checkpoint", "done"} <= kinds
@@ -43,7 +44,7 @@ def test_files_written(trained):
     assert {"step", "epoch", "loss", "lr", "its", "eta", "total_steps"} <= set(step)
     with open(res.loss_csv) as fh:
         lines = fh.read().splitlines()
-    assert lines[0] == "step,epoch,loss,lr" and len(lines) == res.steps + 1 == 161
+    assert lines[0] == "step,epoch,loss,lr,val_loss" and len(lines) == res.steps + 1 == 161
 
 
 def test_kohya_layout_and_metadata(trained, demo_data):
