@@ -1,0 +1,153 @@
+"""The one small interface a host (WebUI, Forge, ComfyUI, the standalone app) implements.
+
+The tab (`lora_train/webui/`) and the ComfyUI nodes only talk to a `Host`, so they never care where they
+run. The core never imports a host's modules; host glue lives in `scripts/`, `nodes/` or behind lazy imports.
+
+Contract (every method has a working default for the standalone case where that makes sense):
+
+- `name`: short host id ("standalone", "a1111", "forge", "comfyui"), shown in the UI and in messages.
+- `lora_dirs()`: folders the host reads LoRA files from; `lora_dirs()[0]` is where new files go.
+- `refresh_loras()`: make the host's LoRA list see new files at once (and drop stale cached weights).
+- `checkpoints()`: {display name: path} of base checkpoints the host knows.
+- `loaded_checkpoint()`: (display name, path) of the checkpoint the host has loaded, or None.
+- `base_model(spec)`: a `BaseModel` for training. spec None/"" = the host's loaded checkpoint (from its
+  in-memory weights where it can, see `checkpoints.from_original_state_dict`); otherwise a path/`tiny`.
+- `free_memory()` / `restore_memory()`: move the host's own models off the GPU before training and back
+  after; `restore_memory` is always called (also on error or stop), use `memory_freed()` as a context.
+- `generate(params)`: one image for a `sampler.GenParams` whose prompt may hold `<lora:name:w>` tags,
+  through the host's own sampler and LoRA loader.
+- `interrupted()`: True when the host's own stop/interrupt was pressed (checked between steps).
+- `progress(done, total, text)`: report progress to the host's own progress display.
+- `allowed_roots()`: folders paths typed in a UI may point into; None = anywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from .models import BaseModel
+
+
+class HostError(RuntimeError):
+    """Something the host cannot do; the message says what to do instead."""
+
+
+class Host:
+    name = "host"
+
+    def lora_dirs(self) -> List[str]:
+        raise NotImplementedError
+
+    def output_dir(self) -> str:
+        return self.lora_dirs()[0]
+
+    def refresh_loras(self) -> None:
+        return None
+
+    def checkpoints(self) -> Dict[str, str]:
+        return {}
+
+    def loaded_checkpoint(self) -> Optional[Tuple[str, str]]:
+        return None
+
+    def base_model(self, spec: Optional[str] = None) -> BaseModel:
+        from .models import load_base_model
+
+        if not spec:
+            loaded = self.loaded_checkpoint()
+            if loaded is None:
+                raise HostError("no base model: choose a checkpoint (or 'tiny' for the demo model).")
+            spec = loaded[1]
+        return load_base_model(spec)
+
+    def free_memory(self) -> None:
+        return None
+
+    def restore_memory(self) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def memory_freed(self) -> Iterator[None]:
+        """`with host.memory_freed(): train()` — the host's models are given back even on error."""
+        self.free_memory()
+        try:
+            yield
+        finally:
+            self.restore_memory()
+
+    def generate(self, params):  # params: sampler.GenParams -> PIL.Image
+        raise NotImplementedError
+
+    def interrupted(self) -> bool:
+        return False
+
+    def progress(self, done: int, total: int, text: str = "") -> None:
+        return None
+
+    def allowed_roots(self) -> Optional[List[str]]:
+        return None
+
+    def check_path(self, path: str, what: str = "path", must_exist: bool = True, folder: bool = True) -> str:
+        """Resolve a path typed by a user and check it is inside `allowed_roots()`; returns the real path."""
+        if not path or not str(path).strip():
+            raise HostError(f"{what} is empty: type a folder path.")
+        real = os.path.realpath(os.path.expanduser(str(path).strip()))
+        if must_exist and not os.path.exists(real):
+            raise HostError(f"{what} '{path}' does not exist: check the spelling or create it first.")
+        if must_exist and folder and not os.path.isdir(real):
+            raise HostError(f"{what} '{path}' is a file, not a folder: give the folder that holds the images.")
+        roots = self.allowed_roots()
+        if roots is not None:
+            ok = any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep) for r in roots)
+            if not ok:
+                raise HostError(f"{what} '{path}' is outside the folders this server allows ({', '.join(roots)}); "
+                                f"move it there, or start the host without --listen/--share (or with its "
+                                f"allow-any-path option).")
+        return real
+
+
+class StandaloneHost(Host):
+    """The standalone app and the CLI: diffusers generation with our own `sampler.Generator`."""
+
+    name = "standalone"
+
+    def __init__(self, base_model: str = "tiny", lora_dir: str = "loras", roots: Optional[Sequence[str]] = None):
+        self.base_spec = base_model or "tiny"
+        self._lora_dir = os.path.abspath(lora_dir)
+        self._roots = [os.path.abspath(r) for r in roots] if roots is not None else None
+        self._model: Optional[BaseModel] = None
+        self._gen = None
+        self._lock = threading.Lock()
+
+    def lora_dirs(self) -> List[str]:
+        return [self._lora_dir]
+
+    def loaded_checkpoint(self) -> Optional[Tuple[str, str]]:
+        return (os.path.basename(self.base_spec.rstrip("/\\")) or self.base_spec, self.base_spec)
+
+    def checkpoints(self) -> Dict[str, str]:
+        name, path = self.loaded_checkpoint()
+        return {name: path}
+
+    def base_model(self, spec: Optional[str] = None) -> BaseModel:
+        from .models import load_base_model
+
+        return load_base_model(spec or self.base_spec)
+
+    def refresh_loras(self) -> None:
+        self._gen = None  # the Generator caches files by (size, mtime); a new run gets a fresh one
+
+    def allowed_roots(self) -> Optional[List[str]]:
+        return self._roots
+
+    def generate(self, params):
+        from .sampler import Generator
+
+        with self._lock:
+            if self._gen is None:
+                if self._model is None:
+                    self._model = self.base_model()
+                self._gen = Generator(self._model, self.lora_dirs())
+            return self._gen.generate(params)
