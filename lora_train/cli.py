@@ -28,8 +28,11 @@ class TqdmRenderer:
             self.bar.n = ev["step"]
             self.bar.set_postfix(epoch=ev["epoch"], loss=f"{ev['loss']:.4f}", lr=f"{ev['lr']:.2e}", refresh=False)
             self.bar.refresh()
-        elif kind == "warning":
-            (self.bar.write if self.bar else print)(f"warning: {ev['message']}")
+        elif kind in ("warning", "info", "nan", "diagnosis"):
+            prefix = {"warning": "warning: ", "nan": "warning: ", "diagnosis": "diagnosis: "}.get(kind, "")
+            (self.bar.write if self.bar else print)(f"{prefix}{ev['message']}")
+        elif kind == "resumed":
+            print(f"resumed from {ev['path']} at step {ev['step']} (epoch {ev['epoch']})")
         elif kind == "checkpoint":
             msg = f"saved {ev['path']}"
             (self.bar.write if self.bar else print)(msg)
@@ -40,12 +43,37 @@ class TqdmRenderer:
 def cmd_train(args, extra: List[str]) -> int:
     from .trainer import train
 
+    from .advisor import Finding, format_findings
+
     overrides = parse_overrides(extra)
     cfg = TrainConfig.load(args.config, overrides)
-    res = train(cfg, callback=TqdmRenderer())
+    offer = rescale_offer(TrainConfig.load(args.config), cfg, overrides)
+    if offer:
+        print(offer)
+    res = train(cfg, callback=TqdmRenderer(), resume_from=args.resume)
+    if res.nan_stopped:
+        print(f"error: {res.message}", file=sys.stderr)
     state = "stopped early" if res.stopped else "finished"
     print(f"{state}: {res.steps} steps in {res.seconds:.1f}s; LoRA: {res.lora_path}; loss log: {res.loss_csv}")
-    return 0
+    print(format_findings([Finding(**f) for f in res.findings]))
+    return 3 if res.nan_stopped else 0
+
+
+def rescale_offer(before: TrainConfig, after: TrainConfig, overrides) -> str:
+    """When an override changes the batch or accumulation but not the lr, say which lr keeps the step size."""
+    from .advisor import rescale_lr
+
+    if "learning_rate" in overrides:
+        return ""
+    if (before.batch_size, before.gradient_accumulation_steps) == (after.batch_size, after.gradient_accumulation_steps):
+        return ""
+    lines = []
+    for scaling in ("sqrt", "linear"):
+        lr, why = rescale_lr(before.learning_rate, before.batch_size, before.gradient_accumulation_steps,
+                             after.batch_size, after.gradient_accumulation_steps, scaling)
+        lines.append(f"  {scaling}: --learning_rate {lr:.3g}   ({why})")
+    return ("note: the effective batch changed but learning_rate did not (training keeps "
+            f"{after.learning_rate:.3g}). To rescale it, run again with one of:\n" + "\n".join(lines))
 
 
 def cmd_tiny_model(args, extra: List[str]) -> int:
@@ -93,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a LoRA from a YAML config; any key can be overridden as --key value")
     t.add_argument("config")
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a run from its last saved state (the run's output_dir, or one state/step-N folder)")
     d = sub.add_parser("demo", help="procedural dataset -> train the tiny model on CPU -> strength grid")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--epochs", type=int, default=40)

@@ -15,6 +15,7 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
 NAN_POLICIES = ("stop", "recover")
 PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+CACHE_MODES = ("memory", "disk")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class TrainConfig:
     output_name: str = "my_lora"
     overwrite: bool = False
     save_every_n_epochs: int = 1
+    save_every_n_steps: int = 0  # also write <name>-step0000NNNN.safetensors every N optimizer steps (0: off)
     # network
     lora_rank: int = 8
     lora_alpha: Optional[float] = None  # default: = lora_rank
@@ -79,6 +81,16 @@ class TrainConfig:
     min_snr_gamma: Optional[float] = None
     caption_dropout_rate: float = 0.0
     flip_aug: bool = False
+    # caches: latents are always encoded once ("memory" or "disk"); text embeddings when the text encoder is frozen
+    latent_cache: str = "memory"
+    text_cache: str = "memory"
+    cache_dir: str = ""  # disk caches; default <output_dir>/cache (never the image folder)
+    # aspect-ratio buckets (kohya names)
+    enable_bucket: bool = False
+    min_bucket_reso: Optional[int] = None
+    max_bucket_reso: Optional[int] = None
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
     validation_split: float = 0.0
     validation_seed: int = 1234
     # samples during training (strength-1 row beside the base, into output_dir/samples)
@@ -216,6 +228,23 @@ class TrainConfig:
              "Use bf16 on RTX 30xx or newer, fp16 on older cards, no on CPU.")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type", ", ".join(PREDICTION_TYPES),
              "Leave it on auto: the base model's scheduler says what it predicts.")
+        for k in ("latent_cache", "text_cache"):
+            need(getattr(self, k) in CACHE_MODES, k, ", ".join(CACHE_MODES),
+                 "memory is fastest; disk keeps memory flat for large datasets and is reused by the next run.")
+        need(isinstance(self.cache_dir, str), "cache_dir", "a folder path or empty", "Leave it empty for <output_dir>/cache.")
+        need(isinstance(self.bucket_reso_steps, int) and self.bucket_reso_steps >= 8 and self.bucket_reso_steps % 8 == 0,
+             "bucket_reso_steps", "a multiple of 8 (>= 8)", "64 is usual; 32 for finer buckets.")
+        for k in ("min_bucket_reso", "max_bucket_reso"):
+            v = getattr(self, k)
+            if v is not None:
+                need(isinstance(v, int) and 32 <= v <= 8192 and v % 8 == 0, k, "a multiple of 8 in 32..8192 or empty",
+                     "Leave it empty for resolution/2 .. resolution*2.")
+        if self.min_bucket_reso is not None and self.max_bucket_reso is not None:
+            need(self.min_bucket_reso <= self.resolution <= self.max_bucket_reso, "max_bucket_reso",
+                 f"min_bucket_reso <= resolution ({self.resolution}) <= max_bucket_reso",
+                 "Widen the bucket range around the resolution.")
+        need(isinstance(self.save_every_n_steps, int) and self.save_every_n_steps >= 0, "save_every_n_steps",
+             "an integer >= 0 (0: off)", "Use a few hundred steps for long epochs, or 0.")
         need(isinstance(self.save_every_n_epochs, int) and self.save_every_n_epochs >= 0, "save_every_n_epochs",
              "an integer >= 0 (0: only the final file)", "Use 1 to compare epochs afterwards.")
         for k in ("sample_every_n_steps", "sample_every_n_epochs"):

@@ -56,6 +56,7 @@ class TrainResult:
     message: str = ""
     val_losses: List[float] = field(default_factory=list)
     recoveries: int = 0
+    findings: List[Dict[str, Any]] = field(default_factory=list)  # advisor.Finding.to_dict() of the live diagnosis
 
 
 def output_paths(cfg: TrainConfig) -> Dict[str, str]:
@@ -66,6 +67,11 @@ def output_paths(cfg: TrainConfig) -> Dict[str, str]:
 
 def epoch_path(cfg: TrainConfig, epoch: int) -> str:
     return os.path.join(cfg.output_dir, f"{cfg.output_name}-{epoch:06d}.safetensors")
+
+
+def step_path(cfg: TrainConfig, step: int) -> str:
+    """kohya's name for a LoRA saved every N steps."""
+    return os.path.join(cfg.output_dir, f"{cfg.output_name}-step{step:08d}.safetensors")
 
 
 def check_outputs_free(cfg: TrainConfig) -> None:
@@ -127,12 +133,25 @@ class Trainer:
         self.started_at = 0.0
         self.recoveries = 0
         self.ramp: Optional[List[int]] = None  # [start_step, length] of a post-NaN warm-up
+        self.cache_stats: Dict[str, Any] = {}
+        self.findings: List[Any] = []
+        self._last_state_step: Optional[int] = None
 
     # ------------------------------------------------------------------ events
     def emit(self, kind: str, **data: Any) -> None:
+        acc = getattr(self, "accelerator", None)
+        if acc is not None and not acc.is_main_process:
+            return  # with several processes only the main one reports
         ev = {"kind": kind, **data}
         for cb in self.callbacks:
             cb(ev)
+        diag = getattr(self, "diagnoser", None)
+        if diag is not None and kind in ("start", "step", "val_loss", "nan"):
+            for f in diag.handle_event(ev):
+                self.findings.append(f)
+                fev = {"kind": "diagnosis", "finding": f.to_dict(), "message": str(f)}
+                for cb in self.callbacks:
+                    cb(fev)
 
     def stop(self) -> None:
         """Ask the loop to end after the current step; what was trained is saved."""
@@ -141,11 +160,17 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _prepare(self):
         cfg = self.cfg
-        if self.resume_from is None:
-            check_outputs_free(cfg)
-        elif not list_states(self.resume_from):
+        if self.resume_from is not None and not list_states(self.resume_from):
             raise FileNotFoundError(f"no resumable state in '{self.resume_from}': give the run's output folder "
                                     f"(it holds {STATE_DIRNAME}/step-*/), or train without --resume.")
+        from accelerate import Accelerator
+
+        self.device = resolve_device(cfg.device)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=self.device.type == "cpu")
+        self.device = self.accelerator.device
+        if self.resume_from is None:
+            check_outputs_free(cfg)  # every process checks before any process writes
+        self.accelerator.wait_for_everyone()
         if self.dataset is None:
             self.dataset = load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word, cfg.caption_extension)
         for w in self.dataset.warnings:
@@ -154,11 +179,6 @@ class Trainer:
             self.model = load_base_model(cfg.base_model, cfg.prediction_type)
         elif cfg.prediction_type != "auto":
             self.model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-        from accelerate import Accelerator
-
-        self.device = resolve_device(cfg.device)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=self.device.type == "cpu")
-        self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
     def _seed_all(self, seed: int) -> torch.Generator:
@@ -167,29 +187,56 @@ class Trainer:
         torch.manual_seed(seed)
         return torch.Generator(device="cpu").manual_seed(seed)
 
-    @torch.no_grad()
-    def _cache_latents(self, flip: bool = False) -> List[torch.Tensor]:
-        m, ds = self.model, self.dataset
-        vae = m.vae.to(self.device)
-        out = []
-        for i in range(len(ds.items)):
-            px = ds.load_pixels(i).unsqueeze(0).to(self.device)
-            if flip:
-                px = torch.flip(px, dims=[3])
-            lat = vae.encode(px.to(vae.dtype)).latent_dist.mean * m.vae_scale
-            out.append(lat[0].float().cpu())
-        return out
+    def _cache_folder(self, mode: str, kind: str) -> Optional[str]:
+        if mode != "disk":
+            return None
+        return os.path.join(self.cfg.cache_dir or os.path.join(self.cfg.output_dir, "cache"), kind)
+
+    def _caching_progress(self, what: str):
+        def report(done: int, total: int) -> None:
+            self.emit("caching", what=what, done=done, total=total)
+        return report
 
     @torch.no_grad()
-    def _cache_text(self, extra: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    def _cache_latents(self, flip: bool = False):
+        """Latents of every item (its bucket or the square resolution), encoded once; a sequence by item index.
+
+        Disk mode keys entries by image content, size, crop, flip and VAE, so a changed image is re-encoded and
+        nothing else, and memory stays flat however many images there are."""
+        from .cache import LatentCache, module_identity
+
+        m, ds = self.model, self.dataset
+        vae = m.vae.to(self.device)
+        scale = m.vae_scale
+        if getattr(self, "_vae_id", None) is None:
+            self._vae_id = module_identity(vae, extra=f"latent_dist.mean*{scale:g}")
+        cache = LatentCache(self._cache_folder(self.cfg.latent_cache, "latents"), self._vae_id)
+
+        def encode(px: torch.Tensor) -> torch.Tensor:
+            lat = vae.encode(px.to(self.device, vae.dtype)).latent_dist.mean * scale
+            return lat.float().cpu()
+
+        store = cache.get_or_encode(ds, encode, flip=flip, batch_size=4,
+                                    progress=self._caching_progress("latents (flipped)" if flip else "latents"),
+                                    should_stop=self.stop_event.is_set)
+        self.cache_stats[f"latents{'_flip' if flip else ''}"] = cache.stats
+        return store
+
+    @torch.no_grad()
+    def _cache_text(self, extra: Sequence[str] = ()):
+        """caption -> last hidden state of the frozen text encoder, encoded once (memory or disk)."""
+        from .cache import TextEmbeddingCache, module_identity
+
         caps = sorted({it.caption for it in self.dataset.items} | set(extra))
-        out = {}
-        for i in range(0, len(caps), 16):
-            chunk = caps[i:i + 16]
-            h = encode_prompts(self.model, chunk, self.device)
-            for c, e in zip(chunk, h):
-                out[c] = e.float().cpu()
-        return out
+        te = self.model.text_encoder
+        if getattr(self, "_te_id", None) is None:
+            self._te_id = module_identity(te, extra=f"last_hidden_state/{self.model.kind}")
+        cache = TextEmbeddingCache(self._cache_folder(self.cfg.text_cache, "text"), self._te_id)
+        store = cache.get_or_encode(caps, lambda chunk: encode_prompts(self.model, chunk, self.device).float().cpu(),
+                                    progress=self._caching_progress("text embeddings"),
+                                    should_stop=self.stop_event.is_set)
+        self.cache_stats["text"] = cache.stats
+        return store
 
     def _split(self) -> Tuple[List[int], List[int]]:
         """(train item indices, validation item indices), deterministic for validation_seed."""
@@ -200,7 +247,6 @@ class Trainer:
         val = sorted(random.Random(self.cfg.validation_seed).sample(range(n), k))
         vs = set(val)
         return [i for i in range(n) if i not in vs], val
-
     # ------------------------------------------------------------------ state (resume)
     def _trainable_named(self) -> Dict[str, torch.nn.Parameter]:
         out = {}
@@ -290,6 +336,7 @@ class Trainer:
         for old in list_states(self.cfg.output_dir)[:-self.cfg.save_state_keep]:
             shutil.rmtree(old, ignore_errors=True)
         self.last_good = snap
+        self._last_state_step = self.pos["step"]
         self.emit("state", path=final, step=self.pos["step"])
         return final
 
@@ -364,27 +411,45 @@ class Trainer:
         m, ds, acc = self.model, self.dataset, self.accelerator
         self.gen = gen = self._seed_all(cfg.seed)
         paths = output_paths(cfg)
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        if acc.is_main_process:
+            os.makedirs(cfg.output_dir, exist_ok=True)
         self.nan_message = ""
         self.last_good = None
+        from .advisor import Diagnoser
+
+        self.diagnoser = Diagnoser(cfg)
+        self.started_at = time.time()
 
         m.unet.requires_grad_(False)
         m.vae.requires_grad_(False)
         for te in m.text_encoders:
             te.requires_grad_(False)
         m.text_encoder.to(self.device)
-        latents = self._cache_latents()
-        latents_flip = self._cache_latents(flip=True) if cfg.flip_aug else None
+        if cfg.enable_bucket:
+            plan = ds.make_buckets(step=cfg.bucket_reso_steps, min_res=cfg.min_bucket_reso,
+                                   max_res=cfg.max_bucket_reso, no_upscale=cfg.bucket_no_upscale)
+            self.emit("info", message=plan.summary(ds.expanded()))
+        dropout_caps = [""] if cfg.caption_dropout_rate > 0 else []
+        from .cache import CachingStopped
+
+        try:
+            with acc.main_process_first():  # with a disk cache, the other processes then read what it wrote
+                latents = self._cache_latents()
+                latents_flip = self._cache_latents(flip=True) if cfg.flip_aug else None
+                text_cache = None if cfg.train_text_encoder else self._cache_text(dropout_caps)
+        except CachingStopped as exc:
+            self.emit("warning", message=f"stopped while caching: {exc}")
+            res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=None, epoch_files=[],
+                              config_path=paths["config"], loss_csv=paths["loss_csv"], loss_png=paths["loss_png"],
+                              steps=0, epochs_done=0, stopped=True, message=str(exc))
+            self.emit("done", result=res)
+            return res
         if self.device.type != "cpu":
             m.vae.to("cpu")
-        dropout_caps = [""] if cfg.caption_dropout_rate > 0 else []
-        text_cache = None if cfg.train_text_encoder else self._cache_text(dropout_caps)
         train_idx, val_idx = self._split()
-        val_set = None
-        if val_idx:
-            tc = text_cache if text_cache is not None else self._cache_text()
-            val_set = (torch.stack([latents[i] for i in val_idx]),
-                       torch.stack([tc[ds.items[i].caption] for i in val_idx]))
+        val_groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i in val_idx:  # validation images batched by latent size (buckets)
+            val_groups.setdefault(tuple(latents[i].shape), []).append(i)
 
         # adapters (seeded so that two runs with one seed are identical)
         torch.manual_seed(cfg.seed)
@@ -400,6 +465,7 @@ class Trainer:
         if cfg.train_text_encoder and base_dtype:
             m.text_encoder.to(self.device, dtype=base_dtype)
         trainable = [p for g in params for p in g["params"]]
+        te_trainable = [p for g in params[1:] for p in g["params"]]
         for p in trainable:  # LoRA weights always train in fp32
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -413,9 +479,20 @@ class Trainer:
         optimizer = make_optimizer(cfg.optimizer, params, self.device, cfg.weight_decay,
                                    (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.optimizer_args)
         self.optimizer_desc = describe(optimizer)
-        expanded = [i for i in ds.expanded() if i in set(train_idx)]
+
+        # data order: batches of one bucket each, a pure function of (seed, epoch); with N processes a global
+        # batch is batch_size x N samples and each process trains on its slice (data parallel)
+        from .buckets import BucketBatchSampler
+
+        world, rank = acc.num_processes, acc.process_index
+        local_bs, global_bs = cfg.batch_size, cfg.batch_size * world
+        train_set = set(train_idx)
+        expanded = [i for i in ds.expanded() if i in train_set]
+        plan = ds.bucket_plan
+        sampler = BucketBatchSampler(plan.item_bucket if plan is not None else [0] * len(ds.items), global_bs,
+                                     seed=cfg.seed, expanded=expanded)
         n_samples = len(expanded)
-        batches_per_epoch = math.ceil(n_samples / cfg.batch_size)
+        batches_per_epoch = len(sampler)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_train_steps or steps_per_epoch * cfg.epochs
         total_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -446,47 +523,56 @@ class Trainer:
         start_step = self.pos["step"]
         self.emit("start", total_steps=total_steps, total_epochs=total_epochs, images=len(train_idx),
                   samples=n_samples, device=str(self.device), steps_per_epoch=steps_per_epoch,
-                  resumed_at=start_step, validation_images=len(val_idx))
+                  resumed_at=start_step, validation_images=len(val_idx), processes=world,
+                  effective_batch=global_bs * cfg.gradient_accumulation_steps)
         sched = m.noise_scheduler
         T = sched.config.num_train_timesteps
         pred_type = m.prediction_type
+        in_dtype = base_dtype or torch.float32
         stopped = nan_stop = False
         epoch_files: List[str] = []
         t_last = time.time()
         unet.train()
         accum = cfg.gradient_accumulation_steps
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         while self.pos["step"] < total_steps and not stopped:
             if self.pos["batch"] >= batches_per_epoch:  # start a new epoch
                 self.pos["epoch"] += 1
                 self.pos["batch"] = 0
-                self.pos["order"] = torch.randperm(n_samples, generator=gen).tolist()
+                self.pos["order"] = sampler.batches(self.pos["epoch"])
             epoch, order = self.pos["epoch"], self.pos["order"]
-            micro, running, bad = 0, [], None
+            micro, running = 0, []
             for b in range(self.pos["batch"], batches_per_epoch):
                 if self.stop_event.is_set():
                     stopped = True
                     break
-                idx = [expanded[j] for j in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-                flips = ([bool(x) for x in (torch.rand(len(idx), generator=gen) < 0.5)] if latents_flip
-                         else [False] * len(idx))
-                lat = torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]).to(self.device)
-                noise = torch.randn(lat.shape, generator=gen)
+                batch = list(order[b])
+                if world > 1 and len(batch) < global_bs:  # a short last batch: every process needs samples
+                    batch += [batch[j % len(batch)] for j in range(global_bs - len(batch))]
+                n = len(batch)
+                lo, hi = (rank * local_bs, (rank + 1) * local_bs) if world > 1 else (0, n)
+                # random draws for the whole global batch, then this process's slice: the same numbers per
+                # sample whatever the process count
+                flips = (torch.rand(n, generator=gen) < 0.5).tolist() if latents_flip is not None else [False] * n
+                shape = (n,) + tuple(latents[batch[0]].shape)
+                noise = torch.randn(shape, generator=gen)
                 if cfg.noise_offset:
-                    noise = noise + cfg.noise_offset * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
-                noise = noise.to(self.device)
-                t = torch.randint(0, T, (lat.shape[0],), generator=gen).to(self.device)
-                caps = [ds.items[i].caption for i in idx]
+                    noise = noise + cfg.noise_offset * torch.randn((n, shape[1], 1, 1), generator=gen)
+                t = torch.randint(0, T, (n,), generator=gen)
+                caps = [ds.items[i].caption for i in batch]
                 if cfg.caption_dropout_rate > 0:
-                    drop = (torch.rand(len(idx), generator=gen) < cfg.caption_dropout_rate).tolist()
+                    drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
                     caps = ["" if d else c for c, d in zip(caps, drop)]
+                idx, flips, caps = batch[lo:hi], flips[lo:hi], caps[lo:hi]
+                noise, t = noise[lo:hi].to(self.device), t[lo:hi].to(self.device)
+                lat = torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]).to(self.device)
                 noisy = sched.add_noise(lat, noise, t)
                 target = noise if pred_type == "epsilon" else sched.get_velocity(lat, noise, t)
                 with acc.autocast():
                     if text_cache is not None:
-                        ehs = torch.stack([text_cache[c] for c in caps]).to(self.device)
+                        ehs = text_cache.stack(caps).to(self.device)
                     else:
                         ehs = encode_prompts(m, caps, self.device)
-                    in_dtype = base_dtype or torch.float32
                     pred = unet(noisy.to(in_dtype), t, ehs.to(in_dtype)).sample
                 loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
                 if cfg.min_snr_gamma:
@@ -499,26 +585,34 @@ class Trainer:
                 loss = loss.mean()
                 if self.loss_hook is not None:
                     loss = self.loss_hook(self.pos["step"] + 1, loss)
-                if not torch.isfinite(loss.detach()):
-                    bad = bad or ("loss", float(loss.detach()))
-                else:
+                if loss.requires_grad:  # a non-finite loss makes non-finite gradients: caught below, not applied
                     acc.backward(loss / accum)
-                    running.append(loss.detach())
+                running.append(loss.detach().float())
                 micro += 1
                 last_batch = b == batches_per_epoch - 1
                 if micro % accum != 0 and not last_batch:
                     continue
-                if bad is None:
-                    norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                    if norm is not None and cfg.mixed_precision != "fp16" and not torch.isfinite(torch.as_tensor(norm)):
-                        bad = ("gradient", float(norm))
-                if bad is not None:
+                if world > 1 and te_trainable:  # the text encoder is not DDP-wrapped: average its grads here
+                    for p in te_trainable:
+                        if p.grad is not None:
+                            p.grad = acc.reduce(p.grad, "mean")
+                step_loss_t = torch.stack(running).mean()
+                running = []
+                norm = acc.clip_grad_norm_(trainable, max_norm)
+                ok_t = torch.isfinite(step_loss_t)
+                if norm is not None and cfg.mixed_precision != "fp16":  # fp16: the grad scaler skips inf steps
+                    ok_t = ok_t & torch.isfinite(torch.as_tensor(norm).to(ok_t.device))
+                vals = torch.stack([step_loss_t, ok_t.float(),
+                                    torch.as_tensor(norm if norm is not None else 0.0).float().to(ok_t.device)])
+                if world > 1:
+                    vals = torch.stack([acc.reduce(vals[0], "mean"), acc.reduce(vals[1], "min"), vals[2]])
+                step_loss, ok, norm_v = vals.cpu().tolist()  # the one host sync of a step
+                if not ok:
                     optimizer.zero_grad(set_to_none=True)
-                    running = []
+                    bad = ("loss", step_loss) if not math.isfinite(step_loss) else ("gradient", norm_v)
                     if not self._on_nonfinite(*bad):
                         nan_stop = stopped = True
                         break
-                    bad = None
                     self.pos["batch"] = b + 1
                     continue
                 optimizer.step()
@@ -528,8 +622,6 @@ class Trainer:
                 self.pos["batch"] = b + 1
                 self._apply_ramp()
                 global_step = self.pos["step"]
-                step_loss = float(torch.stack(running).mean()) if running else float("nan")
-                running = []
                 now = time.time()
                 elapsed = now - self.started_at
                 its = (global_step - start_step) / elapsed if elapsed > 0 else 0.0
@@ -542,6 +634,11 @@ class Trainer:
                               step_time=now - t_last, **rec)
                 if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
                     self._sample(global_step, epoch)
+                if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and global_step < total_steps:
+                    path = step_path(cfg, global_step)
+                    self._save_lora(path, epoch, global_step)
+                    epoch_files.append(path)
+                    self.emit("checkpoint", path=path, epoch=epoch, step=global_step)
                 if cfg.save_state_every_n_steps and global_step % cfg.save_state_every_n_steps == 0:
                     self.save_state()
                 t_last = time.time()
@@ -552,8 +649,8 @@ class Trainer:
             if self.pos["batch"] < batches_per_epoch:  # max steps reached mid-epoch
                 break
             global_step = self.pos["step"]
-            if val_set is not None:
-                vl = fixed_noise_loss(m, val_set[0], val_set[1], seed=cfg.validation_seed)
+            if val_groups:
+                vl = self._validation_loss(val_groups, latents, text_cache)
                 self.val_history.append({"step": global_step, "epoch": epoch, "val_loss": vl})
                 self.emit("val_loss", step=global_step, epoch=epoch, val_loss=vl)
                 unet.train()
@@ -571,8 +668,8 @@ class Trainer:
 
         global_step, epoch = self.pos["step"], self.pos["epoch"]
         final = None
-        if stopped and global_step > start_step:
-            self.save_state()  # resumable from exactly here
+        if not nan_stop and global_step > start_step and self._last_state_step != global_step:
+            self.save_state()  # resumable from exactly here: after a stop, or to train on to a longer end
         if global_step > 0 and not nan_stop:
             final = paths["lora"]
             self._save_lora(final, epoch, global_step)
@@ -580,14 +677,30 @@ class Trainer:
         self._write_logs(paths)
         if acc.is_main_process:
             cfg.save(paths["config"])
+        acc.wait_for_everyone()
         res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=final, epoch_files=epoch_files,
                           config_path=paths["config"], loss_csv=paths["loss_csv"], loss_png=paths["loss_png"],
                           steps=global_step, epochs_done=epoch, stopped=stopped, losses=[h["loss"] for h in self.history],
                           seconds=time.time() - self.started_at, nan_stopped=nan_stop, message=self.nan_message,
-                          val_losses=[v["val_loss"] for v in self.val_history], recoveries=self.recoveries)
+                          val_losses=[v["val_loss"] for v in self.val_history], recoveries=self.recoveries,
+                          findings=[f.to_dict() for f in self.findings])
         unet.eval()
         self.emit("done", result=res)
         return res
+
+    @torch.no_grad()
+    def _validation_loss(self, groups: Dict[Tuple[int, ...], List[int]], latents, text_cache) -> float:
+        """Deterministic denoising loss of the held-out images (fixed noise and timesteps), mean per element."""
+        m, ds = self.model, self.dataset
+        total, count = 0.0, 0
+        for shape, idx in sorted(groups.items()):
+            caps = [ds.items[i].caption for i in idx]
+            ehs = text_cache.stack(caps) if text_cache is not None else encode_prompts(m, caps, self.device).float()
+            lat = latents.stack(idx) if hasattr(latents, "stack") else torch.stack([latents[i] for i in idx])
+            n = lat.numel()
+            total += fixed_noise_loss(m, lat, ehs, seed=self.cfg.validation_seed) * n
+            count += n
+        return total / count
 
     # ------------------------------------------------------------------ outputs
     def metadata(self, epoch: int, step: int) -> Dict[str, str]:
@@ -706,8 +819,8 @@ def pred_dtype(unet, device: torch.device, weight_dtype: torch.dtype) -> torch.d
 
 
 def train(cfg: TrainConfig, callback: Optional[Callback] = None, model: Optional[BaseModel] = None,
-          stop_event: Optional[threading.Event] = None) -> TrainResult:
-    return Trainer(cfg, model=model, callback=callback, stop_event=stop_event).run()
+          stop_event: Optional[threading.Event] = None, resume_from: Optional[str] = None) -> TrainResult:
+    return Trainer(cfg, model=model, callback=callback, stop_event=stop_event, resume_from=resume_from).run()
 
 
 @torch.no_grad()

@@ -49,3 +49,16 @@ def test_demo_end_to_end(tmp_path):
                         "--sample-steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "demo_lora_v2.safetensors" in os.listdir(out)
+
+
+def test_train_offers_rescaled_lr_when_batch_changes():
+    from lora_train.cli import rescale_offer
+    from lora_train.config import TrainConfig
+
+    before = TrainConfig(batch_size=4, learning_rate=2e-4)
+    after = TrainConfig(batch_size=1, learning_rate=2e-4)
+    text = rescale_offer(before, after, {"batch_size": 1})
+    assert "--learning_rate 0.0001 " in text and "sqrt" in text  # sqrt(1/4) x 2e-4
+    assert "--learning_rate 5e-05 " in text and "linear" in text
+    assert rescale_offer(before, after.replace(learning_rate=1e-4), {"batch_size": 1, "learning_rate": 1e-4}) == ""
+    assert rescale_offer(before, before, {}) == ""
