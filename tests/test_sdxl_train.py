@@ -350,3 +350,16 @@ def test_sdxl_and_sd2_diffusers_folders(tmp_path):
         (d / "model_index.json").write_text(json.dumps(index))
         with pytest.raises(ModelError, match=match):
             load_base_model(str(d))
+
+
+def test_lr_range_test_on_sdxl(tmp_path, demo_data):
+    """The LR range test conditions an SDXL UNet as the trainer does, and leaves the model as it found it."""
+    from lora_train.lr_finder import lr_range_test
+
+    model = build_tiny_sdxl()
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    cfg = small_cfg(demo_data, tmp_path / "o", lora_rank=2, batch_size=2)
+    res = lr_range_test(cfg, model=model, steps=3, probe_samples=2, lr_max=1e-2)
+    assert len(res.losses) == 3 and all(0 < x < 10 for x in res.losses)
+    after = model.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
