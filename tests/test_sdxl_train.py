@@ -363,3 +363,13 @@ def test_lr_range_test_on_sdxl(tmp_path, demo_data):
     assert len(res.losses) == 3 and all(0 < x < 10 for x in res.losses)
     after = model.unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_unmatched_sdxl_modules_are_named_as_kohya_does():
+    m = build_tiny_sdxl()
+    lw = L.LoraWeights()
+    lw.modules[("unet", "down_blocks.1.attentions.0.transformer_blocks.5.attn1.to_q")] = (
+        torch.zeros(2, 64), torch.zeros(64, 2), 2.0)  # a 6th transformer layer: the real SDXL has it, tiny has not
+    with pytest.raises(L.LoraFormatError, match="lora_unet_input_blocks_4_1_transformer_blocks_5_attn1_to_q"):
+        L.apply(m, lw, "x")
+    assert L.apply(m, lw, "y", strict=False) == ["lora_unet_input_blocks_4_1_transformer_blocks_5_attn1_to_q"]
