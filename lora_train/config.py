@@ -36,6 +36,7 @@ class TrainConfig:
     # model
     base_model: str = "tiny"
     prediction_type: str = "auto"
+    allow_pickle: bool = False  # .ckpt/.pt base models run code when unpickled: explicit opt-in, weights_only=True
     # output
     output_dir: str = "output"
     output_name: str = "my_lora"

@@ -193,14 +193,22 @@ def apply(model, lw: LoraWeights, adapter: str, strength: float = 1.0, strict: b
         by_comp.setdefault(comp, {})[path] = v
     comps = dict(_components(model))
     unmatched: List[str] = []
+    kind = getattr(model, "kind", "sd1")
+
+    def label(comp: str, p: str) -> str:
+        try:
+            return kohya_name(comp, p, kind)
+        except (ValueError, KeyError):
+            return f"{comp}:{p}"
+
     for comp, entries in by_comp.items():
         mod = comps.get(comp)
         if mod is None:
-            unmatched += [kohya_name(comp, p) for p in entries]
+            unmatched += [label(comp, p) for p in entries]
             continue
         present = {n for n, _ in mod.named_modules()}
         ok = {p: v for p, v in entries.items() if p in present}
-        unmatched += [kohya_name(comp, p) for p in entries if p not in present]
+        unmatched += [label(comp, p) for p in entries if p not in present]
         if not ok:
             continue
         ranks = {p: int(v[0].shape[0]) for p, v in ok.items()}
@@ -212,7 +220,7 @@ def apply(model, lw: LoraWeights, adapter: str, strength: float = 1.0, strict: b
             m = named[p]
             a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
             if tuple(a.shape) != tuple(down.shape) or tuple(b.shape) != tuple(up.shape):
-                raise LoraFormatError(f"LoRA module {kohya_name(comp, p)} has shapes {tuple(down.shape)}/"
+                raise LoraFormatError(f"LoRA module {label(comp, p)} has shapes {tuple(down.shape)}/"
                                       f"{tuple(up.shape)} but the model needs {tuple(a.shape)}/{tuple(b.shape)}: "
                                       f"the LoRA was trained for another base model.")
             with torch.no_grad():

@@ -277,7 +277,8 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
     from . import lora as lora_mod
     from .dataset import load_dataset
     from .models import load_base_model
-    from .trainer import encode_prompts, resolve_device
+    from . import conditioning
+    from .trainer import resolve_device
 
     if not (isinstance(lr_min, (int, float)) and isinstance(lr_max, (int, float)) and 0 < lr_min < lr_max
             and math.isfinite(lr_max)):
@@ -293,9 +294,6 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
                                                           cfg.caption_extension)
     if model is None:
         model = load_base_model(cfg.base_model, cfg.prediction_type)
-    if getattr(model, "text_encoder_2", None) is not None:
-        raise ValueError(f"the LR range test runs on SD1/SD2 models (one text encoder), like the trainer; "
-                         f"'{getattr(model, 'name', cfg.base_model)}' is {getattr(model, 'kind', 'SDXL')}.")
     pred_type = model.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
     device = resolve_device(cfg.device)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
@@ -318,13 +316,14 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         unet = model.unet
         unet.to(device)
-        model.text_encoder.to(device)
+        for te in model.text_encoders:
+            te.to(device)
         base_dtype = next(unet.parameters()).dtype
         sched = model.noise_scheduler
         T = int(sched.config.num_train_timesteps)
         expanded = ds.expanded()
         lat_cache: Dict[int, torch.Tensor] = {}
-        txt_cache: Dict[str, torch.Tensor] = {}
+        txt_cache: Dict[str, Any] = {}
 
         @torch.no_grad()
         def latent(i: int) -> torch.Tensor:
@@ -339,17 +338,21 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
         @torch.no_grad()
         def text(caption: str) -> torch.Tensor:
             if caption not in txt_cache:
-                txt_cache[caption] = encode_prompts(model, [caption], device)[0].float().cpu()
+                row = conditioning.rows(conditioning.encode(model, [caption], device))[0]
+                txt_cache[caption] = conditioning.map_cond(row, lambda x: x.float().cpu())
             return txt_cache[caption]
 
         def unet_loss(idx: List[int], noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             lat = torch.stack([latent(i) for i in idx])
-            ehs = torch.stack([text(ds.items[i].caption) for i in idx]).to(device)
+            cond = conditioning.stack([text(ds.items[i].caption) for i in idx])
+            tids = (conditioning.time_ids_for_items(ds, idx, cfg.resolution)
+                    if getattr(model, "text_encoder_2", None) is not None else None)
             noisy = sched.add_noise(lat, noise, t)
             target = noise if pred_type == "epsilon" else sched.get_velocity(lat, noise, t)
             in_dtype = torch.float32 if use_amp else base_dtype
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-                pred = unet(noisy.to(device, in_dtype), t.to(device), ehs.to(device, in_dtype)).sample
+                ehs, added = conditioning.unet_inputs(model, cond, tids, in_dtype, device, cfg.resolution)
+                pred = unet(noisy.to(device, in_dtype), t.to(device), ehs, added_cond_kwargs=added).sample
             return F.mse_loss(pred.float(), target.to(device).float(), reduction="mean")
 
         # the fixed probe: first images, fixed noise, timesteps spread evenly over the schedule

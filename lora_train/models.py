@@ -189,43 +189,84 @@ def save_diffusers_folder(model: BaseModel, folder: str) -> str:
 
 
 # ----------------------------------------------------------------------------- loading
+def _index_has(index: dict, key: str) -> bool:
+    """model_index.json lists a component (diffusers writes [null, null] for an absent one)."""
+    v = index.get(key)
+    return bool(v) and not (isinstance(v, (list, tuple)) and all(x is None for x in v))
+
+
 def load_diffusers_folder(folder: str) -> BaseModel:
+    """An SD1.x / SD2.x (StableDiffusionPipeline) or SDXL base (StableDiffusionXLPipeline) diffusers folder."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index_path = os.path.join(folder, "model_index.json")
     with open(index_path, encoding="utf-8") as fh:
         index = json.load(fh)
-    if "text_encoder_2" in index or "transformer" in index:
-        raise ModelError(f"'{folder}' is a {index.get('_class_name', 'non-SD1/SD2')} folder; this version trains "
-                         f"SD1.x/SD2.x diffusers folders. Use an SD1.x/SD2.x model.")
+    cls_name = index.get("_class_name", "")
+    supported = "Use an SD1.x, SD2.x or SDXL base diffusers folder."
+    if _index_has(index, "transformer") or not _index_has(index, "unet"):
+        raise ModelError(f"'{folder}' is a {cls_name or 'non-UNet'} folder (a transformer model, not a Stable "
+                         f"Diffusion UNet); this version trains SD1.x, SD2.x and SDXL. {supported}")
+    xl = _index_has(index, "text_encoder_2")
+    if xl and not _index_has(index, "text_encoder"):
+        raise ModelError(f"'{folder}' is the SDXL refiner (no first text encoder); train on an SDXL base model. "
+                         f"{supported}")
+    if "Inpaint" in cls_name:
+        raise ModelError(f"'{folder}' is an inpainting model; train on the regular checkpoint. {supported}")
     kw = dict(local_files_only=True)
+    te2 = tok2 = None
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
+        if xl:
+            te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)
+            tok2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **kw)
         sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the diffusers folder '{folder}': {exc}. It needs unet/, vae/, "
-                         f"text_encoder/, tokenizer/ and scheduler/ subfolders with their weights.") from exc
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    kind = "sd2" if text_encoder.config.hidden_size == 1024 else "sd1"
+        subs = "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/" if xl else "text_encoder/, tokenizer/"
+        raise ModelError(f"could not load the diffusers folder '{folder}': {exc}. It needs unet/, vae/, {subs} "
+                         f"and scheduler/ subfolders with their weights.") from exc
+    if int(unet.config.in_channels) != 4:
+        raise ModelError(f"'{folder}' has a UNet with {unet.config.in_channels} input channels (inpainting or "
+                         f"another special model). {supported}")
+    for m in (unet, vae, text_encoder, te2):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    if xl:
+        kind = "sdxl"
+    else:  # SD2's OpenCLIP-H: 1024 wide, gelu (CLIP-L of SD1: 768, quick_gelu)
+        te_cfg = text_encoder.config
+        kind = "sd2" if te_cfg.hidden_size == 1024 or getattr(te_cfg, "hidden_act", "") == "gelu" else "sd1"
     native = int(unet.config.sample_size) * (2 ** (len(vae.config.block_out_channels) - 1))
     name = os.path.basename(os.path.normpath(folder))
     return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=sched,
-                     kind=kind, name=name, path=os.path.abspath(folder), native_resolution=native)
+                     kind=kind, name=name, path=os.path.abspath(folder), native_resolution=native,
+                     text_encoder_2=te2, tokenizer_2=tok2)
 
 
-def load_base_model(spec: str, prediction_type: str = "auto") -> BaseModel:
-    """`tiny`, `tiny-v` (v-prediction), or a diffusers folder."""
+TINY_SPECS = ("tiny", "tiny-v", "tiny-sd2", "tiny-sd2-eps", "tiny-sdxl")
+
+
+def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False) -> BaseModel:
+    """`tiny`, `tiny-v` (v-prediction), `tiny-sd2` (v) / `tiny-sd2-eps`, `tiny-sdxl` (demo models), a diffusers
+    folder (SD1.x / SD2.x / SDXL base), or a single-file checkpoint (.safetensors; .ckpt/.pt pickles only with
+    allow_pickle=True, then loaded with torch.load(weights_only=True))."""
     spec = (spec or "").strip()
-    if spec in ("tiny", "tiny-v"):
-        pt = "v_prediction" if spec == "tiny-v" else "epsilon"
-        if prediction_type not in ("auto", pt):
-            pt = prediction_type
-        return build_tiny(pt)
+    if spec in TINY_SPECS:
+        from . import tiny_variants
+
+        if spec == "tiny-sdxl":
+            model = tiny_variants.build_tiny_sdxl()
+        elif spec.startswith("tiny-sd2"):
+            model = tiny_variants.build_tiny_sd2(v_prediction=spec == "tiny-sd2")
+        else:
+            model = build_tiny("v_prediction" if spec == "tiny-v" else "epsilon")
+        if prediction_type not in ("auto", model.prediction_type):
+            model.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        return model
     if not spec:
         raise ModelError("base_model is empty: set it to 'tiny' (demo) or a diffusers model folder.")
     path = os.path.expanduser(spec)
@@ -240,7 +281,7 @@ def load_base_model(spec: str, prediction_type: str = "auto") -> BaseModel:
     else:
         from .checkpoints import load_single_file  # SD1.x / SD2.x / SDXL single file, offline
 
-        model = load_single_file(path, prediction_type=prediction_type)
+        model = load_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
     if prediction_type != "auto" and prediction_type != model.prediction_type:
         model.noise_scheduler.register_to_config(prediction_type=prediction_type)
     return model

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from . import conditioning
 from . import lora as lora_mod
 from .config import TrainConfig
 from .dataset import ImageDataset, load_dataset
@@ -32,7 +33,14 @@ Callback = Callable[[Event], None]
 
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                "sdxl": "stable-diffusion-xl-v1-base/lora"}
+                "sd2-512": "stable-diffusion-v2-512/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+
+
+def architecture(kind: str, prediction_type: str) -> str:
+    """modelspec.architecture as kohya writes it: SD2 epsilon models are the 512-base ones."""
+    if kind == "sd2" and prediction_type == "epsilon":
+        return ARCHITECTURE["sd2-512"]
+    return ARCHITECTURE.get(kind, ARCHITECTURE["sd1"])
 
 
 class TrainingStopped(Exception):
@@ -95,11 +103,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def encode_prompts(model: BaseModel, captions: List[str], device: torch.device) -> torch.Tensor:
-    """Last hidden state of the text encoder for a list of captions (SD1/SD2)."""
-    tok = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt")
-    return model.text_encoder(tok.input_ids.to(device))[0]
+def encode_prompts(model: BaseModel, captions: List[str], device: torch.device):
+    """Text conditioning of captions: last hidden state (SD1/SD2), {"hidden", "pooled"} (SDXL); conditioning.py."""
+    return conditioning.encode(model, captions, device)
 
 
 STATE_DIRNAME = "state"
@@ -176,7 +182,7 @@ class Trainer:
         for w in self.dataset.warnings:
             self.emit("warning", message=w)
         if self.model is None:
-            self.model = load_base_model(cfg.base_model, cfg.prediction_type)
+            self.model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle)
         elif cfg.prediction_type != "auto":
             self.model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -224,15 +230,17 @@ class Trainer:
 
     @torch.no_grad()
     def _cache_text(self, extra: Sequence[str] = ()):
-        """caption -> last hidden state of the frozen text encoder, encoded once (memory or disk)."""
+        """caption -> conditioning of the frozen text encoder(s) (conditioning.encode: a tensor, or SDXL's
+        {"hidden", "pooled"}), encoded once (memory or disk)."""
         from .cache import TextEmbeddingCache, module_identity
 
         caps = sorted({it.caption for it in self.dataset.items} | set(extra))
-        te = self.model.text_encoder
         if getattr(self, "_te_id", None) is None:
-            self._te_id = module_identity(te, extra=f"last_hidden_state/{self.model.kind}")
+            self._te_id = "+".join(module_identity(te, extra=f"conditioning.encode/{self.model.kind}")
+                                   for te in self.model.text_encoders)
         cache = TextEmbeddingCache(self._cache_folder(self.cfg.text_cache, "text"), self._te_id)
-        store = cache.get_or_encode(caps, lambda chunk: encode_prompts(self.model, chunk, self.device).float().cpu(),
+        store = cache.get_or_encode(caps, lambda chunk: conditioning.map_cond(
+            conditioning.encode(self.model, chunk, self.device), lambda t: t.float().cpu()),
                                     progress=self._caching_progress("text embeddings"),
                                     should_stop=self.stop_event.is_set)
         self.cache_stats["text"] = cache.stats
@@ -250,7 +258,10 @@ class Trainer:
     # ------------------------------------------------------------------ state (resume)
     def _trainable_named(self) -> Dict[str, torch.nn.Parameter]:
         out = {}
-        for prefix, mod in (("unet", self.model.unet), ("te", self.model.text_encoder)):
+        mods = [("unet", self.model.unet), ("te", self.model.text_encoder)]
+        if self.model.text_encoder_2 is not None:
+            mods.append(("te2", self.model.text_encoder_2))
+        for prefix, mod in mods:
             for n, p in mod.named_parameters():
                 if ".lora_A." in n or ".lora_B." in n:
                     if lora_mod.DEFAULT_ADAPTER in n:
@@ -424,7 +435,8 @@ class Trainer:
         m.vae.requires_grad_(False)
         for te in m.text_encoders:
             te.requires_grad_(False)
-        m.text_encoder.to(self.device)
+        for te in m.text_encoders:
+            te.to(self.device)
         if cfg.enable_bucket:
             plan = ds.make_buckets(step=cfg.bucket_reso_steps, min_res=cfg.min_bucket_reso,
                                    max_res=cfg.max_bucket_reso, no_upscale=cfg.bucket_no_upscale)
@@ -456,14 +468,15 @@ class Trainer:
         adapter = lora_mod.DEFAULT_ADAPTER
         lora_mod.inject(m.unet, lora_mod.unet_target_modules(m.unet), cfg.lora_rank, cfg.alpha, adapter)
         params = [{"params": lora_mod.lora_parameters(m.unet, adapter), "lr": cfg.learning_rate}]
-        if cfg.train_text_encoder:
-            lora_mod.inject(m.text_encoder, lora_mod.te_target_modules(m.text_encoder), cfg.lora_rank, cfg.alpha,
-                            adapter)
-            params.append({"params": lora_mod.lora_parameters(m.text_encoder, adapter), "lr": cfg.te_lr})
+        if cfg.train_text_encoder:  # SDXL: both text encoders, one param group each, both at te_lr
+            for te in m.text_encoders:
+                lora_mod.inject(te, lora_mod.te_target_modules(te), cfg.lora_rank, cfg.alpha, adapter)
+                params.append({"params": lora_mod.lora_parameters(te, adapter), "lr": cfg.te_lr})
         base_dtype = self.weight_dtype if self.device.type != "cpu" else None
         m.unet.to(self.device, dtype=base_dtype) if base_dtype else m.unet.to(self.device)
         if cfg.train_text_encoder and base_dtype:
-            m.text_encoder.to(self.device, dtype=base_dtype)
+            for te in m.text_encoders:
+                te.to(self.device, dtype=base_dtype)
         trainable = [p for g in params for p in g["params"]]
         te_trainable = [p for g in params[1:] for p in g["params"]]
         for p in trainable:  # LoRA weights always train in fp32
@@ -471,8 +484,9 @@ class Trainer:
             p.requires_grad_(True)
         if cfg.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder and hasattr(m.text_encoder, "gradient_checkpointing_enable"):
-                m.text_encoder.gradient_checkpointing_enable()
+            for te in (m.text_encoders if cfg.train_text_encoder else []):
+                if hasattr(te, "gradient_checkpointing_enable"):
+                    te.gradient_checkpointing_enable()
 
         from .optim import describe, make_optimizer
 
@@ -570,10 +584,14 @@ class Trainer:
                 target = noise if pred_type == "epsilon" else sched.get_velocity(lat, noise, t)
                 with acc.autocast():
                     if text_cache is not None:
-                        ehs = text_cache.stack(caps).to(self.device)
+                        cond = text_cache.stack(caps)
                     else:
-                        ehs = encode_prompts(m, caps, self.device)
-                    pred = unet(noisy.to(in_dtype), t, ehs.to(in_dtype)).sample
+                        cond = conditioning.encode(m, caps, self.device)
+                    # SDXL: per-sample original size / crop / target size from the item's resize + crop plan
+                    tids = (conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips)
+                            if m.text_encoder_2 is not None else None)
+                    ehs, added = conditioning.unet_inputs(m, cond, tids, in_dtype, self.device, cfg.resolution)
+                    pred = unet(noisy.to(in_dtype), t, ehs, added_cond_kwargs=added).sample
                 loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
                 if cfg.min_snr_gamma:
                     from diffusers.training_utils import compute_snr
@@ -695,10 +713,12 @@ class Trainer:
         total, count = 0.0, 0
         for shape, idx in sorted(groups.items()):
             caps = [ds.items[i].caption for i in idx]
-            ehs = text_cache.stack(caps) if text_cache is not None else encode_prompts(m, caps, self.device).float()
+            cond = (text_cache.stack(caps) if text_cache is not None
+                    else conditioning.map_cond(conditioning.encode(m, caps, self.device), lambda t: t.float()))
             lat = latents.stack(idx) if hasattr(latents, "stack") else torch.stack([latents[i] for i in idx])
             n = lat.numel()
-            total += fixed_noise_loss(m, lat, ehs, seed=self.cfg.validation_seed) * n
+            tids = conditioning.time_ids_for_items(ds, idx, self.cfg.resolution) if m.text_encoder_2 is not None else None
+            total += fixed_noise_loss(m, lat, cond, seed=self.cfg.validation_seed, time_ids=tids) * n
             count += n
         return total / count
 
@@ -755,12 +775,12 @@ class Trainer:
             "ss_training_comment": f"trained with lora_train {__version__}",
             "ss_caption_extension": cfg.caption_extension,
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": ARCHITECTURE.get(m.kind, ARCHITECTURE["sd1"]),
+            "modelspec.architecture": architecture(m.kind, m.prediction_type),
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if m.kind == "sdxl"
             else "diffusers",
             "modelspec.title": cfg.output_name,
             "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-            "modelspec.prediction_type": m.prediction_type,
+            "modelspec.prediction_type": "v" if m.prediction_type == "v_prediction" else "epsilon",  # ModelSpec
             "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if cfg.trigger_word:
@@ -824,11 +844,12 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, model: Optional
 
 
 @torch.no_grad()
-def fixed_noise_loss(model: BaseModel, latents: torch.Tensor, text_embeds: torch.Tensor, seed: int = 0,
-                     n_draws: int = 4) -> float:
+def fixed_noise_loss(model: BaseModel, latents: torch.Tensor, text_embeds, seed: int = 0,
+                     n_draws: int = 4, time_ids: Optional[torch.Tensor] = None) -> float:
     """Denoising MSE with noise and timesteps held fixed by `seed` (deterministic validation loss).
 
-    latents: (N, C, H, W) already scaled; text_embeds: (N, L, D). Each image gets `n_draws` noise draws at
+    latents: (N, C, H, W) already scaled; text_embeds: (N, L, D), or for SDXL {"hidden", "pooled"} with optional
+    (N, 6) `time_ids` (default: the latents' size uncropped). Each image gets `n_draws` noise draws at
     timesteps spread evenly over the schedule.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -842,7 +863,10 @@ def fixed_noise_loss(model: BaseModel, latents: torch.Tensor, text_embeds: torch
         t = torch.full((latents.shape[0],), int((d + 0.5) * T / n_draws), dtype=torch.long)
         noisy = sched.add_noise(latents, noise, t)
         target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        pred = model.unet(noisy.to(device, dtype), t.to(device), text_embeds.to(device, dtype)).sample
+        vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        ehs, added = conditioning.unet_inputs(model, text_embeds, time_ids, dtype, device,
+                                              resolution=latents.shape[-1] * vae_factor)
+        pred = model.unet(noisy.to(device, dtype), t.to(device), ehs, added_cond_kwargs=added).sample
         total += float(F.mse_loss(pred.float().cpu(), target.float(), reduction="sum"))
         count += target.numel()
     return total / count
