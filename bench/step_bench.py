@@ -1,8 +1,8 @@
 """Step benchmark: our Trainer's training step against a minimal reference loop, in one process.
 
-For a model size (`tiny`; `sd15` / `sdxl`: full-size UNets with random weights built from the real diffusers
-configs in lora_train/configs), a resolution, batch, precision, gradient checkpointing, attention backend and
-optimizer, it measures two things on the same device, in this process, one after the other:
+For a model size (`tiny`, `tiny-sdxl`: the demo models; `sd15` / `sdxl`: full-size UNets with random weights
+built from the real diffusers configs in lora_train/configs), a resolution, batch, precision, gradient
+checkpointing, attention backend and optimizer, it measures two things on the same device, in this process, one after the other:
 
   ours       the real `lora_train.trainer.Trainer` on a small synthetic dataset (written to a temp folder,
              latents and text embeddings cached by the Trainer before the loop, as in real use). Only the
@@ -59,7 +59,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SIZES = {"tiny": ("tiny", 64), "sd15": ("sd15", 512), "sdxl": ("sdxl_base", 1024)}
+SIZES = {"tiny": ("tiny", 64), "tiny-sdxl": ("tiny-sdxl", 64), "sd15": ("sd15", 512), "sdxl": ("sdxl_base", 1024)}
 REF_ADAPTER = "bench_ref"
 MODEL_SEED = 1234
 
@@ -149,6 +149,12 @@ def build_unet(size: str):
             from lora_train.models import TINY_UNET
 
             unet = UNet2DConditionModel(**TINY_UNET)
+        elif size == "tiny-sdxl":
+            from lora_train.models import TINY_SEED
+            from lora_train.tiny_variants import TINY_SDXL_UNET
+
+            torch.manual_seed(TINY_SEED + 200)  # the seed build_tiny_sdxl uses
+            unet = UNet2DConditionModel(**TINY_SDXL_UNET)
         else:
             from lora_train.checkpoints import bundled_config_dir
 
@@ -166,6 +172,10 @@ def build_base_model(size: str, vae_mode: str):
         from lora_train.models import build_tiny
 
         return build_tiny()
+    if size == "tiny-sdxl":
+        from lora_train.tiny_variants import build_tiny_sdxl
+
+        return build_tiny_sdxl()
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from lora_train.checkpoints import meta_model
@@ -194,7 +204,7 @@ def build_base_model(size: str, vae_mode: str):
 
 def latent_factor(size: str) -> int:
     """Pixels per latent pixel: 8 for the SD VAEs, 4 for the tiny demo VAE (three blocks)."""
-    if size == "tiny":
+    if size in ("tiny", "tiny-sdxl"):
         from lora_train.models import TINY_VAE
 
         return 2 ** (len(TINY_VAE["block_out_channels"]) - 1)
@@ -221,10 +231,14 @@ def attention_context(backend: str):
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def sdxl_added_cond(batch: int, resolution: int, device, dtype) -> Dict[str, torch.Tensor]:
+def added_cond(unet_config, batch: int, resolution: int, device, dtype) -> Optional[Dict[str, torch.Tensor]]:
+    """SDXL's extra conditioning (pooled text embeds + 6 micro-conditioning numbers), None for SD1/SD2."""
+    if getattr(unet_config, "addition_embed_type", None) != "text_time":
+        return None
+    pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
     g = torch.Generator().manual_seed(7)
     time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
-    return {"text_embeds": torch.randn(batch, 1280, generator=g).to(device, dtype),
+    return {"text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
             "time_ids": time_ids.repeat(batch, 1).to(device, dtype)}
 
 
@@ -269,7 +283,7 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
     target = torch.randn(a.batch, unet.config.out_channels, h, h, generator=g).to(device)
     t = torch.randint(0, 1000, (a.batch,), generator=g).to(device)
     ehs = torch.randn(a.batch, 77, cross, generator=g).to(device, in_dtype)
-    added = sdxl_added_cond(a.batch, a.resolution, device, in_dtype) if a.model == "sdxl" else None
+    added = added_cond(unet.config, a.batch, a.resolution, device, in_dtype)
 
     def step():
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -517,7 +531,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 try:
                     o = run_ours(a, device, tmp, rep)
                 except Exception as exc:  # e.g. a model size the Trainer does not train yet
-                    ours_error = f"{type(exc).__name__}: {exc}"
+                    import traceback
+
+                    traceback.print_exc()
+                    ours_error = f"the Trainer could not train this model: {type(exc).__name__}: {exc}"
                     free_memory(device)
                 else:
                     if best["ours"] is None or o["s_per_step"] < best["ours"]["s_per_step"]:
@@ -527,7 +544,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "config": dict(model=a.model, resolution=a.resolution, batch=a.batch, precision=a.precision,
                        gradient_checkpointing=a.gradient_checkpointing, attention=a.attention,
                        optimizer=a.optimizer, rank=a.rank, steps=a.steps, warmup=a.warmup, repeats=a.repeats,
-                       latent_size=a.resolution // latent_factor(a.model), vae=a.vae if a.model != "tiny" else "tiny", max_grad_norm=a.max_grad_norm, smoke=a.smoke),
+                       latent_size=a.resolution // latent_factor(a.model),
+                       vae=a.vae if a.model in ("sd15", "sdxl") else "tiny", max_grad_norm=a.max_grad_norm, smoke=a.smoke),
         "env": env_info(device),
         "ours": best["ours"], "reference": best["reference"], "ours_error": ours_error,
         "ratio_step_time": ratio(o.get("s_per_step"), r.get("s_per_step")),
