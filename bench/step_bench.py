@@ -2,7 +2,8 @@
 
 For a model size (`tiny`, `tiny-sdxl`: the demo models; `sd15` / `sdxl`: full-size UNets with random weights
 built from the real diffusers configs in lora_train/configs), a resolution, batch, precision, gradient
-checkpointing, attention backend and optimizer, it measures two things on the same device, in this process, one after the other:
+checkpointing, attention backend and optimizer, it measures two things on the same device, in this process,
+one after the other:
 
   ours       the real `lora_train.trainer.Trainer` on a small synthetic dataset (written to a temp folder,
              latents and text embeddings cached by the Trainer before the loop, as in real use). Only the
@@ -15,8 +16,8 @@ and reports seconds/step, images/s, peak RSS (of the steady-state steps; Linux `
 high-water mark) and peak VRAM (CUDA: torch.cuda.max_memory_allocated over the steady-state steps, and over
 the whole run for ours), plus the ratios ours / reference (`ratio_step_time`, `ratio_images_per_s`,
 `ratio_peak_rss`, `ratio_peak_vram`). The process CPU time per step (`cpu_s_per_step`, `ratio_cpu_time`) is
-also reported: on a shared CPU it is steadier than wall time (use --threads 1 there). With --repeats R both are measured R times, alternating, and the best
-(lowest seconds/step) of each is kept.
+also reported: on a shared CPU it is steadier than wall time (use --threads 1 there). With --repeats R both are
+measured R times, alternating, and the best (lowest seconds/step) of each is kept.
 
     python bench/step_bench.py --smoke --json out.json                  # tiny model, 3 steps, CPU is fine
     python bench/step_bench.py --model tiny --batch 4 --steps 30 --repeats 3
@@ -285,7 +286,7 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
     ehs = torch.randn(a.batch, 77, cross, generator=g).to(device, in_dtype)
     added = added_cond(unet.config, a.batch, a.resolution, device, in_dtype)
 
-    def step():
+    def step(check: bool = False):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             pred = unet(noisy, t, ehs, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float())
@@ -294,6 +295,8 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
             scaler.unscale_(opt)
         else:
             loss.backward()
+        if check and any(p.grad is None for p in params):
+            raise RuntimeError("reference loop: some LoRA weights got no gradient")
         if a.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
         if scaler is not None:
@@ -306,8 +309,8 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
 
     times: List[float] = []
     with attention_context(a.attention):
-        for _ in range(a.warmup):
-            step()
+        for i in range(a.warmup):
+            step(check=i == 0)
         cuda_sync(device)
         reset_peak_rss()
         reset_peak_vram(device)
@@ -322,7 +325,8 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
         cuda_sync(device)
         total = time.perf_counter() - t0
         cpu = time.process_time() - c0
-    out = dict(steps=a.steps, seconds=total, cpu_s_per_step=cpu / a.steps, peak_rss_mb=peak_rss_mb(), peak_vram_mb=peak_vram_mb(device),
+    out = dict(steps=a.steps, seconds=total, cpu_s_per_step=cpu / a.steps, peak_rss_mb=peak_rss_mb(),
+               peak_vram_mb=peak_vram_mb(device),
                lora_modules=len(targets), trainable_params=sum(p.numel() for p in params))
     out.update(_rates(total, a.steps, a.batch, times))
     del unet, opt, params, noisy, target, ehs
@@ -398,13 +402,17 @@ def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
         raise RuntimeError(f"the Trainer ran {res.steps} of {total_steps} steps (stopped={res.stopped}, "
                            f"{res.message or 'no message'}); cannot time it")
     steps = total_steps - state["s0"]
+    if steps < 1:
+        raise RuntimeError(f"no step event between step {a.warmup} and {total_steps} (log_every_n_steps too large "
+                           f"for --steps): lower --log-every or raise --steps")
     total = marks[-1][1] - state["t0"]
     times = []
     if device.type != "cuda":
         seq = [(s, t) for s, t in marks if s >= state["s0"]]
         if all(s2 == s1 + 1 for (s1, _), (s2, _) in zip(seq, seq[1:])):
             times = [t2 - t1 for (_, t1), (_, t2) in zip(seq, seq[1:])]
-    out = dict(steps=steps, seconds=total, cpu_s_per_step=state["cpu"] / steps, peak_rss_mb=state["rss"], peak_vram_mb=state["vram"],
+    out = dict(steps=steps, seconds=total, cpu_s_per_step=state["cpu"] / steps, peak_rss_mb=state["rss"],
+               peak_vram_mb=state["vram"],
                peak_vram_run_mb=max(v for v in (state.get("run_vram"), state["vram"]) if v is not None)
                if device.type == "cuda" else None,
                final_loss=res.losses[-1] if res.losses else None)
@@ -545,7 +553,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                        gradient_checkpointing=a.gradient_checkpointing, attention=a.attention,
                        optimizer=a.optimizer, rank=a.rank, steps=a.steps, warmup=a.warmup, repeats=a.repeats,
                        latent_size=a.resolution // latent_factor(a.model),
-                       vae=a.vae if a.model in ("sd15", "sdxl") else "tiny", max_grad_norm=a.max_grad_norm, smoke=a.smoke),
+                       vae=a.vae if a.model in ("sd15", "sdxl") else "tiny", max_grad_norm=a.max_grad_norm,
+                       smoke=a.smoke),
         "env": env_info(device),
         "ours": best["ours"], "reference": best["reference"], "ours_error": ours_error,
         "ratio_step_time": ratio(o.get("s_per_step"), r.get("s_per_step")),
