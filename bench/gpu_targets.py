@@ -79,7 +79,8 @@ def main() -> int:
                          f"{'OK' if ok else 'MISSED'}" + (f"  [{res['ours_error']}]" if res.get("ours_error") else ""))
         o, r = res.get("ours") or {}, res.get("reference") or {}
         nan = float("nan")
-        lines.append(f"{name}: s/step ours {field(o, 's_per_step') or nan:.4g} ref {field(r, 's_per_step') or nan:.4g}; "
+        lines.append(f"{name}: s/step ours {field(o, 's_per_step') or nan:.4g} "
+                     f"ref {field(r, 's_per_step') or nan:.4g}; "
                      f"peak VRAM MB ours steady {field(o, 'peak_vram_mb') or nan:.0f} run "
                      f"{field(o, 'peak_vram_run_mb') or nan:.0f} ref {field(r, 'peak_vram_mb') or nan:.0f}")
     print("\n".join(["", "targets:"] + lines))
