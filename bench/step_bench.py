@@ -265,7 +265,10 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
         p.requires_grad_(True)
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if a.channels_last:
+        unet.to(memory_format=torch.channels_last)
     unet.train()
+    fwd = torch.compile(unet) if a.compile else unet
     if a.optimizer == "AdamW8bit":
         import bitsandbytes as bnb
 
@@ -281,6 +284,8 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
     cross = unet.config.cross_attention_dim
     in_dtype = base_dtype or torch.float32
     noisy = torch.randn(a.batch, unet.config.in_channels, h, h, generator=g).to(device, in_dtype)
+    if a.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
     target = torch.randn(a.batch, unet.config.out_channels, h, h, generator=g).to(device)
     t = torch.randint(0, 1000, (a.batch,), generator=g).to(device)
     ehs = torch.randn(a.batch, 77, cross, generator=g).to(device, in_dtype)
@@ -288,7 +293,7 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
 
     def step(check: bool = False):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            pred = unet(noisy, t, ehs, added_cond_kwargs=added).sample
+            pred = fwd(noisy, t, ehs, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float())
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -329,7 +334,7 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
                peak_vram_mb=peak_vram_mb(device),
                lora_modules=len(targets), trainable_params=sum(p.numel() for p in params))
     out.update(_rates(total, a.steps, a.batch, times))
-    del unet, opt, params, noisy, target, ehs
+    del unet, fwd, opt, params, noisy, target, ehs
     free_memory(device)
     return out
 
@@ -365,6 +370,8 @@ def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
                         resolution=a.resolution)
     model = build_base_model(a.model, a.vae)
     set_attention(model.unet, a.attention)
+    if a.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
     kw = dict(train_data_dir=data, base_model="tiny", output_dir=os.path.join(tmp, f"out{run_no}"),
               output_name="bench", resolution=a.resolution, lora_rank=a.rank, learning_rate=a.lr,
               optimizer=a.optimizer, max_grad_norm=a.max_grad_norm, lr_scheduler="constant", lr_warmup_steps=0,
@@ -501,6 +508,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--precision", choices=["no", "fp16", "bf16"], default="no")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--attention", choices=["sdpa", "math", "xformers"], default="sdpa")
+    ap.add_argument("--channels-last", action="store_true", help="UNet weights (and reference input) channels_last")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the REFERENCE UNet only (the Trainer has no compile option yet): shows what "
+                         "compiling would gain")
     ap.add_argument("--optimizer", choices=["AdamW", "AdamW8bit"], default="AdamW")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -551,6 +562,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     result: Dict[str, Any] = {
         "config": dict(model=a.model, resolution=a.resolution, batch=a.batch, precision=a.precision,
                        gradient_checkpointing=a.gradient_checkpointing, attention=a.attention,
+                       channels_last=a.channels_last, compile_reference=a.compile,
                        optimizer=a.optimizer, rank=a.rank, steps=a.steps, warmup=a.warmup, repeats=a.repeats,
                        latent_size=a.resolution // latent_factor(a.model),
                        vae=a.vae if a.model in ("sd15", "sdxl") else "tiny", max_grad_norm=a.max_grad_norm,
