@@ -41,16 +41,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd, cwd, env):
+def _descendants(pid):
+    """All processes below `pid` (Linux /proc; empty elsewhere)."""
+    children = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _run(cmd, cwd, env, timeout=TIMEOUT_S):
     """Run in its own process group; on timeout kill the whole group (launcher and workers) and fail."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        stray = _descendants(proc.pid)  # torchrun starts its workers in sessions of their own
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {TIMEOUT_S}s: {' '.join(cmd)}\n{out[-3000:]}")
+        for pid in stray:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"timed out after {timeout}s (a deadlock?): {' '.join(cmd)}\n{out[-3000:]}")
     finally:
         if proc.poll() is None:  # pragma: no cover - interrupted
             os.killpg(proc.pid, signal.SIGKILL)
@@ -91,6 +116,20 @@ def _losses(path):
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
 
 
+def _env(tmp):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HOME=str(tmp / "hf_home"))  # no user accelerate config can change the launch
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _launch(nproc, *args):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), *args]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     import yaml
@@ -102,10 +141,7 @@ def runs(tmp_path_factory):
     common = dict(train_data_dir=data, base_model="tiny", resolution=64, lora_rank=4, learning_rate=1e-3,
                   epochs=2, lr_scheduler="constant", lr_warmup_steps=0, seed=5, device="cpu", output_name="mp",
                   save_every_n_epochs=1, max_grad_norm=1.0)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HOME=str(tmp / "hf_home"))  # no user accelerate config can change the launch
-    env.pop("ACCELERATE_USE_CPU", None)
+    env = _env(tmp)
     res = {}
     for name, batch, nproc in (("single", 4, 1), ("two", 2, 2)):
         cfg = dict(common, batch_size=batch, output_dir=str(tmp / name))
@@ -114,9 +150,7 @@ def runs(tmp_path_factory):
         if nproc == 1:
             cmd = [sys.executable, "-m", "lora_train", "train", str(cfg_path)]
         else:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port()), "-m", "lora_train", "train", str(cfg_path)]
+            cmd = _launch(nproc, "-m", "lora_train", "train", str(cfg_path))
         res[name] = dict(log=_run(cmd, str(tmp), env), out=str(tmp / name))
     return res
 
@@ -148,3 +182,49 @@ def test_two_processes_log_the_global_batch_loss(runs):
     assert [s for s, _ in l2] == [s for s, _ in l1] and l1
     for (s, a), (_, b) in zip(l1, l2):
         assert abs(a - b) <= REL_TOL * abs(a), (s, a, b)
+
+
+NAN_SCRIPT = """
+import datetime, os, sys
+import torch.distributed as dist
+from lora_train.config import TrainConfig
+from lora_train.trainer import Trainer
+
+# a collective that waits for a process that never joins fails after 30 s instead of hanging (accelerate reuses
+# an initialised process group)
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+rank = dist.get_rank()
+fired = []
+
+
+def hook(step, loss):  # one non-finite loss, on rank 1 only, at step 2
+    if step == 2 and rank == 1 and not fired:
+        fired.append(step)
+        return loss * float("nan")
+    return loss
+
+
+cfg = TrainConfig(train_data_dir=sys.argv[1], output_dir=sys.argv[2], output_name="nan", base_model="tiny",
+                  resolution=64, lora_rank=4, batch_size=2, epochs=2, lr_warmup_steps=0, device="cpu",
+                  nan_policy="recover", save_every_n_epochs=0, seed=5)
+res = Trainer(cfg, loss_hook=hook).run()
+print(f"RESULT rank={rank} steps={res.steps} recoveries={res.recoveries} nan_stopped={res.nan_stopped}", flush=True)
+"""
+
+
+@pytest.mark.xfail(strict=False, reason="a non-finite loss seen by one process only must be a decision all processes "
+                                        "take together: today rank 1 skips its backward and rolls back (recoveries=1) "
+                                        "while rank 0 does not (recoveries=0), so the replicas silently differ, and a "
+                                        "rank left waiting in the gradient all-reduce can deadlock")
+def test_nonfinite_loss_on_one_process_is_a_decision_of_all_processes(tmp_path):
+    from lora_train.demo import write_demo_dataset
+
+    data = write_demo_dataset(str(tmp_path / "data"), n=8, size=64)
+    script = tmp_path / "nan_one_rank.py"
+    script.write_text(NAN_SCRIPT, encoding="utf-8")
+    out = _run(_launch(2, str(script), data, str(tmp_path / "out")), str(tmp_path), _env(tmp_path), timeout=240)
+    results = sorted(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("RESULT "))
+    assert len(results) == 2, out[-3000:]
+    assert results[0].replace("rank=0", "rank=1") == results[1], results  # same steps and recoveries on both
+    assert "recoveries=1" in results[0] and "nan_stopped=False" in results[0], results
+    assert os.path.isfile(tmp_path / "out" / "nan.safetensors")
