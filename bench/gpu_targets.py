@@ -25,6 +25,8 @@ RUNS: List[Tuple[str, List[str], List[Tuple[str, str, float]]]] = [
      [("ratio_images_per_s", ">=", 0.95)]),
     ("sd15_bf16_b4", ["--model", "sd15", "--resolution", "512", "--precision", "bf16", "--batch", "4"],
      [("ratio_images_per_s", ">=", 0.95)]),
+    ("sd15_bf16_b1_syncs", ["--model", "sd15", "--resolution", "512", "--precision", "bf16", "--batch", "1",
+                            "--count-syncs"], []),  # host syncs per step (not timed for the targets)
     ("sd15_fp16_b1_gc", ["--model", "sd15", "--resolution", "512", "--precision", "fp16", "--batch", "1",
                          "--gradient-checkpointing"],
      [("ours.peak_vram_run_mb", "<=", 3072.0)]),
@@ -79,6 +81,8 @@ def main() -> int:
                          f"{'OK' if ok else 'MISSED'}" + (f"  [{res['ours_error']}]" if res.get("ours_error") else ""))
         o, r = res.get("ours") or {}, res.get("reference") or {}
         nan = float("nan")
+        if o.get("syncs_per_step") is not None or r.get("syncs_per_step") is not None:
+            lines.append(f"{name}: host syncs per step ours {o.get('syncs_per_step')} ref {r.get('syncs_per_step')}")
         lines.append(f"{name}: s/step ours {field(o, 's_per_step') or nan:.4g} "
                      f"ref {field(r, 's_per_step') or nan:.4g}; "
                      f"peak VRAM MB ours steady {field(o, 'peak_vram_mb') or nan:.0f} run "

@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
@@ -112,6 +113,33 @@ def peak_vram_mb(device: torch.device) -> Optional[float]:
         return None
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+class SyncCounter:
+    """Host-device synchronisations between start() and stop(), counted with
+    torch.cuda.set_sync_debug_mode("warn") (CUDA only; `count` stays None elsewhere or when off)."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.on = bool(enabled) and device.type == "cuda"
+        self.count: Optional[int] = None
+        self._cm: Any = None
+        self._rec: List[Any] = []
+
+    def start(self) -> None:
+        if not self.on:
+            return
+        self._cm = warnings.catch_warnings(record=True)
+        self._rec = self._cm.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if not self.on or self._cm is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._cm.__exit__(None, None, None)
+        self._cm = None
+        self.count = sum(1 for w in self._rec if "synchroniz" in str(w.message).lower())
 
 
 def free_memory(device: torch.device) -> None:
@@ -319,6 +347,8 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
         cuda_sync(device)
         reset_peak_rss()
         reset_peak_vram(device)
+        syncs = SyncCounter(device, a.count_syncs)
+        syncs.start()
         c0 = time.process_time()
         t0 = last = time.perf_counter()
         for _ in range(a.steps):
@@ -327,10 +357,12 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
                 now = time.perf_counter()
                 times.append(now - last)
                 last = now
+        syncs.stop()
         cuda_sync(device)
         total = time.perf_counter() - t0
         cpu = time.process_time() - c0
     out = dict(steps=a.steps, seconds=total, cpu_s_per_step=cpu / a.steps, peak_rss_mb=peak_rss_mb(),
+               syncs_per_step=None if syncs.count is None else syncs.count / a.steps,
                peak_vram_mb=peak_vram_mb(device),
                lora_modules=len(targets), trainable_params=sum(p.numel() for p in params))
     out.update(_rates(total, a.steps, a.batch, times))
@@ -393,18 +425,24 @@ def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
             state["run_vram"] = peak_vram_mb(device)
             reset_peak_rss()
             reset_peak_vram(device)
+            syncs.start()
             state["c0"] = time.process_time()
             state["t0"], state["s0"] = time.perf_counter(), s
         elif state["t0"] is not None and s == total_steps:
+            syncs.stop()
             cuda_sync(device)
         marks.append((s, time.perf_counter()))
         if s == total_steps:
             state["cpu"] = time.process_time() - state["c0"]
             state["rss"], state["vram"] = peak_rss_mb(), peak_vram_mb(device)
 
+    syncs = SyncCounter(device, a.count_syncs)
     reset_peak_vram(device)
-    with attention_context(a.attention):
-        res = Trainer(cfg, model=model, callback=on_event).run()
+    try:
+        with attention_context(a.attention):
+            res = Trainer(cfg, model=model, callback=on_event).run()
+    finally:
+        syncs.stop()
     if res.steps != total_steps or state["t0"] is None or not marks or marks[-1][0] != total_steps:
         raise RuntimeError(f"the Trainer ran {res.steps} of {total_steps} steps (stopped={res.stopped}, "
                            f"{res.message or 'no message'}); cannot time it")
@@ -419,6 +457,7 @@ def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
         if all(s2 == s1 + 1 for (s1, _), (s2, _) in zip(seq, seq[1:])):
             times = [t2 - t1 for (_, t1), (_, t2) in zip(seq, seq[1:])]
     out = dict(steps=steps, seconds=total, cpu_s_per_step=state["cpu"] / steps, peak_rss_mb=state["rss"],
+               syncs_per_step=None if syncs.count is None else syncs.count / steps,
                peak_vram_mb=state["vram"],
                peak_vram_run_mb=max(v for v in (state.get("run_vram"), state["vram"]) if v is not None)
                if device.type == "cuda" else None,
@@ -482,7 +521,7 @@ def print_table(result: Dict[str, Any]) -> None:
     rows = [("seconds/step", "s_per_step", ".4g"), ("median s/step", "s_per_step_median", ".4g"),
             ("CPU s/step", "cpu_s_per_step", ".4g"),
             ("images/s", "images_per_s", ".4g"), ("peak RSS MB", "peak_rss_mb", ".1f"),
-            ("peak VRAM MB", "peak_vram_mb", ".1f")]
+            ("peak VRAM MB", "peak_vram_mb", ".1f"), ("host syncs/step", "syncs_per_step", ".3g")]
     c = result["config"]
     print(f"\nstep bench: {c['model']} {c['resolution']}px batch {c['batch']} precision {c['precision']} "
           f"gc {c['gradient_checkpointing']} attention {c['attention']} {c['optimizer']} rank {c['rank']} "
@@ -492,7 +531,7 @@ def print_table(result: Dict[str, Any]) -> None:
     for label, key, spec in rows:
         rk = {"s_per_step": "ratio_step_time", "images_per_s": "ratio_images_per_s", "peak_rss_mb": "ratio_peak_rss",
               "peak_vram_mb": "ratio_peak_vram", "s_per_step_median": "ratio_step_time_median",
-              "cpu_s_per_step": "ratio_cpu_time"}[key]
+              "cpu_s_per_step": "ratio_cpu_time", "syncs_per_step": "-"}[key]
         print(f"{label:16s}{fmt(o.get(key), spec):>12s}{fmt(r.get(key), spec):>12s}{fmt(result.get(rk), '.3f'):>9s}")
     if o.get("peak_vram_run_mb") is not None:
         print(f"ours: peak VRAM over the whole run (caching included) {o['peak_vram_run_mb']:.1f} MB")
@@ -525,6 +564,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     help="sd15/sdxl: the VAE that caches the latents (stub: pool + 1x1 conv)")
     ap.add_argument("--log-every", type=int, help="the Trainer's log_every_n_steps (default: the config default)")
     ap.add_argument("--only", choices=["both", "ours", "reference"], default="both")
+    ap.add_argument("--count-syncs", action="store_true",
+                    help="CUDA: count host-device synchronisations per step (torch.cuda.set_sync_debug_mode)")
     ap.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 3 measured steps after 1 warm-up")
     a = ap.parse_args(argv)
@@ -562,7 +603,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     result: Dict[str, Any] = {
         "config": dict(model=a.model, resolution=a.resolution, batch=a.batch, precision=a.precision,
                        gradient_checkpointing=a.gradient_checkpointing, attention=a.attention,
-                       channels_last=a.channels_last, compile_reference=a.compile,
+                       channels_last=a.channels_last, compile_reference=a.compile, count_syncs=a.count_syncs,
                        optimizer=a.optimizer, rank=a.rank, steps=a.steps, warmup=a.warmup, repeats=a.repeats,
                        latent_size=a.resolution // latent_factor(a.model),
                        vae=a.vae if a.model in ("sd15", "sdxl") else "tiny", max_grad_norm=a.max_grad_norm,
