@@ -34,9 +34,6 @@ pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="process-group cleanup uses POSIX sessions"),
 ]
 
-NOT_SHARDED = ("the Trainer does not shard the global batch across processes yet (each process trains on the "
-               "whole batch; issue 10 item 4)")
-
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -213,10 +210,6 @@ print(f"RESULT rank={rank} steps={res.steps} recoveries={res.recoveries} nan_sto
 """
 
 
-@pytest.mark.xfail(strict=False, reason="a non-finite loss seen by one process only must be a decision all processes "
-                                        "take together: today rank 1 skips its backward and rolls back (recoveries=1) "
-                                        "while rank 0 does not (recoveries=0), so the replicas silently differ, and a "
-                                        "rank left waiting in the gradient all-reduce can deadlock")
 def test_nonfinite_loss_on_one_process_is_a_decision_of_all_processes(tmp_path):
     from lora_train.demo import write_demo_dataset
 
