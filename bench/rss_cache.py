@@ -3,6 +3,7 @@
 VAE, so this runs on CPU in seconds.
 
     python bench/rss_cache.py [--n 20 2000] [--size 128] [--modes disk memory]
+    python bench/rss_cache.py --trainer --size 64 --modes disk    # the real Trainer, tiny model, VAE caching
 
 Each measurement runs in its own subprocess (peak RSS is per process); the dataset folders are made by the
 parent. Prints one line per (mode, n) and the disk-cache difference 2000 vs 20.
@@ -91,16 +92,44 @@ def child(data: str, cache_dir: str, mode: str, size: int, batch: int) -> dict:
                 second_run_encoder_calls=calls["n"], buckets=len(ds.bucket_plan.buckets))
 
 
+def child_trainer(data: str, cache_dir: str, mode: str, size: int, batch: int) -> dict:
+    """The real Trainer on the tiny model: caching every image through its VAE, buckets, a few optimizer steps."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from lora_train.config import TrainConfig
+    from lora_train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    base = _rss_mb()
+    out = os.path.join(os.path.dirname(cache_dir), f"out_{os.path.basename(cache_dir)}")
+    cfg = TrainConfig(train_data_dir=data, output_dir=out, output_name="rss", base_model="tiny", resolution=size,
+                      batch_size=batch, max_train_steps=4, lr_warmup_steps=0, latent_cache=mode, text_cache=mode,
+                      cache_dir=cache_dir, enable_bucket=True, bucket_reso_steps=16, save_every_n_epochs=0,
+                      save_state_every_n_epochs=0, device="cpu")
+    tr = Trainer(cfg)
+    t0 = time.time()
+    res = tr.run()
+    st = tr.cache_stats["latents"]
+    return dict(n=len(tr.dataset.items), mode=mode, baseline_mb=round(base, 1), after_cache_mb=0.0,
+                peak_mb=round(_rss_mb(), 1), load_s=0.0, cache_s=round(time.time() - t0, 2), iter_s=0.0,
+                samples=res.steps * batch, encoded=st.encoded, second_run_encoder_calls=0,
+                buckets=len(tr.dataset.bucket_plan.buckets))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[20, 2000])
     ap.add_argument("--size", type=int, default=128, help="training resolution; images are about this size")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--modes", nargs="+", default=["disk", "memory"], choices=["disk", "memory"])
+    ap.add_argument("--trainer", action="store_true",
+                    help="measure the real Trainer on the tiny model (VAE caching + 4 steps) instead of the cache alone")
     ap.add_argument("--child", nargs=3, metavar=("DATA", "CACHE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.child[2], args.size, args.batch)))
+        fn = child_trainer if args.trainer else child
+        print(json.dumps(fn(args.child[0], args.child[1], args.child[2], args.size, args.batch)))
         return
     results = {}
     with tempfile.TemporaryDirectory(prefix="rss_cache_") as tmp:
@@ -112,7 +141,8 @@ def main() -> None:
             for mode in args.modes:
                 cache = os.path.join(tmp, f"cache_{n}_{mode}")
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--batch",
-                                      str(args.batch), "--child", data, cache, mode],
+                                      str(args.batch), *(["--trainer"] if args.trainer else []),
+                                      "--child", data, cache, mode],
                                      capture_output=True, text=True, check=False)
                 if out.returncode != 0:
                     sys.exit(f"child failed for n={n} {mode}:\n{out.stderr[-3000:]}")
