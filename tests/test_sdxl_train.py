@@ -373,3 +373,20 @@ def test_unmatched_sdxl_modules_are_named_as_kohya_does():
     with pytest.raises(L.LoraFormatError, match="lora_unet_input_blocks_4_1_transformer_blocks_5_attn1_to_q"):
         L.apply(m, lw, "x")
     assert L.apply(m, lw, "y", strict=False) == ["lora_unet_input_blocks_4_1_transformer_blocks_5_attn1_to_q"]
+
+
+def test_sdxl_generator_grid_path(xl_run):
+    """The A/B Generator loads our SDXL file by `<lora:name:w>` into an SDXL pipeline; strength 0 is the base."""
+    import numpy as np
+
+    from lora_train.sampler import GenParams, Generator
+
+    _, res, _ = xl_run
+    gen = Generator(build_tiny_sdxl(), lora_dirs=[res.output_dir])
+
+    def img(prompt):
+        return np.asarray(gen(GenParams(prompt=prompt, seed=3, steps=2, cfg_scale=2.0, width=64, height=64)),
+                          dtype=np.int16)
+
+    base, zero, one = img("a red circle"), img("a red circle <lora:xl:0>"), img("a red circle <lora:xl:1>")
+    assert np.array_equal(base, zero) and np.abs(one - base).max() > 0
