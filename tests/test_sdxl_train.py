@@ -390,3 +390,20 @@ def test_sdxl_generator_grid_path(xl_run):
 
     base, zero, one = img("a red circle"), img("a red circle <lora:xl:0>"), img("a red circle <lora:xl:1>")
     assert np.array_equal(base, zero) and np.abs(one - base).max() > 0
+
+
+def test_sdxl_conditioning_goes_through_the_text_cache(tmp_path):
+    """conditioning.encode's SDXL dict is stored by cache.TextEmbeddingCache (on disk) and comes back batched."""
+    from lora_train.cache import TextEmbeddingCache
+
+    m = build_tiny_sdxl()
+    store = TextEmbeddingCache(str(tmp_path / "cache"), "tiny-sdxl").get_or_encode(CAPS, lambda c: Cd.encode(m, c))
+    batch = store.stack([CAPS[1], CAPS[0]])
+    with torch.no_grad():
+        direct = Cd.encode(m, [CAPS[1], CAPS[0]])
+    assert set(batch) == {"hidden", "pooled"}
+    assert torch.equal(batch["hidden"], direct["hidden"]) and torch.equal(batch["pooled"], direct["pooled"])
+    ehs, added = Cd.unet_inputs(m, batch, resolution=64)
+    with torch.no_grad():
+        out = m.unet(torch.zeros(2, 4, 16, 16), torch.tensor([1, 2]), ehs, added_cond_kwargs=added).sample
+    assert out.shape == (2, 4, 16, 16)
