@@ -373,3 +373,37 @@ def test_unmatched_sdxl_modules_are_named_as_kohya_does():
     with pytest.raises(L.LoraFormatError, match="lora_unet_input_blocks_4_1_transformer_blocks_5_attn1_to_q"):
         L.apply(m, lw, "x")
     assert L.apply(m, lw, "y", strict=False) == ["lora_unet_input_blocks_4_1_transformer_blocks_5_attn1_to_q"]
+
+
+def test_sdxl_generator_grid_path(xl_run):
+    """The A/B Generator loads our SDXL file by `<lora:name:w>` into an SDXL pipeline; strength 0 is the base."""
+    import numpy as np
+
+    from lora_train.sampler import GenParams, Generator
+
+    _, res, _ = xl_run
+    gen = Generator(build_tiny_sdxl(), lora_dirs=[res.output_dir])
+
+    def img(prompt):
+        return np.asarray(gen(GenParams(prompt=prompt, seed=3, steps=2, cfg_scale=2.0, width=64, height=64)),
+                          dtype=np.int16)
+
+    base, zero, one = img("a red circle"), img("a red circle <lora:xl:0>"), img("a red circle <lora:xl:1>")
+    assert np.array_equal(base, zero) and np.abs(one - base).max() > 0
+
+
+def test_sdxl_conditioning_goes_through_the_text_cache(tmp_path):
+    """conditioning.encode's SDXL dict is stored by cache.TextEmbeddingCache (on disk) and comes back batched."""
+    from lora_train.cache import TextEmbeddingCache
+
+    m = build_tiny_sdxl()
+    store = TextEmbeddingCache(str(tmp_path / "cache"), "tiny-sdxl").get_or_encode(CAPS, lambda c: Cd.encode(m, c))
+    batch = store.stack([CAPS[1], CAPS[0]])
+    with torch.no_grad():
+        direct = Cd.encode(m, [CAPS[1], CAPS[0]])
+    assert set(batch) == {"hidden", "pooled"}
+    assert torch.equal(batch["hidden"], direct["hidden"]) and torch.equal(batch["pooled"], direct["pooled"])
+    ehs, added = Cd.unet_inputs(m, batch, resolution=64)
+    with torch.no_grad():
+        out = m.unet(torch.zeros(2, 4, 16, 16), torch.tensor([1, 2]), ehs, added_cond_kwargs=added).sample
+    assert out.shape == (2, 4, 16, 16)
