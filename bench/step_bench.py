@@ -517,7 +517,7 @@ def fmt(v, spec: str = ".4g") -> str:
 
 
 def print_table(result: Dict[str, Any]) -> None:
-    o, r = result.get("ours") or {}, result["reference"]
+    o, r = result.get("ours") or {}, result.get("reference") or {}
     rows = [("seconds/step", "s_per_step", ".4g"), ("median s/step", "s_per_step_median", ".4g"),
             ("CPU s/step", "cpu_s_per_step", ".4g"),
             ("images/s", "images_per_s", ".4g"), ("peak RSS MB", "peak_rss_mb", ".1f"),
