@@ -48,7 +48,7 @@ import tempfile
 import time
 import warnings
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -272,78 +272,95 @@ def added_cond(unet_config, batch: int, resolution: int, device, dtype) -> Optio
 
 
 # ----------------------------------------------------------------------------- reference loop
-def run_reference(a, device: torch.device) -> Dict[str, Any]:
-    """Bare diffusers UNet + peft LoRA + AdamW on fixed tensors: the floor."""
-    from peft import LoraConfig, inject_adapter_in_model
+class ReferenceLoop:
+    """Bare diffusers UNet + peft LoRA + AdamW on fixed tensors: the floor. `step()` runs one training step."""
 
-    from lora_train.lora import unet_target_modules
+    def __init__(self, a, device: torch.device):
+        from peft import LoraConfig, inject_adapter_in_model
 
-    base_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision) if device.type != "cpu" else None
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision)
-    unet = build_unet(a.model)
-    set_attention(unet, a.attention)
-    targets = unet_target_modules(unet)
-    torch.manual_seed(0)
-    inject_adapter_in_model(LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=targets, lora_dropout=0.0),
-                            unet, adapter_name=REF_ADAPTER)
-    unet.to(device, dtype=base_dtype) if base_dtype else unet.to(device)
-    params = [p for n, p in unet.named_parameters() if (".lora_A." in n or ".lora_B." in n) and REF_ADAPTER in n]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    if a.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if a.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    unet.train()
-    fwd = torch.compile(unet) if a.compile else unet
-    if a.optimizer == "AdamW8bit":
-        import bitsandbytes as bnb
+        from lora_train.lora import unet_target_modules
 
-        opt = bnb.optim.AdamW8bit(params, lr=a.lr, weight_decay=0.01)
-    else:
-        kw = {"fused": True} if device.type == "cuda" else {}
-        opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, **kw)
-    scaler = torch.amp.GradScaler("cuda") if (a.precision == "fp16" and device.type == "cuda") else None
+        self.device = device
+        base_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision) if device.type != "cpu" else None
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision)
+        self.max_grad_norm = a.max_grad_norm
+        unet = build_unet(a.model)
+        set_attention(unet, a.attention)
+        targets = unet_target_modules(unet)
+        torch.manual_seed(0)
+        inject_adapter_in_model(LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=targets, lora_dropout=0.0),
+                                unet, adapter_name=REF_ADAPTER)
+        unet.to(device, dtype=base_dtype) if base_dtype else unet.to(device)
+        params = [p for n, p in unet.named_parameters() if (".lora_A." in n or ".lora_B." in n) and REF_ADAPTER in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        if a.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if a.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        unet.train()
+        self.unet, self.params, self.n_targets = unet, params, len(targets)
+        self.fwd = torch.compile(unet) if a.compile else unet
+        if a.optimizer == "AdamW8bit":
+            import bitsandbytes as bnb
 
-    # fixed tensors: latents, noise, timesteps, text embeddings (what a step of ours sees after its data prep)
-    g = torch.Generator().manual_seed(11)
-    h = a.resolution // latent_factor(a.model)
-    cross = unet.config.cross_attention_dim
-    in_dtype = base_dtype or torch.float32
-    noisy = torch.randn(a.batch, unet.config.in_channels, h, h, generator=g).to(device, in_dtype)
-    if a.channels_last:
-        noisy = noisy.contiguous(memory_format=torch.channels_last)
-    target = torch.randn(a.batch, unet.config.out_channels, h, h, generator=g).to(device)
-    t = torch.randint(0, 1000, (a.batch,), generator=g).to(device)
-    ehs = torch.randn(a.batch, 77, cross, generator=g).to(device, in_dtype)
-    added = added_cond(unet.config, a.batch, a.resolution, device, in_dtype)
+            self.opt = bnb.optim.AdamW8bit(params, lr=a.lr, weight_decay=0.01)
+        else:
+            kw = {"fused": True} if device.type == "cuda" else {}
+            self.opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, **kw)
+        self.scaler = torch.amp.GradScaler("cuda") if (a.precision == "fp16" and device.type == "cuda") else None
 
-    def step(check: bool = False):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            pred = fwd(noisy, t, ehs, added_cond_kwargs=added).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
+        # fixed tensors: latents, noise, timesteps, text embeddings (what a step of ours sees after its data prep)
+        g = torch.Generator().manual_seed(11)
+        h = a.resolution // latent_factor(a.model)
+        cross = unet.config.cross_attention_dim
+        in_dtype = base_dtype or torch.float32
+        self.noisy = torch.randn(a.batch, unet.config.in_channels, h, h, generator=g).to(device, in_dtype)
+        if a.channels_last:
+            self.noisy = self.noisy.contiguous(memory_format=torch.channels_last)
+        self.target = torch.randn(a.batch, unet.config.out_channels, h, h, generator=g).to(device)
+        self.t = torch.randint(0, 1000, (a.batch,), generator=g).to(device)
+        self.ehs = torch.randn(a.batch, 77, cross, generator=g).to(device, in_dtype)
+        self.added = added_cond(unet.config, a.batch, a.resolution, device, in_dtype)
+
+    def step(self, check: bool = False) -> torch.Tensor:
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            pred = self.fwd(self.noisy, self.t, self.ehs, added_cond_kwargs=self.added).sample
+        loss = F.mse_loss(pred.float(), self.target.float())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
         else:
             loss.backward()
-        if check and any(p.grad is None for p in params):
+        if check and any(p.grad is None for p in self.params):
             raise RuntimeError("reference loop: some LoRA weights got no gradient")
-        if a.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
         else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return loss
 
+    def info(self) -> Dict[str, Any]:
+        return dict(lora_modules=self.n_targets, trainable_params=sum(p.numel() for p in self.params))
+
+    def close(self) -> None:
+        for k in ("unet", "fwd", "opt", "params", "noisy", "target", "ehs", "added", "scaler"):
+            setattr(self, k, None)
+        free_memory(self.device)
+
+
+def run_reference(a, device: torch.device) -> Dict[str, Any]:
+    ref = ReferenceLoop(a, device)
     times: List[float] = []
     with attention_context(a.attention):
         for i in range(a.warmup):
-            step(check=i == 0)
+            ref.step(check=i == 0)
         cuda_sync(device)
         reset_peak_rss()
         reset_peak_vram(device)
@@ -352,7 +369,7 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
         c0 = time.process_time()
         t0 = last = time.perf_counter()
         for _ in range(a.steps):
-            step()
+            ref.step()
             if device.type != "cuda":  # per-step times only where they do not need a sync
                 now = time.perf_counter()
                 times.append(now - last)
@@ -363,11 +380,9 @@ def run_reference(a, device: torch.device) -> Dict[str, Any]:
         cpu = time.process_time() - c0
     out = dict(steps=a.steps, seconds=total, cpu_s_per_step=cpu / a.steps, peak_rss_mb=peak_rss_mb(),
                syncs_per_step=None if syncs.count is None else syncs.count / a.steps,
-               peak_vram_mb=peak_vram_mb(device),
-               lora_modules=len(targets), trainable_params=sum(p.numel() for p in params))
+               peak_vram_mb=peak_vram_mb(device), **ref.info())
     out.update(_rates(total, a.steps, a.batch, times))
-    del unet, fwd, opt, params, noisy, target, ehs
-    free_memory(device)
+    ref.close()
     return out
 
 
@@ -393,9 +408,9 @@ def make_dataset(folder: str, n_images: int, repeats: int, resolution: int) -> s
     return folder
 
 
-def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
+def _ours_config(a, device: torch.device, tmp: str, run_no: int):
+    """(TrainConfig, BaseModel) of a bench run of our Trainer."""
     from lora_train.config import TrainConfig
-    from lora_train.trainer import Trainer
 
     total_steps = a.warmup + a.steps
     data = make_dataset(os.path.join(tmp, f"data{run_no}"), n_images=a.batch, repeats=total_steps + 1,
@@ -412,7 +427,16 @@ def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
               save_state_every_n_epochs=0, seed=42)
     if a.log_every:
         kw["log_every_n_steps"] = a.log_every
-    cfg = TrainConfig(**kw)
+    if a.interleave:
+        kw["log_every_n_steps"] = 1  # a reference step after every step of ours
+    return TrainConfig(**kw), model
+
+
+def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
+    from lora_train.trainer import Trainer
+
+    total_steps = a.warmup + a.steps
+    cfg, model = _ours_config(a, device, tmp, run_no)
     marks: List[tuple] = []  # (step, perf_counter) of every "step" event
     state = {"t0": None, "s0": None, "rss": None, "vram": None}
 
@@ -468,6 +492,57 @@ def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
     return out
 
 
+def run_interleaved(a, device: torch.device, tmp: str, run_no: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Both loops in turn, step by step: one reference step inside each "step" event of ours, so both see the
+    same machine conditions (a shared CPU). Timing only: peak memory is not separable here (both models live)."""
+    from lora_train.trainer import Trainer
+
+    total_steps = a.warmup + a.steps
+    ref = ReferenceLoop(a, device)
+    cfg, model = _ours_config(a, device, tmp, run_no)
+    ours_t: List[float] = []
+    ours_c: List[float] = []
+    ref_t: List[float] = []
+    ref_c: List[float] = []
+    prev: Dict[str, Any] = {"t": None, "c": None}
+
+    def on_event(ev):
+        if ev["kind"] != "step":
+            return
+        cuda_sync(device)
+        t, c, s = time.perf_counter(), time.process_time(), ev["step"]
+        if prev["t"] is not None and s > a.warmup:
+            ours_t.append(t - prev["t"])
+            ours_c.append(c - prev["c"])
+        if s < total_steps:
+            t1, c1 = time.perf_counter(), time.process_time()
+            ref.step(check=s == 1)
+            cuda_sync(device)
+            if s >= a.warmup:
+                ref_t.append(time.perf_counter() - t1)
+                ref_c.append(time.process_time() - c1)
+        prev["t"], prev["c"] = time.perf_counter(), time.process_time()
+
+    with attention_context(a.attention):
+        res = Trainer(cfg, model=model, callback=on_event).run()
+    info = ref.info()
+    ref.close()
+    del model
+    free_memory(device)
+    if res.steps != total_steps or len(ours_t) != a.steps or len(ref_t) != a.steps:
+        raise RuntimeError(f"interleaved run: {res.steps} of {total_steps} steps, {len(ours_t)} / {len(ref_t)} "
+                           f"timed (stopped={res.stopped}, {res.message or 'no message'})")
+
+    def summary(ts, cs, **extra):
+        out = dict(steps=len(ts), seconds=sum(ts), cpu_s_per_step=sum(cs) / len(cs), peak_rss_mb=None,
+                   peak_vram_mb=None, syncs_per_step=None, **extra)
+        out.update(_rates(sum(ts), len(ts), a.batch, ts))
+        return out
+
+    return (summary(ours_t, ours_c, final_loss=res.losses[-1] if res.losses else None, peak_vram_run_mb=None),
+            summary(ref_t, ref_c, **info))
+
+
 # ----------------------------------------------------------------------------- main
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -517,7 +592,7 @@ def fmt(v, spec: str = ".4g") -> str:
 
 
 def print_table(result: Dict[str, Any]) -> None:
-    o, r = result.get("ours") or {}, result["reference"]
+    o, r = result.get("ours") or {}, result.get("reference") or {}
     rows = [("seconds/step", "s_per_step", ".4g"), ("median s/step", "s_per_step_median", ".4g"),
             ("CPU s/step", "cpu_s_per_step", ".4g"),
             ("images/s", "images_per_s", ".4g"), ("peak RSS MB", "peak_rss_mb", ".1f"),
@@ -564,6 +639,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     help="sd15/sdxl: the VAE that caches the latents (stub: pool + 1x1 conv)")
     ap.add_argument("--log-every", type=int, help="the Trainer's log_every_n_steps (default: the config default)")
     ap.add_argument("--only", choices=["both", "ours", "reference"], default="both")
+    ap.add_argument("--interleave", action="store_true",
+                    help="one reference step after each step of ours, in one run (steadier timing on a shared "
+                         "machine; no peak memory figures)")
     ap.add_argument("--count-syncs", action="store_true",
                     help="CUDA: count host-device synchronisations per step (torch.cuda.set_sync_debug_mode)")
     ap.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -583,6 +661,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ours_error = None
     with tempfile.TemporaryDirectory(prefix="step_bench_") as tmp:
         for rep in range(a.repeats):
+            if a.interleave:
+                o, r = run_interleaved(a, device, tmp, rep)
+                if best["ours"] is None or o["s_per_step"] < best["ours"]["s_per_step"]:
+                    best["ours"] = o
+                if best["reference"] is None or r["s_per_step"] < best["reference"]["s_per_step"]:
+                    best["reference"] = r
+                continue
             if a.only in ("both", "reference"):
                 r = run_reference(a, device)
                 if best["reference"] is None or r["s_per_step"] < best["reference"]["s_per_step"]:
@@ -604,6 +689,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "config": dict(model=a.model, resolution=a.resolution, batch=a.batch, precision=a.precision,
                        gradient_checkpointing=a.gradient_checkpointing, attention=a.attention,
                        channels_last=a.channels_last, compile_reference=a.compile, count_syncs=a.count_syncs,
+                       interleave=a.interleave,
                        optimizer=a.optimizer, rank=a.rank, steps=a.steps, warmup=a.warmup, repeats=a.repeats,
                        latent_size=a.resolution // latent_factor(a.model),
                        vae=a.vae if a.model in ("sd15", "sdxl") else "tiny", max_grad_norm=a.max_grad_norm,
