@@ -123,6 +123,9 @@ def test_round_trip_importer_and_diffusers(trained, strength):
     assert unmatched == []
     assert (_unet_out(ours, lat, te) - ref).abs().max() <= 1e-5
 
+    from diffusers.utils.constants import USE_PEFT_BACKEND
+    if not USE_PEFT_BACKEND:  # diffusers' LoRA loader needs transformers >= 4.34 (the WebUI's 4.30.2 is older)
+        pytest.skip("our importer checked; diffusers' load_lora_weights needs its PEFT backend (transformers >= 4.34)")
     m = build_tiny()
     pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
                                    scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
