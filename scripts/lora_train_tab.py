@@ -9,8 +9,16 @@ import sys
 import traceback
 
 EXT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if EXT_DIR not in sys.path:
-    sys.path.insert(0, EXT_DIR)
+
+
+def _ensure_path():
+    # the WebUI puts an extension's folder on sys.path only while it loads that extension's scripts and then
+    # restores sys.path, so our package folder is added (for good) when the tab is built
+    if EXT_DIR not in sys.path:
+        sys.path.append(EXT_DIR)
+
+
+_ensure_path()
 
 TAB_TITLE = "LoRA Train"
 TAB_ID = "lora_train"
@@ -26,6 +34,7 @@ def _error_tab(message):
 
 def on_ui_tabs():
     try:
+        _ensure_path()
         from lora_train.webui import build_tab
         from lora_train.webui.host_webui import make_host
 

@@ -432,3 +432,26 @@ def test_script_shows_an_error_tab_when_our_import_fails(a1111, monkeypatch, cap
     assert tabs == [(made["blocks"], "LoRA Train", "lora_train")]
     assert "diffusers" in made["text"] and "install.py" in made["text"]
     assert "diffusers" in capsys.readouterr().err
+
+
+def test_javascript_send_to_txt2img_tag_helper():
+    import shutil
+    import subprocess
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    js = os.path.join(ROOT, "javascript", "lora_train.js")
+    code = ("const m = require(%r);" % js) + """
+const out = [
+  m.lora_train_add_tag("", "<lora:a:0.8>"),
+  m.lora_train_add_tag("a cat  ", "<lora:a:0.8>"),
+  m.lora_train_add_tag("a cat <lora:a:0.4>, b <lora:ab:1>", "<lora:a:0.8>"),
+  m.lora_train_add_tag("x", ""),
+];
+console.log(JSON.stringify(out));"""
+    res = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    assert json.loads(res.stdout) == ["<lora:a:0.8>", "a cat <lora:a:0.8>", "a cat <lora:a:0.8>, b <lora:ab:1>", "x"]
