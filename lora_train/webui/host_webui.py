@@ -275,12 +275,15 @@ class WebUIHost(Host):
         model = self._model()
         if net is None or model is None or not hasattr(model, "modules"):
             return
+        import torch
+
         restore = getattr(net, "network_restore_weights_from_backup", None)
-        for m in model.modules():
-            if getattr(m, "network_current_names", ()):
-                if restore is not None:
-                    restore(m)
-                m.network_current_names = ()
+        with torch.no_grad():  # the WebUI's weights require grad; its own restore runs under no_grad
+            for m in model.modules():
+                if getattr(m, "network_current_names", ()):
+                    if restore is not None:
+                        restore(m)
+                    m.network_current_names = ()
 
     @staticmethod
     def _clear_cond_cache() -> None:

@@ -94,8 +94,7 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
 def network_restore_weights_from_backup(layer):
     backup = getattr(layer, "network_weights_backup", None)
     if backup is not None:
-        with torch.no_grad():
-            layer.weight.copy_(backup)
+        layer.weight.copy_(backup)  # as A1111: no no_grad here (its callers run under no_grad)
 
 
 def network_apply_weights(layer):
@@ -108,7 +107,7 @@ def network_apply_weights(layer):
         layer.network_weights_backup = layer.weight.detach().to("cpu", copy=True)
     if current != wanted:
         network_restore_weights_from_backup(layer)
-        with torch.no_grad():
+        if True:
             for net in loaded_networks:
                 mult = net.unet_multiplier if name.startswith("diffusion_model") else net.te_multiplier
                 layer.weight.add_(net.value * mult / layer.weight.numel())

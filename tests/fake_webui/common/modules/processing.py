@@ -56,6 +56,13 @@ class Processed:
 
 
 def process_images(p):
+    import torch
+
+    with torch.no_grad():  # as A1111: generation (and the Lora extension's weight patching) runs without grad
+        return _process_images(p)
+
+
+def _process_images(p):
     loras = [(m.group(1), float(m.group(2) or 1.0)) for m in re_lora.finditer(p.prompt)]
     prompt = re_lora.sub("", p.prompt).strip()
     networks = sys.modules.get("networks")
