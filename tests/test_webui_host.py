@@ -154,6 +154,9 @@ def test_forge_reads_the_file_when_a_lora_is_patched_in(tmp_path, monkeypatch, t
         w.model.current_lora_hash = "[]"
         w.host.base_model(None)
         assert calls == []  # from memory
+        w.model.forge_objects.unet.model.storage_dtype = "nf4"  # quantized storage: the file again
+        w.host.base_model(None)
+        assert calls == [w.ckpt]
     finally:
         for p in w.paths:
             sys.path.remove(p)

@@ -375,8 +375,12 @@ class ForgeHost(WebUIHost):
     def _can_read_memory(self) -> bool:
         model = self._model()
         fo = getattr(model, "forge_objects", None)
-        return (fo is not None and bool(getattr(model, "is_sd1", False))
-                and getattr(model, "current_lora_hash", "[]") == str([]))
+        if fo is None or not getattr(model, "is_sd1", False) or getattr(model, "current_lora_hash", "[]") != str([]):
+            return False
+        import torch
+
+        storage = getattr(getattr(fo.unet, "model", None), "storage_dtype", None)
+        return storage in (None, torch.float32, torch.float16, torch.bfloat16)  # fp8 / nf4 / gguf: read the file
 
     def loaded_state_dict(self) -> Dict[str, Any]:
         fo = self._model().forge_objects
@@ -386,7 +390,9 @@ class ForgeHost(WebUIHost):
         for k, v in fo.vae.first_stage_model.state_dict().items():
             sd["first_stage_model." + k] = v
         for k, v in fo.clip.cond_stage_model.state_dict().items():
-            if k.startswith("clip_l.transformer."):  # IntegratedCLIP(CLIPTextModel) under the `clip_l` key
+            # IntegratedCLIP(CLIPTextModel) under the `clip_l` key; Forge adds a text_projection (and logit_scale)
+            # that SD1 checkpoints do not have
+            if k.startswith("clip_l.transformer.") and not k.startswith("clip_l.transformer.text_projection"):
                 sd["cond_stage_model." + k[len("clip_l."):]] = v
         return sd
 

@@ -125,6 +125,9 @@ class FakeForgeEngine:
                                              for k, v in ldm_sd.items()
                                              if k.startswith("cond_stage_model.transformer.")}))
         te.clip_l.logit_scale = nn.Parameter(torch.tensor(4.6055), requires_grad=False)
+        width = ldm_sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"].shape[0]
+        te.clip_l.transformer.text_projection = nn.Linear(width, width, bias=False)  # IntegratedCLIP adds one
+        unet_model.storage_dtype = torch.float32
         self.forge_objects = ForgeObjects(_Patcher(unet_model), _Clip(te), _Vae(module_tree(ldm_sd, "first_stage_model.")))
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
