@@ -25,6 +25,7 @@ What differs between the two hosts (read from A1111 1.10.1 and Forge's current s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -531,8 +532,11 @@ def run_training(host: Host, cfg, callback: Optional[Callable[[Dict[str, Any]], 
         begin = getattr(host, "begin_job", None)
         if begin:
             begin(f"LoRA training '{cfg.output_name}'")
+        gpu_lock = host._queue_lock() if hasattr(host, "_queue_lock") else contextlib.nullcontext()
         try:
-            with host.memory_freed():
+            # the WebUI's own GPU queue lock: a txt2img started meanwhile waits instead of running on a model
+            # that is off the GPU
+            with gpu_lock, host.memory_freed():
                 model = host.base_model(None if cfg.base_model in ("", None, LOADED) else cfg.base_model)
                 trainer = Trainer(cfg, model=model, callback=on_event, stop_event=job.stop_event)
                 result = trainer.run()
