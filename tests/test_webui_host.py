@@ -171,18 +171,29 @@ def test_no_checkpoint_loaded_is_a_clear_error(a1111):
 
 # ------------------------------------------------------------------ memory
 def test_memory_moves_and_restore_on_error(webui):
+    """What the tab's own job code does (`with host.memory_freed(): host.base_model(None) ...`): the WebUI's GPU
+    queue is held, its job state shows us, generation is refused, and all is given back on error."""
+    from lora_train.sampler import GenParams
+    from modules import call_queue
+
     h = webui.host
     with pytest.raises(RuntimeError, match="boom"):
         with h.memory_freed():
+            assert call_queue.queue_lock.locked() and webui.shared.state.job == "lora_train"
+            with pytest.raises(webui.hw.HostError, match="using the GPU"):
+                h.generate(GenParams(prompt="x"))
             raise RuntimeError("boom")
+    assert not call_queue.queue_lock.locked() and webui.shared.state.history[-1] == ("end", "lora_train")
+    h.generate(GenParams(prompt="x", steps=1, width=64, height=64))  # usable again
     if h.name == "forge":
         from backend import memory_management
 
         assert memory_management.calls[:2] == ["unload_all_models", "soft_empty_cache"]
-        assert webui.sd_models.calls == ["forge_model_reload"]  # the A1111 stubs are never relied on
+        assert webui.sd_models.calls[0] == "forge_model_reload"  # the A1111 stubs are never relied on
+        assert "send_model_to_device(stub)" not in webui.sd_models.calls
     else:
-        assert webui.sd_models.calls == ["unload_model_weights", "send_model_to_cpu", "send_model_to_device"]
-        assert webui.model.moves == ["cpu", "cpu"]  # to the CPU, then back to shared.device (cpu in the fake)
+        assert webui.sd_models.calls[:3] == ["unload_model_weights", "send_model_to_cpu", "send_model_to_device"]
+        assert webui.model.moves[:2] == ["cpu", "cpu"]  # to the CPU, then back to shared.device (cpu in the fake)
 
 
 # ------------------------------------------------------------------ training job
@@ -336,6 +347,19 @@ def test_generate_goes_through_processing(webui):
     assert img.size == (16, 8)
     assert processing.last["sampler"] == "Euler a" and processing.last["seed"] == 7 and processing.last["steps"] == 3
     assert webui.shared.state.history[-2:] == [("begin", "lora_train_test"), ("end", "lora_train_test")]
+
+
+def test_captioners_are_the_webuis_interrogators(webui):
+    from PIL import Image
+    from modules import interrogate
+
+    assert [k for k in webui.host.captioners() if "BLIP" in k] == []  # none until the WebUI made its interrogator
+    webui.shared.interrogator = interrogate.InterrogateModels("interrogate")
+    caps = webui.host.captioners()
+    img = Image.new("L", (32, 16))
+    assert sorted(caps) == sorted([f"{webui.host.title} BLIP (interrogate)", f"{webui.host.title} DeepBooru (tags)"])
+    assert caps[f"{webui.host.title} BLIP (interrogate)"](img) == "a picture of something, 32x16"
+    assert caps[f"{webui.host.title} DeepBooru (tags)"](img) == "1girl, solo, 32px"
 
 
 # ------------------------------------------------------------------ paths (item 7)

@@ -35,7 +35,7 @@ import shutil
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..host import Host, HostError
 from ..io_utils import atomic_path, next_free_name
@@ -43,6 +43,7 @@ from ..io_utils import atomic_path, next_free_name
 log = logging.getLogger("lora_train")
 
 _JOB_LOCK = threading.Lock()  # one training job at a time, per WebUI process
+_MEMORY_FREED = threading.Event()  # set while the WebUI's model is off the GPU for us
 _CURRENT_JOB: Optional["TrainingJob"] = None
 RUNS_SUBDIR = os.path.join("outputs", "lora_train")
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
@@ -228,6 +229,24 @@ class WebUIHost(Host):
                                         config=self.model_config)
 
     # ------------------------------------------------------------------ memory
+    @contextlib.contextmanager
+    def memory_freed(self) -> Iterator[None]:
+        """`with host.memory_freed(): train()`, inside the WebUI: holds the WebUI's own GPU queue lock (a txt2img
+        started meanwhile waits instead of running on a model that is off the GPU), shows the job in the WebUI's
+        progress state, frees the GPU, and gives everything back after, also on error or stop."""
+        with self._queue_lock():
+            self.begin_job()
+            _MEMORY_FREED.set()
+            try:
+                self.free_memory()
+                try:
+                    yield
+                finally:
+                    self.restore_memory()
+            finally:
+                _MEMORY_FREED.clear()
+                self.end_job()
+
     def free_memory(self) -> None:
         model = self._model()
         if model is None:
@@ -301,8 +320,7 @@ class WebUIHost(Host):
     # ------------------------------------------------------------------ generation
     def generate(self, params):
         """One image through the WebUI's own txt2img processing, so its own LoRA loader reads `<lora:...>`."""
-        job = current_job()
-        if job is not None and job.running:
+        if _MEMORY_FREED.is_set():
             raise HostError("a LoRA training run is using the GPU (the WebUI's model is unloaded): test after it "
                             "finishes, or stop it first.")
         processing = _mod("modules.processing")
@@ -344,6 +362,22 @@ class WebUIHost(Host):
         st = _shared().state
         st.begin(job="lora_train")
         st.textinfo = text
+
+    def captioners(self) -> Dict[str, Callable[[Any], str]]:
+        """The WebUI's own interrogators: {name: fn(PIL image) -> caption} (BLIP via shared.interrogator,
+        DeepBooru tags via modules.deepbooru). They load their models on first use."""
+        out: Dict[str, Callable[[Any], str]] = {}
+        interrogator = getattr(_shared(), "interrogator", None)
+        if interrogator is not None and hasattr(interrogator, "interrogate"):
+            out[f"{self.title} BLIP (interrogate)"] = lambda img: interrogator.interrogate(img.convert("RGB"))
+        try:
+            deepbooru = _mod("modules.deepbooru")
+        except Exception:
+            deepbooru = None
+        model = getattr(deepbooru, "model", None)
+        if model is not None and hasattr(model, "tag"):
+            out[f"{self.title} DeepBooru (tags)"] = lambda img: model.tag(img.convert("RGB"))
+        return out
 
     def end_job(self) -> None:
         _shared().state.end()
@@ -529,22 +563,11 @@ def run_training(host: Host, cfg, callback: Optional[Callable[[Dict[str, Any]], 
         if requested != cfg.output_name:
             on_event({"kind": "warning", "message": f"'{requested}' is taken (the WebUI caches LoRAs by name): this "
                                                     f"run is saved as '{cfg.output_name}'."})
-        begin = getattr(host, "begin_job", None)
-        if begin:
-            begin(f"LoRA training '{cfg.output_name}'")
-        gpu_lock = host._queue_lock() if hasattr(host, "_queue_lock") else contextlib.nullcontext()
-        try:
-            # the WebUI's own GPU queue lock: a txt2img started meanwhile waits instead of running on a model
-            # that is off the GPU
-            with gpu_lock, host.memory_freed():
-                model = host.base_model(None if cfg.base_model in ("", None, LOADED) else cfg.base_model)
-                trainer = Trainer(cfg, model=model, callback=on_event, stop_event=job.stop_event)
-                result = trainer.run()
-                del model, trainer
-        finally:
-            end = getattr(host, "end_job", None)
-            if end:
-                end()
+        with host.memory_freed():  # WebUIHost: also the WebUI's GPU queue lock and its job/progress state
+            model = host.base_model(None if cfg.base_model in ("", None, LOADED) else cfg.base_model)
+            trainer = Trainer(cfg, model=model, callback=on_event, stop_event=job.stop_event)
+            result = trainer.run()
+            del model, trainer
         files = ([result.lora_path] if result.lora_path else []) + list(result.epoch_files)
         job.published = [_publish(f, dest_dir) for f in files if f and os.path.isfile(f)]
         host.refresh_loras()

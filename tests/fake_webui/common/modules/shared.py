@@ -17,6 +17,7 @@ cmd_opts.webui_is_non_local = False
 opts = types.SimpleNamespace(persistent_cond_cache=True, lora_in_memory_limit=0)
 state = State()
 sd_model = None
+interrogator = None  # set by shared_init at start-up: interrogate.InterrogateModels("interrogate")
 device = None
 
 
