@@ -481,3 +481,15 @@ console.log(JSON.stringify(out));"""
     import json
 
     assert json.loads(res.stdout) == ["<lora:a:0.8>", "a cat <lora:a:0.8>", "a cat <lora:a:0.8>, b <lora:ab:1>", "x"]
+
+
+def test_host_module_imports_no_webui_or_gradio():
+    """The adapter and the script import nothing of the WebUI (or gradio) until they are used."""
+    import subprocess
+
+    code = ("import sys; import lora_train.webui.host_webui as h; "
+            "bad = [m for m in sys.modules if m in ('modules', 'gradio', 'networks', 'backend') or "
+            "m.startswith(('modules.', 'gradio.', 'backend.'))]; print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not res.stdout.strip() or res.stdout.strip() == "[]"
