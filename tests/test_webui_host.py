@@ -179,11 +179,11 @@ def test_memory_moves_and_restore_on_error(webui):
     h = webui.host
     with pytest.raises(RuntimeError, match="boom"):
         with h.memory_freed():
-            assert call_queue.queue_lock.locked() and webui.shared.state.job == "lora_train"
+            assert call_queue.held() and webui.shared.state.job == "lora_train"
             with pytest.raises(webui.hw.HostError, match="using the GPU"):
                 h.generate(GenParams(prompt="x"))
             raise RuntimeError("boom")
-    assert not call_queue.queue_lock.locked() and webui.shared.state.history[-1] == ("end", "lora_train")
+    assert not call_queue.held() and webui.shared.state.history[-1] == ("end", "lora_train")
     h.generate(GenParams(prompt="x", steps=1, width=64, height=64))  # usable again
     if h.name == "forge":
         from backend import memory_management
@@ -304,7 +304,7 @@ def test_one_job_at_a_time(a1111, demo_data):
         h.generate(GenParams(prompt="x"))
     from modules import call_queue
 
-    assert call_queue.queue_lock.locked()  # a txt2img the user starts now waits for the WebUI's GPU queue
+    assert call_queue.held()  # a txt2img the user starts now waits for the WebUI's GPU queue
     release.set()
     assert job.wait(120) and job.error is None, job.error
     assert os.path.isfile(os.path.join(h.lora_dirs()[0], "first.safetensors"))
