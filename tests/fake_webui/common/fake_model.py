@@ -1,0 +1,143 @@
+"""Fake loaded models: A1111's LatentDiffusion (`FakeSDModel`: real modules whose state_dict() is the ldm
+layout, text encoder under `.wrapped.` as A1111 hijacks it) and Forge's engine (`FakeForgeEngine`:
+forge_objects.{unet,clip,vae} whose modules hold the ldm-layout weights)."""
+import torch
+from torch import nn
+
+
+def module_tree(sd, strip=""):
+    """Nested nn.Modules whose state_dict() is `sd` (keys without `strip`); tensors are shared, not copied."""
+    root = nn.Module()
+    for key, t in sd.items():
+        if strip:
+            if not key.startswith(strip):
+                continue
+            key = key[len(strip):]
+        *path, leaf = key.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part) or getattr(m, part) is None or not isinstance(getattr(m, part), nn.Module):
+                m.add_module(part, nn.Module())
+            m = getattr(m, part)
+        if t.is_floating_point():
+            m.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
+        else:
+            m.register_buffer(leaf, t)
+    return root
+
+
+class CheckpointInfo:
+    def __init__(self, filename, metadata=None):
+        import os
+
+        self.filename = filename
+        self.name = os.path.basename(filename)
+        self.name_for_extra = os.path.splitext(self.name)[0]
+        self.model_name = self.name_for_extra
+        self.hash = "0123abcd"
+        self.title = f"{self.name} [{self.hash}]"
+        self.ids = [self.hash, self.model_name, self.title, self.name, self.name_for_extra]
+        self.metadata = metadata or {}
+
+
+def _wrap_a1111(k):
+    if k.startswith("cond_stage_model.transformer."):
+        k = "cond_stage_model.wrapped." + k[len("cond_stage_model."):]
+        k = k.replace("token_embedding.weight", "token_embedding.wrapped.weight")
+    return k
+
+
+class _Probe(nn.Linear):
+    """A layer the Lora extension patches: unet (`diffusion_model_...`) or text encoder (`transformer_...`)."""
+
+    def __init__(self, name):
+        super().__init__(2, 2, bias=False)
+        with torch.no_grad():
+            self.weight.zero_()
+        self.network_layer_name = name
+
+
+class FakeSDModel(nn.Module):
+    def __init__(self, ldm_sd, info):
+        super().__init__()
+        self.body = module_tree({_wrap_a1111(k): v for k, v in ldm_sd.items()})
+        self.probe_unet = _Probe("diffusion_model_probe")
+        self.probe_te = _Probe("transformer_text_model_probe")
+        self.sd_checkpoint_info = info
+        self.sd_model_checkpoint = info.filename
+        self.lowvram = False
+        self.moves = []
+
+    def state_dict(self, *a, **k):
+        sd = self.body.state_dict()
+        sd["alphas_cumprod"] = torch.linspace(0.99, 0.01, 10)  # the real LatentDiffusion holds schedule buffers
+        return sd
+
+    def to(self, *args, **kwargs):
+        self.moves.append(str(args[0]) if args else str(kwargs.get("device")))
+        return super().to(*args, **kwargs)
+
+    def unet_value(self):
+        return float(self.probe_unet.weight.detach().sum())
+
+    def te_value(self):
+        return float(self.probe_te.weight.detach().sum())
+
+
+class _Patcher:
+    def __init__(self, model, delta=0.0):
+        self.model = model
+        self.lora_delta = delta
+
+    def clone(self):
+        return type(self)(self.model, self.lora_delta)
+
+
+class _Clip(_Patcher):
+    @property
+    def cond_stage_model(self):
+        return self.model
+
+
+class _Vae:
+    def __init__(self, m):
+        self.first_stage_model = m
+
+
+class ForgeObjects:
+    def __init__(self, unet, clip, vae):
+        self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, None
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip, self.vae)
+
+
+class FakeForgeEngine:
+    """backend.diffusion_engine.sd15.StableDiffusion's surface: forge_objects (unet: UnetPatcher with
+    .model.diffusion_model; clip: CLIP with .cond_stage_model = {'clip_l': IntegratedCLIP}; vae: VAE with
+    .first_stage_model), forge_objects_original, current_lora_hash, is_sd1."""
+
+    def __init__(self, ldm_sd, info, is_sd1=True):
+        unet_model = nn.Module()
+        unet_model.add_module("diffusion_model", module_tree(ldm_sd, "model.diffusion_model."))
+        te = nn.Module()
+        te.add_module("clip_l", module_tree({"transformer." + k[len("cond_stage_model.transformer."):]: v
+                                             for k, v in ldm_sd.items()
+                                             if k.startswith("cond_stage_model.transformer.")}))
+        te.clip_l.logit_scale = nn.Parameter(torch.tensor(4.6055), requires_grad=False)
+        width = ldm_sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"].shape[0]
+        te.clip_l.transformer.text_projection = nn.Linear(width, width, bias=False)  # IntegratedCLIP adds one
+        unet_model.storage_dtype = torch.float32
+        self.forge_objects = ForgeObjects(_Patcher(unet_model), _Clip(te), _Vae(module_tree(ldm_sd, "first_stage_model.")))
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
+        self.is_sd1 = is_sd1
+        self.sd_checkpoint_info = info
+        self.filename = info.filename
+
+    def unet_value(self):
+        return float(self.forge_objects.unet.lora_delta)
+
+    def te_value(self):
+        return float(self.forge_objects.clip.lora_delta)

@@ -1,0 +1,497 @@
+"""WebUIHost / ForgeHost and scripts/lora_train_tab.py against the fake WebUI in tests/fake_webui/ (the API
+surface of A1111 1.10.1 and Forge that we use): memory moves and restore on error/stop, in-memory weights,
+LoRA folder and list refresh, stale caches, txt2img through processing, interrupt, one job at a time, paths."""
+import importlib
+import os
+import sys
+import threading
+import types
+
+import pytest
+import torch
+
+from conftest import small_cfg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAKE = os.path.join(HERE, "fake_webui")
+ROOT = os.path.dirname(HERE)
+
+
+def _purge():
+    for name in list(sys.modules):
+        if name in ("modules", "networks", "backend", "fake_model", "forge_sd_models") or \
+                name.startswith(("modules.", "backend.")):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def tiny_ldm():
+    from lora_train.checkpoints import to_original_state_dict
+    from lora_train.models import build_tiny
+
+    tiny = build_tiny()
+    return tiny, {k: v.detach().clone() for k, v in to_original_state_dict(tiny).items()}
+
+
+def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour):
+    from lora_train.checkpoints import write_original_checkpoint
+
+    tiny, ldm = tiny_ldm
+    root = tmp_path / "webui"
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    monkeypatch.setenv("FAKE_WEBUI_ROOT", str(root))
+    monkeypatch.setenv("FAKE_WEBUI_DATA", str(root))
+    _purge()
+    paths = [os.path.join(FAKE, "common"), os.path.join(FAKE, flavour)]
+    for p in reversed(paths):
+        sys.path.insert(0, p)
+    if flavour == "forge":
+        import forge_sd_models
+        import modules
+
+        sys.modules["modules.sd_models"] = forge_sd_models
+        modules.sd_models = forge_sd_models
+    import fake_model
+    from modules import sd_models, shared
+
+    ckpt = str(root / "models" / "Stable-diffusion" / "tiny.safetensors")
+    write_original_checkpoint(tiny, ckpt)
+    info = fake_model.CheckpointInfo(ckpt)
+    sd_models.checkpoints_list[info.title] = info
+    model = fake_model.FakeForgeEngine(dict(ldm), info) if flavour == "forge" else fake_model.FakeSDModel(dict(ldm), info)
+    sd_models.model_data.set_sd_model(model)
+    import networks  # noqa: F401  (the WebUI imports the Lora extension at start-up)
+    from lora_train.webui import host_webui
+
+    host = host_webui.make_host()
+    host.model_config = tiny  # the fake holds the tiny architecture, not SD1.5's
+    return types.SimpleNamespace(root=root, host=host, model=model, info=info, ckpt=ckpt, shared=shared,
+                                 sd_models=sd_models, networks=sys.modules["networks"], tiny=tiny, ldm=ldm,
+                                 hw=host_webui, paths=paths)
+
+
+@pytest.fixture(params=["a1111", "forge"])
+def webui(request, tmp_path, monkeypatch, tiny_ldm):
+    w = _make_webui(tmp_path, monkeypatch, tiny_ldm, request.param)
+    yield w
+    for p in w.paths:
+        sys.path.remove(p)
+    _purge()
+    w.hw._CURRENT_JOB = None
+
+
+@pytest.fixture
+def a1111(tmp_path, monkeypatch, tiny_ldm):
+    w = _make_webui(tmp_path, monkeypatch, tiny_ldm, "a1111")
+    yield w
+    for p in w.paths:
+        sys.path.remove(p)
+    _purge()
+    w.hw._CURRENT_JOB = None
+
+
+def _fake_lora(path, value):
+    """A file the fake Lora loader reads: its effect is the sum of the lora_up weights (= value)."""
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_up.weight": torch.full((1, 1), float(value)),
+               "lora_unet_x.lora_down.weight": torch.ones(1, 1), "lora_unet_x.alpha": torch.tensor(1.0)},
+              str(path), metadata={"ss_output_name": os.path.splitext(os.path.basename(str(path)))[0]})
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+# ------------------------------------------------------------------ detection, folders, checkpoints
+def test_detects_the_host_and_its_folders(webui):
+    h, root = webui.host, webui.root
+    assert type(h).__name__ == ("ForgeHost" if webui.host.name == "forge" else "WebUIHost")
+    assert h.lora_dirs()[0] == str(root / "models" / "Lora")
+    assert h.loaded_checkpoint() == (webui.info.title, webui.ckpt)
+    assert h.checkpoints() == {webui.info.title: webui.ckpt}
+    # --lora-dir honoured
+    webui.shared.cmd_opts.lora_dir = str(root / "elsewhere")
+    assert h.lora_dirs()[0] == str(root / "elsewhere") and h.output_dir() == str(root / "elsewhere")
+
+
+def test_base_model_from_the_loaded_weights(webui):
+    """A1111: shared.sd_model.state_dict() (ldm, `.wrapped.` text encoder); Forge: forge_objects' modules."""
+    bm = webui.host.base_model(None)
+    _same_weights(bm.unet, webui.tiny.unet)
+    _same_weights(bm.vae, webui.tiny.vae)
+    _same_weights(bm.text_encoder, webui.tiny.text_encoder)
+    assert bm.path == webui.ckpt
+    # the loaded checkpoint named by its title or file is the same thing
+    _same_weights(webui.host.base_model(webui.info.title).unet, webui.tiny.unet)
+
+
+def test_a1111_weights_are_read_without_a_merged_lora(a1111):
+    """A1111 merges a LoRA used in the last generation into the weights; reading them puts the backup back."""
+    from lora_train.sampler import GenParams
+
+    _fake_lora(a1111.root / "models" / "Lora" / "style.safetensors", 3.0)
+    a1111.host.refresh_loras()
+    a1111.host.generate(GenParams(prompt="a cat <lora:style:1>", steps=2, width=64, height=64))
+    assert a1111.model.unet_value() == pytest.approx(3.0)
+    a1111.host.loaded_state_dict()
+    assert a1111.model.unet_value() == 0.0 and a1111.model.probe_unet.network_current_names == ()
+
+
+def test_forge_reads_the_file_when_a_lora_is_patched_in(tmp_path, monkeypatch, tiny_ldm):
+    w = _make_webui(tmp_path, monkeypatch, tiny_ldm, "forge")
+    try:
+        calls = []
+        real = w.host._load_file
+        monkeypatch.setattr(w.host, "_load_file", lambda path: calls.append(path) or real(path))
+        w.model.current_lora_hash = "[['x.safetensors', 1.0, 1.0]]"
+        w.host.base_model(None)
+        assert calls == [w.ckpt]
+        calls.clear()
+        w.model.current_lora_hash = "[]"
+        w.host.base_model(None)
+        assert calls == []  # from memory
+        w.model.forge_objects.unet.model.storage_dtype = "nf4"  # quantized storage: the file again
+        w.host.base_model(None)
+        assert calls == [w.ckpt]
+    finally:
+        for p in w.paths:
+            sys.path.remove(p)
+        _purge()
+
+
+def test_no_checkpoint_loaded_is_a_clear_error(a1111):
+    a1111.sd_models.model_data.sd_model = None
+    with pytest.raises(Exception, match="no checkpoint loaded"):
+        a1111.host.base_model(None)
+
+
+# ------------------------------------------------------------------ memory
+def test_memory_moves_and_restore_on_error(webui):
+    """What the tab's own job code does (`with host.memory_freed(): host.base_model(None) ...`): the WebUI's GPU
+    queue is held, its job state shows us, generation is refused, and all is given back on error."""
+    from lora_train.sampler import GenParams
+    from modules import call_queue
+
+    h = webui.host
+    with pytest.raises(RuntimeError, match="boom"):
+        with h.memory_freed():
+            assert call_queue.held() and webui.shared.state.job == "lora_train"
+            with pytest.raises(webui.hw.HostError, match="using the GPU"):
+                h.generate(GenParams(prompt="x"))
+            raise RuntimeError("boom")
+    assert not call_queue.held() and webui.shared.state.history[-1] == ("end", "lora_train")
+    h.generate(GenParams(prompt="x", steps=1, width=64, height=64))  # usable again
+    if h.name == "forge":
+        from backend import memory_management
+
+        assert memory_management.calls[:2] == ["unload_all_models", "soft_empty_cache"]
+        assert webui.sd_models.calls[0] == "forge_model_reload"  # the A1111 stubs are never relied on
+        assert "send_model_to_device(stub)" not in webui.sd_models.calls
+    else:
+        assert webui.sd_models.calls[:3] == ["unload_model_weights", "send_model_to_cpu", "send_model_to_device"]
+        assert webui.model.moves[:2] == ["cpu", "cpu"]  # to the CPU, then back to shared.device (cpu in the fake)
+
+
+# ------------------------------------------------------------------ training job
+def test_training_job_end_to_end(webui, demo_data):
+    """Loaded checkpoint -> train -> file in the LoRA folder, list refreshed, memory given back, progress in
+    shared.state, run folder outside the LoRA folder, a second run gets a new name."""
+    from lora_train.sampler import GenParams
+
+    h, hw = webui.host, webui.hw
+    cfg = small_cfg(demo_data, "ignored", output_name="mystyle", base_model=hw.LOADED, max_train_steps=2,
+                    save_state_every_n_epochs=0)
+    seen = []
+    result, published = hw.run_training(h, cfg, callback=seen.append)
+    lora_dir = h.lora_dirs()[0]
+    assert published == [os.path.join(lora_dir, "mystyle.safetensors")]
+    assert os.listdir(lora_dir) == ["mystyle.safetensors"]  # only LoRA files there
+    assert result.output_dir.startswith(str(webui.root / "outputs" / "lora_train"))
+    assert "mystyle" in webui.networks.available_networks
+    assert ("begin", "lora_train") in webui.shared.state.history and webui.shared.state.history[-1][0] == "end"
+    assert webui.shared.state.sampling_steps == 2 and webui.shared.state.sampling_step == 2
+    assert any(e["kind"] == "published" for e in seen)
+    if h.name == "a1111":
+        assert webui.sd_models.calls[-1] == "send_model_to_device"
+    else:
+        assert webui.sd_models.calls[-1] == "forge_model_reload"
+    # the WebUI's own txt2img + LoRA loader sees the new file at once, with its real weights
+    from safetensors.torch import load_file
+
+    expect = sum(float(v.sum()) for k, v in load_file(published[0]).items() if k.endswith("lora_up.weight"))
+    h.generate(GenParams(prompt="a photo <lora:mystyle:0.8>", seed=3, steps=4, width=64, height=64))
+    from modules import processing
+
+    assert processing.last["loras"] == [("mystyle", 0.8)]
+    assert processing.last["unet"] == pytest.approx(0.8 * expect, rel=1e-5, abs=1e-7)
+    # a second run with the same name is saved under a new one (hosts cache LoRAs by name)
+    import dataclasses
+
+    result2, published2 = hw.run_training(h, dataclasses.replace(cfg, max_train_steps=1))
+    assert os.path.basename(published2[0]) == "mystyle_v2.safetensors"
+    assert hw.current_job().name == "mystyle_v2" and not hw.current_job().running
+
+
+def test_restore_on_training_error(webui, demo_data):
+    h, hw = webui.host, webui.hw
+    cfg = small_cfg(demo_data, "x", output_name="bad", base_model=hw.LOADED, max_train_steps=2)
+
+    def explode(step, loss):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    import lora_train.trainer as trainer_mod
+
+    real = trainer_mod.Trainer
+
+    class Exploding(real):
+        def __init__(self, *a, **k):
+            k["loss_hook"] = explode
+            super().__init__(*a, **k)
+
+    trainer_mod.Trainer = Exploding
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            hw.run_training(h, cfg)
+    finally:
+        trainer_mod.Trainer = real
+    if h.name == "a1111":
+        assert webui.sd_models.calls[-1] == "send_model_to_device"
+    else:
+        assert webui.sd_models.calls[-1] == "forge_model_reload"
+    assert webui.shared.state.history[-1][0] == "end"
+    assert "simulated" in hw.current_job().error and not hw._JOB_LOCK.locked()
+    assert os.listdir(h.lora_dirs()[0]) == []  # nothing half-written in the LoRA folder
+
+
+def test_interrupt_button_stops_training_and_saves(a1111, demo_data):
+    h, hw = a1111.host, a1111.hw
+    cfg = small_cfg(demo_data, "x", output_name="stopme", base_model=hw.LOADED, max_train_steps=50,
+                    save_state_every_n_epochs=0)
+
+    def press_interrupt(ev):
+        if ev["kind"] == "step" and ev["step"] == 1:
+            a1111.shared.state.interrupt()  # the WebUI's Interrupt button
+
+    result, published = hw.run_training(h, cfg, callback=press_interrupt)
+    assert result.stopped and result.steps < 50
+    assert published and os.path.isfile(published[0])
+    assert a1111.sd_models.calls[-1] == "send_model_to_device"
+
+
+def test_one_job_at_a_time(a1111, demo_data):
+    h, hw = a1111.host, a1111.hw
+    gate, release = threading.Event(), threading.Event()
+    cfg = small_cfg(demo_data, "x", output_name="first", base_model=hw.LOADED, max_train_steps=3,
+                    save_state_every_n_epochs=0)
+
+    def hold(ev):
+        if ev["kind"] == "step":
+            gate.set()
+            release.wait(30)
+
+    job = hw.start_training(h, cfg, callback=hold)
+    assert gate.wait(60), job.error
+    assert hw.current_job() is job and job.running
+    with pytest.raises(hw.HostError, match="already running .*first"):
+        hw.start_training(h, small_cfg(demo_data, "x", output_name="second", base_model=hw.LOADED))
+    with pytest.raises(hw.HostError, match="already running"):
+        hw.run_training(h, small_cfg(demo_data, "x", output_name="second", base_model=hw.LOADED))
+    from lora_train.sampler import GenParams
+
+    with pytest.raises(hw.HostError, match="training run is using the GPU"):
+        h.generate(GenParams(prompt="x"))
+    from modules import call_queue
+
+    assert call_queue.held()  # a txt2img the user starts now waits for the WebUI's GPU queue
+    release.set()
+    assert job.wait(120) and job.error is None, job.error
+    assert os.path.isfile(os.path.join(h.lora_dirs()[0], "first.safetensors"))
+
+
+# ------------------------------------------------------------------ stale caches (issue 5 item 6)
+def test_stale_lora_cache_is_what_the_host_does_and_invalidate_fixes_it(webui):
+    """A file rewritten under the same name: the WebUI shows the old weights at the same name and strength
+    (A1111: per-layer names unchanged; Forge: lru_cache by file name) until our invalidation."""
+    from lora_train.sampler import GenParams
+    from modules import processing
+
+    h = webui.host
+    f = webui.root / "models" / "Lora" / "same.safetensors"
+    _fake_lora(f, 1.0)
+    h.refresh_loras()
+    p = GenParams(prompt="a dog <lora:same:1>", steps=2, width=64, height=64)
+    h.generate(p)
+    assert processing.last["unet"] == pytest.approx(1.0) and processing.last["cond"] == pytest.approx(1.0)
+    _fake_lora(f, 5.0)
+    st = os.stat(f)
+    os.utime(f, (st.st_atime, st.st_mtime + 10))
+    h.generate(p)
+    assert processing.last["unet"] == pytest.approx(1.0)  # stale: the host's own behaviour, as in the real WebUI
+    assert processing.last["cond"] == pytest.approx(1.0)  # and the conditioning cache too
+    h.invalidate_lora_caches()
+    h.generate(p)
+    assert processing.last["unet"] == pytest.approx(5.0) and processing.last["cond"] == pytest.approx(5.0)
+    # and no LoRA is left merged when the prompt drops it
+    h.generate(GenParams(prompt="a dog", steps=2, width=64, height=64))
+    assert processing.last["unet"] == 0.0
+
+
+def test_generate_goes_through_processing(webui):
+    from lora_train.sampler import GenParams
+    from modules import processing
+
+    img = webui.host.generate(GenParams(prompt="x <lora:none_here:0.5>", seed=7, steps=3, width=128, height=64,
+                                        sampler="Euler a"))
+    assert img.size == (16, 8)
+    assert processing.last["sampler"] == "Euler a" and processing.last["seed"] == 7 and processing.last["steps"] == 3
+    assert webui.shared.state.history[-2:] == [("begin", "lora_train_test"), ("end", "lora_train_test")]
+
+
+def test_captioners_are_the_webuis_interrogators(webui):
+    from PIL import Image
+    from modules import interrogate
+
+    assert [k for k in webui.host.captioners() if "BLIP" in k] == []  # none until the WebUI made its interrogator
+    webui.shared.interrogator = interrogate.InterrogateModels("interrogate")
+    caps = webui.host.captioners()
+    img = Image.new("L", (32, 16))
+    assert sorted(caps) == sorted([f"{webui.host.title} BLIP (interrogate)", f"{webui.host.title} DeepBooru (tags)"])
+    assert caps[f"{webui.host.title} BLIP (interrogate)"](img) == "a picture of something, 32x16"
+    assert caps[f"{webui.host.title} DeepBooru (tags)"](img) == "1girl, solo, 32px"
+
+
+# ------------------------------------------------------------------ paths (item 7)
+def test_paths_local_listen_and_insecure_flag(a1111, tmp_path, demo_data):
+    h, shared = a1111.host, a1111.shared
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert h.allowed_roots() is None
+    assert h.check_path(str(outside), "dataset folder") == os.path.realpath(outside)
+    shared.set_non_local(listen=True)
+    with pytest.raises(a1111.hw.HostError, match="outside the folders this server allows"):
+        h.check_path(str(outside), "dataset folder")
+    inside = a1111.root / "datasets" / "a"
+    inside.mkdir(parents=True)
+    assert h.check_path(str(inside), "dataset folder") == os.path.realpath(inside)
+    # ../ tricks and symlinks are resolved before the check
+    with pytest.raises(a1111.hw.HostError):
+        h.check_path(str(a1111.root / "datasets" / ".." / ".." / "outside"), "dataset folder")
+    link = a1111.root / "datasets" / "link"
+    link.symlink_to(outside)
+    with pytest.raises(a1111.hw.HostError):
+        h.check_path(str(link), "dataset folder")
+    # the training runner checks the dataset too
+    with pytest.raises(a1111.hw.HostError, match="outside"):
+        a1111.hw.run_training(h, small_cfg(demo_data, "x", base_model=a1111.hw.LOADED))
+    shared.set_non_local(listen=True, insecure=True)  # --enable-insecure-extension-access
+    assert h.allowed_roots() is None and h.check_path(str(outside), "dataset folder")
+    shared.set_non_local(share=True)
+    assert h.allowed_roots() is not None
+
+
+def test_outputs_only_into_the_lora_folder(a1111, tmp_path):
+    h = a1111.host
+    lora = h.lora_dirs()[0]
+    assert h.check_output_dir("") == os.path.realpath(lora)
+    assert h.check_output_dir("styles") == os.path.realpath(os.path.join(lora, "styles"))
+    for bad in (str(tmp_path), "../Stable-diffusion", "/etc"):
+        with pytest.raises(a1111.hw.HostError, match="outside the WebUI's LoRA folder"):
+            h.check_output_dir(bad)
+
+
+# ------------------------------------------------------------------ scripts/lora_train_tab.py
+def _load_script(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    path = os.path.join(ROOT, "scripts", "lora_train_tab.py")
+    spec = importlib.util.spec_from_file_location("lora_train_tab_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_script_registers_the_tab_with_the_right_host(webui, monkeypatch):
+    built = []
+    fake_webui_pkg = types.ModuleType("lora_train.webui")
+    fake_webui_pkg.__path__ = [os.path.join(ROOT, "lora_train", "webui")]
+    fake_webui_pkg.build_tab = lambda host: built.append(host) or "BLOCKS"
+    # the real build_tab (another module, needs gradio) is replaced: this test is about the registration
+    monkeypatch.setitem(sys.modules, "lora_train.webui", fake_webui_pkg)
+    from modules import script_callbacks
+
+    _load_script(monkeypatch)
+    tabs = script_callbacks.ui_tabs_callback()
+    assert tabs == [("BLOCKS", "LoRA Train", "lora_train")]
+    assert built[0].name == webui.host.name
+
+
+def test_script_shows_an_error_tab_when_our_import_fails(a1111, monkeypatch, capsys):
+    broken = types.ModuleType("lora_train.webui")
+    broken.__path__ = []
+
+    def boom(host):
+        raise ImportError("No module named 'diffusers'")
+
+    broken.build_tab = boom
+    monkeypatch.setitem(sys.modules, "lora_train.webui", broken)
+    gr = types.ModuleType("gradio")
+    made = {}
+
+    class Blocks:
+        def __init__(self, **kw):
+            made["blocks"] = self
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    gr.Blocks = Blocks
+    gr.Markdown = lambda text, **kw: made.setdefault("text", text)
+    monkeypatch.setitem(sys.modules, "gradio", gr)
+    from modules import script_callbacks
+
+    _load_script(monkeypatch)
+    tabs = script_callbacks.ui_tabs_callback()  # must not raise: the WebUI keeps starting
+    assert tabs == [(made["blocks"], "LoRA Train", "lora_train")]
+    assert "diffusers" in made["text"] and "install.py" in made["text"]
+    assert "diffusers" in capsys.readouterr().err
+
+
+def test_javascript_send_to_txt2img_tag_helper():
+    import shutil
+    import subprocess
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    js = os.path.join(ROOT, "javascript", "lora_train.js")
+    code = ("const m = require(%r);" % js) + """
+const out = [
+  m.lora_train_add_tag("", "<lora:a:0.8>"),
+  m.lora_train_add_tag("a cat  ", "<lora:a:0.8>"),
+  m.lora_train_add_tag("a cat <lora:a:0.4>, b <lora:ab:1>", "<lora:a:0.8>"),
+  m.lora_train_add_tag("x", ""),
+];
+console.log(JSON.stringify(out));"""
+    res = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    assert json.loads(res.stdout) == ["<lora:a:0.8>", "a cat <lora:a:0.8>", "a cat <lora:a:0.8>, b <lora:ab:1>", "x"]
+
+
+def test_host_module_imports_no_webui_or_gradio():
+    """The adapter and the script import nothing of the WebUI (or gradio) until they are used."""
+    import subprocess
+
+    code = ("import sys; import lora_train.webui.host_webui as h; "
+            "bad = [m for m in sys.modules if m in ('modules', 'gradio', 'networks', 'backend') or "
+            "m.startswith(('modules.', 'gradio.', 'backend.'))]; print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not res.stdout.strip() or res.stdout.strip() == "[]"
