@@ -12,7 +12,7 @@ import os
 import sys
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
-WEB_DIRECTORY = "./web"
+WEB_DIRECTORY = "./nodes/web"  # lora_train.js: shows the reports as text on the nodes
 REQUIRED_MODULES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "yaml", "PIL", "numpy")
 _log = logging.getLogger("lora_train")
 

@@ -478,3 +478,28 @@ def test_example_workflow_is_valid_and_uses_only_known_nodes(comfy):
     sweep = next(v for v in api.values() if v["class_type"] == "LoraTrainStrengthSweep")
     assert sweep["inputs"]["lora_name"][0] == next(k for k, v in api.items() if v is train)
     assert train["inputs"]["optimizer"] in comfy.pack.NODE_CLASS_MAPPINGS["LoraTrainTrain"].INPUT_TYPES()["required"]["optimizer"][0]
+
+
+# ============================================================================= registry / web
+def test_pyproject_has_the_comfy_registry_fields_and_web_dir_exists(comfy):
+    import re
+
+    try:
+        import tomllib  # novermin
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        data = tomllib.load(fh)
+    proj, tool = data["project"], data["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*([._-][A-Za-z0-9]+)*", proj["name"]) and len(proj["name"]) < 100
+    assert "comfyui" not in proj["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", proj["version"]) and proj["description"]
+    assert isinstance(proj["license"], dict) and ("text" in proj["license"] or "file" in proj["license"])
+    assert proj["urls"]["Repository"].startswith("https://")
+    assert tool["PublisherId"] and tool["DisplayName"] and "Icon" in tool
+    web = os.path.join(ROOT, comfy.pack.WEB_DIRECTORY)
+    js = [n for n in os.listdir(web) if n.endswith(".js")]
+    assert js
+    with open(os.path.join(web, js[0]), encoding="utf-8") as fh:
+        src = fh.read()
+    assert all(k in src for k in ("LoraTrainTrain", "registerExtension", "serialize = false"))
