@@ -449,7 +449,10 @@ class LoraTrainTrain:
                 holder["trainer"].stop()
 
         t0 = time.time()
-        with host.memory_freed():
+        import torch
+
+        # ComfyUI executes every node under torch.inference_mode(); training needs autograd back.
+        with host.memory_freed(), torch.inference_mode(False), torch.enable_grad():
             base = host.base_model()
             base.name = name + "_base"
             trainer = Trainer(cfg, model=base, dataset=ds, callback=on_event)

@@ -80,12 +80,27 @@ def tiny_parts():
 def graph(comfy, tiny_parts):
     """MODEL, CLIP, VAE as ComfyUI's checkpoint loader hands them over (SD15 in-memory layout)."""
     _tiny, sd, key_map = tiny_parts
-    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, unet_lora_key_map=key_map)
+    model, clip, vae, _ = comfy_loaded(comfy, sd, unet_lora_key_map=key_map)
     comfy.mm.current_loaded_models.append(model)
     comfy.mm.interrupt_current_processing(False)
     comfy.mm.CALLS.clear()
     comfy.events.clear()
     return model, clip, vae
+
+
+def run_node(fn, *args, **kw):
+    """Call a node function as ComfyUI's executor does: under torch.inference_mode() (execution.py)."""
+    with torch.inference_mode():
+        return fn(*args, **kw)
+
+
+def comfy_loaded(comfy, sd, **kw):
+    """The checkpoint loader runs under inference_mode too, so ComfyUI's weights are inference tensors."""
+    with torch.inference_mode():
+        sd = {k: v.clone() for k, v in sd.items()}
+        out = comfy.sd.load_state_dict_guess_config(sd, **kw)
+    assert next(iter(out[0].model.state_dict().values())).is_inference()
+    return out
 
 
 def result_of(out):
@@ -310,7 +325,7 @@ TRAIN_KW = dict(learning_rate=1e-3, rank=4, alpha=4.0, batch_size=2, gradient_ac
 def trained(comfy, tiny_parts, dataset_dir):
     """One training run through the Train node on the fake graph (2 images x 2 epochs, batch 2 = 4 steps)."""
     _tiny, sd, key_map = tiny_parts
-    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, unet_lora_key_map=key_map)
+    model, clip, vae, _ = comfy_loaded(comfy, sd, unet_lora_key_map=key_map)
     comfy.mm.current_loaded_models.append(model)
     comfy.mm.CALLS.clear()
     comfy.events.clear()
@@ -318,7 +333,7 @@ def trained(comfy, tiny_parts, dataset_dir):
     ref = result_of(maps["LoraTrainDatasetFromFolder"]().load(dataset_dir, "zq", 64, 1))[0]
     cls = maps["LoraTrainTrain"]
     comfy.fp.get_filename_list("loras")  # ComfyUI has listed the folder before (cache filled)
-    out = cls().train(model, clip, vae, ref, "my lora", unique_id="7", **TRAIN_KW)
+    out = run_node(cls().train, model, clip, vae, ref, "my lora", unique_id="7", **TRAIN_KW)
     return dict(out=out, cls=cls, ref=ref, model=model, clip=clip, vae=vae, calls=list(comfy.mm.CALLS),
                 events=list(comfy.events))
 
@@ -356,7 +371,7 @@ def test_train_node_never_overwrites(comfy, trained, graph):
     with open(first, "rb") as fh:
         before = hashlib.sha256(fh.read()).hexdigest()
     kw = dict(TRAIN_KW, epochs=1, max_steps=1, save_every_n_epochs=0, train_text_encoder=False)
-    out = trained["cls"]().train(*graph, trained["ref"], "my_lora", **kw)
+    out = run_node(trained["cls"]().train, *graph, trained["ref"], "my_lora", **kw)
     name, path, _plot, _report = check_returns(trained["cls"], out)
     assert name == "my_lora_v2.safetensors" and os.path.isfile(path)
     with open(first, "rb") as fh:
@@ -375,7 +390,7 @@ def test_train_node_stops_on_interrupt_and_keeps_what_it_trained(comfy, trained,
     try:
         kw = dict(TRAIN_KW, epochs=50, save_every_n_epochs=0)
         with pytest.raises(comfy.mm.InterruptProcessingException):
-            trained["cls"]().train(*graph, trained["ref"], "stopped", **kw)
+            run_node(trained["cls"]().train, *graph, trained["ref"], "stopped", **kw)
     finally:
         comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: comfy.events.append((v, t, node_id)))
     assert comfy.mm.processing_interrupted() is False  # the flag is consumed like ComfyUI's own nodes do
@@ -390,7 +405,7 @@ def test_apply_and_prompt_nodes_use_comfyui_loader(comfy, trained, graph):
     maps = comfy.pack.NODE_CLASS_MAPPINGS
     acls = maps["LoraTrainApplyLora"]
     assert "my_lora.safetensors" in acls.INPUT_TYPES()["required"]["lora_name"][0]
-    m, c = check_returns(acls, acls().apply(model, clip, "my_lora.safetensors", 0.5, 0.25))
+    m, c = check_returns(acls, run_node(acls().apply, model, clip, "my_lora.safetensors", 0.5, 0.25))
     strengths_m = {p[0] for plist in m.patches.values() for p in plist}
     strengths_c = {p[0] for plist in c.patcher.patches.values() for p in plist}
     assert strengths_m == {0.5} and strengths_c == {0.25} and not model.patches  # the input is not modified
@@ -400,7 +415,7 @@ def test_apply_and_prompt_nodes_use_comfyui_loader(comfy, trained, graph):
     assert m3.patches
 
     pcls = maps["LoraTrainPromptWithTags"]
-    m, c, text, cond = check_returns(pcls, pcls().apply(model, clip, "a zq cat, <lora:my_lora:0.7>, blue"))
+    m, c, text, cond = check_returns(pcls, run_node(pcls().apply, model, clip, "a zq cat, <lora:my_lora:0.7>, blue"))
     assert text == "a zq cat, blue"
     assert {p[0] for plist in m.patches.values() for p in plist} == {0.7}
     assert not torch.equal(cond[0][0], comfy.sd.CLIP.encode_from_tokens_scheduled(clip, clip.tokenize(text))[0][0])
@@ -414,8 +429,8 @@ def test_sweep_grid_base_column_is_the_no_lora_sample(comfy, trained, graph):
     model, clip, vae = graph
     scls = comfy.pack.NODE_CLASS_MAPPINGS["LoraTrainStrengthSweep"]
     assert scls.INPUT_TYPES()["required"]["sampler_name"][0][0] == "euler"  # ComfyUI's own list
-    out = scls().sweep(model, clip, vae, "my_lora.safetensors", "a zq picture", "blurry", "1.0, 2", "1, 2", 3, 5.0,
-                       "euler", "normal", 64, 64, False)
+    out = run_node(scls().sweep, model, clip, vae, "my_lora.safetensors", "a zq picture", "blurry", "1.0, 2", "1, 2", 3,
+                   5.0, "euler", "normal", 64, 64, False)
     grid, cells, info = check_returns(scls, out)
     assert cells.shape == (6, 64, 64, 3) and grid.shape[1] > 128 and grid.shape[2] > 192
     assert "base (0)" in info
