@@ -436,17 +436,30 @@ class LoraTrainTrain:
         holder: Dict[str, Any] = {}
         stopped_by_user = [False]
 
+        def user_stop() -> None:
+            stopped_by_user[0] = True
+            if "trainer" in holder:
+                holder["trainer"].stop()  # ends after this step and saves what was trained
+
         def on_event(ev: Dict[str, Any]) -> None:
             kind = ev.get("kind")
-            if kind == "start":
-                host.progress(0, int(ev.get("total_steps") or 1))
-            elif kind == "step":
-                host.progress(int(ev["step"]), int(ev["total_steps"]))
-                if ev["step"] % 10 == 0 or ev["step"] == ev["total_steps"]:
-                    log.info("lora_train: step %s/%s loss %.4f", ev["step"], ev["total_steps"], ev["loss"])
-            if host.interrupted() and "trainer" in holder:
-                stopped_by_user[0] = True
-                holder["trainer"].stop()
+            if stopped_by_user[0] or host.interrupted():
+                user_stop()
+                return
+            try:
+                if kind == "start":
+                    host.progress(0, int(ev.get("total_steps") or 1))
+                elif kind == "step":
+                    host.progress(int(ev["step"]), int(ev["total_steps"]))
+            except Exception as exc:  # noqa: BLE001
+                # ComfyUI's progress hook (main.py) raises InterruptProcessingException when Cancel was pressed
+                # (and clears the flag): stop cleanly instead of letting it kill the run unsaved.
+                if type(exc).__name__ != "InterruptProcessingException":
+                    raise
+                user_stop()
+                return
+            if kind == "step" and (ev["step"] % 10 == 0 or ev["step"] == ev["total_steps"]):
+                log.info("lora_train: step %s/%s loss %.4f", ev["step"], ev["total_steps"], ev["loss"])
 
         t0 = time.time()
         import torch
@@ -490,7 +503,8 @@ class LoraTrainTrain:
         if stopped_by_user[0]:
             import comfy.model_management as mm
 
-            mm.throw_exception_if_processing_interrupted()  # end the prompt as ComfyUI's interrupt does
+            mm.interrupt_current_processing(False)
+            raise mm.InterruptProcessingException()  # end the prompt as ComfyUI's own interrupt does
         if not final:
             raise RuntimeError(f"training produced no LoRA file: {res.message or 'no step was trained'}")
         lora_listed = os.path.relpath(final, loras_dir).replace(os.sep, "/")

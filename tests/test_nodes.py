@@ -55,7 +55,13 @@ def comfy(tmp_path_factory):
     env = Env()
     env.root, env.pack, env.mm, env.sd, env.utils, env.fp = root, pack, mm, comfy.sd, comfy.utils, folder_paths
     env.events = []
-    comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: env.events.append((v, t, node_id)))
+
+    def hook(v, t, preview, node_id=None):  # as main.py's hijack_progress: raises when Cancel was pressed
+        mm.throw_exception_if_processing_interrupted()
+        env.events.append((v, t, node_id))
+
+    env.hook = hook
+    comfy.utils.set_progress_bar_global_hook(hook)
     yield env
     sys.path.remove(FAKE)
     _purge_fakes()
@@ -378,11 +384,18 @@ def test_train_node_never_overwrites(comfy, trained, graph):
         assert hashlib.sha256(fh.read()).hexdigest() == before
 
 
-def test_train_node_stops_on_interrupt_and_keeps_what_it_trained(comfy, trained, graph):
+@pytest.mark.parametrize("race", [False, True])
+def test_train_node_stops_on_interrupt_and_keeps_what_it_trained(comfy, trained, graph, monkeypatch, race):
+    """Cancel during step 2. race=True: the flag is set between our check and the next progress call, so
+    ComfyUI's progress hook is what raises InterruptProcessingException (seen in the real ComfyUI)."""
     from safetensors import safe_open
 
+    if race:
+        ch = sys.modules[PACK + ".nodes.comfy_host"]
+        monkeypatch.setattr(ch.ComfyUIHost, "interrupted", lambda self: False)
+
     def hook(v, t, preview, node_id=None):
-        comfy.events.append((v, t, node_id))
+        comfy.hook(v, t, preview, node_id)  # raises on the call after Cancel, as ComfyUI's hook does
         if v >= 1:
             comfy.mm.interrupt_current_processing()  # the user pressed Cancel during step 2
 
@@ -390,11 +403,11 @@ def test_train_node_stops_on_interrupt_and_keeps_what_it_trained(comfy, trained,
     try:
         kw = dict(TRAIN_KW, epochs=50, save_every_n_epochs=0)
         with pytest.raises(comfy.mm.InterruptProcessingException):
-            run_node(trained["cls"]().train, *graph, trained["ref"], "stopped", **kw)
+            run_node(trained["cls"]().train, *graph, trained["ref"], f"stopped{int(race)}", **kw)
     finally:
-        comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: comfy.events.append((v, t, node_id)))
+        comfy.utils.set_progress_bar_global_hook(comfy.hook)
     assert comfy.mm.processing_interrupted() is False  # the flag is consumed like ComfyUI's own nodes do
-    path = os.path.join(comfy.fp.get_folder_paths("loras")[0], "stopped.safetensors")
+    path = os.path.join(comfy.fp.get_folder_paths("loras")[0], f"stopped{int(race)}.safetensors")
     assert os.path.isfile(path)
     with safe_open(path, framework="pt") as fh:
         assert 1 <= int(fh.metadata()["ss_steps"]) <= 2  # stopped long before the 100 steps of 50 epochs
