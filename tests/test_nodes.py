@@ -306,6 +306,17 @@ def test_dataset_caption_suggest_nodes(comfy, dataset_dir):
     assert h1 == dcls.IS_CHANGED(folder=dataset_dir, trigger_word="zq", resolution=64, repeats=2)
     with pytest.raises(Exception, match="does not exist"):
         dcls().load(os.path.join(dataset_dir, "nope"), "", 64, 1)
+    copy = os.path.join(comfy.fp.get_input_directory(), "ds_copy")  # a relative folder is under ComfyUI's input/
+    import shutil
+
+    shutil.copytree(dataset_dir, copy)
+    h2 = dcls.IS_CHANGED(folder="ds_copy", trigger_word="zq", resolution=64, repeats=2)
+    assert result_of(dcls().load("ds_copy", "zq", 64, 2))[0].folder == copy
+    first_txt = sorted(n for n in os.listdir(copy) if n.endswith(".txt"))[0]
+    with open(os.path.join(copy, first_txt), "a", encoding="utf-8") as fh:
+        fh.write(", edited")
+    assert dcls.IS_CHANGED(folder="ds_copy", trigger_word="zq", resolution=64, repeats=2) != h2  # caption edit: re-run
+    assert dcls.IS_CHANGED(folder="ds_copy", trigger_word="zq", resolution=64, repeats=3) != h2
 
     ccls = maps["LoraTrainCaptionDataset"]
     out = ccls().caption(ref, "template", "overwrite", "", "{trigger}, {words}", "", False)

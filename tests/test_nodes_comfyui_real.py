@@ -305,6 +305,15 @@ def test_real_comfyui_train_sweep_interrupt_and_loader(server):
     with Image.open(grid_file) as im:
         say(f"sweep grid: {grid_file} {im.size}")
 
+    # 2b. queued again unchanged: ComfyUI's cache answers, nothing is retrained (no new real_lora_v2)
+    t0 = time.time()
+    kind, msgs = run_prompt(s, api)
+    cached = [m["data"].get("nodes") for m in msgs if m["type"] == "execution_cached"]
+    say(f"same graph queued again: {kind} in {time.time() - t0:.1f} s, cached nodes {cached}, "
+        f"Train progress events {progress_of(msgs, train_id)}")
+    assert kind == "execution_success" and not progress_of(msgs, train_id)
+    assert not os.path.exists(os.path.join(s.base, "models", "loras", "real_lora_v2.safetensors"))
+
     # 3. /interrupt during training: stops, keeps a file
     long = json.loads(json.dumps(api))
     long[by["LoraTrainTrain"]]["inputs"].update(lora_name="interrupted", max_steps=200, train_text_encoder=False)
