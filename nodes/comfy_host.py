@@ -118,8 +118,10 @@ def base_model_from_graph(model: Any, clip: Any, vae: Any, name: str = "comfyui"
     with torch.inference_mode(False):
         sd = graph_state_dict(model, clip, vae)
         # ComfyUI runs nodes under torch.inference_mode(): the weights it loaded there are inference tensors,
-        # which autograd refuses to save for backward, so those are copied into normal tensors.
-        sd = {k: (v.clone() if v.is_inference() else v) for k, v in sd.items()}
+        # which autograd refuses to save for backward. The float32 cast below makes normal tensors of the
+        # others (fp16/bf16 weights); the ones already float32 (or not floating) are copied here.
+        sd = {k: (v.clone() if v.is_inference() and (v.dtype == torch.float32 or not v.is_floating_point()) else v)
+              for k, v in sd.items()}
         base = from_original_state_dict(sd, name=name, config=template_for(sd), dtype=torch.float32)
     del sd
     return base

@@ -282,6 +282,14 @@ def test_base_model_from_graph_equals_the_checkpoint(comfy, tiny_parts, graph):
         assert set(sa) == set(sb)
         assert all(torch.equal(sa[k], sb[k]) for k in sb)
     assert base.tokenizer("a b").input_ids == tiny.tokenizer("a b").input_ids
+    assert not any(p.is_inference() for p in base.unet.parameters())
+    # fp16 weights (ComfyUI on most GPUs, or --fp16-unet): float32 copies, not inference tensors
+    sd16 = {k: (v.half() if v.is_floating_point() else v) for k, v in tiny_parts[1].items()}
+    m16, c16, v16, _ = comfy_loaded(comfy, sd16)
+    b16 = ch.base_model_from_graph(m16, c16, v16)
+    for name, p in b16.unet.named_parameters():
+        assert p.dtype == torch.float32 and not p.is_inference()
+        assert torch.equal(p, tiny.unet.state_dict()[name].half().float())
 
 
 # ============================================================================= nodes

@@ -173,7 +173,9 @@ def server():
     port = _free_port()
     log_path = os.path.join(base, "comfyui.log")
     log = open(log_path, "w")
-    cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base]
+    # fp16 weights (computed in fp32 by ComfyUI's manual cast on the CPU), as on most GPUs; halves the RAM
+    extra = os.environ.get("COMFYUI_ARGS", "--fp16-unet --fp16-vae --fp16-text-enc").split()
+    cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base] + extra
     say("starting:", " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
