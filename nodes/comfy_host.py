@@ -109,7 +109,13 @@ def template_for(sd: Mapping[str, Any]):
     return None
 
 
-def base_model_from_graph(model: Any, clip: Any, vae: Any, name: str = "comfyui"):
+def graph_model_name(model: Any) -> str:
+    """A name for the graph's model (kohya `ss_sd_model_name`): ComfyUI's model config class, e.g. comfyui:SD15."""
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    return f"comfyui:{type(cfg).__name__}" if cfg is not None else "comfyui"
+
+
+def base_model_from_graph(model: Any, clip: Any, vae: Any, name: str = ""):
     """A trainable `lora_train.models.BaseModel` (float32 copies) of the graph's MODEL / CLIP / VAE."""
     import torch
 
@@ -122,7 +128,8 @@ def base_model_from_graph(model: Any, clip: Any, vae: Any, name: str = "comfyui"
         # others (fp16/bf16 weights); the ones already float32 (or not floating) are copied here.
         sd = {k: (v.clone() if v.is_inference() and (v.dtype == torch.float32 or not v.is_floating_point()) else v)
               for k, v in sd.items()}
-        base = from_original_state_dict(sd, name=name, config=template_for(sd), dtype=torch.float32)
+        base = from_original_state_dict(sd, name=name or graph_model_name(model), config=template_for(sd),
+                                        dtype=torch.float32)
     del sd
     return base
 

@@ -467,7 +467,6 @@ class LoraTrainTrain:
         # ComfyUI executes every node under torch.inference_mode(); training needs autograd back.
         with host.memory_freed(), torch.inference_mode(False), torch.enable_grad():
             base = host.base_model()
-            base.name = name + "_base"
             trainer = Trainer(cfg, model=base, dataset=ds, callback=on_event)
             holder["trainer"] = trainer
             res = trainer.run()

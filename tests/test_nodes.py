@@ -378,7 +378,7 @@ def test_train_node_trains_on_the_graph_weights(comfy, trained, caplog):
     assert steps[-1] == (4, 4) and len(steps) >= 4
     with safe_open(path, framework="pt") as fh:
         meta, keys = fh.metadata(), list(fh.keys())
-    assert meta["ss_steps"] == "4" and meta["ss_network_dim"] == "4"
+    assert meta["ss_steps"] == "4" and meta["ss_network_dim"] == "4" and meta["ss_sd_model_name"] == "comfyui:SD15"
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     assert "4 steps, 2 epoch(s)" in report and "loss: first" in report
     run_dir = os.path.join(comfy.fp.get_output_directory(), "lora_train", "my_lora")

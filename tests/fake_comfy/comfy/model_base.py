@@ -14,8 +14,13 @@ class _Weights:
         return dict(self._sd)
 
 
+class SD15:
+    """Stands for comfy.supported_models.SD15 (the model_config ComfyUI attaches to the model)."""
+
+
 class BaseModel:
     def __init__(self, unet_sd, v_prediction=False):
+        self.model_config = SD15()
         self.diffusion_model = _Weights(unet_sd)
         self.v_prediction = v_prediction
         self.sigmas = torch.linspace(0.03, 14.6, 1000)
