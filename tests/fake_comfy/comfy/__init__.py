@@ -1,0 +1,1 @@
+"""Fake `comfy` package (see tests/fake_comfy/README.md)."""

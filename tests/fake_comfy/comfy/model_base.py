@@ -1,0 +1,59 @@
+"""Fake of comfy.model_base.BaseModel for an SD1.x checkpoint: holds the ldm UNet weights as
+`diffusion_model`, exposes them under `diffusion_model.` in state_dict() (plus a model_sampling buffer,
+as the real module has), and state_dict_for_saving() with the SD15 rules of supported_models.py."""
+import torch
+
+from . import utils
+
+
+class _Weights:
+    def __init__(self, sd):
+        self._sd = dict(sd)
+
+    def state_dict(self):
+        return dict(self._sd)
+
+
+class SD15:
+    """Stands for comfy.supported_models.SD15 (the model_config ComfyUI attaches to the model)."""
+
+
+class BaseModel:
+    def __init__(self, unet_sd, v_prediction=False):
+        self.model_config = SD15()
+        self.diffusion_model = _Weights(unet_sd)
+        self.v_prediction = v_prediction
+        self.sigmas = torch.linspace(0.03, 14.6, 1000)
+
+    def state_dict(self):
+        sd = {"diffusion_model." + k: v for k, v in self.diffusion_model.state_dict().items()}
+        sd["model_sampling.sigmas"] = self.sigmas
+        return sd
+
+    # SD15.process_clip_state_dict_for_saving / BASE.process_*_for_saving of ComfyUI 0.8.0
+    def state_dict_for_saving(self, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
+        extra = []
+        if clip_state_dict is not None:
+            clip_state_dict = dict(clip_state_dict)
+            for p in ("clip_l.transformer.text_projection.weight", "clip_l.logit_scale"):
+                clip_state_dict.pop(p, None)
+            extra.append(utils.state_dict_prefix_replace(clip_state_dict, {"clip_l.": "cond_stage_model."}))
+        if vae_state_dict is not None:
+            extra.append(utils.state_dict_prefix_replace(dict(vae_state_dict), {"": "first_stage_model."}))
+        unet = utils.state_dict_prefix_replace(self.diffusion_model.state_dict(), {"": "model.diffusion_model."})
+        if self.v_prediction:
+            unet["v_pred"] = torch.tensor([])
+        for sd in extra:
+            unet.update(sd)
+        return unet
+
+
+class BaseModelWithoutSaving(BaseModel):
+    """A model class without state_dict_for_saving (exercises the glue's own SD1 prefix mapping)."""
+
+    state_dict_for_saving = None
+
+    def __getattribute__(self, name):
+        if name == "state_dict_for_saving":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
