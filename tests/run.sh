@@ -33,7 +33,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install "${PIP_Q[@]}" -r requirements-dev.txt
 # The core must stay importable on the WebUI's Python 3.10.
-.venv/bin/vermin -q -t=3.10- --no-tips --violations lora_train tests
+.venv/bin/vermin -q -t=3.10- --no-tips --violations lora_train tests nodes scripts install.py __init__.py
 run_pytest "current releases" .venv/bin/python tests "$@"
 
 # 2. The WebUI's versions: the core suite without the front-end tests.

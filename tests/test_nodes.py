@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.frontend  # ComfyUI runs current releases: not part of the WebUI-versions run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(ROOT, "tests", "fake_comfy")
 PACK = "custom_nodes_lora_train_under_test"

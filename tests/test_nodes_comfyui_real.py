@@ -32,7 +32,8 @@ COMFY = os.environ.get("COMFYUI_DIR", "")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import comfy_workflow  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI checkout with its venv to run")
+pytestmark = [pytest.mark.frontend,
+              pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI checkout with its venv to run")]
 OURS = ("LoraTrainDatasetFromFolder", "LoraTrainCaptionDataset", "LoraTrainSuggestSettings", "LoraTrainTrain",
         "LoraTrainApplyLora", "LoraTrainPromptWithTags", "LoraTrainStrengthSweep")
 SD15_NAME = "lora_train_sd15_random_fp16.safetensors"
