@@ -45,6 +45,11 @@ function lora_train_send_to_txt2img(tag) {
     return Array.from(arguments);
 }
 
+// The name the tab's "Send to txt2img" button calls (lora_train/webui/tab.py SEND_TO_TXT2IMG_JS).
+function loraTrainSendToTxt2img(tag) {
+    return lora_train_send_to_txt2img.apply(null, arguments);
+}
+
 if (typeof module !== "undefined") {
     module.exports = {lora_train_add_tag: lora_train_add_tag};
 }
