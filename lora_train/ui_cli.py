@@ -17,10 +17,11 @@ def make_app(base_model: str = "tiny", lora_dir: str = "loras", roots=None):
 
 def launch(blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Enable the queue (polling and long jobs need it on gradio 3) and launch; returns what launch returns."""
-    from .webui.compat import accepted
+    from .webui.compat import MAJOR, accepted
 
-    q = getattr(blocks, "queue")
-    blocks = q(**accepted(q, {"concurrency_count": 4, "default_concurrency_limit": 4})) or blocks
+    q = blocks.queue
+    # gradio 3: one worker pool for all events (the poll must not wait behind a grid); 4+: a limit per event
+    blocks = q(**accepted(q, {"concurrency_count": 4} if MAJOR < 4 else {"default_concurrency_limit": 4})) or blocks
     kw = accepted(blocks.launch, {"server_name": host, "server_port": port, "share": False, "inbrowser": False,
                                   "prevent_thread_lock": not block, "show_api": False, "quiet": not block})
     return blocks.launch(**kw)

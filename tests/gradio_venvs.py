@@ -21,10 +21,12 @@ VENVS = os.path.join(ROOT, ".venvs")
 #: working set found here: gradio 4.40.0 imports `HfFolder`, gone from huggingface_hub 1.x).
 PINS: Dict[str, List[str]] = {
     # AUTOMATIC1111 1.10: fastapi 0.94 (which needs pydantic 1), httpx 0.24.1, numpy 1.26.2, Pillow 9.5.0
-    "3.41.2": ["gradio==3.41.2", "fastapi==0.94.0", "pydantic<2", "httpx==0.24.1", "numpy==1.26.2",
-               "Pillow==9.5.0", "huggingface_hub<1", "pyyaml"],
-    # Forge: gradio 4.40.0, huggingface-hub 0.26.2, numpy 1.26.2
-    "4.40.0": ["gradio==4.40.0", "huggingface_hub==0.26.2", "numpy==1.26.2", "pyyaml"],
+    "3.41.2": ["gradio==3.41.2", "fastapi==0.94.0", "pydantic<2", "httpcore==0.15", "httpx==0.24.1",
+               "numpy==1.26.2", "Pillow==9.5.0", "huggingface_hub<1", "pyyaml"],
+    # Forge (requirements_versions.txt): gradio 4.40.0 with fastapi 0.104.1, pydantic 2.8.2 (a pydantic >= 2.11
+    # breaks gradio 4.40's API schema at launch), huggingface-hub 0.26.2, httpx 0.24.1, numpy 1.26.2, Pillow 9.5.0
+    "4.40.0": ["gradio==4.40.0", "fastapi==0.104.1", "pydantic==2.8.2", "huggingface_hub==0.26.2", "httpx==0.24.1",
+               "numpy==1.26.2", "Pillow==9.5.0", "pyyaml"],
 }
 
 

@@ -68,7 +68,8 @@ def test_tab_builds_under_host_gradio(version):
 
     py = gradio_venvs.ensure(version)
     env = dict(os.environ, PYTHONPATH=ROOT, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([py, os.path.join(ROOT, "tests", "webui_build_check.py"), "a1111"], capture_output=True,
+    proc = subprocess.run([py, os.path.join(ROOT, "tests", "webui_build_check.py"), "a1111", "--launch"],
+                          capture_output=True,
                           text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -78,6 +79,8 @@ def test_tab_builds_under_host_gradio(version):
     assert "lora_train_send" in info["elem_ids"]
     assert info["js"] == ["loraTrainSendToTxt2img"]
     assert info["dependencies"] >= 20
+    # launched with the queue on (as the WebUI does), the page and its config are served
+    assert info["served"]["/"][0] == 200 and info["served"]["/config"] == [200, info["served"]["/config"][1], True]
 
 
 # ----------------------------------------------------------------------------- current gradio, real callbacks

@@ -3,7 +3,7 @@
 Run by tests/test_webui_tab.py inside throwaway venvs that hold only a host's gradio and its pins: no torch,
 so this also proves the tab builds without importing the core's heavy modules. Prints one JSON line.
 
-    python tests/webui_build_check.py [a1111|standalone]
+    python tests/webui_build_check.py [a1111|standalone] [--launch]
 """
 import json
 import os
@@ -58,8 +58,33 @@ def main():
     ids = sorted(c["props"].get("elem_id") for c in comps if c.get("props", {}).get("elem_id"))
     js = [d.get("js") for d in deps if d.get("js")]
     heavy = sorted(m for m in ("torch", "diffusers", "transformers", "peft", "accelerate") if m in sys.modules)
+    served = None
+    if "--launch" in sys.argv:
+        served = launch_and_fetch(blocks)
     print(json.dumps({"gradio": gr.__version__, "components": len(comps), "dependencies": len(deps),
-                      "elem_ids": ids, "js": js, "heavy_imports": heavy}))
+                      "elem_ids": ids, "js": js, "heavy_imports": heavy, "served": served}))
+
+
+def launch_and_fetch(blocks):
+    """Launch on 127.0.0.1 as the ui command does (queue on), fetch the page and its config, close."""
+    import socket
+    import urllib.request
+
+    from lora_train.ui_cli import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(blocks, "127.0.0.1", port, block=False)
+    try:
+        out = {}
+        for path in ("/", "/config"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+                body = r.read()
+                out[path] = [r.status, len(body), b"lora_train_start" in body]
+        return out
+    finally:
+        blocks.close()
 
 
 if __name__ == "__main__":
