@@ -172,7 +172,8 @@ def test_build_config_new_name_each_run(tmp_path, demo_data):
     values = dict(logic.default_settings(host), output_name="style")
     cfg, spec = logic.build_config(host, values, demo_data, "zz")
     assert spec is None and cfg.base_model == "tiny" and cfg.output_name == "style"
-    assert cfg.output_dir == host.output_dir() and cfg.resolution == 64 and cfg.trigger_word == "zz"
+    assert cfg.output_dir == os.path.join(logic.runs_dir(host), "style")  # logs + state: not in the LoRA folder
+    assert cfg.resolution == 64 and cfg.trigger_word == "zz"
     open(os.path.join(host.output_dir(), "style.safetensors"), "wb").close()
     assert logic.build_config(host, values, demo_data, "")[0].output_name == "style_v2"
     jobs.USED_NAMES.add("style_v2")  # written earlier in this process, then deleted: still never reused
@@ -204,6 +205,8 @@ def test_training_job_refuses_second_start_then_grid(tmp_path, demo_data):
     assert snap["steps"] == [1, 2, 3] and len(snap["losses"]) == 3
     assert os.path.isfile(os.path.join(host.output_dir(), "t.safetensors")) and snap["lora_path"].endswith("t.safetensors")
     assert host.calls == ["free", "restore", "refresh"]
+    assert sorted(os.listdir(host.output_dir())) == ["t.safetensors"]  # only LoRA files in the LoRA folder
+    assert os.path.isfile(os.path.join(logic.runs_dir(host), "t", "t.yaml"))
     status = logic.job_status(snap)
     assert "**done**" in status and "step 3/3" in status and "VRAM" in status
     assert logic.job_diagnosis(snap).startswith("Diagnosis")
@@ -229,7 +232,8 @@ def test_host_interrupt_stops_and_saves(tmp_path, demo_data):
     snap = job.snapshot()
     assert snap["status"] == "stopped", snap
     assert 1 <= snap["step"] < 50
-    assert os.path.isfile(os.path.join(host.output_dir(), "s.safetensors"))
+    assert os.listdir(host.output_dir()) == ["s.safetensors"]
+    assert os.path.isdir(os.path.join(logic.runs_dir(host), "s", "state"))  # resumable, outside the LoRA folder
     assert host.calls == ["free", "restore", "refresh"]
 
 
@@ -259,3 +263,31 @@ def test_job_slot_is_shared_and_threads_see_it():
         jobs.claim("train", "x")
     jobs.finish(job, "done")
     assert jobs.claim("train", "x").kind == "train"
+
+
+def test_lr_finder_holds_the_slot_and_frees_host_memory(tmp_path, demo_data):
+    host = SpyHost("tiny", str(tmp_path / "loras"))
+    values = dict(logic.default_settings(host), batch_size=2, lora_rank=4, lora_alpha=4)
+    cfg, spec = logic.build_config(host, values, demo_data, "", name_override="lr_finder")
+    res = logic.run_lr_finder(host, cfg, spec, 4)
+    assert len(res.lrs) == 4 and res.plot.size[0] > 100 and res.suggested_lr > 0
+    assert host.calls == ["free", "restore"]
+    assert jobs.current().kind == "lr_find" and jobs.running() is None
+    assert not os.path.exists(host.output_dir()) or os.listdir(host.output_dir()) == []
+    with pytest.raises(logic.UserError, match="whole number >= 2"):
+        logic.run_lr_finder(host, cfg, spec, 1)
+
+
+def test_publish_never_overwrites(tmp_path):
+    src = tmp_path / "run" / "x.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(b"new")
+    dest_dir = tmp_path / "loras"
+    dest_dir.mkdir()
+    (dest_dir / "x.safetensors").write_bytes(b"old")
+    written, problems = logic.publish([str(src), None], str(dest_dir))
+    assert written == [] and "was not replaced" in problems[0]
+    assert (dest_dir / "x.safetensors").read_bytes() == b"old"
+    (dest_dir / "x.safetensors").unlink()
+    assert logic.publish([str(src)], str(dest_dir))[0] == [str(dest_dir / "x.safetensors")]
+    assert (dest_dir / "x.safetensors").read_bytes() == b"new"

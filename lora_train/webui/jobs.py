@@ -52,6 +52,7 @@ class Job:
         self.vram: Optional[str] = None
         self.device = ""
         self.result: Any = None
+        self.trainer: Any = None
         self.version = 0
         self._lock = threading.RLock()
         self._thread: Optional[threading.Thread] = None
@@ -74,11 +75,14 @@ class Job:
                 self.stop_event.set()
                 self.status = "stopping"
                 self.version += 1
+            trainer = self.trainer
+        if trainer is not None:
+            trainer.stop()  # the same event; Trainer.stop() is the documented way
 
     def snapshot(self) -> Dict[str, Any]:
         with self._lock:
             return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
-                    if not k.startswith("_") and k != "stop_event"}
+                    if not k.startswith("_") and k not in ("stop_event", "trainer")}
 
     def describe(self) -> str:
         what = {"train": f"training '{self.name}'", "lr_find": "the LR finder", "grid": "a test grid",
@@ -122,8 +126,6 @@ class Job:
                 path = ev.get("path")
                 if path:
                     self.files.append(str(path))
-                    if ev.get("final"):
-                        self.lora_path = str(path)
             self.findings.extend(new_findings)
             self.version += 1
         if host is not None and kind == "step":
@@ -232,13 +234,16 @@ def output_taken(folder: str, name: str) -> bool:
         return False
 
 
-def next_name(folder: str, stem: str) -> str:
-    """`stem`, else `stem_v2`, `stem_v3`, ...: the first name with no file of a run in `folder` and not used
-    by this process before (hosts cache LoRA files by name)."""
-    if not output_taken(folder, stem):
+def next_name(folder: str, stem: str, also: Optional[Callable[[str], bool]] = None) -> str:
+    """`stem`, else `stem_v2`, `stem_v3`, ...: the first name with no file of a run in `folder`, not used
+    by this process before (hosts cache LoRA files by name) and not taken by `also(name)`."""
+    def taken(n: str) -> bool:
+        return output_taken(folder, n) or (also is not None and also(n))
+
+    if not taken(stem):
         return stem
     n = 2
-    while output_taken(folder, f"{stem}_v{n}"):
+    while taken(f"{stem}_v{n}"):
         n += 1
     return f"{stem}_v{n}"
 

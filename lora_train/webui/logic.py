@@ -342,9 +342,44 @@ def build_config(host, values: Dict[str, Any], folder: str, trigger: str, name_o
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     if name_override is None:
+        runs = runs_dir(host)
         os.makedirs(out_dir, exist_ok=True)
-        cfg.output_name = jobs.next_name(out_dir, stem)
+        cfg.output_name = jobs.next_name(out_dir, stem, also=lambda n: os.path.exists(os.path.join(runs, n)))
+        cfg.output_dir = os.path.join(runs, cfg.output_name)
     return cfg, spec
+
+
+def runs_dir(host) -> str:
+    """Where a run keeps its config, loss log, plots and resumable state: `host.runs_dir()` when the host has
+    one, else `lora_train_runs` beside the LoRA folder. Only the LoRA files themselves go into the LoRA folder
+    (a resumable state holds an `adapter.safetensors` that a WebUI would list as a LoRA)."""
+    fn = getattr(host, "runs_dir", None)
+    if callable(fn):
+        return os.path.abspath(fn())
+    return os.path.join(os.path.dirname(os.path.abspath(host.output_dir())), "lora_train_runs")
+
+
+def publish(files: Sequence[str], lora_dir: str) -> Tuple[List[str], List[str]]:
+    """Copy a run's LoRA files into the host's LoRA folder (temp + rename, never over an existing file).
+
+    Returns (written paths, problems)."""
+    import shutil
+
+    from ..io_utils import atomic_path
+
+    written, problems = [], []
+    os.makedirs(lora_dir, exist_ok=True)
+    for src in files:
+        if not src or not os.path.isfile(src):
+            continue
+        dest = os.path.join(lora_dir, os.path.basename(src))
+        if os.path.exists(dest):
+            problems.append(f"'{dest}' exists already and was not replaced; the run's file is '{src}'")
+            continue
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        written.append(dest)
+    return written, problems
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -366,8 +401,15 @@ def start_training(host, cfg: TrainConfig, spec: Optional[str]) -> jobs.Job:
             diag = Diagnoser(cfg)
             trainer = Trainer(cfg, model=model, stop_event=job.stop_event,
                               callback=lambda ev: job.on_train_event(ev, diag, host))
-            job.touch(message="training ...")
+            job.touch(message="training ...", trainer=trainer)
             res = trainer.run()
+        lora_dir = host.output_dir()
+        written, problems = publish(list(res.epoch_files) + [res.lora_path], lora_dir)
+        final = os.path.join(lora_dir, os.path.basename(res.lora_path)) if res.lora_path else None
+        if final not in written:
+            final = None
+        for p in problems:
+            job.warnings.append(p)
         try:
             host.refresh_loras()
         except Exception as exc:  # the file is written; say so, but do not fail the run
@@ -376,12 +418,13 @@ def start_training(host, cfg: TrainConfig, spec: Optional[str]) -> jobs.Job:
         status = "stopped" if res.stopped else "done"
         if res.nan_stopped:
             status = "failed"
-        where = res.lora_path or "(no file: no step was finished)"
+        where = final or "(no file: no step was finished)"
         msg = (f"{'stopped' if res.stopped else 'finished'} after {res.steps} step(s), {res.epochs_done} epoch(s) "
                f"in {jobs.fmt_seconds(res.seconds)}: {where}")
         if res.message:
             msg += f" - {res.message}"
-        job.touch(result=res, lora_path=res.lora_path, findings=findings or job.findings)
+        msg += f" (config, loss log and plot in {cfg.output_dir})"
+        job.touch(result=res, lora_path=final, files=written, findings=findings or job.findings)
         jobs.finish(job, status, message=msg, error=res.message if res.nan_stopped else "")
 
     return jobs.run_in_thread(job, work)
@@ -391,9 +434,7 @@ def run_lr_finder(host, cfg: TrainConfig, spec: Optional[str], steps: int):
     """LR range test on the dataset and base model (in the calling thread, holding the job slot)."""
     from ..lr_finder import lr_range_test
 
-    steps = _int(steps, "LR finder steps", 2)
-    if steps < 2:
-        raise UserError("LR finder steps must be 2 or more (about 100 is usual).")
+    steps = _int(steps, "LR finder steps (about 100 is usual)", 2)
     job = jobs.claim("lr_find")
 
     def work(job: jobs.Job):
