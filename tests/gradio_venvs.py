@@ -15,7 +15,8 @@ import venv
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENVS = os.path.join(ROOT, ".venvs")
+#: LORA_TRAIN_GRADIO_VENVS puts them elsewhere (e.g. a cache folder that outlives a CI checkout)
+VENVS = os.environ.get("LORA_TRAIN_GRADIO_VENVS") or os.path.join(ROOT, ".venvs")
 
 #: what each host installs beside its gradio (A1111 1.10.1 requirements_versions.txt; Forge's pins and the
 #: working set found here: gradio 4.40.0 imports `HfFolder`, gone from huggingface_hub 1.x).

@@ -5,6 +5,7 @@ Skips only when playwright / Chromium / gradio are missing AND LORA_TRAIN_REQUIR
 A screenshot of each section goes to test-artifacts/.
 """
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -149,13 +150,26 @@ def test_standalone_app_in_chromium(app):
             # a second start gets a new file name
             page.locator("#lora_train_start").click()
             expect(page.locator("#lora_train_train_msg")).to_contain_text("Started training my_lora_v2")
-            expect(page.locator("#lora_train_status")).to_contain_text("my_lora_v2")
-            expect(page.locator("#lora_train_status")).to_contain_text("done")
+            # a second start while it runs is refused (or, on a very fast machine, it has ended: _v3)
+            page.locator("#lora_train_start").click()
+            expect(page.locator("#lora_train_train_msg")).to_contain_text(re.compile(
+                r"training 'my_lora_v2' is running|Started training my_lora_v3"))
+            refused = "is running" in page.locator("#lora_train_train_msg").inner_text()
+            last = "my_lora_v2" if refused else "my_lora_v3"
+            # the job lives in Python: a page opened now (a reopened tab) shows it too
+            other = browser.new_page(viewport={"width": 1280, "height": 800})
+            other.set_default_timeout(TIMEOUT_MS)
+            other.goto(url)
+            other.get_by_role("tab", name="Train").click()
+            expect(other.locator("#lora_train_status")).to_contain_text(last)
+            expect(page.locator("#lora_train_status")).to_contain_text(f"{last}: done")
+            expect(other.locator("#lora_train_status")).to_contain_text(f"{last}: done")
+            other.close()
             assert plot.get_attribute("src") != first_src, "the loss plot did not change for a new run"
 
             # ---- Test: grid with the base column
             page.get_by_role("tab", name="Test").click()
-            expect(page.locator("#lora_train_tag textarea")).to_have_value("<lora:my_lora_v2:0.8>")
+            expect(page.locator("#lora_train_tag textarea")).to_have_value(f"<lora:{last}:0.8>")
             for sel, value in (("#lora_train_gen_steps input", "2"), ("#lora_train_seeds textarea", "1"),
                                ("#lora_train_strengths textarea", "1")):
                 page.locator(sel).fill(value)

@@ -246,16 +246,18 @@ def build_tab(host) -> "gr.Blocks":
                     return r[1]
             return ""
 
-        on(image_pick.change, do_pick, [image_pick, rows_state], [caption_box])
+        # `input` (a user's choice) rather than `change`, which also fires when Load sets the list and would
+        # then overwrite a caption being typed
+        on(getattr(image_pick, "input", image_pick.change), do_pick, [image_pick, rows_state], [caption_box])
 
         def do_select(rows, evt: gr.SelectData):
             i = evt.index if not isinstance(evt.index, (list, tuple)) else evt.index[0]
             if rows and 0 <= int(i) < len(rows):
-                return update(value=os.path.basename(rows[int(i)][0]))
-            return update()
+                return update(value=os.path.basename(rows[int(i)][0])), rows[int(i)][1]
+            return update(), update()
 
         if hasattr(gallery, "select"):
-            on(gallery.select, do_select, [rows_state], [image_pick])
+            on(gallery.select, do_select, [rows_state], [image_pick, caption_box])
 
         def do_save_caption(path, rows, name, text):
             if not path:
