@@ -160,6 +160,7 @@ def test_standalone_app_in_chromium(app):
             other = browser.new_page(viewport={"width": 1280, "height": 800})
             other.set_default_timeout(TIMEOUT_MS)
             other.goto(url)
+            expect(other.locator("#lora_train_folder textarea")).to_have_value(data)  # remembered
             other.get_by_role("tab", name="Train").click()
             expect(other.locator("#lora_train_status")).to_contain_text(last)
             expect(page.locator("#lora_train_status")).to_contain_text(f"{last}: done")

@@ -153,6 +153,8 @@ def vram_text() -> Optional[str]:
 
 _LOCK = threading.Lock()
 _CURRENT: Optional[Job] = None
+#: what a reopened page fills in again (the dataset folder last loaded)
+REMEMBERED: Dict[str, Any] = {}
 #: LoRA names this process has written: never reused, so a host that caches LoRA files by name never
 #: shows an older run under a name (even after the file was deleted).
 USED_NAMES: set = set()

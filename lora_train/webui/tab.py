@@ -232,11 +232,18 @@ def build_tab(host) -> "gr.Blocks":
         def do_load(path):
             try:
                 real = logic.dataset_folder(host, path)
+                jobs.REMEMBERED["folder"] = path
                 return show_folder(real) + ("",)
             except Exception as exc:
                 return ("", [], [], _err(exc), update(choices=[], value=None), "", "", "")
 
         ds_outputs = [folder_state, rows_state, gallery, ds_status, image_pick, caption_box, tags_md]
+
+        def do_page_open():
+            # a reopened page: the folder last loaded in this process (Start/Suggest read this box)
+            return update(value=jobs.REMEMBERED.get("folder", "")) if jobs.REMEMBERED.get("folder") else update()
+
+        on(blocks.load, do_page_open, [], [folder])
         on(load_btn.click, do_load, [folder], ds_outputs + [caption_msg])
         on(folder.submit, do_load, [folder], ds_outputs + [caption_msg])
 
@@ -307,7 +314,7 @@ def build_tab(host) -> "gr.Blocks":
                      int(values.get("gradient_accumulation_steps", v["gradient_accumulation_steps"]))]
             return tuple(outs) + (update(value=0), md, basis, "", update(visible=False))
 
-        on(suggest_btn.click, do_suggest, [folder_state, trigger, task, vram] + setting_inputs, suggest_outputs)
+        on(suggest_btn.click, do_suggest, [folder, trigger, task, vram] + setting_inputs, suggest_outputs)
 
         def do_offer(lr, batch, accum, basis):
             new_lr, text = logic.rescale_offer(lr, basis, batch, accum)
@@ -349,7 +356,7 @@ def build_tab(host) -> "gr.Blocks":
             md = res.summary() + ("\n\n" + "\n".join(f"- {n}" for n in res.notes) if res.notes else "")
             return res.plot, md, res.suggested_lr, update(visible=True, value=f"Use {res.suggested_lr:.3g}")
 
-        on(finder_btn.click, do_finder, [folder_state, trigger, finder_steps] + setting_inputs,
+        on(finder_btn.click, do_finder, [folder, trigger, finder_steps] + setting_inputs,
            [finder_plot, finder_md, finder_lr_state, finder_apply])
 
         def do_finder_apply(lr, batch, accum):
@@ -370,7 +377,7 @@ def build_tab(host) -> "gr.Blocks":
             return (f"Started training **{cfg.output_name}** ({cfg.output_dir}). The status below updates by "
                     f"itself; closing this page does not stop the run.")
 
-        on(start_btn.click, do_start, [folder_state, trigger] + setting_inputs, [train_msg])
+        on(start_btn.click, do_start, [folder, trigger] + setting_inputs, [train_msg])
 
         def do_stop():
             job = jobs.running()
