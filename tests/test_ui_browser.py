@@ -189,3 +189,61 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.parametrize("version", ["3.41.2", "4.40.0"])
+def test_send_to_txt2img_js_under_host_gradio(version, tmp_path):
+    """The hosts' gradio frontends: the tab served by gradio 3.41.2 (A1111) / 4.40.0 (Forge) with a WebUI-like
+    host; "Send to txt2img" calls the page's `loraTrainSendToTxt2img(tag)` (javascript/ of the extension)
+    with the `<lora:name:0.8>` tag, and the status poll runs."""
+    _need("playwright (pip install playwright)", _importable("playwright"))
+    _need(f"Chromium at {CHROMIUM}", os.path.isfile(CHROMIUM))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import gradio_venvs
+    from playwright.sync_api import expect, sync_playwright
+
+    py = gradio_venvs.ensure(version)
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    log = open(tmp_path / "serve.log", "w+", encoding="utf-8")
+    proc = subprocess.Popen([py, os.path.join(ROOT, "tests", "webui_build_check.py"), "a1111", "--serve", str(port)],
+                            cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                pytest.fail(f"gradio {version} app did not come up:\n{log.read()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.set_default_timeout(60_000)
+                page.add_init_script("window.loraTrainSendToTxt2img = function (tag) { window.__sent = tag; };")
+                page.goto(url)
+                page.locator("button", has_text="Test").first.click()
+                expect(page.locator("#lora_train_tag textarea")).to_have_value("<lora:old_style:0.8>")
+                page.locator("#lora_train_send").click()
+                page.wait_for_function("window.__sent !== undefined")
+                assert page.evaluate("window.__sent") == "<lora:old_style:0.8>"
+                page.locator("button", has_text="Train").first.click()
+                expect(page.locator("#lora_train_status").first).to_contain_text("No job has run yet.")
+                page.screenshot(path=os.path.join(ARTIFACTS, f"ui_gradio_{version}.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

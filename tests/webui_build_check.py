@@ -3,7 +3,7 @@
 Run by tests/test_webui_tab.py inside throwaway venvs that hold only a host's gradio and its pins: no torch,
 so this also proves the tab builds without importing the core's heavy modules. Prints one JSON line.
 
-    python tests/webui_build_check.py [a1111|standalone] [--launch]
+    python tests/webui_build_check.py [a1111|standalone] [--launch | --serve PORT]
 """
 import json
 import os
@@ -51,6 +51,11 @@ def main():
         from lora_train.webui import build_tab
 
         blocks = build_tab(DuckHost(host_name, d))
+        if "--serve" in sys.argv:  # for the browser test: serve until killed
+            from lora_train.ui_cli import launch
+
+            launch(blocks, "127.0.0.1", int(sys.argv[sys.argv.index("--serve") + 1]), block=True)
+            return
         assert isinstance(blocks, gr.Blocks), type(blocks)
         cfg = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
     comps = cfg["components"]
