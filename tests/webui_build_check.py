@@ -51,8 +51,13 @@ def main():
         from lora_train.webui import build_tab
 
         blocks = build_tab(DuckHost(host_name, d))
-        if "--serve" in sys.argv:  # for the browser test: serve until killed
+        if "--serve" in sys.argv:  # for the browser test: serve until killed, with a finished job to show
             from lora_train.ui_cli import launch
+            from lora_train.webui import jobs
+
+            job = jobs.claim("train", "fake_run")
+            job.touch(steps=[1, 2, 3], losses=[1.0, 0.8, 0.7], step=3, total_steps=3)
+            jobs.finish(job, "done", message="finished after 3 step(s)")
 
             launch(blocks, "127.0.0.1", int(sys.argv[sys.argv.index("--serve") + 1]), block=True)
             return

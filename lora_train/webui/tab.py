@@ -171,6 +171,7 @@ def build_tab(host) -> "gr.Blocks":
                 status_md = make(gr.Markdown, "No job has run yet.", elem_id="lora_train_status")
                 loss_img = make(gr.Image, label="Loss", type="pil", interactive=False, elem_id="lora_train_loss")
                 diag_md = make(gr.Markdown, "", elem_id="lora_train_diagnosis")
+                version_box = make(gr.Textbox, value="", visible=False, elem_id="lora_train_version")
 
             # ------------------------------------------------------------------ Test
             with gr.Tab("Test"):
@@ -388,7 +389,11 @@ def build_tab(host) -> "gr.Blocks":
 
         on(stop_btn.click, do_stop, [], [train_msg])
 
-        def poll(seen):
+        def job_key():
+            job = jobs.current()
+            return f"{id(job)}:{job.version}" if job is not None else "0:0"
+
+        def render(seen):
             job = jobs.current()
             snap = job.snapshot() if job is not None else None
             version = (id(job), snap["version"]) if snap else (0, 0)
@@ -410,8 +415,12 @@ def build_tab(host) -> "gr.Blocks":
                     + lora_updates)
 
         poll_outputs = [status_md, loss_img, diag_md, seen_state, lora_pick, prompt, tag_box]
-        compat.poll(blocks, POLL_SECONDS, poll, [seen_state], poll_outputs)
-        on(refresh_btn.click, lambda: poll(None), [], poll_outputs)
+        # The timer only updates a hidden version box (gradio 3 marks every output of a running event as busy,
+        # which would make the Train section flicker every second); the visible parts are rendered when the
+        # job's version changes.
+        compat.poll(blocks, POLL_SECONDS, job_key, [], [version_box])
+        on(version_box.change, render, [seen_state], poll_outputs, show_progress="hidden")
+        on(refresh_btn.click, lambda: render(None), [], poll_outputs)
 
         # -------------------------------------------------------------- test handlers
         def do_grid(prompt_v, neg, name, st, sd, ep, steps_v, cfg_v, size_v):
