@@ -142,7 +142,7 @@ COMMANDS = {"train": cmd_train, "demo": cmd_demo, "tiny-model": cmd_tiny_model}
 
 # Feature modules add their own subcommands: each exposes `add_commands(subparsers) -> {name: func}`,
 # func(args, extra) -> exit code.
-EXTENSIONS = ["lora_train.sampler_cli", "lora_train.tuning_cli", "lora_train.caption_cli"]
+EXTENSIONS = ["lora_train.sampler_cli", "lora_train.tuning_cli", "lora_train.caption_cli", "lora_train.ui_cli"]
 
 
 def _load_extensions(sub) -> None:
