@@ -82,7 +82,9 @@ def module_identity(module: torch.nn.Module, extra: str = "", samples_per_tensor
         if t.is_meta or t.numel() == 0:
             continue
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel())).long().to(flat.device)
+        k = min(samples_per_tensor, flat.numel())
+        # integer spacing: float32 linspace overshoots the last index above 2^24 elements (CLIP-L's embedding)
+        idx = (torch.arange(k, dtype=torch.long, device=flat.device) * (flat.numel() - 1)) // max(k - 1, 1)
         picks.append(flat.index_select(0, idx).float())
     h = hashlib.sha256(_digest(parts).encode("ascii"))
     if picks:

@@ -458,6 +458,9 @@ class Trainer:
             return res
         if self.device.type != "cpu":
             m.vae.to("cpu")
+            if text_cache is not None:  # frozen encoders are done once their outputs are cached: free the GPU
+                for te in m.text_encoders:
+                    te.to("cpu")
         train_idx, val_idx = self._split()
         val_groups: Dict[Tuple[int, ...], List[int]] = {}
         for i in val_idx:  # validation images batched by latent size (buckets)
@@ -793,12 +796,15 @@ class Trainer:
         from .sampler import sample_in_training
 
         cfg, m = self.cfg, self.model
+        offloaded = [te for te in m.text_encoders if next(te.parameters()).device != self.device]
         if self.device.type != "cpu":
-            m.vae.to(self.device)
+            for mod in [m.vae] + offloaded:
+                mod.to(self.device)
         img = sample_in_training(m, lora_mod.DEFAULT_ADAPTER, cfg.sample_prompts, cfg.sample_seed, cfg.sample_steps,
                                  cfg.sample_cfg, cfg.resolution)
         if self.device.type != "cpu":
-            m.vae.to("cpu")
+            for mod in [m.vae] + offloaded:
+                mod.to("cpu")
         path = os.path.join(cfg.output_dir, "samples", f"{cfg.output_name}_e{epoch:04d}_s{step:06d}.png")
         save_image(img, path)
         self.emit("sample", path=path, step=step, epoch=epoch)

@@ -230,3 +230,16 @@ def test_module_identity_diffusers_vae_ignores_path():
     assert module_identity(v1) == module_identity(v2)
     v2.register_to_config(scaling_factor=0.13025)
     assert module_identity(v1) != module_identity(v2)
+
+
+def test_module_identity_of_a_clip_l_sized_embedding():
+    """37,945,344 elements: past float32's exact integers; every sampled index must stay in range."""
+    import torch
+
+    from lora_train.cache import module_identity
+
+    emb = torch.nn.Embedding(49408, 768)
+    a = module_identity(emb)
+    with torch.no_grad():
+        emb.weight[-1, -1] += 1.0  # the last element is sampled: a change there changes the identity
+    assert module_identity(emb) != a
