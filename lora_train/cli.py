@@ -97,21 +97,27 @@ def cmd_demo(args, extra: List[str]) -> int:
     t0 = time.time()
     out = os.path.abspath(args.out)
     data = os.path.join(out, "dataset")
-    write_demo_dataset(data, n=8, size=64)
-    print(f"[1/3] dataset: {data} (8 procedural images, trigger word '{DEMO_TRIGGER}')")
+    from .caption import caption_folder, make_captioner
+
+    write_demo_dataset(data, n=8, size=64, captions=False)
+    rep = caption_folder(data, make_captioner("template", template="{trigger}, {words}", trigger=DEMO_TRIGGER),
+                         mode="skip")
+    example = next(iter(rep.captions.values()), "")
+    print(f"[1/4] dataset: {data} (8 procedural images)")
+    print(f"[2/4] captions (template backend, trigger word '{DEMO_TRIGGER}'): {rep.summary()}; e.g. '{example}'")
     name = next_free_name(out, "demo_lora")
     cfg = TrainConfig(train_data_dir=data, base_model="tiny", output_dir=out, output_name=name, resolution=64,
                       lora_rank=8, learning_rate=args.lr, batch_size=2, epochs=args.epochs, lr_scheduler="cosine",
                       lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10)
     cfg.validate()
     res = train(cfg, callback=TqdmRenderer())
-    print(f"[2/3] trained {res.steps} steps in {res.seconds:.1f}s -> {res.lora_path}")
+    print(f"[3/4] trained {res.steps} steps in {res.seconds:.1f}s -> {res.lora_path}")
     gen = Generator(build_tiny(), lora_dirs=[out])
     base = GenParams(prompt=f"{DEMO_TRIGGER}, a red circle on a blue background <lora:{name}:1>", steps=args.sample_steps,
                      cfg_scale=1.0, width=64, height=64)
     grid = build_grid(gen, base, name, [0.5, 1.0], [1, 2], cell_size=128)
     grid_path = grid.save(os.path.join(out, "grids"), name)[0]
-    print(f"[3/3] grid (strength 0 / 0.5 / 1.0): {grid_path}")
+    print(f"[4/4] grid (strength 0 / 0.5 / 1.0): {grid_path}")
     print(f"loss curve: {res.loss_png}; done in {time.time() - t0:.1f}s")
     return 0
 
@@ -123,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a run from its last saved state (the run's output_dir, or one state/step-N folder)")
-    d = sub.add_parser("demo", help="procedural dataset -> train the tiny model on CPU -> strength grid")
+    d = sub.add_parser("demo", help="procedural images -> caption -> train the tiny model on CPU -> strength grid")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--epochs", type=int, default=40)
     d.add_argument("--lr", type=float, default=2e-3,

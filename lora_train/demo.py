@@ -39,21 +39,26 @@ def procedural_images(n: int, size: int, seed: int = 0) -> List[Image.Image]:
     return out
 
 
-def write_demo_dataset(folder: str, n: int = 8, size: int = 64, seed: int = 0, trigger: str = DEMO_TRIGGER) -> str:
+def write_demo_dataset(folder: str, n: int = 8, size: int = 64, seed: int = 0, trigger: str = DEMO_TRIGGER,
+                       captions: bool = True) -> str:
     """A consistent 'style' (red shapes on blue) with captions that name the trigger word.
 
-    Existing files are never overwritten: a folder that already holds the dataset is reused.
+    captions=False writes the images only, named for what they show (`a_red_circle_on_a_blue_background_000.png`),
+    for a captioning step to fill in. Existing files are never overwritten: a folder that already holds the
+    dataset is reused.
     """
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
     shapes = ["circle", "square", "stripes"]
     for i in range(n):
-        stem = os.path.join(folder, f"img_{i:03d}")
+        shape = shapes[i % 3]
+        name = f"img_{i:03d}" if captions else f"a_red_{shape}_on_a_blue_background_{i:03d}"
+        stem = os.path.join(folder, name)
         if os.path.exists(stem + ".png"):
             continue
-        shape = shapes[i % 3]
         im = _draw(rng, size, shape, "red", "blue")
         im.save(stem + ".png")
-        with open(stem + ".txt", "w", encoding="utf-8") as fh:
-            fh.write(f"{trigger}, a red {shape} on a blue background")
+        if captions:
+            with open(stem + ".txt", "w", encoding="utf-8") as fh:
+                fh.write(f"{trigger}, a red {shape} on a blue background")
     return folder

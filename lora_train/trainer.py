@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -111,16 +112,27 @@ def encode_prompts(model: BaseModel, captions: List[str], device: torch.device):
 STATE_DIRNAME = "state"
 
 
-def list_states(run_dir: str) -> List[str]:
-    """Resumable states of a run folder (or a state folder itself), oldest first."""
+def list_states(run_dir: str, name: Optional[str] = None) -> List[str]:
+    """Resumable states of a run folder (or one state folder itself), oldest first.
+
+    States are `<run_dir>/state/<output_name>-step-<N>/`, so runs of several names can share one output folder;
+    `name` picks one run. Without it a folder holding the states of several runs is an error that names them."""
     if os.path.isfile(os.path.join(run_dir, "trainer.json")):
         return [run_dir]
     root = os.path.join(run_dir, STATE_DIRNAME)
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if n.startswith("step-")
-                   and os.path.isfile(os.path.join(root, n, "trainer.json")))
-    return [os.path.join(root, n) for n in names]
+    found = []
+    for n in os.listdir(root):
+        m = re.match(r"^(?:(.+)-)?step-(\d+)$", n)
+        if m and os.path.isfile(os.path.join(root, n, "trainer.json")):
+            found.append((m.group(1) or "", int(m.group(2)), n))
+    if name is not None:
+        found = [f for f in found if f[0] == name]
+    elif len({f[0] for f in found}) > 1:
+        raise ValueError(f"'{run_dir}' holds the states of several runs ({', '.join(sorted({f[0] for f in found}))}): "
+                         f"resume with the config (output_name) of the run you want.")
+    return [os.path.join(root, n) for _, _, n in sorted(found, key=lambda f: f[1])]
 
 
 class Trainer:
@@ -166,7 +178,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _prepare(self):
         cfg = self.cfg
-        if self.resume_from is not None and not list_states(self.resume_from):
+        if self.resume_from is not None and not list_states(self.resume_from, self._state_name(self.resume_from)):
             raise FileNotFoundError(f"no resumable state in '{self.resume_from}': give the run's output folder "
                                     f"(it holds {STATE_DIRNAME}/step-*/), or train without --resume.")
         from accelerate import Accelerator
@@ -319,7 +331,7 @@ class Trainer:
         snap = self._snapshot()
         root = os.path.join(self.cfg.output_dir, STATE_DIRNAME)
         os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"step-{self.pos['step']:08d}")
+        final = os.path.join(root, f"{self.cfg.output_name}-step-{self.pos['step']:08d}")
         tmp = tempfile.mkdtemp(prefix=".tmp-state-", dir=root)
         try:
             save_file({k: v.float().cpu().contiguous() for k, v in snap["params"].items()},
@@ -344,17 +356,23 @@ class Trainer:
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
-        for old in list_states(self.cfg.output_dir)[:-self.cfg.save_state_keep]:
+        for old in list_states(self.cfg.output_dir, self.cfg.output_name)[:-self.cfg.save_state_keep]:
             shutil.rmtree(old, ignore_errors=True)
         self.last_good = snap
         self._last_state_step = self.pos["step"]
         self.emit("state", path=final, step=self.pos["step"])
         return final
 
+    def _state_name(self, path: str) -> Optional[str]:
+        """The run name to resume in `path`: this config's output_name when that folder holds its states."""
+        if os.path.isfile(os.path.join(path, "trainer.json")):
+            return None
+        return self.cfg.output_name if list_states(path, self.cfg.output_name) else None
+
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        states = list_states(path)
+        states = list_states(path, self._state_name(path))
         d = states[-1]
         with open(os.path.join(d, "trainer.json"), encoding="utf-8") as fh:
             meta = json.load(fh)

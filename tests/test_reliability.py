@@ -272,3 +272,13 @@ def test_killed_during_save_leaves_the_previous_file_whole(tmp_path):
     assert set(sd) == {"a"} or len(sd) == 48
     if set(sd) == {"a"}:
         assert torch.equal(sd["a"], torch.arange(10.0))
+
+
+def test_states_of_two_runs_in_one_folder_stay_apart(tmp_path):
+    for n in ("a-step-00000002", "a-step-00000010", "b-step-00000003"):
+        (tmp_path / "state" / n).mkdir(parents=True)
+        (tmp_path / "state" / n / "trainer.json").write_text("{}")
+    assert [os.path.basename(p) for p in list_states(str(tmp_path), "a")] == ["a-step-00000002", "a-step-00000010"]
+    assert [os.path.basename(p) for p in list_states(str(tmp_path), "b")] == ["b-step-00000003"]
+    with pytest.raises(ValueError, match="several runs"):
+        list_states(str(tmp_path))

@@ -36,7 +36,7 @@ def test_files_written(trained):
     out = res.output_dir
     names = sorted(os.listdir(out))
     assert names == ["e2e-000020.safetensors", "e2e.safetensors", "e2e.yaml", "e2e_loss.csv", "e2e_loss.png", "state"]
-    assert sorted(os.listdir(os.path.join(out, "state"))) == ["step-00000156", "step-00000160"]  # last 2 kept
+    assert sorted(os.listdir(os.path.join(out, "state"))) == ["e2e-step-00000156", "e2e-step-00000160"]  # last 2 kept
     assert not any(n.endswith(".tmp") for n in names)
     kinds = {e["kind"] for e in events}
     assert {"start", "step", "epoch", "checkpoint", "done"} <= kinds
