@@ -239,15 +239,9 @@ def output_taken(folder: str, name: str) -> bool:
 def next_name(folder: str, stem: str, also: Optional[Callable[[str], bool]] = None) -> str:
     """`stem`, else `stem_v2`, `stem_v3`, ...: the first name with no file of a run in `folder`, not used
     by this process before (hosts cache LoRA files by name) and not taken by `also(name)`."""
-    def taken(n: str) -> bool:
-        return output_taken(folder, n) or (also is not None and also(n))
+    from ..io_utils import next_free_name
 
-    if not taken(stem):
-        return stem
-    n = 2
-    while taken(f"{stem}_v{n}"):
-        n += 1
-    return f"{stem}_v{n}"
+    return next_free_name(folder, stem, exists=lambda n: output_taken(folder, n) or (also is not None and also(n)))
 
 
 def fmt_seconds(s: Optional[float]) -> str:
