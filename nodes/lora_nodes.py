@@ -347,6 +347,21 @@ def _publish(src: str, folder: str, name: str) -> str:
     return dest
 
 
+def _advice_lines(res, cfg) -> List[str]:
+    """The live diagnosis summary, and the rescaled lr when the effective batch is not the one the lr was
+    chosen for (the advisor's 2e-4 at batch 4, rescaled by sqrt; one knob at a time)."""
+    from lora_train.advisor import Finding, format_findings, rescale_lr
+
+    out = [format_findings([Finding(**f) for f in res.findings])]
+    eff = cfg.batch_size * cfg.gradient_accumulation_steps
+    lr, why = rescale_lr(2e-4, 4, 1, cfg.batch_size, cfg.gradient_accumulation_steps)
+    if eff != 4 and abs(cfg.learning_rate - lr) > 0.25 * lr:
+        out.append(f"lr note: effective batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} = {eff}; the "
+                   f"advisor's start for it is {lr:.3g} ({why}); this run used {cfg.learning_rate:.3g}. If you "
+                   f"changed batch or accumulation, set learning_rate to {lr:.3g} (or wire Suggest settings in).")
+    return out
+
+
 class LoraTrainTrain:
     DESCRIPTION = ("Train a LoRA on the MODEL / CLIP / VAE of the graph, inside ComfyUI (no subprocess). Saves a "
                    "new file in the loras folder (never overwrites: my_lora_v2, ...), with kohya metadata.")
@@ -496,6 +511,7 @@ class LoraTrainTrain:
             lines.append(f"loss: first {sum(losses[:k]) / k:.4f}, last {sum(losses[-k:]) / k:.4f} (mean of {k} steps)")
         if res.message:
             lines.append(res.message)
+        lines.extend(_advice_lines(res, cfg))
         lines.append(f"run folder (config, loss log): {res.output_dir}")
         report = "\n".join(lines)
         log.info(report)

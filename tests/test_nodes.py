@@ -383,6 +383,9 @@ def test_train_node_trains_on_the_graph_weights(comfy, trained, caplog):
     assert meta["ss_steps"] == "4" and meta["ss_network_dim"] == "4" and meta["ss_sd_model_name"] == "comfyui:SD15"
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     assert "4 steps, 2 epoch(s)" in report and "loss: first" in report
+    assert "diagnosis:" in report  # the live diagnosis summary
+    # batch 2 with lr 1e-3: the report offers the advisor's rescaled start (2e-4 at batch 4 x sqrt(2/4))
+    assert "lr note: effective batch 2 x 1 = 2" in report and "set learning_rate to 0.000141" in report
     run_dir = os.path.join(comfy.fp.get_output_directory(), "lora_train", "my_lora")
     assert os.path.isfile(os.path.join(run_dir, "my_lora.yaml"))
     # ComfyUI's loader (fake: kohya key map of the same model) takes every key of the file
