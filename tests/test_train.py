@@ -130,7 +130,9 @@ def test_round_trip_importer_and_diffusers(trained, strength):
     pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
                                    scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.load_lora_weights(res.lora_path, adapter_name="ours")
+    # folder + weight_name: diffusers 0.31 refuses a bare file path when offline ("you must specify a weight_name")
+    pipe.load_lora_weights(os.path.dirname(res.lora_path), weight_name=os.path.basename(res.lora_path),
+                           adapter_name="ours")
     pipe.set_adapters(["ours"], adapter_weights=[strength])
     assert (_unet_out(m, lat, te) - ref).abs().max() <= 1e-5
 
