@@ -78,6 +78,7 @@ class TrainConfig:
     nan_max_recoveries: int = 3
     # memory / quality features
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # torch.compile the UNet for the training forward (slow first steps; GPU)
     noise_offset: float = 0.0
     min_snr_gamma: Optional[float] = None
     caption_dropout_rate: float = 0.0

@@ -545,6 +545,12 @@ class Trainer:
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=total_steps, **sched_kw)
         unet, optimizer = acc.prepare(m.unet, optimizer)
+        if cfg.torch_compile:  # only the training forward goes through the compiled module; saving reads m.unet
+            unet = torch.compile(unet)
+        cuda = self.device.type == "cuda"
+
+        def to_dev(x: torch.Tensor) -> torch.Tensor:  # pinned host memory: the copy overlaps the GPU's work
+            return x.pin_memory().to(self.device, non_blocking=True) if cuda else x.to(self.device)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self._meta_common = dict(n_images=len(train_idx), n_samples=n_samples, batches_per_epoch=batches_per_epoch,
                                  total_steps=total_steps, total_epochs=total_epochs)
@@ -599,8 +605,9 @@ class Trainer:
                     drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
                     caps = ["" if d else c for c, d in zip(caps, drop)]
                 idx, flips, caps = batch[lo:hi], flips[lo:hi], caps[lo:hi]
-                noise, t = noise[lo:hi].to(self.device), t[lo:hi].to(self.device)
-                lat = torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]).to(self.device)
+                t_cpu = t[lo:hi]
+                noise, t = to_dev(noise[lo:hi]), to_dev(t_cpu)
+                lat = to_dev(torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]))
                 noisy = sched.add_noise(lat, noise, t)
                 target = noise if pred_type == "epsilon" else sched.get_velocity(lat, noise, t)
                 with acc.autocast():
@@ -617,7 +624,7 @@ class Trainer:
                 if cfg.min_snr_gamma:
                     from diffusers.training_utils import compute_snr
 
-                    snr = compute_snr(sched, t.cpu()).to(self.device)
+                    snr = compute_snr(sched, t_cpu).to(self.device)  # from the CPU copy: no device->host sync
                     w = torch.clamp(snr, max=cfg.min_snr_gamma)
                     w = w / (snr + 1) if pred_type == "v_prediction" else w / snr
                     loss = loss * w

@@ -282,3 +282,18 @@ def test_states_of_two_runs_in_one_folder_stay_apart(tmp_path):
     assert [os.path.basename(p) for p in list_states(str(tmp_path), "b")] == ["b-step-00000003"]
     with pytest.raises(ValueError, match="several runs"):
         list_states(str(tmp_path))
+
+
+def test_torch_compile_wraps_only_the_training_forward(data, tmp_path, monkeypatch):
+    """`torch_compile: true` compiles the UNet used by the step (a stand-in here: compiling takes minutes on a
+    CPU); the saved file comes from the plain module. min-SNR weighting runs from the CPU timesteps."""
+    calls = []
+
+    def fake_compile(module, *a, **k):
+        calls.append(type(module).__name__)
+        return module
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = small_cfg(data, tmp_path, max_train_steps=2, torch_compile=True, min_snr_gamma=5.0)
+    tr, res = _run(cfg, build_tiny())
+    assert calls == ["UNet2DConditionModel"] and res.steps == 2 and all(math.isfinite(x) for x in res.losses)
+    assert load_file(res.lora_path)
