@@ -622,8 +622,6 @@ class Trainer:
                     pred = unet(noisy.to(in_dtype), t, ehs, added_cond_kwargs=added).sample
                 loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
                 if cfg.min_snr_gamma:
-                    from diffusers.training_utils import compute_snr
-
                     snr = compute_snr(sched, t_cpu).to(self.device)  # from the CPU copy: no device->host sync
                     w = torch.clamp(snr, max=cfg.min_snr_gamma)
                     w = w / (snr + 1) if pred_type == "v_prediction" else w / snr
@@ -863,6 +861,20 @@ class Trainer:
                         val_steps=[v["step"] for v in self.val_history],
                         val_losses=[v["val_loss"] for v in self.val_history])
         save_image(img, paths["loss_png"])
+
+
+def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio per timestep: diffusers' `training_utils.compute_snr`, or the same formula where that
+    module cannot be imported (diffusers 0.31 beside the WebUI's transformers 4.30.2 fails on
+    `transformers.integrations.deepspeed`)."""
+    try:
+        from diffusers.training_utils import compute_snr as _snr
+    except (ImportError, AttributeError):
+        _snr = None
+    if _snr is not None:
+        return _snr(noise_scheduler, timesteps)
+    ac = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return ac / (1.0 - ac)  # (sqrt(ac) / sqrt(1 - ac))^2
 
 
 def pred_dtype(unet, device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:

@@ -297,3 +297,18 @@ def test_torch_compile_wraps_only_the_training_forward(data, tmp_path, monkeypat
     tr, res = _run(cfg, build_tiny())
     assert calls == ["UNet2DConditionModel"] and res.steps == 2 and all(math.isfinite(x) for x in res.losses)
     assert load_file(res.lora_path)
+
+
+def test_compute_snr_fallback_matches_diffusers(monkeypatch):
+    """min-SNR must work where diffusers.training_utils cannot be imported (WebUI: transformers 4.30.2)."""
+    from diffusers import DDPMScheduler
+
+    from lora_train.trainer import compute_snr
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012)
+    t = torch.tensor([0, 10, 500, 999])
+    expected = compute_snr(sched, t)
+    monkeypatch.setitem(sys.modules, "diffusers.training_utils", None)  # the import now raises ImportError
+    got = compute_snr(sched, t)
+    assert torch.allclose(got, expected, rtol=1e-5) and got[0] > got[-1] > 0
