@@ -136,3 +136,29 @@ class LoraLibrary:
         eps = sorted((int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder)
                      if (m := pat.match(n)))
         return [(e, p) for e, p in eps] + [(None, final)]
+
+
+def parse_floats(text: str, what: str) -> List[float]:
+    """A list of numbers typed by a user (`0.5, 0.8 1`; commas, semicolons or spaces); ValueError says how to
+    write it. Shared by the CLI, the tab and the ComfyUI nodes."""
+    out = []
+    for part in re.split(r"[,\s;]+", str(text or "").strip()):
+        if not part:
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ValueError(f"{what}: '{part}' is not a number; write a comma-separated list such as 0.5, 0.75, 1"
+                             ) from None
+    if not out:
+        raise ValueError(f"{what} is empty: write a comma-separated list such as 0.5, 0.75, 1")
+    return out
+
+
+def parse_ints(text: str, what: str) -> List[int]:
+    """Like `parse_floats`, whole numbers only (seeds, epochs)."""
+    vals = parse_floats(text, what)
+    bad = [v for v in vals if not float(v).is_integer()]
+    if bad:
+        raise ValueError(f"{what}: {bad[0]:g} is not a whole number; write e.g. 1, 2, 3")
+    return [int(v) for v in vals]

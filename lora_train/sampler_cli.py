@@ -6,17 +6,15 @@ from typing import Dict, List
 
 
 def _floats(s: str) -> List[float]:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--strengths '{s}' must be numbers separated by commas, e.g. 0,0.4,0.8,1") from None
+    from .prompt import parse_floats
+
+    return parse_floats(s, "--strengths")
 
 
 def _ints(s: str) -> List[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds '{s}' must be whole numbers separated by commas, e.g. 1,2") from None
+    from .prompt import parse_ints
+
+    return parse_ints(s, "--seeds")
 
 
 def cmd_sample(args, extra) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from lora_train.advisor import BASES, DETAILS, TASKS
 from lora_train.config import OPTIMIZERS, SCHEDULERS
 from lora_train.io_utils import next_free_name
+from lora_train.prompt import parse_floats, parse_ints
 
 from .comfy_host import ComfyUIHost, HostError, pil_to_image, save_preview
 from .names import CATEGORY, DATASET_TYPE, NODE_NAMES
@@ -53,28 +54,6 @@ def folder_fingerprint(folder: str) -> str:
 
 def _values_hash(**kw: Any) -> str:
     return hashlib.sha256(repr(sorted((k, repr(v)) for k, v in kw.items())).encode()).hexdigest()
-
-
-def parse_floats(text: str, what: str) -> List[float]:
-    out = []
-    for part in re.split(r"[,\s;]+", str(text or "").strip()):
-        if not part:
-            continue
-        try:
-            out.append(float(part))
-        except ValueError:
-            raise ValueError(f"{what}: '{part}' is not a number; write a comma-separated list such as 0.5, 0.75, 1") from None
-    if not out:
-        raise ValueError(f"{what} is empty: write a comma-separated list such as 0.5, 0.75, 1")
-    return out
-
-
-def parse_ints(text: str, what: str) -> List[int]:
-    vals = parse_floats(text, what)
-    bad = [v for v in vals if not float(v).is_integer()]
-    if bad:
-        raise ValueError(f"{what}: {bad[0]:g} is not a whole number; write e.g. 1, 2, 3")
-    return [int(v) for v in vals]
 
 
 def clean_lora_name(name: str) -> str:

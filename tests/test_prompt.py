@@ -57,3 +57,14 @@ def test_library_resolution(tmp_path):
         lib.resolve("MyStyl")
     assert "MyStyle" in str(e.value) and "unknown LoRA" in str(e.value)
     assert [e for e, _ in lib.epochs_of("run")] == [2, None]
+
+
+def test_number_lists_typed_by_users():
+    from lora_train.prompt import parse_floats, parse_ints
+
+    assert parse_floats("0, 0.5;0.8 1", "strengths") == [0.0, 0.5, 0.8, 1.0]
+    assert parse_ints("1, 2,3", "seeds") == [1, 2, 3]
+    for bad, what, fn in (("0.5, x", "not a number", parse_floats), ("", "is empty", parse_floats),
+                          ("1, 2.5", "not a whole number", parse_ints)):
+        with pytest.raises(ValueError, match=what):
+            fn(bad, "strengths")

@@ -470,23 +470,21 @@ def lora_tag(name: str, weight: float = 0.8) -> str:
 
 
 def parse_floats(text: str, what: str) -> List[float]:
+    from ..prompt import parse_floats as parse
+
     try:
-        vals = [float(x) for x in re.split(r"[,\s]+", text or "") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what} '{text}' must be numbers separated by commas, e.g. 0, 0.5, 0.8, 1") from None
-    if not vals:
-        raise UserError(f"{what} is empty: give numbers separated by commas, e.g. 0.5, 1")
-    return vals
+        return parse(text, what)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def parse_ints(text: str, what: str) -> List[int]:
+    from ..prompt import parse_ints as parse
+
     try:
-        vals = [int(x) for x in re.split(r"[,\s]+", text or "") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what} '{text}' must be whole numbers separated by commas, e.g. 1, 2") from None
-    if not vals:
-        raise UserError(f"{what} is empty: give whole numbers separated by commas, e.g. 1, 2")
-    return vals
+        return parse(text, what)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def run_grid(host, prompt: str, negative: str, lora_name: str, strengths: str, seeds: str, by_epoch: bool,
