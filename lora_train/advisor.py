@@ -247,6 +247,15 @@ def _epochs_for(image_count: int, samples: int) -> Tuple[int, str]:
                     f"(small sets need more passes)")
 
 
+#: epoch files a suggested run keeps at most (plus the final file)
+EPOCH_FILES_AIMED = 10
+
+
+def save_every_for(epochs: int) -> int:
+    """Save every N epochs so that a run keeps about EPOCH_FILES_AIMED epoch files or fewer."""
+    return max(1, math.ceil(int(epochs) / EPOCH_FILES_AIMED))
+
+
 def _warmup_for(total_steps: int) -> Tuple[int, str]:
     if total_steps >= WARMUP_LONG_FROM:
         return WARMUP[1], f"cosine default 100-200 warmup steps: {WARMUP[1]} for a {total_steps}-step run"
@@ -260,7 +269,7 @@ def _warmup_for(total_steps: int) -> Tuple[int, str]:
 def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: Optional[float] = None,
             batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1,
             accumulation_scaling: str = "sqrt", detail: str = "normal", resolution: Optional[int] = None,
-            samples_per_epoch: Optional[int] = None) -> Suggestion:
+            samples_per_epoch: Optional[int] = None, vram_field: str = "--vram GB") -> Suggestion:
     """Settings for a first run, each with its reason.
 
     image_count: distinct training images; samples_per_epoch: images x kohya repeats (default image_count).
@@ -269,6 +278,7 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     batch_size: a batch the user insists on (kept; rank is lowered first if it does not fit).
     gradient_accumulation_steps / accumulation_scaling: effective batch = batch x steps, lr rescaled by sqrt
     (default) or linearly.  detail: simple | normal | demanding (faces, logos: rank 16).
+    vram_field: how the front end lets the user give the VRAM, named in the note when it is unknown.
     """
     _check_choice("task", task, TASKS)
     _check_choice("base", base, BASES)
@@ -302,7 +312,7 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
         plan_vram = VRAM_ASSUMED_UNKNOWN
         vram_text = f"VRAM unknown (planned as {VRAM_ASSUMED_UNKNOWN:g} GB)"
         s.notes.append(f"VRAM unknown (no CUDA GPU found here): planned for the smallest tier "
-                       f"(<= {VRAM_ASSUMED_UNKNOWN:g} GB). Pass --vram GB for the card you will train on.")
+                       f"(<= {VRAM_ASSUMED_UNKNOWN:g} GB). Set {vram_field} to the card you will train on.")
     lo, hi, tier = vram_batch_range(plan_vram, base, res)
     short_vram = lo <= 1
 
@@ -405,6 +415,10 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
            if accum > 1 else "1: no accumulation; raise it for a larger effective batch without more VRAM "
                              "(the lr is then rescaled)"))
     s.add("epochs", epochs, f"{epochs_reason}: {steps_per_epoch} steps/epoch, {total} steps in all")
+    every = save_every_for(epochs)
+    s.add("save_every_n_epochs", every,
+          f"an epoch file every {every} epoch(s): {epochs // every} file(s) to compare in the A/B grid "
+          f"(about {EPOCH_FILES_AIMED} at most), not one per epoch")
     s.add("lr_scheduler", "cosine", "cosine with warmup is the sane default: smooth decay, no cliff at the end")
     s.add("lr_warmup_steps", warmup, warmup_reason)
     s.add("mixed_precision", precision, prec_reason)

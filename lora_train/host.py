@@ -24,10 +24,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .models import BaseModel
+
+
+def checkpoint_names(title: str, path: str) -> set:
+    """The names a user may give a checkpoint: its title, the title without a trailing ' [hash]', the path, the
+    file name and its stem."""
+    bare = re.sub(r"\s*\[[0-9a-fA-F]{6,}\]\s*$", "", title or "")
+    base = os.path.basename(str(path or "").rstrip("/\\"))
+    return {n for n in (title, bare, path, base, os.path.splitext(base)[0]) if n}
+
+
+def same_file(a: str, b: str) -> bool:
+    return os.path.abspath(str(a)) == os.path.abspath(str(b))
 
 
 class HostError(RuntimeError):
@@ -36,6 +49,10 @@ class HostError(RuntimeError):
 
 class Host:
     name = "host"
+    #: the host has a txt2img tab a prompt can be sent to (the WebUIs)
+    has_txt2img = False
+    #: the page's own script polls the tab's job (WebUIs: a server-side timer blocks their "Reload UI")
+    polls_from_page = False
 
     def lora_dirs(self) -> List[str]:
         raise NotImplementedError
@@ -102,10 +119,26 @@ class Host:
         if roots is not None:
             ok = any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep) for r in roots)
             if not ok:
-                raise HostError(f"{what} '{path}' is outside the folders this server allows ({', '.join(roots)}); "
-                                f"move it there, or start the host without --listen/--share (or with its "
-                                f"allow-any-path option).")
+                raise HostError(f"{what} '{path}' is outside the folders this server allows ({', '.join(roots)}): "
+                                f"move it there, or {self.outside_roots_advice()}")
         return real
+
+    def outside_roots_advice(self) -> str:
+        """How to let paths outside `allowed_roots()` in, naming this host's own option (ends the message)."""
+        return "start the app with --allow-root FOLDER for each folder it may read (or without --listen)."
+
+    def find_checkpoint(self, value: str) -> Optional[Tuple[str, bool]]:
+        """(path, is it the loaded one) of the checkpoint a UI field names as the host shows it (a title with or
+        without its ' [hash]'), by file name, stem or path; None when the host knows no such checkpoint."""
+        value = (value or "").strip()
+        if not value:
+            return None
+        loaded = self.loaded_checkpoint()
+        cands = ([loaded] if loaded else []) + list(self.checkpoints().items())
+        for title, path in cands:
+            if value in checkpoint_names(title, path):
+                return path, bool(loaded) and same_file(path, loaded[1])
+        return None
 
 
 class StandaloneHost(Host):

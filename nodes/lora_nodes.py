@@ -283,7 +283,8 @@ class LoraTrainSuggestSettings:
 
         n = dataset.image_count or dataset.load().image_count
         s = suggest(n, task=task, base=base, vram_gb=float(vram_gb) if vram_gb and vram_gb > 0 else None,
-                    detail=detail, resolution=dataset.resolution, samples_per_epoch=n * max(1, dataset.repeats))
+                    detail=detail, resolution=dataset.resolution, samples_per_epoch=n * max(1, dataset.repeats),
+                    vram_field="the node's vram_gb input")
         text = s.table()
         return {"ui": {"text": [text]},
                 "result": (float(s.learning_rate), int(s.lora_rank), float(s.lora_alpha), int(s.batch_size),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import small_cfg
+from lora_train.host import HostError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAKE = os.path.join(HERE, "fake_webui")
@@ -33,7 +34,7 @@ def tiny_ldm():
     return tiny, {k: v.detach().clone() for k, v in to_original_state_dict(tiny).items()}
 
 
-def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour):
+def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour, hashed=True):
     from lora_train.checkpoints import write_original_checkpoint
 
     tiny, ldm = tiny_ldm
@@ -56,8 +57,8 @@ def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour):
 
     ckpt = str(root / "models" / "Stable-diffusion" / "tiny.safetensors")
     write_original_checkpoint(tiny, ckpt)
-    info = fake_model.CheckpointInfo(ckpt)
-    sd_models.checkpoints_list[info.title] = info
+    info = fake_model.CheckpointInfo(ckpt, hashed=hashed)
+    info.register(sd_models.checkpoints_list)
     model = fake_model.FakeForgeEngine(dict(ldm), info) if flavour == "forge" else fake_model.FakeSDModel(dict(ldm), info)
     sd_models.model_data.set_sd_model(model)
     import networks  # noqa: F401  (the WebUI imports the Lora extension at start-up)
@@ -495,3 +496,71 @@ def test_host_module_imports_no_webui_or_gradio():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert not res.stdout.strip() or res.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ issue 14: what a real A1111 showed
+def test_never_hashed_checkpoint_still_resolves_after_hashing(tmp_path, monkeypatch, tiny_ldm):
+    """First launch with a new checkpoint: the tab is built while the title is the bare file name; the WebUI
+    then hashes it (title `name [hash]`); Start must still train the loaded checkpoint from memory."""
+    from lora_train.webui import logic
+
+    w = _make_webui(tmp_path, monkeypatch, tiny_ldm, "a1111", hashed=False)
+    try:
+        h = w.host
+        field = logic.default_settings(h)["base_model"]
+        assert field == "tiny.safetensors"
+        w.info.calculate_shorthash(w.sd_models.checkpoints_list)
+        assert h.loaded_checkpoint()[0] == "tiny.safetensors [0123abcd]"
+        for value in (field, "tiny.safetensors [0123abcd]", "tiny", w.ckpt, "tiny.safetensors [ffffffff]"):
+            assert logic.resolve_base(h, value) == (None, w.ckpt), value
+        assert h.find_checkpoint("no-such-model.safetensors") is None
+        with pytest.raises(HostError, match="does not exist"):
+            logic.resolve_base(h, "no-such-model.safetensors")
+    finally:
+        for p in w.paths:
+            sys.path.remove(p)
+        _purge()
+
+
+def test_outside_folder_message_names_the_flag_in_effect(a1111, tmp_path, demo_data):
+    shared = a1111.shared
+    shared.cmd_opts.server_name = "127.0.0.1"
+    shared.cmd_opts.webui_is_non_local = True
+    with pytest.raises(HostError) as e:
+        a1111.host.check_path(demo_data, "dataset folder")
+    msg = str(e.value)
+    assert "--server-name 127.0.0.1" in msg and "--enable-insecure-extension-access" in msg
+    assert "allow-any-path" not in msg and "--listen/--share" not in msg
+
+
+def test_javascript_refreshes_lora_cards_once_and_polls_only_when_shown():
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    js = os.path.join(ROOT, "javascript", "lora_train.js")
+    code = ("const m = require(%r);" % js) + """
+const clicks = [];
+function el(id, extra) { return Object.assign({id: id, tagName: "BUTTON", dispatchEvent: () => clicks.push(id),
+                                               click: () => clicks.push(id)}, extra || {}); }
+const els = {"#txt2img_lora_extra_refresh_internal": el("t2i"), "#img2img_lora_extra_refresh_internal": el("i2i"),
+             "#lora_train_poll": el("poll"), "#tab_lora_train": {style: {display: "block"}, offsetParent: {}}};
+global.document = {hidden: false, querySelector: (s) => els[s] || null};
+const out = {};
+out.first = m.lora_train_refresh_cards("a_v2");
+out.again = m.lora_train_refresh_cards("a_v2");
+out.empty = m.lora_train_refresh_cards("");
+out.next = m.lora_train_refresh_cards("a_v3");
+out.poll_shown = m.lora_train_poll_once();
+els["#tab_lora_train"].style.display = "none";
+out.poll_hidden = m.lora_train_poll_once();
+out.clicks = clicks;
+console.log(JSON.stringify(out));"""
+    res = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out == {"first": 2, "again": 0, "empty": 0, "next": 2, "poll_shown": True, "poll_hidden": False,
+                   "clicks": ["t2i", "i2i", "t2i", "i2i", "poll"]}

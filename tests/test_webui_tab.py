@@ -78,10 +78,22 @@ def test_tab_builds_under_host_gradio(version):
     assert info["heavy_imports"] == [], "the tab must build without torch/diffusers (import them lazily)"
     assert REQUIRED_IDS <= set(info["elem_ids"]), REQUIRED_IDS - set(info["elem_ids"])
     assert "lora_train_send" in info["elem_ids"]
-    assert info["js"] == ["loraTrainSendToTxt2img"]
+    assert sorted(info["js"]) == ["loraTrainRefreshCards", "loraTrainSendToTxt2img"]
     assert info["dependencies"] >= 20
+    # in the WebUI the page's script polls (a hidden button), never a server-side `every=` timer
+    assert "lora_train_poll" in info["elem_ids"]
+    assert_ui_config_keys(info["ui_config_keys"], info["ui_config_duplicates"])
     # launched with the queue on (as the WebUI does), the page and its config are served
     assert info["served"]["/"][0] == 200 and info["served"]["/config"] == [200, info["served"]["/config"][1], True]
+
+
+def assert_ui_config_keys(keys, dupes):
+    """What the WebUI would freeze into ui-config.json: one key per field (two "Steps" fields used to share a
+    key, so the Test section showed the LR finder's 100 steps), no run-to-run values (last LoRA, loaded model)."""
+    assert dupes == []
+    assert "lora_train/LR finder steps/value" in keys and "lora_train/Sampling steps/value" in keys
+    volatile = ("Prompt", "Tag to use", "LoRA/value", "Base model")
+    assert not [k for k in keys if any(v in k for v in volatile)], keys
 
 
 # ----------------------------------------------------------------------------- current gradio, real callbacks
@@ -127,6 +139,17 @@ def test_tab_current_gradio_builds_and_suggest_fills_fields(tmp_path, demo_data)
     md = res[len(logic.SUGGEST_FIELDS) + 1]
     assert "| learning_rate |" in md and "8 image(s)" in md
     assert res[len(logic.SUGGEST_FIELDS) + 2] == [expect.batch_size, expect.gradient_accumulation_steps]
+    # epoch files: about 10 at most (100 epochs saved every epoch would be 100 files)
+    every = _val(fields["save_every_n_epochs"])
+    assert every == expect.save_every_n_epochs and expect.epochs / every <= 10
+    # the note names the tab's VRAM field, not the CLI flag
+    assert "--vram" not in md and "VRAM GB for the advice" in md
+
+    # what the WebUI would save into ui-config.json (current gradio here; 3.41 / 4.40 in the test above)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import webui_build_check
+
+    assert_ui_config_keys(*webui_build_check.ui_config_keys(blocks, "lora_train"))
 
     # bad input: a message, not an exception
     res = suggest("", "", "style", 0, *vals)
@@ -293,3 +316,15 @@ def test_publish_never_overwrites(tmp_path):
     (dest_dir / "x.safetensors").unlink()
     assert logic.publish([str(src)], str(dest_dir))[0] == [str(dest_dir / "x.safetensors")]
     assert (dest_dir / "x.safetensors").read_bytes() == b"new"
+
+
+def test_suggest_keeps_epoch_files_to_about_ten():
+    from lora_train.advisor import save_every_for, suggest
+
+    for epochs in (1, 5, 10, 11, 30, 100, 400):
+        every = save_every_for(epochs)
+        assert 1 <= every <= max(1, -(-epochs // 10)) and epochs // every <= 10
+    s = suggest(12, task="character", base="sd1", vram_gb=8)
+    assert s.save_every_n_epochs == save_every_for(s.epochs) and "epoch file" in s.reason("save_every_n_epochs")
+    s = suggest(12, task="style", base="sd1")  # VRAM unknown: the CLI's note names its flag
+    assert any("--vram GB" in n for n in s.notes) or s.inputs["vram_gb"] is not None

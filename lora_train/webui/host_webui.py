@@ -103,6 +103,8 @@ class WebUIHost(Host):
 
     name = "a1111"
     title = "AUTOMATIC1111"
+    has_txt2img = True
+    polls_from_page = True
     model_config = None  # config= for from_original_state_dict (None: the bundled config of the detected kind)
 
     # ------------------------------------------------------------------ folders
@@ -149,6 +151,23 @@ class WebUIHost(Host):
             return None
         return self.webui_roots()
 
+    def non_local_flags(self) -> List[str]:
+        """The command-line flags that make the WebUI treat its users as remote, as typed (e.g. --server-name X)."""
+        cmd = _shared().cmd_opts
+        out = []
+        for attr, flag in (("share", "--share"), ("listen", "--listen"), ("ngrok", "--ngrok"),
+                           ("server_name", "--server-name")):
+            v = getattr(cmd, attr, None)
+            if v:
+                out.append(flag if v is True else f"{flag} {v}")
+        return out
+
+    def outside_roots_advice(self) -> str:
+        flags = " ".join(self.non_local_flags()) or "--listen"
+        return (f"restart the {self.title} with --enable-insecure-extension-access (it was started with {flags}, "
+                f"so paths typed into the tab must lie inside its own folders; that flag lets anyone who can open "
+                f"the page read any folder).")
+
     def check_output_dir(self, path: Optional[str] = None) -> str:
         """Where a LoRA may be written: the LoRA folder or a folder inside it (created if missing)."""
         base = self.lora_dirs()[0]
@@ -175,6 +194,25 @@ class WebUIHost(Host):
         if info is None:
             return None
         return (getattr(info, "title", None) or os.path.basename(info.filename), info.filename)
+
+    def find_checkpoint(self, value: str) -> Optional[Tuple[str, bool]]:
+        """As `Host.find_checkpoint`, then by the WebUI's own checkpoint info: every id it registers (title with or
+        without the hash, which appears once the WebUI has hashed the file, name, model name, hashes) and
+        `sd_models.get_closet_checkpoint_match`, the rule of its own checkpoint list."""
+        found = super().find_checkpoint(value)
+        if found is not None:
+            return found
+        value = (value or "").strip()
+        if not value:
+            return None
+        if self._is_loaded(value) is not None:
+            return self._model().sd_checkpoint_info.filename, True
+        match = getattr(_sd_models(), "get_closet_checkpoint_match", None)
+        info = match(value) if callable(match) else None
+        if info is None:
+            return None
+        loaded = self.loaded_checkpoint()
+        return info.filename, bool(loaded) and os.path.abspath(info.filename) == os.path.abspath(loaded[1])
 
     def _is_loaded(self, spec: str) -> Optional[Any]:
         info = getattr(self._model(), "sd_checkpoint_info", None)

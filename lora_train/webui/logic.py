@@ -24,7 +24,10 @@ TASKS = ("style", "character", "face", "object", "concept", "other")
 PRECISIONS = ("no", "fp16", "bf16")
 #: suggestion keys the tab has a field for
 SUGGEST_FIELDS = ("learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps", "epochs",
-                  "lr_scheduler", "lr_warmup_steps", "resolution", "train_text_encoder", "mixed_precision")
+                  "lr_scheduler", "lr_warmup_steps", "resolution", "train_text_encoder", "mixed_precision",
+                  "save_every_n_epochs")
+#: the tab's VRAM field, as the advisor's note names it
+VRAM_FIELD = "the 'VRAM GB for the advice' field (Settings)"
 
 
 class UserError(ValueError):
@@ -66,18 +69,15 @@ def resolve_base(host, value: str) -> Tuple[Optional[str], str]:
         loaded = host.loaded_checkpoint()
     except Exception:
         pass
-    if not value or (loaded and value == loaded[0]):
+    if not value:
         if not loaded:
             raise UserError("no base model: the host has no checkpoint loaded; choose one (or type 'tiny' for "
                             "the demo model).")
         return None, loaded[1]
-    ckpts = {}
-    try:
-        ckpts = dict(host.checkpoints() or {})
-    except Exception:
-        pass
-    if value in ckpts:
-        return ckpts[value], ckpts[value]
+    found = host.find_checkpoint(value)  # the host's own names: title with or without hash, file name, path
+    if found is not None:
+        path, is_loaded = found
+        return (None if is_loaded else path), path
     if is_tiny(value):
         return value, value
     path = host.check_path(value, "base model", must_exist=True, folder=False)
@@ -277,7 +277,7 @@ def suggest_settings(host, folder: str, task: str, model_type: str, base_value: 
         vram = _float(vram_gb, "VRAM (GB)")
     accum = _int(accumulation or 1, "gradient accumulation", 1)
     s = suggest(images, task=task, base=kind, vram_gb=vram, gradient_accumulation_steps=accum,
-                resolution=res, samples_per_epoch=samples)
+                resolution=res, samples_per_epoch=samples, vram_field=VRAM_FIELD)
     values = {k: s.value(k) for k in SUGGEST_FIELDS if k in s.settings}
     if tiny:
         values["resolution"] = 64

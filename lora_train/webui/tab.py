@@ -23,7 +23,18 @@ log = logging.getLogger(__name__)
 
 #: name of the JS function (javascript/ of the WebUI extension) that puts its argument into the txt2img prompt
 SEND_TO_TXT2IMG_JS = "loraTrainSendToTxt2img"
+#: JS function that refreshes the WebUI's Lora cards (extra networks) once per newly published LoRA
+REFRESH_CARDS_JS = "loraTrainRefreshCards"
 POLL_SECONDS = 1.0
+#: the button our page script clicks about once a second while the tab is shown (WebUI hosts: no server timer)
+POLL_BUTTON_ID = "lora_train_poll"
+
+
+def keep_out_of_ui_config(*components) -> None:
+    """Fields whose value changes from run to run (the last LoRA, the loaded checkpoint) are not frozen into
+    the WebUI's ui-config.json: its loader skips a component with `do_not_save_to_config`."""
+    for c in components:
+        c.do_not_save_to_config = True
 
 
 def _err(exc: BaseException) -> str:
@@ -34,11 +45,8 @@ def _err(exc: BaseException) -> str:
 
 
 def has_txt2img(host) -> bool:
-    """Whether the host has a txt2img tab to send a prompt to (the WebUI hosts)."""
-    flag = getattr(host, "has_txt2img", None)
-    if flag is not None:
-        return bool(flag() if callable(flag) else flag)
-    return getattr(host, "name", "") in ("a1111", "forge", "webui")
+    """Whether the host has a txt2img tab to send a prompt to (the WebUI hosts: `Host.has_txt2img`)."""
+    return bool(host.has_txt2img)
 
 
 def build_tab(host) -> "gr.Blocks":
@@ -151,7 +159,7 @@ def build_tab(host) -> "gr.Blocks":
                                                "each value with its reason.", elem_id="lora_train_suggest_md")
                 with make(gr.Accordion, "LR finder (learning-rate range test)", open=False):
                     with gr.Row():
-                        finder_steps = make(gr.Number, value=100, precision=0, label="Steps",
+                        finder_steps = make(gr.Number, value=100, precision=0, label="LR finder steps",
                                             elem_id="lora_train_finder_steps")
                         finder_btn = make(gr.Button, "Run the LR finder", elem_id="lora_train_finder")
                         finder_apply = make(gr.Button, "Use the suggested learning rate", visible=False,
@@ -172,6 +180,11 @@ def build_tab(host) -> "gr.Blocks":
                 loss_img = make(gr.Image, label="Loss", type="pil", interactive=False, elem_id="lora_train_loss")
                 diag_md = make(gr.Markdown, "", elem_id="lora_train_diagnosis")
                 version_box = make(gr.Textbox, value="", visible=False, elem_id="lora_train_version")
+                published_box = make(gr.Textbox, value="", visible=False, elem_id="lora_train_published")
+                poll_btn = None
+                if host.polls_from_page:  # hidden by the extension's style.css; clicked by javascript/
+                    poll_btn = make(gr.Button, "lora_train poll", elem_id=POLL_BUTTON_ID,
+                                    elem_classes=["lora-train-hidden"])
 
             # ------------------------------------------------------------------ Test
             with gr.Tab("Test"):
@@ -194,7 +207,8 @@ def build_tab(host) -> "gr.Blocks":
                     by_epoch = make(gr.Checkbox, value=False, label="Rows: every epoch file",
                                     elem_id="lora_train_by_epoch")
                 with gr.Row():
-                    gen_steps = make(gr.Number, value=20, precision=0, label="Steps", elem_id="lora_train_gen_steps")
+                    gen_steps = make(gr.Number, value=20, precision=0, label="Sampling steps",
+                                     elem_id="lora_train_gen_steps")
                     gen_cfg = make(gr.Number, value=7.0, label="CFG scale", elem_id="lora_train_gen_cfg")
                     gen_size = make(gr.Number, value=defaults["resolution"], precision=0, label="Size",
                                     elem_id="lora_train_gen_size")
@@ -210,6 +224,7 @@ def build_tab(host) -> "gr.Blocks":
                         send_btn = None
                         make(gr.Markdown, "Send to txt2img works inside the WebUI; here, copy the tag into your "
                                           "prompts.", elem_id="lora_train_send_note")
+        keep_out_of_ui_config(S["base_model"], lora_pick, prompt, tag_box, version_box, published_box)
 
         setting_keys = list(logic.SETTING_KEYS)
         setting_inputs = [S[k] for k in setting_keys]
@@ -399,9 +414,9 @@ def build_tab(host) -> "gr.Blocks":
             version = (id(job), snap["version"]) if snap else (0, 0)
             key = f"{version[0]}:{version[1]}"
             if key == seen:
-                return (update(), update(), update(), seen, update(), update(), update())
+                return (update(), update(), update(), seen, update(), update(), update(), update())
             img = logic.loss_image(snap)
-            lora_updates = (update(), update(), update())
+            lora_updates = (update(), update(), update(), update())
             if snap and snap["kind"] == "train" and snap["status"] in ("done", "stopped") and snap.get("lora_path"):
                 try:
                     names_now = logic.lora_names(host)
@@ -410,17 +425,23 @@ def build_tab(host) -> "gr.Blocks":
                 name = snap["name"]
                 lora_updates = (update(choices=names_now, value=name),
                                 update(value=f"a picture {logic.lora_tag(name, 1.0)}"),
-                                update(value=logic.lora_tag(name)))
+                                update(value=logic.lora_tag(name)), update(value=name))
             return ((logic.job_status(snap), img if img is not None else update(), logic.job_diagnosis(snap), key)
                     + lora_updates)
 
-        poll_outputs = [status_md, loss_img, diag_md, seen_state, lora_pick, prompt, tag_box]
-        # The timer only updates a hidden version box (gradio 3 marks every output of a running event as busy,
+        poll_outputs = [status_md, loss_img, diag_md, seen_state, lora_pick, prompt, tag_box, published_box]
+        # The poll only updates a hidden version box (gradio 3 marks every output of a running event as busy,
         # which would make the Train section flicker every second); the visible parts are rendered when the
-        # job's version changes.
-        compat.poll(blocks, POLL_SECONDS, job_key, [], [version_box])
+        # job's version changes. In the WebUI the page's own script clicks a hidden button while the tab is
+        # shown: a server-side `every=` loop blocks the WebUI's "Reload UI" (gradio's Server.close waits on it).
+        if poll_btn is not None:
+            on(poll_btn.click, job_key, [], [version_box], show_progress="hidden")
+        else:
+            compat.poll(blocks, POLL_SECONDS, job_key, [], [version_box])
         on(version_box.change, render, [seen_state], poll_outputs, show_progress="hidden")
         on(refresh_btn.click, lambda: render(None), [], poll_outputs)
+        # a newly published LoRA: the WebUI's Lora cards are refreshed in the page (its extra-networks refresh)
+        on(published_box.change, None, [published_box], [], js=REFRESH_CARDS_JS)
 
         # -------------------------------------------------------------- test handlers
         def do_grid(prompt_v, neg, name, st, sd, ep, steps_v, cfg_v, size_v):
