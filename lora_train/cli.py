@@ -41,16 +41,19 @@ class TqdmRenderer:
 
 
 def cmd_train(args, extra: List[str]) -> int:
-    from .trainer import train
-
     from .advisor import Finding, format_findings
+    from .host import StandaloneHost
+    from .run import train_for_host
 
     overrides = parse_overrides(extra)
     cfg = TrainConfig.load(args.config, overrides)
     offer = rescale_offer(TrainConfig.load(args.config), cfg, overrides)
     if offer:
         print(offer)
-    res = train(cfg, callback=TqdmRenderer(), resume_from=args.resume)
+    # the one train-and-publish path; the CLI keeps the name and folder the config chose (never overwritten)
+    host = StandaloneHost(base_model=cfg.base_model, lora_dir=cfg.output_dir)
+    res = train_for_host(host, cfg, cfg.base_model, callback=TqdmRenderer(), resume_from=args.resume,
+                         rename=False).result
     if res.nan_stopped:
         print(f"error: {res.message}", file=sys.stderr)
     state = "stopped early" if res.stopped else "finished"
@@ -91,8 +94,9 @@ def cmd_demo(args, extra: List[str]) -> int:
     from .demo import DEMO_TRIGGER, write_demo_dataset
     from .io_utils import next_free_name
     from .models import build_tiny
+    from .host import StandaloneHost
+    from .run import train_for_host
     from .sampler import GenParams, Generator, build_grid
-    from .trainer import train
 
     t0 = time.time()
     out = os.path.abspath(args.out)
@@ -110,7 +114,7 @@ def cmd_demo(args, extra: List[str]) -> int:
                       lora_rank=8, learning_rate=args.lr, batch_size=2, epochs=args.epochs, lr_scheduler="cosine",
                       lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10)
     cfg.validate()
-    res = train(cfg, callback=TqdmRenderer())
+    res = train_for_host(StandaloneHost("tiny", out), cfg, "tiny", callback=TqdmRenderer(), rename=False).result
     print(f"[3/4] trained {res.steps} steps in {res.seconds:.1f}s -> {res.lora_path}")
     gen = Generator(build_tiny(), lora_dirs=[out])
     base = GenParams(prompt=f"{DEMO_TRIGGER}, a red circle on a blue background <lora:{name}:1>", steps=args.sample_steps,

@@ -28,6 +28,7 @@ import re
 import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .io_utils import next_free_name
 from .models import BaseModel
 
 
@@ -41,6 +42,13 @@ def checkpoint_names(title: str, path: str) -> set:
 
 def same_file(a: str, b: str) -> bool:
     return os.path.abspath(str(a)) == os.path.abspath(str(b))
+
+
+#: LoRA names this process has written: never reused, so a host that caches LoRA files by name never shows an
+#: older run under a name (even after its file was deleted).
+USED_NAMES: set = set()
+LORA_EXTS = (".safetensors", ".pt", ".ckpt")
+_EPOCH_FILE = re.compile(r"^(?P<stem>.+)-\d{6}\.safetensors$")
 
 
 class HostError(RuntimeError):
@@ -62,6 +70,30 @@ class Host:
 
     def refresh_loras(self) -> None:
         return None
+
+    def runs_dir(self) -> str:
+        """Where run folders go (config, loss log, plots, resumable state): never the LoRA folder, whose every
+        file a host lists as a LoRA. Default: `lora_train_runs` beside the LoRA folder."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.output_dir())), "lora_train_runs")
+
+    def name_taken(self, name: str) -> bool:
+        """A LoRA file (or epoch file `name-000004`) of this name is in a LoRA folder, a run folder has it, or this
+        process wrote it before."""
+        if name in USED_NAMES:
+            return True
+        for d in self.lora_dirs():
+            if any(os.path.exists(os.path.join(d, name + e)) for e in LORA_EXTS):
+                return True
+            try:
+                if any((m := _EPOCH_FILE.match(n)) and m.group("stem") == name for n in os.listdir(d)):
+                    return True
+            except OSError:
+                pass
+        return os.path.exists(os.path.join(self.runs_dir(), name))
+
+    def free_name(self, stem: str) -> str:
+        """`stem`, else `stem_v2`, `stem_v3`, ...: the first name `name_taken` does not know."""
+        return next_free_name("", stem, exists=self.name_taken)
 
     def checkpoints(self) -> Dict[str, str]:
         return {}

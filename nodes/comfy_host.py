@@ -22,14 +22,16 @@ SD1.x rules of supported_models.SD15) otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from lora_train.host import Host, HostError
 
 log = logging.getLogger("lora_train.comfyui")
+RUNS_SUBFOLDER = "lora_train"  # run folders (config, loss log, plot, resumable state) under ComfyUI's output dir
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 TE_EMBED_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
@@ -194,6 +196,21 @@ class ComfyUIHost(Host):
         if not dirs:
             raise HostError("ComfyUI has no 'loras' folder configured: add one in extra_model_paths.yaml.")
         return dirs
+
+    def runs_dir(self) -> str:
+        """Run folders (config, loss log, plot, resumable state) under ComfyUI's output folder, never in `loras`."""
+        import folder_paths
+
+        return os.path.join(folder_paths.get_output_directory(), RUNS_SUBFOLDER)
+
+    @contextlib.contextmanager
+    def memory_freed(self) -> Iterator[None]:
+        """ComfyUI's models off the GPU while we train, and autograd back on: ComfyUI runs every node under
+        `torch.inference_mode()`, in which no training step can build a graph."""
+        import torch
+
+        with super().memory_freed(), torch.inference_mode(False), torch.enable_grad():
+            yield
 
     def refresh_loras(self) -> None:
         """Make ComfyUI's LoRA list (LoraLoader's combo, /object_info) see new files at once."""

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from lora_train.host import HostError, StandaloneHost
+from lora_train.host import USED_NAMES, HostError, StandaloneHost
+from lora_train.run import publish
 from lora_train.webui import jobs, logic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +26,7 @@ REQUIRED_IDS = {"lora_train_folder", "lora_train_gallery", "lora_train_caption",
 @pytest.fixture(autouse=True)
 def _fresh_job_slot():
     jobs._CURRENT = None
+    USED_NAMES.clear()
     yield
     job = jobs.running()
     if job is not None:
@@ -197,15 +199,13 @@ def test_build_config_new_name_each_run(tmp_path, demo_data):
     values = dict(logic.default_settings(host), output_name="style")
     cfg, spec = logic.build_config(host, values, demo_data, "zz")
     assert spec is None and cfg.base_model == "tiny" and cfg.output_name == "style"
-    assert cfg.output_dir == os.path.join(logic.runs_dir(host), "style")  # logs + state: not in the LoRA folder
+    assert cfg.output_dir == os.path.join(host.runs_dir(), "style")  # logs + state: not in the LoRA folder
     assert cfg.resolution == 64 and cfg.trigger_word == "zz"
+    os.makedirs(host.output_dir(), exist_ok=True)
     open(os.path.join(host.output_dir(), "style.safetensors"), "wb").close()
     assert logic.build_config(host, values, demo_data, "")[0].output_name == "style_v2"
-    jobs.USED_NAMES.add("style_v2")  # written earlier in this process, then deleted: still never reused
-    try:
-        assert logic.build_config(host, values, demo_data, "")[0].output_name == "style_v3"
-    finally:
-        jobs.USED_NAMES.discard("style_v2")
+    USED_NAMES.add("style_v2")  # written earlier in this process, then deleted: still never reused
+    assert logic.build_config(host, values, demo_data, "")[0].output_name == "style_v3"
     with pytest.raises(logic.UserError, match="LoRA name"):
         logic.build_config(host, dict(values, output_name="a/b"), demo_data, "")
     with pytest.raises(logic.UserError, match="learning rate"):
@@ -231,10 +231,16 @@ def test_training_job_refuses_second_start_then_grid(tmp_path, demo_data):
     assert os.path.isfile(os.path.join(host.output_dir(), "t.safetensors")) and snap["lora_path"].endswith("t.safetensors")
     assert host.calls == ["free", "restore", "refresh"]
     assert sorted(os.listdir(host.output_dir())) == ["t.safetensors"]  # only LoRA files in the LoRA folder
-    assert os.path.isfile(os.path.join(logic.runs_dir(host), "t", "t.yaml"))
+    assert os.path.isfile(os.path.join(host.runs_dir(), "t", "t.yaml"))
     status = logic.job_status(snap)
     assert "**done**" in status and "step 3/3" in status and "VRAM" in status
-    assert logic.job_diagnosis(snap).startswith("Diagnosis")
+    # the diagnosis shown is the Trainer's own (its `diagnosis` events), the same as the result's findings
+    from lora_train.advisor import Finding
+
+    assert snap["findings"] == [str(Finding(**f)) for f in snap["result"].findings]
+    diag = logic.job_diagnosis(snap)
+    assert diag == "Diagnosis: no problem found." if not snap["findings"] else \
+        all(f in diag for f in snap["findings"])
     assert logic.loss_image(snap).size[0] > 100
     assert logic.lora_names(host) == ["t"]
     # a second run gets a new name
@@ -258,7 +264,7 @@ def test_host_interrupt_stops_and_saves(tmp_path, demo_data):
     assert snap["status"] == "stopped", snap
     assert 1 <= snap["step"] < 50
     assert os.listdir(host.output_dir()) == ["s.safetensors"]
-    assert os.path.isdir(os.path.join(logic.runs_dir(host), "s", "state"))  # resumable, outside the LoRA folder
+    assert os.path.isdir(os.path.join(host.runs_dir(), "s", "state"))  # resumable, outside the LoRA folder
     assert host.calls == ["free", "restore", "refresh"]
 
 
@@ -310,11 +316,11 @@ def test_publish_never_overwrites(tmp_path):
     dest_dir = tmp_path / "loras"
     dest_dir.mkdir()
     (dest_dir / "x.safetensors").write_bytes(b"old")
-    written, problems = logic.publish([str(src), None], str(dest_dir))
+    written, problems = publish([str(src), None], str(dest_dir))
     assert written == [] and "was not replaced" in problems[0]
     assert (dest_dir / "x.safetensors").read_bytes() == b"old"
     (dest_dir / "x.safetensors").unlink()
-    assert logic.publish([str(src)], str(dest_dir))[0] == [str(dest_dir / "x.safetensors")]
+    assert publish([str(src)], str(dest_dir))[0] == [str(dest_dir / "x.safetensors")]
     assert (dest_dir / "x.safetensors").read_bytes() == b"new"
 
 

@@ -1,5 +1,5 @@
-"""The `Host` of AUTOMATIC1111 (`WebUIHost`) and of Forge (`ForgeHost`), and the one-training-job-at-a-time
-runner the tab uses there. Every `modules.*` / `backend.*` / Lora-extension import happens inside a function,
+"""The `Host` of AUTOMATIC1111 (`WebUIHost`) and of Forge (`ForgeHost`). Training goes through the one path
+every front door uses (`lora_train.run.train_for_host`, started by the tab's `webui.logic.start_training`). Every `modules.*` / `backend.*` / Lora-extension import happens inside a function,
 so this file imports (and its tests run) without a WebUI; `tests/fake_webui/` mimics the API surface used.
 
 What differs between the two hosts (read from A1111 1.10.1 and Forge's current source):
@@ -26,28 +26,20 @@ What differs between the two hosts (read from A1111 1.10.1 and Forge's current s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 import threading
-import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..host import Host, HostError
-from ..io_utils import atomic_path, next_free_name
 
 log = logging.getLogger("lora_train")
 
-_JOB_LOCK = threading.Lock()  # one training job at a time, per WebUI process
 _MEMORY_FREED = threading.Event()  # set while the WebUI's model is off the GPU for us
-_CURRENT_JOB: Optional["TrainingJob"] = None
 RUNS_SUBDIR = os.path.join("outputs", "lora_train")
-LORA_EXTS = (".safetensors", ".pt", ".ckpt")
-LOADED = "loaded"  # cfg.base_model value meaning "the checkpoint the WebUI has loaded" (from its memory)
 
 
 def _mod(name: str):
@@ -168,19 +160,6 @@ class WebUIHost(Host):
                 f"so paths typed into the tab must lie inside its own folders; that flag lets anyone who can open "
                 f"the page read any folder).")
 
-    def check_output_dir(self, path: Optional[str] = None) -> str:
-        """Where a LoRA may be written: the LoRA folder or a folder inside it (created if missing)."""
-        base = self.lora_dirs()[0]
-        target = base if not path or not str(path).strip() else os.path.expanduser(str(path).strip())
-        if not os.path.isabs(target):
-            target = os.path.join(base, target)
-        if not any(_inside(target, d) for d in self.lora_dirs()):
-            raise HostError(f"output folder '{path}' is outside the WebUI's LoRA folder ({base}): LoRA files are "
-                            f"only written there (or in a subfolder of it), so that the WebUI finds them. Start the "
-                            f"WebUI with --lora-dir to use another folder.")
-        os.makedirs(target, exist_ok=True)
-        return os.path.realpath(target)
-
     # ------------------------------------------------------------------ checkpoints
     def _model(self):
         """The loaded model without making the WebUI load one (`shared.sd_model` would)."""
@@ -227,8 +206,6 @@ class WebUIHost(Host):
         from ..models import load_base_model
 
         spec = (spec or "").strip()
-        if spec == LOADED:
-            spec = ""
         if spec in ("tiny", "tiny-v"):
             return load_base_model(spec)
         if not spec:
@@ -491,159 +468,3 @@ class ForgeHost(WebUIHost):
         if model is not None and hasattr(model, "current_lora_hash"):
             model.current_lora_hash = "lora_train: invalidated"  # never equal: LoRAs are re-read and re-applied
         self._clear_cond_cache()
-
-
-# ============================================================================= one training job at a time
-@dataclasses.dataclass
-class TrainingJob:
-    name: str
-    host_name: str
-    started: float = dataclasses.field(default_factory=time.time)
-    stop_event: threading.Event = dataclasses.field(default_factory=threading.Event)
-    events: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-    result: Any = None
-    error: Optional[str] = None
-    published: List[str] = dataclasses.field(default_factory=list)
-    running: bool = True
-    thread: Optional[threading.Thread] = None
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        if self.thread is not None:
-            self.thread.join(timeout)
-        return not self.running
-
-    def last(self, kind: str) -> Optional[Dict[str, Any]]:
-        for ev in reversed(self.events):
-            if ev.get("kind") == kind:
-                return ev
-        return None
-
-
-def current_job() -> Optional[TrainingJob]:
-    """The running (or last finished) job of this WebUI process: a reopened tab shows it."""
-    return _CURRENT_JOB
-
-
-def free_lora_name(host: Host, stem: str) -> str:
-    """`stem`, or `stem_v2`, ... so that no LoRA folder, no run folder and no cache of the host has this name yet
-    (hosts cache LoRAs by name: reusing one would show the previous run's weights)."""
-    dirs = list(host.lora_dirs())
-    runs = host.runs_dir() if hasattr(host, "runs_dir") else None
-
-    def taken(name: str) -> bool:
-        for d in dirs:
-            if os.path.isdir(d) and any(os.path.exists(os.path.join(d, name + e)) for e in LORA_EXTS):
-                return True
-        return bool(runs) and os.path.exists(os.path.join(runs, name))
-
-    return next_free_name("", stem, exists=taken)
-
-
-def _publish(src: str, dest_dir: str) -> str:
-    """Copy a finished LoRA file into the LoRA folder (temp + rename), never over an existing file."""
-    dest = os.path.join(dest_dir, os.path.basename(src))
-    if os.path.exists(dest):
-        raise HostError(f"'{dest}' appeared while training; the new file stays in {os.path.dirname(src)}.")
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
-    return dest
-
-
-def run_training(host: Host, cfg, callback: Optional[Callable[[Dict[str, Any]], None]] = None,
-                 stop_event: Optional[threading.Event] = None, output_subdir: str = "",
-                 job: Optional[TrainingJob] = None):
-    """Train one LoRA inside the WebUI: refuses a second job, checks the paths, gives the run a fresh name,
-    frees the WebUI's GPU memory (given back after, also on error or stop), trains the loaded checkpoint (or
-    cfg.base_model), copies the LoRA files into the LoRA folder and refreshes the WebUI's LoRA list.
-    Returns (TrainResult, [published LoRA paths])."""
-    global _CURRENT_JOB
-    from ..trainer import Trainer
-
-    if not _JOB_LOCK.acquire(blocking=False):
-        running = _CURRENT_JOB
-        who = f" ('{running.name}', started {time.strftime('%H:%M:%S', time.localtime(running.started))})" \
-            if running else ""
-        raise HostError(f"a LoRA training job is already running{who}: only one runs at a time. Wait for it to "
-                        f"finish or press Stop, then start again.")
-    try:
-        cfg = dataclasses.replace(cfg)
-        cfg.train_data_dir = host.check_path(cfg.train_data_dir, "dataset folder", must_exist=True, folder=True)
-        dest_dir = host.check_output_dir(output_subdir) if hasattr(host, "check_output_dir") else host.output_dir()
-        requested = cfg.output_name
-        cfg.output_name = free_lora_name(host, cfg.output_name)
-        runs = host.runs_dir() if hasattr(host, "runs_dir") else os.path.join(dest_dir, "lora_train_runs")
-        cfg.output_dir = os.path.join(runs, cfg.output_name)
-        cfg.overwrite = False
-        job = job or TrainingJob(name=cfg.output_name, host_name=host.name)
-        job.name = cfg.output_name
-        job.running = True
-        if stop_event is not None:
-            job.stop_event = stop_event
-        _CURRENT_JOB = job
-
-        def on_event(ev: Dict[str, Any]) -> None:
-            job.events.append(ev)
-            if len(job.events) > 5000:
-                del job.events[:1000]
-            if ev.get("kind") == "step":
-                loss = ev.get("loss")
-                host.progress(ev.get("step", 0), ev.get("total_steps", 0),
-                              f"LoRA '{cfg.output_name}': step {ev.get('step')}/{ev.get('total_steps')}"
-                              + (f", loss {loss:.4f}" if isinstance(loss, float) else ""))
-            if host.interrupted():
-                job.stop_event.set()
-            if callback is not None:
-                callback(ev)
-
-        if requested != cfg.output_name:
-            on_event({"kind": "warning", "message": f"'{requested}' is taken (the WebUI caches LoRAs by name): this "
-                                                    f"run is saved as '{cfg.output_name}'."})
-        with host.memory_freed():  # WebUIHost: also the WebUI's GPU queue lock and its job/progress state
-            model = host.base_model(None if cfg.base_model in ("", None, LOADED) else cfg.base_model)
-            trainer = Trainer(cfg, model=model, callback=on_event, stop_event=job.stop_event)
-            result = trainer.run()
-            del model, trainer
-        files = ([result.lora_path] if result.lora_path else []) + list(result.epoch_files)
-        job.published = [_publish(f, dest_dir) for f in files if f and os.path.isfile(f)]
-        host.refresh_loras()
-        job.result = result
-        on_event({"kind": "published", "paths": list(job.published), "name": cfg.output_name})
-        return result, job.published
-    except BaseException as e:
-        if job is not None:
-            job.error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        if job is not None:
-            job.running = False
-        _JOB_LOCK.release()
-
-
-def start_training(host: Host, cfg, callback: Optional[Callable[[Dict[str, Any]], None]] = None,
-                   output_subdir: str = "") -> TrainingJob:
-    """`run_training` on a background thread (off the UI thread; a closed browser tab does not stop it).
-    Refuses at once, with the same message, while another job runs."""
-    if _JOB_LOCK.locked():
-        running = _CURRENT_JOB
-        raise HostError(f"a LoRA training job is already running ('{running.name if running else '?'}'): only one "
-                        f"runs at a time. Wait for it to finish or press Stop, then start again.")
-    job = TrainingJob(name=cfg.output_name, host_name=host.name)
-    started = threading.Event()
-
-    def work():
-        started.set()
-        try:
-            run_training(host, cfg, callback=callback, output_subdir=output_subdir, job=job)
-        except BaseException as e:  # kept on the job for the tab; the WebUI keeps running
-            if job.error is None:
-                job.error = f"{type(e).__name__}: {e}"
-            log.error("lora_train: training failed: %s", job.error)
-            job.running = False
-
-    job.thread = threading.Thread(target=work, name=f"lora_train:{cfg.output_name}", daemon=True)
-    job.thread.start()
-    started.wait(5)
-    return job

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 import traceback
@@ -90,14 +89,10 @@ class Job:
         return what
 
     # -- training events (Trainer callback)
-    def on_train_event(self, ev: Dict[str, Any], diagnoser=None, host=None) -> None:
+    def on_train_event(self, ev: Dict[str, Any], host=None) -> None:
+        """Keep what the tab shows of a Trainer event (the diagnosis is the Trainer's own `diagnosis` events);
+        report progress to the host and stop when the host's own interrupt was pressed."""
         kind = ev.get("kind")
-        new_findings = []
-        if diagnoser is not None:
-            try:
-                new_findings = [str(f) for f in diagnoser.handle_event(ev)]
-            except Exception as exc:  # diagnosis must never break a run
-                log.warning("diagnosis failed: %s", exc)
         with self._lock:
             if kind == "start":
                 self.status = "running" if not self.stop_event.is_set() else "stopping"
@@ -122,11 +117,12 @@ class Job:
                 self.epoch = int(ev.get("epoch", self.epoch))
             elif kind == "warning":
                 self.warnings.append(str(ev.get("message", "")))
+            elif kind == "diagnosis":
+                self.findings.append(str(ev.get("message", "")))
             elif kind == "checkpoint":
                 path = ev.get("path")
                 if path:
                     self.files.append(str(path))
-            self.findings.extend(new_findings)
             self.version += 1
         if host is not None and kind == "step":
             try:
@@ -155,9 +151,6 @@ _LOCK = threading.Lock()
 _CURRENT: Optional[Job] = None
 #: what a reopened page fills in again (the dataset folder last loaded)
 REMEMBERED: Dict[str, Any] = {}
-#: LoRA names this process has written: never reused, so a host that caches LoRA files by name never
-#: shows an older run under a name (even after the file was deleted).
-USED_NAMES: set = set()
 
 
 def current() -> Optional[Job]:
@@ -221,27 +214,6 @@ def wait(job: Job, timeout: Optional[float] = None) -> bool:
     if t is not None:
         t.join(timeout)
     return not job.running
-
-
-def output_taken(folder: str, name: str) -> bool:
-    if name in USED_NAMES:
-        return True
-    files = [f"{name}.safetensors", f"{name}.yaml", f"{name}_loss.csv", f"{name}_loss.png"]
-    if any(os.path.exists(os.path.join(folder, f)) for f in files):
-        return True
-    try:
-        return any(n.startswith(name + "-") and n.endswith(".safetensors") and n[len(name) + 1:-12].isdigit()
-                   for n in os.listdir(folder))
-    except OSError:
-        return False
-
-
-def next_name(folder: str, stem: str, also: Optional[Callable[[str], bool]] = None) -> str:
-    """`stem`, else `stem_v2`, `stem_v3`, ...: the first name with no file of a run in `folder`, not used
-    by this process before (hosts cache LoRA files by name) and not taken by `also(name)`."""
-    from ..io_utils import next_free_name
-
-    return next_free_name(folder, stem, exists=lambda n: output_taken(folder, n) or (also is not None and also(n)))
 
 
 def fmt_seconds(s: Optional[float]) -> str:

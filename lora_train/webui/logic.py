@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..config import OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
 from . import jobs
 
 # ----------------------------------------------------------------------------- settings fields
@@ -342,89 +342,35 @@ def build_config(host, values: Dict[str, Any], folder: str, trigger: str, name_o
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     if name_override is None:
-        runs = runs_dir(host)
-        os.makedirs(out_dir, exist_ok=True)
-        cfg.output_name = jobs.next_name(out_dir, stem, also=lambda n: os.path.exists(os.path.join(runs, n)))
-        cfg.output_dir = os.path.join(runs, cfg.output_name)
+        from ..run import name_run
+
+        cfg = name_run(host, cfg)  # a free name (hosts cache LoRAs by name) and its run folder
     return cfg, spec
-
-
-def runs_dir(host) -> str:
-    """Where a run keeps its config, loss log, plots and resumable state: `host.runs_dir()` when the host has
-    one, else `lora_train_runs` beside the LoRA folder. Only the LoRA files themselves go into the LoRA folder
-    (a resumable state holds an `adapter.safetensors` that a WebUI would list as a LoRA)."""
-    fn = getattr(host, "runs_dir", None)
-    if callable(fn):
-        return os.path.abspath(fn())
-    return os.path.join(os.path.dirname(os.path.abspath(host.output_dir())), "lora_train_runs")
-
-
-def publish(files: Sequence[str], lora_dir: str) -> Tuple[List[str], List[str]]:
-    """Copy a run's LoRA files into the host's LoRA folder (temp + rename, never over an existing file).
-
-    Returns (written paths, problems)."""
-    import shutil
-
-    from ..io_utils import atomic_path
-
-    written, problems = [], []
-    os.makedirs(lora_dir, exist_ok=True)
-    for src in files:
-        if not src or not os.path.isfile(src):
-            continue
-        dest = os.path.join(lora_dir, os.path.basename(src))
-        if os.path.exists(dest):
-            problems.append(f"'{dest}' exists already and was not replaced; the run's file is '{src}'")
-            continue
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)
-        written.append(dest)
-    return written, problems
 
 
 # ----------------------------------------------------------------------------- jobs
 def start_training(host, cfg: TrainConfig, spec: Optional[str]) -> jobs.Job:
-    """Claim the job slot and train in a background thread (host memory freed around it)."""
+    """Claim the job slot and run the one train-and-publish path (`run.train_for_host`) in a background thread.
+    `cfg` comes from `build_config` (already named)."""
     job = jobs.claim("train", cfg.output_name)
-    jobs.USED_NAMES.add(cfg.output_name)
 
     def work(job: jobs.Job) -> None:
-        from ..advisor import Diagnoser
-        from ..trainer import Trainer
+        from ..run import train_for_host
 
         job.touch(message=f"loading the base model for '{cfg.output_name}' ...")
-        with host.memory_freed():
-            model = host.base_model(spec)
-            if job.stop_event.is_set():
-                jobs.finish(job, "stopped", message="stopped before the first step: nothing was written")
-                return
-            diag = Diagnoser(cfg)
-            trainer = Trainer(cfg, model=model, stop_event=job.stop_event,
-                              callback=lambda ev: job.on_train_event(ev, diag, host))
-            job.touch(message="training ...", trainer=trainer)
-            res = trainer.run()
-        lora_dir = host.output_dir()
-        written, problems = publish(list(res.epoch_files) + [res.lora_path], lora_dir)
-        final = os.path.join(lora_dir, os.path.basename(res.lora_path)) if res.lora_path else None
-        if final not in written:
-            final = None
-        for p in problems:
-            job.warnings.append(p)
-        try:
-            host.refresh_loras()
-        except Exception as exc:  # the file is written; say so, but do not fail the run
-            job.warnings.append(f"the host's LoRA list could not be refreshed ({exc}): use its refresh button.")
-        findings = [str(f) for f in diag.summary()]
-        status = "stopped" if res.stopped else "done"
-        if res.nan_stopped:
-            status = "failed"
-        where = final or "(no file: no step was finished)"
+        run = train_for_host(host, cfg, spec, rename=False, stop_event=job.stop_event,
+                             callback=lambda ev: job.on_train_event(ev, host),
+                             on_trainer=lambda t: job.touch(message="training ...", trainer=t))
+        res = run.result
+        job.warnings.extend(run.warnings)
+        status = "failed" if res.nan_stopped else ("stopped" if res.stopped else "done")
+        where = run.lora_path or "(no file: no step was finished)"
         msg = (f"{'stopped' if res.stopped else 'finished'} after {res.steps} step(s), {res.epochs_done} epoch(s) "
                f"in {jobs.fmt_seconds(res.seconds)}: {where}")
         if res.message:
             msg += f" - {res.message}"
-        msg += f" (config, loss log and plot in {cfg.output_dir})"
-        job.touch(result=res, lora_path=final, files=written, findings=findings or job.findings)
+        msg += f" (config, loss log and plot in {run.run_dir})"
+        job.touch(result=res, lora_path=run.lora_path, files=run.published, trainer=None)
         jobs.finish(job, status, message=msg, error=res.message if res.nan_stopped else "")
 
     return jobs.run_in_thread(job, work)

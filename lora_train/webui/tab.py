@@ -11,7 +11,7 @@ No `from __future__ import annotations` here: gradio reads the `gr.SelectData` a
 import logging
 import os
 import traceback
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import gradio as gr
 
