@@ -34,8 +34,10 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 from PIL import Image
 
-from .dataset import IMAGE_EXTS, load_image, split_tags
-from .io_utils import atomic_write_text
+from .dataset import load_image, split_tags
+from .folder import (IMAGE_EXTS, METADATA_NAMES, REPEAT_RE, FolderRow, decode_text, encode_text, meta_key,
+                     metadata_path, scan_folder)
+from .io_utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,7 @@ MODES = ("skip", "overwrite", "append")
 DEFAULT_TEMPLATE = "{trigger}, {folder}, {stem}"
 DEFAULT_TRANSFORMERS_MODEL = "Salesforce/blip-image-captioning-base"
 DEFAULT_WD14_MODEL = "SmilingWolf/wd-swinv2-tagger-v3"
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl")  # the order dataset.load_dataset reads them in
-_REPEAT_RE = re.compile(r"^(\d+)_(.+)$")
+_REPEAT_RE = REPEAT_RE
 
 
 class CaptionerError(RuntimeError):
@@ -728,28 +729,19 @@ def format_tag_frequency(freq: Dict[str, Dict[str, int]], top: int = 20) -> str:
 @dataclass
 class ImageEntry:
     path: str            # absolute image path
-    folder: str          # the image's folder (absolute)
+    folder: str          # the scanned folder it belongs to (holds the metadata file; absolute)
     folder_name: str     # label as the dataset loader uses it (kohya prefix removed)
+    key: str = ""        # its file_name in the folder's metadata ("a.png", "sub/b.png")
+    row: Optional[FolderRow] = None  # what lora_train.folder read for it (caption, source, sidecar, encoding)
 
 
-def list_images(root: str) -> List[ImageEntry]:
-    """Images of `root` and of its kohya `N_name` subfolders, in the dataset loader's order."""
+def list_images(root: str, caption_extension: str = ".txt") -> List[ImageEntry]:
+    """Images of `root` and of its kohya `N_name` subfolders, as the dataset loader reads them (lora_train.folder)."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"caption folder '{root}' does not exist or is not a folder")
-    dirs = [(root, os.path.basename(root))]
-    for sub in sorted(os.listdir(root)):
-        full = os.path.join(root, sub)
-        m = _REPEAT_RE.match(sub)
-        if m and os.path.isdir(full):
-            dirs.append((full, m.group(2)))
-    out = []
-    for d, label in dirs:
-        for name in sorted(os.listdir(d)):
-            p = os.path.join(d, name)
-            if os.path.isfile(p) and os.path.splitext(name)[1].lower() in IMAGE_EXTS:
-                out.append(ImageEntry(p, d, label))
-    return out
+    return [ImageEntry(r.path, r.folder, r.folder_name, r.meta_key, r)
+            for r in scan_folder(root, caption_extension).rows]
 
 
 class MetadataFile:
@@ -765,6 +757,8 @@ class MetadataFile:
         self.fieldnames: List[str] = ["file_name", "text"]
         self.exists = os.path.isfile(self.path)
         self.raw: Optional[bytes] = None
+        self.text_col = ""       # csv: the caption column ("text" or "caption")
+        self.encoding = "utf-8"  # kept on save when the file was UTF-8 with a BOM or UTF-16; else UTF-8
         self.changed = False
         if self.exists:
             self._read()
@@ -772,7 +766,10 @@ class MetadataFile:
     def _read(self) -> None:
         with open(self.path, "rb") as fh:
             self.raw = fh.read()
-        text = self.raw.decode("utf-8-sig")
+        text, enc, guessed = decode_text(self.raw)
+        if guessed:
+            raise ValueError(f"{self.path}: is not UTF-8 text; save it as UTF-8 (in Excel: Save As -> CSV UTF-8)")
+        self.encoding = enc
         if self.jsonl:
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
@@ -780,31 +777,40 @@ class MetadataFile:
                         row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise ValueError(f"{self.path}, line {n}: not valid JSON ({exc})") from exc
-                    if "file_name" in row:
-                        self.rows[row["file_name"]] = row
+                    if isinstance(row, dict) and meta_key(row.get("file_name")):
+                        self.rows[meta_key(row["file_name"])] = row
             return
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames or "file_name" not in reader.fieldnames or "text" not in reader.fieldnames:
+        fields = list(reader.fieldnames or [])
+        self.text_col = "text" if "text" in fields else "caption" if "caption" in fields else ""
+        if "file_name" not in fields or not self.text_col:
             raise ValueError(f"{self.path}: needs the columns file_name,text (found "
-                             f"{','.join(reader.fieldnames or [])}); fix the header line")
-        self.fieldnames = list(reader.fieldnames)
+                             f"{','.join(fields)}); fix the header line")
+        self.fieldnames = fields
         for row in reader:
-            if row.get("file_name"):
-                self.rows[row["file_name"]] = row
+            if meta_key(row.get("file_name")):
+                self.rows[meta_key(row["file_name"])] = row
+
+    def _text_key(self, row: Dict[str, Any]) -> str:
+        """"text", or "caption" where the file uses that column / key (Hugging Face imagefolder accepts both)."""
+        if "text" in row:
+            return "text"
+        return "caption" if ("caption" in row or getattr(self, "text_col", "") == "caption") else "text"
 
     def get(self, file_name: str) -> Optional[str]:
-        row = self.rows.get(file_name)
+        row = self.rows.get(meta_key(file_name) or file_name)
         if row is None:
             return None
-        return str(row.get("text") or "")
+        return str(row.get(self._text_key(row)) or "")
 
     def set(self, file_name: str, text: str) -> None:
-        row = self.rows.get(file_name)
+        key = meta_key(file_name) or file_name
+        row = self.rows.get(key)
         if row is None:
-            self.rows[file_name] = {"file_name": file_name, "text": text}
+            self.rows[key] = {"file_name": key, getattr(self, "text_col", "") or "text": text}
             self.changed = True
-        elif row.get("text") != text:
-            row["text"] = text
+        elif row.get(self._text_key(row)) != text:
+            row[self._text_key(row)] = text
             self.changed = True
 
     def on_disk_changed(self) -> bool:
@@ -817,6 +823,8 @@ class MetadataFile:
     def render(self) -> str:
         if self.jsonl:
             return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows.values())
+        if not self.fieldnames:
+            self.fieldnames = ["file_name", "text"]
         buf = io.StringIO(newline="")
         writer = csv.DictWriter(buf, fieldnames=self.fieldnames, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
@@ -827,22 +835,27 @@ class MetadataFile:
     def save(self) -> bool:
         if not self.changed:
             return False
-        text = self.render()
-        atomic_write_text(self.path, text)
-        self.raw, self.exists, self.changed = text.encode("utf-8"), True, False
+        data = encode_text(self.render(), self.encoding)
+        atomic_write_bytes(self.path, data)
+        self.raw, self.exists, self.changed = data, True, False
         return True
 
 
 def _read_sidecar(path: str) -> Tuple[Optional[bytes], Optional[str]]:
-    """(raw bytes or None when absent, decoded text or None when not UTF-8)."""
+    """(raw bytes or None when absent, decoded text or None when not Unicode text (lora_train.folder.decode_text))."""
     if not os.path.isfile(path):
         return None, None
     with open(path, "rb") as fh:
         raw = fh.read()
-    try:
-        return raw, raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return raw, None
+    text, _, guessed = decode_text(raw)
+    return raw, (None if guessed else text)
+
+
+def _sidecar_bytes(row: Optional[FolderRow], text: str) -> bytes:
+    """A caption written over an existing sidecar keeps that file's encoding when it was UTF-8 with a BOM or UTF-16
+    (Windows Notepad "Unicode"); everything else (new files, plain UTF-8, undecodable legacy files) is UTF-8."""
+    keep = row is not None and row.source == "txt" and not row.problem
+    return encode_text(text, row.encoding if keep else "utf-8")
 
 
 # ============================================================================ caption_folder
@@ -909,7 +922,7 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
     target = _resolve_out(out)
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
-    entries = list_images(folder)
+    entries = list_images(folder, caption_extension)
     report = CaptionReport(dry_run=dry_run)
     if not entries:
         report.warnings.append(f"no images in '{os.path.abspath(folder)}' (looked for {', '.join(IMAGE_EXTS)} "
@@ -940,17 +953,13 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
     todo: List[Tuple[ImageEntry, Optional[str]]] = []
 
     def existing_caption(e: ImageEntry) -> Tuple[Optional[str], Optional[str]]:
-        """(caption or None, problem or None)."""
-        name = os.path.basename(e.path)
-        reader = readers[e.folder]
-        if reader is not None and reader.get(name) is not None and " ".join(reader.get(name).split()):
-            return " ".join(reader.get(name).split()), None
-        raw, text = _read_sidecar(os.path.splitext(e.path)[0] + caption_extension)
-        if raw is None or not raw.strip():
+        """(caption or None, problem or None), as lora_train.folder read it."""
+        r = e.row
+        if r is None or r.source == "none":
             return None, None
-        if text is None:
+        if r.problem:
             return "", "its caption file is not UTF-8 text"
-        return " ".join(text.split()), None
+        return r.caption, None
 
     def finish(e: ImageEntry) -> None:
         nonlocal done
@@ -959,14 +968,14 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
             progress(done, n, e.path)
 
     def write(e: ImageEntry, caption: str) -> None:
-        name = os.path.basename(e.path)
+        name = e.key or os.path.basename(e.path)
         if target == "txt":
             reader = readers[e.folder]
             if reader is not None and reader.get(name) is not None:
                 shadowed[reader.path] += 1
-            dest = os.path.splitext(e.path)[0] + caption_extension
+            dest = (e.row.sidecar if e.row is not None else "") or os.path.splitext(e.path)[0] + caption_extension
             if not dry_run:
-                atomic_write_text(dest, caption)
+                atomic_write_bytes(dest, _sidecar_bytes(e.row, caption))
             report.files.append(dest)
         else:
             meta_for(e.folder).set(name, caption)
@@ -1083,7 +1092,8 @@ class CaptionTable:
         self.reload()
 
     def reload(self) -> None:
-        self._entries = list_images(self.folder)
+        """Read the rows through lora_train.folder (the trainer's reader): same images, same captions."""
+        self._entries = list_images(self.folder, self.caption_extension)
         self._metas: Dict[str, Optional[MetadataFile]] = {}
         self._orig: Dict[str, str] = {}
         self._raw: Dict[str, Optional[bytes]] = {}
@@ -1092,23 +1102,22 @@ class CaptionTable:
         self._by_path = {e.path: e for e in self._entries}
         for e in self._entries:
             if e.folder not in self._metas:
-                name = next((n for n in METADATA_NAMES if os.path.isfile(os.path.join(e.folder, n))), None)
-                self._metas[e.folder] = MetadataFile(e.folder, name) if name else None
-            meta, name = self._metas[e.folder], os.path.basename(e.path)
-            if meta is not None and meta.get(name) is not None and meta.get(name).strip():
-                self._orig[e.path], self._source[e.path] = meta.get(name), "metadata"
+                name = metadata_path(e.folder)
+                self._metas[e.folder] = MetadataFile(e.folder, os.path.basename(name)) if name else None
+            r, meta = e.row, self._metas[e.folder]
+            self._orig[e.path] = r.shown  # an undecodable sidecar shows its cp1252 reading, to be fixed and saved
+            if r.source == "metadata":
+                self._source[e.path] = "metadata"
                 continue
-            raw, text = _read_sidecar(self._sidecar(e.path))
+            raw, _ = _read_sidecar(r.sidecar)
             self._raw[e.path] = raw
-            if raw is not None and raw.strip():
-                self._orig[e.path] = text if text is not None else raw.decode("utf-8", "replace")
-                self._source[e.path] = "txt"
-            else:
-                self._orig[e.path] = ""
-                self._source[e.path] = "metadata" if meta is not None and meta.get(name) is not None else "none"
+            self._source[e.path] = r.source if r.source == "txt" or meta is None or meta.get(e.key) is None \
+                else "metadata"
 
     def _sidecar(self, path: str) -> str:
-        return os.path.splitext(path)[0] + self.caption_extension
+        e = self._by_path.get(path)
+        return (e.row.sidecar if e is not None and e.row is not None else "") or \
+            os.path.splitext(path)[0] + self.caption_extension
 
     def _key(self, path: str) -> str:
         p = os.path.abspath(path if os.path.isabs(path) else os.path.join(self.folder, path))
@@ -1192,8 +1201,9 @@ class CaptionTable:
         written = []
         for p in sidecars:
             dest = self._sidecar(p)
-            atomic_write_text(dest, self._edits[p])
-            self._raw[p] = self._edits[p].encode("utf-8")
+            data = _sidecar_bytes(self._by_path[p].row, self._edits[p])
+            atomic_write_bytes(dest, data)
+            self._raw[p] = data
             self._orig[p], self._source[p] = self._edits.pop(p), "txt"
             written.append(dest)
         for d, ps in metas.items():
@@ -1202,7 +1212,7 @@ class CaptionTable:
                 meta = MetadataFile(d, os.path.basename(meta.path) if meta is not None else None)
                 self._metas[d] = meta
             for p in ps:
-                meta.set(os.path.basename(p), self._edits[p])
+                meta.set(self._by_path[p].key or os.path.basename(p), self._edits[p])
             if meta.save():
                 written.append(meta.path)
             for p in ps:
