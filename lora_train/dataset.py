@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .buckets import BucketPlan, SampleTransform, assign_buckets, plan_resize, square_transform
-from .folder import IMAGE_EXTS, FolderError, FolderScan, rel, scan_folder
+from .folder import IMAGE_EXTS, FolderError, FolderScan, rel, scan_folder, split_tags
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,6 @@ class ImageDataset:
 
 
 # -------------------------------------------------------------------- images
-def split_tags(caption: str) -> List[str]:
-    return [t.strip() for t in caption.split(",") if t.strip()]
-
-
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -80,6 +80,10 @@ def encode_text(text: str, encoding: str = "utf-8") -> bytes:
     return text.encode("utf-8")
 
 
+def split_tags(caption: str) -> List[str]:
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
 def normalize_caption(text: str) -> str:
     return " ".join((text or "").split())
 
