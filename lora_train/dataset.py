@@ -1,12 +1,15 @@
 """Image folders with captions: .txt sidecars, metadata.csv / metadata.jsonl, kohya `N_name` repeats.
 
+The folder is listed by `lora_train.folder.scan_folder` (the one reader, shared with the caption table, so the
+tab shows exactly the captions that are trained); this module validates the images and loads pixels.
+
 Loading validates every image (opened and decoded once, in a few threads) so a bad file is skipped with a
 message before training starts, never in the middle of it. Nothing in the user's folder is ever written.
 
 Decisions for inputs that could go either way (each one is warned about, naming the files):
 - caption not UTF-8: the caption is NOT used (no guessing of the encoding: a wrong guess would train
   garbage); the image gets the fallback caption (trigger word / folder name). UTF-8 with a BOM and UTF-16
-  with a BOM (Windows Notepad "Unicode") are decoded properly.
+  with a BOM (Windows Notepad "Unicode"), LE or BE, are decoded properly. Hidden files (`.name`) are not read.
 - two images with one stem (a.png + a.jpg): both are kept and both use a.txt.
 - animated GIF / WebP / PNG: the first frame is used.
 - metadata rows that are malformed, name unknown files or leave the folder: the row is ignored, the image
