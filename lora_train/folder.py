@@ -391,8 +391,3 @@ def scan_folder(root: str, caption_extension: str = ".txt") -> FolderScan:
         _scan_one(st, e.path, max(1, int(m.group(1))), m.group(2))
     return st
 
-
-def parse_repeat_folder(name: str) -> Optional[Tuple[int, str]]:
-    """(repeats, class) of a kohya folder name (`10_mychar` -> (10, "mychar")), or None."""
-    m = REPEAT_RE.match(name)
-    return (max(1, int(m.group(1))), m.group(2)) if m else None
