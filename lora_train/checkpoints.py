@@ -575,10 +575,10 @@ def write_original_checkpoint(model: BaseModel, path: str, mark_v_prediction: bo
 
     sd = to_original_state_dict(model, mark_v_prediction)
     sd = {k: _cast(v.detach().cpu(), dtype).contiguous().clone() for k, v in sd.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(sd, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    from .io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(sd, tmp, metadata={"format": "pt"})
     return path
 
 

@@ -1,12 +1,15 @@
 """Image folders with captions: .txt sidecars, metadata.csv / metadata.jsonl, kohya `N_name` repeats.
 
+The folder is listed by `lora_train.folder.scan_folder` (the one reader, shared with the caption table, so the
+tab shows exactly the captions that are trained); this module validates the images and loads pixels.
+
 Loading validates every image (opened and decoded once, in a few threads) so a bad file is skipped with a
 message before training starts, never in the middle of it. Nothing in the user's folder is ever written.
 
 Decisions for inputs that could go either way (each one is warned about, naming the files):
 - caption not UTF-8: the caption is NOT used (no guessing of the encoding: a wrong guess would train
   garbage); the image gets the fallback caption (trigger word / folder name). UTF-8 with a BOM and UTF-16
-  with a BOM (Windows Notepad "Unicode") are decoded properly.
+  with a BOM (Windows Notepad "Unicode"), LE or BE, are decoded properly. Hidden files (`.name`) are not read.
 - two images with one stem (a.png + a.jpg): both are kept and both use a.txt.
 - animated GIF / WebP / PNG: the first frame is used.
 - metadata rows that are malformed, name unknown files or leave the folder: the row is ignored, the image
@@ -14,14 +17,10 @@ Decisions for inputs that could go either way (each one is warned about, naming 
 """
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
 import io
-import json
 import logging
 import os
-import re
 import warnings as _warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +32,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .buckets import BucketPlan, SampleTransform, assign_buckets, plan_resize, square_transform
+from .folder import IMAGE_EXTS, FolderError, FolderScan, rel, scan_folder, split_tags
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MIN_IMAGE_SIDE = 8  # one latent pixel; anything smaller has nothing to learn from
-_REPEAT_RE = re.compile(r"^(\d+)_(.+)$")
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
 _FLIP_LR = getattr(Image, "Transpose", Image).FLIP_LEFT_RIGHT
 _SHOW = 20  # files listed per warning
@@ -147,10 +145,6 @@ class ImageDataset:
 
 
 # -------------------------------------------------------------------- images
-def split_tags(caption: str) -> List[str]:
-    return [t.strip() for t in caption.split(",") if t.strip()]
-
-
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -311,32 +305,6 @@ def check_image(path: str, min_side: int = MIN_IMAGE_SIDE) -> _Probe:
 
 
 # -------------------------------------------------------------------- captions
-def _decode_text(data: bytes) -> str:
-    """UTF-8 (with or without BOM) or BOM-marked UTF-16; anything else raises UnicodeDecodeError."""
-    if data.startswith(codecs.BOM_UTF8):
-        return data[len(codecs.BOM_UTF8):].decode("utf-8")
-    if data.startswith(codecs.BOM_UTF16_LE) or data.startswith(codecs.BOM_UTF16_BE):
-        return data.decode("utf-16")
-    return data.decode("utf-8")
-
-
-def _read_caption(path: str) -> Tuple[Optional[str], Optional[str]]:
-    """(caption or None, problem or None)."""
-    if not os.path.isfile(path):
-        return None, None
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or exc})"
-    try:
-        text = _decode_text(data)
-    except UnicodeDecodeError:
-        return None, "is not UTF-8 text"
-    text = " ".join(text.split())
-    return text or None, None
-
-
 def _with_trigger(caption: str, trigger: str) -> str:
     if not trigger:
         return caption
@@ -345,80 +313,7 @@ def _with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
-def _meta_key(name: str) -> Optional[str]:
-    """Normalised relative path of a metadata file_name, or None if it is absolute or leaves the folder."""
-    n = name.strip().replace("\\", "/")
-    if not n or n.startswith("/") or re.match(r"^[A-Za-z]:", n) or os.path.isabs(n):
-        return None
-    norm = os.path.normpath(n).replace("\\", "/")
-    if norm == ".." or norm.startswith("../") or norm == ".":
-        return None
-    return norm
-
-
-def _read_metadata(folder: str, problems: List[str]) -> Optional[Dict[str, Optional[str]]]:
-    """{relative path: caption or None} from metadata.csv / metadata.jsonl; row problems go to `problems`."""
-    csv_path, jsonl_path = os.path.join(folder, "metadata.csv"), os.path.join(folder, "metadata.jsonl")
-    path = csv_path if os.path.isfile(csv_path) else jsonl_path if os.path.isfile(jsonl_path) else None
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as fh:
-            text = _decode_text(fh.read())
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: is not UTF-8 text ({exc.reason} at byte {exc.start}). Save it as UTF-8 "
-                           f"(in Excel: Save As -> CSV UTF-8).") from exc
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
-    rows: Dict[str, Optional[str]] = {}
-    base = os.path.basename(path)
-
-    def add(where: str, name, caption) -> None:
-        if not isinstance(name, str) or not name.strip():
-            problems.append(f"{base} {where}: no file_name")
-            return
-        key = _meta_key(name)
-        if key is None:
-            problems.append(f"{base} {where}: '{name}' is outside the dataset folder (absolute or '..' paths are "
-                            f"refused; use a path relative to {folder})")
-            return
-        if isinstance(caption, (list, tuple)):
-            caption = ", ".join(str(c) for c in caption)
-        if caption is None or not str(caption).strip():
-            problems.append(f"{base} {where}: '{name}' has no text (its .txt caption or the fallback is used)")
-            caption = None
-        rows[key] = None if caption is None else " ".join(str(caption).split())
-
-    if path == csv_path:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames or "file_name" not in reader.fieldnames or "text" not in reader.fieldnames:
-            raise DatasetError(f"{csv_path}: needs the columns file_name,text (found "
-                               f"{','.join(reader.fieldnames or [])}). Fix the header line.")
-        for row in reader:
-            where = f"line {reader.line_num}"
-            if row.get(None):
-                problems.append(f"{base} {where}: more columns than the header (extra ignored; quote captions that "
-                                f"contain commas)")
-            if row.get("file_name") is None and row.get("text") is None and not any(v for v in row.values() if v):
-                continue  # blank line
-            add(where, row.get("file_name"), row.get("text"))
-        return rows
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{base} line {n}: not valid JSON ({exc.msg})")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{base} line {n}: not a JSON object")
-            continue
-        add(f"line {n}", row.get("file_name"), row.get("text"))
-    return rows
-
-
-# -------------------------------------------------------------------- scanning
+# -------------------------------------------------------------------- scanning (lora_train.folder reads the folder)
 @dataclass
 class _Cand:
     path: str
@@ -430,101 +325,10 @@ class _Cand:
     caption_file: str = ""
 
 
-@dataclass
-class _Scan:
-    root: str
-    caption_ext: str
-    cands: List[_Cand] = field(default_factory=list)
-    pre_skipped: List[Tuple[str, str]] = field(default_factory=list)
-    orphans: List[str] = field(default_factory=list)
-    shared: List[str] = field(default_factory=list)
-    meta_problems: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-    unused_dirs: List[str] = field(default_factory=list)
-    seen_dirs: set = field(default_factory=set)
-
-
-def _listdir(folder: str) -> List[os.DirEntry]:
-    with os.scandir(folder) as it:
-        return sorted(it, key=lambda e: e.name)
-
-
-def _has_images(folder: str) -> bool:
-    try:
-        with os.scandir(folder) as it:
-            return any(os.path.splitext(e.name)[1].lower() in IMAGE_EXTS for e in it)
-    except OSError:
-        return False
-
-
-def _rel(root: str, path: str) -> str:
-    try:
-        return os.path.relpath(path, root)
-    except ValueError:
-        return path
-
-
-def _scan_folder(st: _Scan, folder: str, repeats: int, folder_name: str) -> None:
-    try:
-        entries = _listdir(folder)
-    except OSError as exc:
-        st.notes.append(f"folder {folder} cannot be listed ({exc.strerror or exc}) and was skipped: check its "
-                        f"permissions.")
-        return
-    meta = _read_metadata(folder, st.meta_problems)
-    names = {e.name for e in entries}
-    images: List[str] = []
-    for e in entries:
-        if os.path.splitext(e.name)[1].lower() not in IMAGE_EXTS:
-            continue
-        try:
-            is_file = e.is_file()  # follows links; a looping / dangling link is simply not a file
-        except OSError:
-            is_file = False
-        if is_file:
-            images.append(e.name)
-        elif e.is_symlink():
-            st.pre_skipped.append((e.path, "is a broken or looping symbolic link: point it at a real image or "
-                                           "remove the link"))
-    # metadata rows that name files in subfolders (Hugging Face imagefolder style) or files that do not exist
-    extra: List[str] = []
-    if meta:
-        for key in meta:
-            if key in names:
-                continue
-            full = os.path.join(folder, key)
-            if "/" in key and os.path.splitext(key)[1].lower() in IMAGE_EXTS and os.path.isfile(full):
-                extra.append(key)
-            else:
-                st.meta_problems.append(f"metadata in {_rel(st.root, folder) or '.'}: '{key}' is not in the folder "
-                                        f"(row ignored; check the name)")
-    # stems shared by several images (a.png + a.jpg): all kept, all use the same caption file
-    by_stem: Dict[str, List[str]] = {}
-    for n in images:
-        by_stem.setdefault(os.path.splitext(n)[0], []).append(n)
-    image_stems = {os.path.splitext(e.name)[0] for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTS}
-    for stem, group in by_stem.items():
-        if len(group) > 1:
-            cap = stem + st.caption_ext
-            uses = f"both use the caption {cap}" if cap in names else f"a caption {cap} would apply to all of them"
-            st.shared.append(f"{' and '.join(_rel(st.root, os.path.join(folder, g)) for g in group)} "
-                             f"({uses})")
-    # caption files without an image
-    for e in entries:
-        stem, ext = os.path.splitext(e.name)
-        if ext == st.caption_ext and stem not in image_stems:
-            st.orphans.append(_rel(st.root, e.path))
-    for name in images + sorted(extra):
-        path = os.path.join(folder, name)
-        caption, source, problem, cap_file = None, "txt", "", ""
-        if meta is not None and meta.get(name.replace(os.sep, "/")) is not None:
-            caption, source = meta[name.replace(os.sep, "/")], "metadata"
-        if caption is None:
-            cap_file = os.path.splitext(path)[0] + st.caption_ext
-            caption, problem = _read_caption(cap_file)
-            source = "txt"
-        st.cands.append(_Cand(path=path, caption=caption, source=source, repeats=repeats, folder_name=folder_name,
-                              caption_problem=problem or "", caption_file=cap_file))
+def _cands(scan: FolderScan) -> List[_Cand]:
+    return [_Cand(path=r.path, caption=r.caption, source="metadata" if r.source == "metadata" else "txt",
+                  repeats=r.repeats, folder_name=r.folder_name, caption_problem=r.problem,
+                  caption_file=r.caption_file if r.source != "metadata" else "") for r in scan.rows]
 
 
 def _listing(paths: Sequence[str], more_hint: str = "") -> str:
@@ -562,59 +366,35 @@ def load_dataset(root: str, resolution: int = 512, trigger_word: str = "", capti
         raise DatasetError(f"'{root}' is a file, not a folder: set train_data_dir to the folder that holds "
                            f"the images.")
     root = os.path.abspath(root)
-    st = _Scan(root=root, caption_ext=caption_extension)
-    base_name = os.path.basename(root)
-    st.seen_dirs.add(os.path.realpath(root))
-    _scan_folder(st, root, 1, base_name)
     try:
-        subs = _listdir(root)
-    except OSError as exc:
-        raise DatasetError(f"dataset folder '{root}' cannot be listed ({exc.strerror or exc}): check its "
-                           f"permissions.") from exc
-    for e in subs:
-        try:
-            is_dir = e.is_dir()
-        except OSError:
-            is_dir = False
-        if not is_dir:
-            continue
-        m = _REPEAT_RE.match(e.name)
-        if not m:
-            if _has_images(e.path):
-                st.unused_dirs.append(e.name)
-            continue
-        real = os.path.realpath(e.path)
-        if real in st.seen_dirs:
-            st.notes.append(f"subfolder {e.name} is a link to a folder already read ({real}): skipped so that its "
-                            f"images are not counted twice.")
-            continue
-        st.seen_dirs.add(real)
-        _scan_folder(st, e.path, max(1, int(m.group(1))), m.group(2))
-
-    probes = _validate(st.cands, min_image_side)
+        st = scan_folder(root, caption_extension)
+    except FolderError as exc:
+        raise DatasetError(str(exc)) from exc
+    cands = _cands(st)
+    probes = _validate(cands, min_image_side)
     items: List[Item] = []
-    skipped: List[Tuple[str, str]] = list(st.pre_skipped)
+    skipped: List[Tuple[str, str]] = list(st.broken)
     missing, bad_caps, animated, small = [], [], [], []
-    for c, p in zip(st.cands, probes):
+    for c, p in zip(cands, probes):
         if not p.ok:
             skipped.append((c.path, p.reason))
             continue
         caption, source = c.caption, c.source
         if caption is None:
             if c.caption_problem:
-                bad_caps.append(f"{_rel(root, c.caption_file)} ({c.caption_problem})")
+                bad_caps.append(f"{rel(root, c.caption_file)} ({c.caption_problem})")
             else:
                 missing.append(c.path)
             caption, source = (trigger_word or c.folder_name), "fallback"
         if p.frames > 1:
-            animated.append(f"{_rel(root, c.path)} ({p.frames} frames)")
+            animated.append(f"{rel(root, c.path)} ({p.frames} frames)")
         if min(p.width, p.height) * 4 < resolution:
-            small.append(f"{_rel(root, c.path)} ({p.width}x{p.height})")
+            small.append(f"{rel(root, c.path)} ({p.width}x{p.height})")
         items.append(Item(path=c.path, caption=_with_trigger(caption, trigger_word), repeats=c.repeats,
                           folder_name=c.folder_name, caption_source=source, width=p.width, height=p.height,
                           content_hash=p.sha, frames=p.frames))
 
-    n_files = len(st.cands) + len(st.pre_skipped)
+    n_files = len(cands) + len(st.broken)
     if not items:
         if n_files == 0:
             hint = ""
@@ -624,7 +404,7 @@ def load_dataset(root: str, resolution: int = 512, trigger_word: str = "", capti
                         f"'1_{st.unused_dirs[0]}').")
             raise DatasetError(f"no images found in '{root}' (looked for {', '.join(IMAGE_EXTS)} in the folder and in "
                                f"kohya-style N_name subfolders). Put your images there.{hint}")
-        lines = "\n".join(f"  - {_rel(root, p)}: {r}" for p, r in skipped[:_SHOW])
+        lines = "\n".join(f"  - {rel(root, p)}: {r}" for p, r in skipped[:_SHOW])
         more = f"\n  ... and {len(skipped) - _SHOW} more" if len(skipped) > _SHOW else ""
         raise DatasetError(f"no usable images in '{root}': all {n_files} image file(s) were skipped:\n{lines}{more}\n"
                            f"Fix or replace these files and try again.")
@@ -632,12 +412,12 @@ def load_dataset(root: str, resolution: int = 512, trigger_word: str = "", capti
     ds = ImageDataset(root=root, items=items, resolution=resolution, trigger_word=trigger_word, skipped=skipped)
     msgs: List[str] = []
     if skipped:
-        lines = "\n".join(f"  - {_rel(root, p)}: {r}" for p, r in skipped[:_SHOW])
+        lines = "\n".join(f"  - {rel(root, p)}: {r}" for p, r in skipped[:_SHOW])
         more = f"\n  ... and {len(skipped) - _SHOW} more (all listed in dataset.skipped)" if len(skipped) > _SHOW else ""
         msgs.append(f"skipped {len(skipped)} of {n_files} image file(s); training goes on with the other "
                     f"{len(items)}:\n{lines}{more}")
     if missing:
-        shown = _listing([_rel(root, p) for p in missing])
+        shown = _listing([rel(root, p) for p in missing])
         msgs.append(f"{len(missing)} image(s) have no caption and use '{trigger_word or 'the folder name'}' instead: "
                     f"{shown}. Add {caption_extension} files (or run `python -m lora_train caption`).")
     if bad_caps:

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from lora_train import caption as caption_mod
+from lora_train.captions import backends as caption_mod  # where the captioners live (lora_train.caption is a shim)
 from lora_train.caption import CaptionerError, TransformersCaptioner, WD14Tagger, caption_folder, make_captioner
 from lora_train.cli import main
 from lora_train.dataset import load_dataset
