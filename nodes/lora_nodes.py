@@ -14,17 +14,17 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Sequence, Tuple
 
-from lora_train.advisor import BASES, DETAILS, TASKS
+from lora_train.tuning.advisor import BASES, DETAILS, TASKS
 from lora_train.config import OPTIMIZERS, SCHEDULERS
 from lora_train.prompt import parse_floats, parse_ints
 
-from .comfy_host import ComfyUIHost, pil_to_image, save_preview
-from .names import CATEGORY, DATASET_TYPE, NODE_NAMES
+from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image, save_preview
+from nodes.names import CATEGORY, DATASET_TYPE, NODE_NAMES
 
 log = logging.getLogger("lora_train.comfyui")
 
-CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.caption.BACKENDS minus the WebUI-only "host"
-CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.caption.MODES
+CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.captions.BACKENDS minus the WebUI-only "host"
+CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.captions.MODES
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 INT_MAX = 0xFFFFFFFF
 
@@ -72,7 +72,7 @@ def lora_stem(name: str) -> str:
 def _contact_sheet(paths: Sequence[str], size: int = 128, cols: int = 4):
     from PIL import Image, ImageOps
 
-    from lora_train.dataset import load_image
+    from lora_train.data.dataset import load_image
 
     thumbs = []
     for p in list(paths)[: cols * 2]:
@@ -106,7 +106,7 @@ class DatasetRef:
     fingerprint: str = ""
 
     def load(self):
-        from lora_train.dataset import _with_trigger, load_dataset
+        from lora_train.data.dataset import _with_trigger, load_dataset
 
         ds = load_dataset(self.folder, self.resolution, self.trigger_word, self.caption_extension)
         for it in ds.items:
@@ -226,7 +226,7 @@ class LoraTrainCaptionDataset:
         import comfy.model_management as mm
         import comfy.utils
 
-        from lora_train.caption import caption_folder, make_captioner
+        from lora_train.captions import caption_folder, make_captioner
 
         trigger = str(trigger_word or "").strip() or dataset.trigger_word
         opts: Dict[str, Any] = {}
@@ -275,7 +275,7 @@ class LoraTrainSuggestSettings:
     OUTPUT_NODE = True
 
     def suggest(self, dataset, task, base, vram_gb, detail):
-        from lora_train.advisor import suggest
+        from lora_train.tuning.advisor import suggest
 
         n = dataset.image_count or dataset.load().image_count
         s = suggest(n, task=task, base=base, vram_gb=float(vram_gb) if vram_gb and vram_gb > 0 else None,
@@ -308,7 +308,7 @@ def _device_and_precision(choice: str) -> Tuple[str, str]:
 def _advice_lines(res, cfg) -> List[str]:
     """The live diagnosis summary, and the rescaled lr when the effective batch is not the one the lr was
     chosen for (the advisor's 2e-4 at batch 4, rescaled by sqrt; one knob at a time)."""
-    from lora_train.advisor import Finding, format_findings, rescale_lr
+    from lora_train.tuning.advisor import Finding, format_findings, rescale_lr
 
     out = [format_findings([Finding(**f) for f in res.findings])]
     eff = cfg.batch_size * cfg.gradient_accumulation_steps

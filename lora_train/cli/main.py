@@ -8,7 +8,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .config import ConfigError, TrainConfig, parse_overrides
+from ..config import ConfigError, TrainConfig, parse_overrides
 
 
 class TqdmRenderer:
@@ -41,9 +41,9 @@ class TqdmRenderer:
 
 
 def cmd_train(args, extra: List[str]) -> int:
-    from .advisor import Finding, format_findings
-    from .host import StandaloneHost
-    from .run import train_for_host
+    from ..tuning.advisor import Finding, format_findings
+    from ..hosts.standalone import StandaloneHost
+    from ..run import train_for_host
 
     overrides = parse_overrides(extra)
     cfg = TrainConfig.load(args.config, overrides)
@@ -64,7 +64,7 @@ def cmd_train(args, extra: List[str]) -> int:
 
 def rescale_offer(before: TrainConfig, after: TrainConfig, overrides) -> str:
     """When an override changes the batch or accumulation but not the lr, say which lr keeps the step size."""
-    from .advisor import rescale_lr
+    from ..tuning.advisor import rescale_lr
 
     if "learning_rate" in overrides:
         return ""
@@ -80,7 +80,8 @@ def rescale_offer(before: TrainConfig, after: TrainConfig, overrides) -> str:
 
 
 def cmd_tiny_model(args, extra: List[str]) -> int:
-    from .models import build_tiny, save_diffusers_folder
+    from ..models.tiny import build_tiny
+    from ..models.diffusers_folder import save_diffusers_folder
 
     if os.path.exists(os.path.join(args.dir, "model_index.json")) and not args.overwrite:
         print(f"error: '{args.dir}' already holds a model; pass --overwrite or choose another folder", file=sys.stderr)
@@ -91,17 +92,17 @@ def cmd_tiny_model(args, extra: List[str]) -> int:
 
 
 def cmd_demo(args, extra: List[str]) -> int:
-    from .demo import DEMO_TRIGGER, write_demo_dataset
-    from .io_utils import next_free_name
-    from .models import build_tiny
-    from .host import StandaloneHost
-    from .run import train_for_host
-    from .sampler import GenParams, Generator, build_grid
+    from ..data.demo import DEMO_TRIGGER, write_demo_dataset
+    from ..io_utils import next_free_name
+    from ..models.tiny import build_tiny
+    from ..hosts.standalone import StandaloneHost
+    from ..run import train_for_host
+    from ..sampler import GenParams, Generator, build_grid
 
     t0 = time.time()
     out = os.path.abspath(args.out)
     data = os.path.join(out, "dataset")
-    from .caption import caption_folder, make_captioner
+    from ..captions import caption_folder, make_captioner
 
     write_demo_dataset(data, n=8, size=64, captions=False)
     rep = caption_folder(data, make_captioner("template", template="{trigger}, {words}", trigger=DEMO_TRIGGER),
@@ -152,7 +153,7 @@ COMMANDS = {"train": cmd_train, "demo": cmd_demo, "tiny-model": cmd_tiny_model}
 
 # Feature modules add their own subcommands: each exposes `add_commands(subparsers) -> {name: func}`,
 # func(args, extra) -> exit code.
-EXTENSIONS = ["lora_train.sampler_cli", "lora_train.tuning_cli", "lora_train.caption_cli", "lora_train.ui_cli"]
+EXTENSIONS = ["lora_train.cli.sample", "lora_train.cli.tuning", "lora_train.cli.caption", "lora_train.cli.ui"]
 
 
 def _load_extensions(sub) -> None:

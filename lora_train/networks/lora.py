@@ -250,7 +250,7 @@ def to_kohya_state_dict(lw: LoraWeights, kind: str = "sd1", dtype: torch.dtype =
 
 def save_kohya(lw: LoraWeights, path: str, kind: str = "sd1", metadata: Optional[Dict[str, str]] = None,
                overwrite: bool = False, dtype: torch.dtype = torch.float32) -> str:
-    from .io_utils import save_safetensors
+    from ..io_utils import save_safetensors
 
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"'{path}' exists already: choose another output_name or pass --overwrite.")

@@ -34,7 +34,7 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from ..host import Host, HostError
+from .base import Host, HostError
 
 log = logging.getLogger("lora_train")
 
@@ -203,7 +203,7 @@ class WebUIHost(Host):
         return info if spec in ids or os.path.abspath(spec) == os.path.abspath(info.filename) else None
 
     def base_model(self, spec: Optional[str] = None):
-        from ..models import load_base_model
+        from ..models.loading import load_base_model
 
         spec = (spec or "").strip()
         if spec in ("tiny", "tiny-v"):
@@ -221,10 +221,10 @@ class WebUIHost(Host):
         return self._load_file(self.check_path(spec, "base model", must_exist=True, folder=False))
 
     def _load_file(self, path: str):
-        from ..models import load_base_model
+        from ..models.loading import load_base_model
 
         if self.model_config is not None and os.path.isfile(path):
-            from ..checkpoints import load_single_file
+            from ..models.single_file import load_single_file
 
             return load_single_file(path, config=self.model_config)
         return load_base_model(path)
@@ -236,7 +236,7 @@ class WebUIHost(Host):
         return model.state_dict()
 
     def _loaded_base_model(self):
-        from ..checkpoints import from_original_state_dict
+        from ..models.single_file import from_original_state_dict
 
         info = self._model().sd_checkpoint_info
         return from_original_state_dict(self.loaded_state_dict(), name=getattr(info, "name_for_extra", "") or "",

@@ -50,7 +50,7 @@ def add_commands(subparsers) -> Dict[str, object]:
 
 
 def _captioner_opts(args) -> dict:
-    from .caption import _ALIASES
+    from ..captions import _ALIASES
 
     backend = _ALIASES.get(args.backend.lower(), args.backend.lower())
     if backend == "template":
@@ -67,7 +67,7 @@ def _captioner_opts(args) -> dict:
 def cmd_caption(args, extra: List[str]) -> int:
     from tqdm.auto import tqdm
 
-    from .caption import CaptionerError, caption_folder, format_tag_frequency, make_captioner, parse_pairs
+    from ..captions import CaptionerError, caption_folder, format_tag_frequency, make_captioner, parse_pairs
 
     if args.backend.lower() == "host":
         print("error: the host backend uses the WebUI's own interrogators and only exists inside the WebUI tab; "

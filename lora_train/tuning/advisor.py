@@ -175,7 +175,7 @@ class Suggestion:
         return [(s.key, s.value, s.reason) for s in self.settings.values()]
 
     def to_config_dict(self) -> Dict[str, Any]:
-        from .config import TrainConfig
+        from ..config import TrainConfig
 
         valid = set(TrainConfig.keys())
         return {k: s.value for k, s in self.settings.items() if k in valid}
@@ -458,7 +458,7 @@ def check_config(cfg, samples_per_epoch: Optional[int] = None) -> List[str]:
         samples = samples_per_epoch
         if samples is None and cfg.train_data_dir:
             try:
-                from .dataset import load_dataset
+                from ..data.dataset import load_dataset
 
                 samples = len(load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word,
                                            cfg.caption_extension))

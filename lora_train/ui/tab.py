@@ -1,6 +1,6 @@
 """The "LoRA Train" tab: Dataset, Settings, Train and Test sections, as one `gradio.Blocks`.
 
-`build_tab(host)` builds it (not launched) for any `lora_train.host.Host`; the WebUI registers it with
+`build_tab(host)` builds it (not launched) for any `lora_train.hosts.Host`; the WebUI registers it with
 `script_callbacks.on_ui_tabs(lambda: [(build_tab(host), "LoRA Train", "lora_train")])` and
 `python -m lora_train ui` launches it with a `StandaloneHost`. Written against the gradio API that 3.41
 (AUTOMATIC1111 1.10), 4.40 (Forge) and the current release share (see `compat`); the work itself is in

@@ -142,13 +142,13 @@ def dataset_folder(host, folder: str) -> str:
 
 def caption_rows(folder: str) -> List[Tuple[str, str, str]]:
     """[(image path, caption, where it lives)] of a dataset folder, in the loader's order."""
-    from ..caption import CaptionTable
+    from ..captions import CaptionTable
 
     return [(r.path, r.caption, r.source) for r in CaptionTable(folder).rows()]
 
 
 def thumbnails(rows: Sequence[Tuple[str, str, str]], size: int = 192) -> List[Tuple[Any, str]]:
-    from ..caption import thumbnail
+    from ..captions import thumbnail
     from PIL import Image
 
     out = []
@@ -163,7 +163,7 @@ def thumbnails(rows: Sequence[Tuple[str, str, str]], size: int = 192) -> List[Tu
 
 def tag_table(folder: str, top: int = 30) -> str:
     """Markdown table of the most frequent caption tags per folder."""
-    from ..caption import CaptionTable
+    from ..captions import CaptionTable
 
     freq = CaptionTable(folder).tag_frequency()
     if not freq:
@@ -184,7 +184,7 @@ def tag_table(folder: str, top: int = 30) -> str:
 
 def save_caption(folder: str, path: str, text: str) -> str:
     """Write one caption (atomically, into its .txt sidecar or the folder's metadata file)."""
-    from ..caption import CaptionConflict, CaptionTable
+    from ..captions import CaptionConflict, CaptionTable
 
     table = CaptionTable(folder)
     table.edit(path, text)
@@ -221,7 +221,7 @@ def host_captioners(host) -> Dict[str, Any]:
 
 def auto_caption(host, folder: str, backend: str, model: str, mode: str, trigger: str,
                  should_stop=None, progress=None) -> str:
-    from ..caption import CaptionerError, caption_folder, make_captioner
+    from ..captions import CaptionerError, caption_folder, make_captioner
 
     if backend.startswith("host:"):
         name = backend.split(":", 1)[1]
@@ -253,7 +253,7 @@ def auto_caption(host, folder: str, backend: str, model: str, mode: str, trigger
 # ----------------------------------------------------------------------------- settings helpers
 def count_images(folder: str, resolution: int, trigger: str) -> Tuple[int, int]:
     """(distinct images, samples per epoch with kohya repeats) as the trainer will see them."""
-    from ..dataset import load_dataset
+    from ..data.dataset import load_dataset
 
     ds = load_dataset(folder, resolution, trigger or "")
     return ds.image_count, len(ds)
@@ -262,7 +262,7 @@ def count_images(folder: str, resolution: int, trigger: str) -> Tuple[int, int]:
 def suggest_settings(host, folder: str, task: str, model_type: str, base_value: str, vram_gb: Any,
                      accumulation: Any, resolution: Any, trigger: str = "") -> Tuple[Dict[str, Any], str]:
     """Advisor values for the tab's fields and a markdown table of the reasons."""
-    from ..advisor import suggest
+    from ..tuning.advisor import suggest
 
     if not (folder or "").strip():
         raise UserError("set the dataset folder first (Dataset section): the advice depends on how many images "
@@ -295,7 +295,7 @@ def suggest_settings(host, folder: str, task: str, model_type: str, base_value: 
 
 def rescale_offer(lr: Any, basis: Sequence[int], batch: Any, accum: Any) -> Tuple[Optional[float], str]:
     """(new lr or None, text) when batch/accumulation moved away from those the lr was set for."""
-    from ..advisor import rescale_lr
+    from ..tuning.advisor import rescale_lr
 
     try:
         lr_v = _float(lr, "learning rate")
@@ -378,7 +378,7 @@ def start_training(host, cfg: TrainConfig, spec: Optional[str]) -> jobs.Job:
 
 def run_lr_finder(host, cfg: TrainConfig, spec: Optional[str], steps: int):
     """LR range test on the dataset and base model (in the calling thread, holding the job slot)."""
-    from ..lr_finder import lr_range_test
+    from ..tuning.lr_finder import lr_range_test
 
     steps = _int(steps, "LR finder steps (about 100 is usual)", 2)
     job = jobs.claim("lr_find")

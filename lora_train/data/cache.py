@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
-from .io_utils import save_safetensors
+from ..io_utils import save_safetensors
 
 CACHE_FORMAT = "lora_train-cache/1"
 # Bump when the pixel pipeline (decode, resize, crop, normalisation) changes: every latent is then re-encoded.

@@ -25,11 +25,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
-from .io_utils import next_free_name
-from .models import BaseModel
+from ..io_utils import next_free_name
+from ..models.base import BaseModel
 
 
 def checkpoint_names(title: str, path: str) -> set:
@@ -102,7 +101,7 @@ class Host:
         return None
 
     def base_model(self, spec: Optional[str] = None) -> BaseModel:
-        from .models import load_base_model
+        from ..models.loading import load_base_model
 
         if not spec:
             loaded = self.loaded_checkpoint()
@@ -171,48 +170,3 @@ class Host:
             if value in checkpoint_names(title, path):
                 return path, bool(loaded) and same_file(path, loaded[1])
         return None
-
-
-class StandaloneHost(Host):
-    """The standalone app and the CLI: diffusers generation with our own `sampler.Generator`."""
-
-    name = "standalone"
-
-    def __init__(self, base_model: str = "tiny", lora_dir: str = "loras", roots: Optional[Sequence[str]] = None):
-        self.base_spec = base_model or "tiny"
-        self._lora_dir = os.path.abspath(lora_dir)
-        self._roots = [os.path.abspath(r) for r in roots] if roots is not None else None
-        self._model: Optional[BaseModel] = None
-        self._gen = None
-        self._lock = threading.Lock()
-
-    def lora_dirs(self) -> List[str]:
-        return [self._lora_dir]
-
-    def loaded_checkpoint(self) -> Optional[Tuple[str, str]]:
-        return (os.path.basename(self.base_spec.rstrip("/\\")) or self.base_spec, self.base_spec)
-
-    def checkpoints(self) -> Dict[str, str]:
-        name, path = self.loaded_checkpoint()
-        return {name: path}
-
-    def base_model(self, spec: Optional[str] = None) -> BaseModel:
-        from .models import load_base_model
-
-        return load_base_model(spec or self.base_spec)
-
-    def refresh_loras(self) -> None:
-        self._gen = None  # the Generator caches files by (size, mtime); a new run gets a fresh one
-
-    def allowed_roots(self) -> Optional[List[str]]:
-        return self._roots
-
-    def generate(self, params):
-        from .sampler import Generator
-
-        with self._lock:
-            if self._gen is None:
-                if self._model is None:
-                    self._model = self.base_model()
-                self._gen = Generator(self._model, self.lora_dirs())
-            return self._gen.generate(params)

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from . import conditioning
-from . import lora as lora_mod
-from .config import TrainConfig
-from .dataset import ImageDataset, load_dataset
-from .io_utils import atomic_write_text, next_free_name, save_image
-from .models import BaseModel, load_base_model
+from .. import __version__
+from ..models import conditioning
+from ..networks import lora as lora_mod
+from ..config import TrainConfig
+from ..data.dataset import ImageDataset, load_dataset
+from ..io_utils import atomic_write_text, next_free_name, save_image
+from ..models.base import BaseModel
+from ..models.loading import load_base_model
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class Trainer:
 
         Disk mode keys entries by image content, size, crop, flip and VAE, so a changed image is re-encoded and
         nothing else, and memory stays flat however many images there are."""
-        from .cache import LatentCache, module_identity
+        from ..data.cache import LatentCache, module_identity
 
         m, ds = self.model, self.dataset
         vae = m.vae.to(self.device)
@@ -244,7 +245,7 @@ class Trainer:
     def _cache_text(self, extra: Sequence[str] = ()):
         """caption -> conditioning of the frozen text encoder(s) (conditioning.encode: a tensor, or SDXL's
         {"hidden", "pooled"}), encoded once (memory or disk)."""
-        from .cache import TextEmbeddingCache, module_identity
+        from ..data.cache import TextEmbeddingCache, module_identity
 
         caps = sorted({it.caption for it in self.dataset.items} | set(extra))
         if getattr(self, "_te_id", None) is None:
@@ -444,7 +445,7 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
         self.nan_message = ""
         self.last_good = None
-        from .advisor import Diagnoser
+        from ..tuning.advisor import Diagnoser
 
         self.diagnoser = Diagnoser(cfg)
         self.started_at = time.time()
@@ -460,7 +461,7 @@ class Trainer:
                                    max_res=cfg.max_bucket_reso, no_upscale=cfg.bucket_no_upscale)
             self.emit("info", message=plan.summary(ds.expanded()))
         dropout_caps = [""] if cfg.caption_dropout_rate > 0 else []
-        from .cache import CachingStopped
+        from ..data.cache import CachingStopped
 
         try:
             with acc.main_process_first():  # with a disk cache, the other processes then read what it wrote
@@ -517,7 +518,7 @@ class Trainer:
 
         # data order: batches of one bucket each, a pure function of (seed, epoch); with N processes a global
         # batch is batch_size x N samples and each process trains on its slice (data parallel)
-        from .buckets import BucketBatchSampler
+        from ..data.buckets import BucketBatchSampler
 
         world, rank = acc.num_processes, acc.process_index
         local_bs, global_bs = cfg.batch_size, cfg.batch_size * world
@@ -816,7 +817,7 @@ class Trainer:
     def _sample(self, step: int, epoch: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        from .sampler import sample_in_training
+        from ..sampler import sample_in_training
 
         cfg, m = self.cfg, self.model
         offloaded = [te for te in m.text_encoders if next(te.parameters()).device != self.device]
@@ -854,7 +855,7 @@ class Trainer:
             w.writerow([h["step"], h["epoch"], f"{h['loss']:.6g}", f"{h['lr']:.6g}",
                         "" if vl is None else f"{vl:.6g}"])
         atomic_write_text(paths["loss_csv"], buf.getvalue())
-        from .plots import loss_plot
+        from ..plots import loss_plot
 
         img = loss_plot([h["step"] for h in self.history], [h["loss"] for h in self.history],
                         title=f"{self.cfg.output_name}: training loss",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 ADAPTER = "lr_finder"
 PROBE_SAMPLES = 8  # fixed probe: up to 4 images x 2 noise draws, timesteps spread over the schedule
@@ -63,7 +63,7 @@ class LRFinderResult:
         """Write the plot as PNG (atomic); refuses to replace an existing file unless `overwrite`."""
         import os
 
-        from .io_utils import save_image
+        from ..io_utils import save_image
 
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"'{path}' exists already: choose another path.")
@@ -147,7 +147,7 @@ def suggest_lr(lrs: Sequence[float], smoothed: Sequence[float], lr_min: Optional
 
 def plot_result(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggested: float,
                 heuristic: str, diverge_factor: float = 4.0):
-    from .plots import line_plot
+    from ..plots import line_plot
 
     fin = [s for s in smoothed if math.isfinite(s)]
     cap = diverge_factor * 1.25 * min(fin) if fin and min(fin) > 0 else float("inf")
@@ -184,7 +184,7 @@ class _ModelState:
     """What the sweep may change on a BaseModel, taken before and put back after."""
 
     def __init__(self, model, optimizer=None):
-        from . import lora as lora_mod
+        from ..networks import lora as lora_mod
 
         self.model = model
         unet = model.unet
@@ -274,11 +274,11 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
     optimizer: a caller's optimizer whose state is snapshotted and restored (the sweep uses its own AdamW).
     stop_event: set it to end the sweep early (the result covers the steps done; the model is restored).
     """
-    from . import lora as lora_mod
-    from .dataset import load_dataset
-    from .models import load_base_model
-    from . import conditioning
-    from .trainer import resolve_device
+    from ..networks import lora as lora_mod
+    from ..data.dataset import load_dataset
+    from ..models.loading import load_base_model
+    from ..models import conditioning
+    from ..training.trainer import resolve_device
 
     if not (isinstance(lr_min, (int, float)) and isinstance(lr_max, (int, float)) and 0 < lr_min < lr_max
             and math.isfinite(lr_max)):

@@ -7,8 +7,8 @@ from typing import Dict
 
 def make_app(base_model: str = "tiny", lora_dir: str = "loras", roots=None):
     """(host, blocks) of the standalone app, built and not launched."""
-    from .host import StandaloneHost
-    from .webui import build_tab
+    from ..hosts.standalone import StandaloneHost
+    from ..ui import build_tab
 
     host = StandaloneHost(base_model=base_model, lora_dir=lora_dir, roots=roots)
     os.makedirs(host.output_dir(), exist_ok=True)
@@ -17,7 +17,7 @@ def make_app(base_model: str = "tiny", lora_dir: str = "loras", roots=None):
 
 def launch(blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Enable the queue (polling and long jobs need it on gradio 3) and launch; returns what launch returns."""
-    from .webui.compat import MAJOR, accepted
+    from ..ui.compat import MAJOR, accepted
 
     q = blocks.queue
     # gradio 3: one worker pool for all events (the poll must not wait behind a grid); 4+: a limit per event

@@ -28,7 +28,7 @@ import os
 import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from lora_train.host import Host, HostError
+from .base import Host, HostError
 
 log = logging.getLogger("lora_train.comfyui")
 RUNS_SUBFOLDER = "lora_train"  # run folders (config, loss log, plot, resumable state) under ComfyUI's output dir
@@ -99,13 +99,13 @@ def graph_state_dict(model: Any, clip: Any, vae: Any) -> Dict[str, Any]:
 def template_for(sd: Mapping[str, Any]):
     """The tiny demo model as config template when the weights have its shapes (tests, demo); else None
     (bundled SD configs chosen by detection)."""
-    from lora_train.models import TINY_TEXT, TINY_UNET
+    from ..models.tiny import TINY_TEXT, TINY_UNET
 
     unet_w, te_w = sd.get(UNET_KEY), sd.get(TE_EMBED_KEY)
     if unet_w is None or te_w is None:
         return None
     if tuple(unet_w.shape)[0] == TINY_UNET["block_out_channels"][0] and tuple(te_w.shape)[1] == TINY_TEXT["hidden_size"]:
-        from lora_train.models import build_tiny
+        from ..models.tiny import build_tiny
 
         return build_tiny()
     return None
@@ -121,7 +121,7 @@ def base_model_from_graph(model: Any, clip: Any, vae: Any, name: str = ""):
     """A trainable `lora_train.models.BaseModel` (float32 copies) of the graph's MODEL / CLIP / VAE."""
     import torch
 
-    from lora_train.checkpoints import from_original_state_dict
+    from ..models.single_file import from_original_state_dict
 
     with torch.inference_mode(False):
         sd = graph_state_dict(model, clip, vae)
@@ -238,7 +238,7 @@ class ComfyUIHost(Host):
         """A LoRA as ComfyUI lists it ('sub/x.safetensors') or by stem ('x', as in <lora:x:1>) -> its path."""
         import folder_paths
 
-        from lora_train.prompt import LoraLibrary
+        from ..prompt import LoraLibrary
 
         name = (name or "").strip()
         if not name:
@@ -314,7 +314,7 @@ class ComfyUIHost(Host):
 
     def apply_prompt_loras(self, model: Any, clip: Any, prompt: str):
         """Parse `<lora:name:w>` tags, apply them through ComfyUI's loader; (model, clip, cleaned text, tags)."""
-        from lora_train.prompt import parse_prompt
+        from ..prompt import parse_prompt
 
         text, tags = parse_prompt(prompt or "")
         for t in tags:

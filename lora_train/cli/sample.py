@@ -6,21 +6,21 @@ from typing import Dict, List
 
 
 def _floats(s: str) -> List[float]:
-    from .prompt import parse_floats
+    from ..prompt import parse_floats
 
     return parse_floats(s, "--strengths")
 
 
 def _ints(s: str) -> List[int]:
-    from .prompt import parse_ints
+    from ..prompt import parse_ints
 
     return parse_ints(s, "--seeds")
 
 
 def cmd_sample(args, extra) -> int:
-    from .models import load_base_model
-    from .prompt import PromptError, parse_prompt
-    from .sampler import GenParams, Generator, build_grid, epoch_axis
+    from ..models.loading import load_base_model
+    from ..prompt import PromptError, parse_prompt
+    from ..sampler import GenParams, Generator, build_grid, epoch_axis
 
     text, tags = parse_prompt(args.prompt)
     if not tags and not args.lora:

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-from .config import ConfigError, TrainConfig, parse_overrides
+from ..config import ConfigError, TrainConfig, parse_overrides
 
 # lr-find's own options; everything else after the config file is a `--key value` config override
 _LR_FIND_OPTS = {"--lr-min": "lr_min", "--lr_min": "lr_min", "--lr-max": "lr_max", "--lr_max": "lr_max",
@@ -54,12 +54,12 @@ def _safe_name(text: str) -> str:
 
 
 def cmd_suggest(args, extra: List[str]) -> int:
-    from .advisor import check_config, suggest
+    from ..tuning.advisor import check_config, suggest
 
     images_dir: Optional[str] = None
     samples: Optional[int] = None
     if args.images is not None:
-        from .dataset import load_dataset
+        from ..data.dataset import load_dataset
 
         images_dir = os.path.abspath(args.images)
         ds = load_dataset(images_dir, 512)
@@ -89,7 +89,7 @@ def cmd_suggest(args, extra: List[str]) -> int:
         import yaml
 
         cfg = TrainConfig.from_dict(yaml.safe_load(text))  # what we write must load
-        from .io_utils import atomic_write_text
+        from ..io_utils import atomic_write_text
 
         atomic_write_text(path, text)
         print(f"\nwrote {path}")
@@ -143,7 +143,7 @@ def free_path(path: str) -> str:
 def cmd_lr_find(args, extra: List[str]) -> int:
     from tqdm.auto import tqdm
 
-    from .lr_finder import lr_range_test
+    from ..tuning.lr_finder import lr_range_test
 
     own, rest = _split_lr_find_args(list(args.rest or []) + list(extra or []))
     opts = {"lr_min": args.lr_min, "lr_max": args.lr_max, "steps": args.steps, "smoothing": args.smoothing,
@@ -182,7 +182,7 @@ def cmd_lr_find(args, extra: List[str]) -> int:
 
 # ----------------------------------------------------------------------------- registration
 def add_commands(sub) -> Dict[str, object]:
-    from .advisor import BASES, DETAILS, SCALINGS, TASKS
+    from ..tuning.advisor import BASES, DETAILS, SCALINGS, TASKS
 
     p = sub.add_parser("suggest", help="settings advisor: lr, rank, batch, epochs... each with its reason")
     src = p.add_mutually_exclusive_group()

@@ -1,4 +1,7 @@
-"""Tiny SD2- and SDXL-architecture models (random, seeded weights, built from configs in code).
+"""The tiny demo models (SD1, SD2, SDXL architectures; random, seeded weights, built from configs in code)
+for the tests, the demo and CI, with their own tiny CLIP tokenizer.
+
+Tiny SD2- and SDXL-architecture models (random, seeded weights, built from configs in code).
 
 Like models.build_tiny (SD1), these are for tests, the demo and CI; they follow the real architectures
 where it matters to the trainer and to the file layouts:
@@ -18,12 +21,139 @@ SDXL conditioning for the tiny UNet (as for the real one):
 """
 from __future__ import annotations
 
-import tempfile
+import json
+import os
 
 import torch
+import tempfile
 
-from .models import (TINY_RESOLUTION, TINY_SEED, TINY_TEXT, TINY_UNET, TINY_VAE, BaseModel, _calibrate_vae_scale,
-                     _tiny_scheduler_config, tiny_vocab_size, write_tiny_tokenizer)
+from .base import BaseModel
+
+TINY_SEED = 1234
+TINY_RESOLUTION = 64
+
+
+def _bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+# A few merges so that common caption words become single tokens (kept small on purpose).
+_TINY_WORDS = ["a", "of", "on", "the", "photo", "red", "green", "blue", "yellow", "circle", "square", "stripes",
+               "background", "with", "and", "lrtdemo", "style", "image", "pattern", "dot", "dots", "white"]
+
+
+def write_tiny_tokenizer(folder: str) -> None:
+    """Write a CLIP BPE tokenizer (vocab.json + merges.txt) with a small vocabulary made here."""
+    os.makedirs(folder, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    seen = set(vocab)
+    for word in _TINY_WORDS:  # greedy left-to-right merges that build each word
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            a, b = symbols[0], symbols[1]
+            merged = a + b
+            if (a, b) not in merges:
+                merges.append((a, b))
+            if merged not in seen:
+                vocab.append(merged)
+                seen.add(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as fh:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, fh, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as fh:
+        fh.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    cfg = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+           "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer",
+           "do_lower_case": True}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(cfg, fh)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as fh:
+        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, fh)
+
+
+def tiny_vocab_size(folder: str) -> int:
+    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as fh:
+        return len(json.load(fh))
+
+
+# ----------------------------------------------------------------------------- tiny model
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+    attention_head_dim=8, norm_num_groups=16,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION,
+)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                 max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
+
+
+def _tiny_scheduler_config(prediction_type: str = "epsilon") -> dict:
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+
+
+def _calibrate_vae_scale(vae) -> float:
+    """Scaling factor that gives the tiny VAE's latents unit variance on structured test images."""
+    from ..data.demo import procedural_images
+
+    imgs = procedural_images(8, TINY_RESOLUTION, seed=7)
+    import numpy as np
+
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype="float32") / 127.5 - 1.0).permute(2, 0, 1) for im in imgs])
+    with torch.no_grad():
+        lat = vae.encode(x).latent_dist.mean
+    return float(1.0 / lat.std().clamp_min(1e-6))
+
+
+def build_tiny(prediction_type: str = "epsilon", seed: int = TINY_SEED) -> BaseModel:
+    """The tiny SD1-architecture demo model: fixed configs, seeded random weights, our own tokenizer."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+        vocab = tiny_vocab_size(tmp)
+    torch_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_UNET)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**TINY_VAE)
+        torch.manual_seed(seed + 2)
+        te_cfg = CLIPTextConfig(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                pad_token_id=vocab - 1, **TINY_TEXT)
+        text_encoder = CLIPTextModel(te_cfg)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    vae.register_to_config(scaling_factor=_calibrate_vae_scale(vae))
+    sched = DDPMScheduler(**_tiny_scheduler_config(prediction_type))
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=sched,
+                     kind="sd1", name="tiny", path="tiny", native_resolution=TINY_RESOLUTION)
+
+
+
+
 
 TINY_SD2_UNET = dict(TINY_UNET, use_linear_projection=True, attention_head_dim=(4, 8))
 TINY_SD2_TEXT = dict(TINY_TEXT, hidden_act="gelu")

@@ -1,6 +1,6 @@
 """Image folders with captions: .txt sidecars, metadata.csv / metadata.jsonl, kohya `N_name` repeats.
 
-The folder is listed by `lora_train.folder.scan_folder` (the one reader, shared with the caption table, so the
+The folder is listed by `lora_train.data.folder.scan_folder` (the one reader, shared with the caption table, so the
 tab shows exactly the captions that are trained); this module validates the images and loads pixels.
 
 Loading validates every image (opened and decoded once, in a few threads) so a bad file is skipped with a
@@ -313,7 +313,7 @@ def _with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
-# -------------------------------------------------------------------- scanning (lora_train.folder reads the folder)
+# -------------------------------------------------------------------- scanning (lora_train.data.folder reads the folder)
 @dataclass
 class _Cand:
     path: str
