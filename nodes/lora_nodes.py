@@ -19,7 +19,7 @@ from lora_train.config import OPTIMIZERS, SCHEDULERS
 from lora_train.prompt import parse_floats, parse_ints
 
 from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image, save_preview
-from nodes.names import CATEGORY, DATASET_TYPE, NODE_NAMES
+from .names import CATEGORY, DATASET_TYPE, NODE_NAMES
 
 log = logging.getLogger("lora_train.comfyui")
 
