@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..io_utils import next_free_name
 from ..models.base import BaseModel
@@ -127,6 +127,10 @@ class Host:
 
     def generate(self, params):  # params: sampler.GenParams -> PIL.Image
         raise NotImplementedError
+
+    def captioners(self) -> Dict[str, Callable[[Any], str]]:
+        """The host's own interrogators {name: fn(PIL image) -> caption} (the WebUI's BLIP / DeepBooru); none here."""
+        return {}
 
     def interrupted(self) -> bool:
         return False
