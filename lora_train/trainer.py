@@ -44,8 +44,8 @@ def architecture(kind: str, prediction_type: str) -> str:
     return ARCHITECTURE.get(kind, ARCHITECTURE["sd1"])
 
 
-class TrainingStopped(Exception):
-    pass
+class ZeroLoRAError(ValueError):
+    """Training ended with every lora_up (B) matrix exactly zero: the file would do nothing, so none is written."""
 
 
 @dataclass
@@ -92,6 +92,26 @@ def check_outputs_free(cfg: TrainConfig) -> None:
         free = next_free_name(cfg.output_dir, cfg.output_name)
         raise FileExistsError(f"'{taken[0]}' exists already and is never overwritten by default: use "
                               f"output_name '{free}' (free), or pass --overwrite to replace it.")
+
+
+WARMUP_MAX_FRACTION = 0.1
+
+
+def effective_warmup(asked: int, total_steps: int, scheduler: str) -> Tuple[int, str]:
+    """(warm-up steps the schedule uses, why it differs from `asked` or "").
+
+    A warm-up longer than ~10% of the optimizer steps is cut to 10% (rounded down, at least 0): a warm-up as long
+    as the run never reaches the learning rate, and after one step of a 100-step warm-up every lora_up is still
+    exactly zero (a LoRA that does nothing). `constant` ignores warm-up."""
+    if scheduler == "constant" or asked <= 0:
+        return max(0, asked), ""
+    cap = int(total_steps * WARMUP_MAX_FRACTION)
+    if asked <= cap:
+        return asked, ""
+    where = "as long as the run or longer" if asked >= total_steps else f"more than {WARMUP_MAX_FRACTION:.0%} of it"
+    return cap, (f"lr_warmup_steps {asked} is {where} ({total_steps} optimizer steps): using {cap} warm-up steps "
+                 f"({WARMUP_MAX_FRACTION:.0%} of the run) so that the learning rate reaches its full value; "
+                 f"set lr_warmup_steps to {cap} or less to silence this.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -363,6 +383,15 @@ class Trainer:
         self.emit("state", path=final, step=self.pos["step"])
         return final
 
+    def _wants_final_state(self, stopped: bool) -> bool:
+        """A resumable state at the end of a run: always after a stop (user, host interrupt, non-finite loss), else
+        only when asked (`save_state`, or a periodic `save_state_every_n_*`). A finished run leaves none by
+        default: at SD1.5 a state is ~55 MB, and a host lists every .safetensors/.pt under its LoRA folder."""
+        cfg = self.cfg
+        if stopped:
+            return all(bool(torch.isfinite(p).all()) for p in self._trainable_named().values())
+        return bool(cfg.save_state or cfg.save_state_every_n_steps or cfg.save_state_every_n_epochs)
+
     def _state_name(self, path: str) -> Optional[str]:
         """The run name to resume in `path`: this config's output_name when that folder holds its states."""
         if os.path.isfile(os.path.join(path, "trainer.json")):
@@ -409,7 +438,7 @@ class Trainer:
             self._restore(self.last_good, params_and_optimizer_only=True)
             old = [g["lr"] for g in self.optimizer.param_groups]
             self.lr_scheduler.base_lrs = [b * 0.5 for b in self.lr_scheduler.base_lrs]
-            warm = max(10, cfg.lr_warmup_steps)
+            warm = max(10, self.warmup_steps)
             self.ramp = [self.pos["step"], warm]
             self.emit("nan", step=step, what=what, value=value, action="recover", recovery=self.recoveries,
                       lr_before=old[0], lr_base_after=self.lr_scheduler.base_lrs[0], warmup_steps=warm,
@@ -531,10 +560,10 @@ class Trainer:
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
         total_steps = cfg.max_train_steps or steps_per_epoch * cfg.epochs
         total_epochs = math.ceil(total_steps / steps_per_epoch)
-        if cfg.lr_warmup_steps >= total_steps and cfg.lr_scheduler not in ("constant",):
-            self.emit("warning", message=f"lr_warmup_steps ({cfg.lr_warmup_steps}) >= total steps ({total_steps}): "
-                                         f"the learning rate never reaches {cfg.learning_rate:g}. Lower "
-                                         f"lr_warmup_steps to about 10% of the steps.")
+        self.warmup_steps, why = effective_warmup(cfg.lr_warmup_steps, total_steps, cfg.lr_scheduler)
+        if why:
+            self.emit("warning", message=why, asked=cfg.lr_warmup_steps, used=self.warmup_steps,
+                      total_steps=total_steps)
         from diffusers.optimization import get_scheduler
 
         sched_kw = {}
@@ -542,7 +571,7 @@ class Trainer:
             sched_kw["num_cycles"] = cfg.lr_scheduler_num_cycles
         if cfg.lr_scheduler == "polynomial":
             sched_kw["power"] = cfg.lr_scheduler_power
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=self.warmup_steps,
                                      num_training_steps=total_steps, **sched_kw)
         unet, optimizer = acc.prepare(m.unet, optimizer)
         if cfg.torch_compile:  # only the training forward goes through the compiled module; saving reads m.unet
@@ -577,6 +606,9 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         while self.pos["step"] < total_steps and not stopped:
+            if self.stop_event.is_set():  # before the epoch counter moves: a stop at an epoch's end is in that epoch
+                stopped = True
+                break
             if self.pos["batch"] >= batches_per_epoch:  # start a new epoch
                 self.pos["epoch"] += 1
                 self.pos["batch"] = 0
@@ -659,6 +691,7 @@ class Trainer:
                         break
                     self.pos["batch"] = b + 1
                     continue
+                step_lr = float(optimizer.param_groups[0]["lr"])  # the lr this update uses (before the schedule moves)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -669,8 +702,7 @@ class Trainer:
                 now = time.time()
                 elapsed = now - self.started_at
                 its = (global_step - start_step) / elapsed if elapsed > 0 else 0.0
-                rec = {"step": global_step, "epoch": epoch, "loss": step_loss,
-                       "lr": float(optimizer.param_groups[0]["lr"])}
+                rec = {"step": global_step, "epoch": epoch, "loss": step_loss, "lr": step_lr}
                 self.history.append(rec)
                 if global_step % cfg.log_every_n_steps == 0 or global_step == total_steps:
                     self.emit("step", total_steps=total_steps, total_epochs=total_epochs, its=its,
@@ -680,9 +712,9 @@ class Trainer:
                     self._sample(global_step, epoch)
                 if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and global_step < total_steps:
                     path = step_path(cfg, global_step)
-                    self._save_lora(path, epoch, global_step)
-                    epoch_files.append(path)
-                    self.emit("checkpoint", path=path, epoch=epoch, step=global_step)
+                    if self._save_lora(path, epoch, global_step):
+                        epoch_files.append(path)
+                        self.emit("checkpoint", path=path, epoch=epoch, step=global_step)
                 if cfg.save_state_every_n_steps and global_step % cfg.save_state_every_n_steps == 0:
                     self.save_state()
                 t_last = time.time()
@@ -704,23 +736,25 @@ class Trainer:
                       mean_loss=float(np.mean([h["loss"] for h in self.history if h["epoch"] == epoch] or [0.0])))
             if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < total_steps:
                 path = epoch_path(cfg, epoch)
-                self._save_lora(path, epoch, global_step)
-                epoch_files.append(path)
-                self.emit("checkpoint", path=path, epoch=epoch, step=global_step)
+                if self._save_lora(path, epoch, global_step):
+                    epoch_files.append(path)
+                    self.emit("checkpoint", path=path, epoch=epoch, step=global_step)
             if cfg.save_state_every_n_epochs and epoch % cfg.save_state_every_n_epochs == 0:
                 self.save_state()
 
         global_step, epoch = self.pos["step"], self.pos["epoch"]
         final = None
-        if not nan_stop and global_step > start_step and self._last_state_step != global_step:
-            self.save_state()  # resumable from exactly here: after a stop, or to train on to a longer end
-        if global_step > 0 and not nan_stop:
-            final = paths["lora"]
-            self._save_lora(final, epoch, global_step)
-            self.emit("checkpoint", path=final, epoch=epoch, step=global_step, final=True)
-        self._write_logs(paths)
-        if acc.is_main_process:
-            cfg.save(paths["config"])
+        if global_step > start_step and self._last_state_step != global_step and self._wants_final_state(stopped):
+            self.save_state()  # resumable from exactly here: after a stop, or (asked) to train on to a longer end
+        try:
+            if global_step > 0 and not nan_stop:
+                final = paths["lora"]
+                self._save_lora(final, epoch, global_step, final=True)
+                self.emit("checkpoint", path=final, epoch=epoch, step=global_step, final=True)
+        finally:
+            self._write_logs(paths)
+            if acc.is_main_process:
+                cfg.save(paths["config"])
         acc.wait_for_everyone()
         res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=final, epoch_files=epoch_files,
                           config_path=paths["config"], loss_csv=paths["loss_csv"], loss_png=paths["loss_png"],
@@ -763,7 +797,7 @@ class Trainer:
             "ss_text_encoder_lr": f"{cfg.te_lr:g}" if cfg.train_text_encoder else "0",
             "ss_network_train_unet_only": str(not cfg.train_text_encoder),
             "ss_lr_scheduler": cfg.lr_scheduler,
-            "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
+            "ss_lr_warmup_steps": str(getattr(self, "warmup_steps", cfg.lr_warmup_steps)),
             "ss_optimizer": self.optimizer_desc,
             "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
             "ss_num_train_images": str(mc["n_samples"]),
@@ -832,15 +866,29 @@ class Trainer:
         save_image(img, path)
         self.emit("sample", path=path, step=step, epoch=epoch)
 
-    def _save_lora(self, path: str, epoch: int, step: int) -> None:
+    def _save_lora(self, path: str, epoch: int, step: int, final: bool = False) -> bool:
+        """Write the LoRA (kohya layout + metadata); False when it is skipped. Non-finite weights are an error;
+        all-zero lora_up weights (a LoRA that does nothing) are an error for the final file and a skipped
+        checkpoint with a warning before it."""
         if not self.accelerator.is_main_process:
-            return
+            return True
         lw = lora_mod.extract(self.model)
         for (_, _), (d, u, _) in lw.modules.items():
             if not (torch.isfinite(d).all() and torch.isfinite(u).all()):
                 raise FloatingPointError(f"non-finite LoRA weights at step {step}; nothing written to {path}. "
                                          f"Halve learning_rate and add warmup.")
+        if step > 0 and lw.modules and all(not bool(u.any()) for (_, _), (_, u, _) in lw.modules.items()):
+            if not final:
+                self.emit("warning", message=f"step {step}: every lora_up weight is still zero (warm-up); "
+                                             f"checkpoint '{path}' skipped.")
+                return False
+            raise ZeroLoRAError(
+                f"after {step} optimizer step(s) every lora_up weight is still exactly zero: this LoRA would do "
+                f"nothing, so '{path}' was not written (learning rate used: "
+                f"{', '.join(f'{h:.3g}' for h in sorted({r['lr'] for r in self.history})) or 'none'}). Train more "
+                f"steps (max_train_steps / epochs), use less warm-up (lr_warmup_steps), or a higher learning_rate.")
         lora_mod.save_kohya(lw, path, self.model.kind, self.metadata(epoch, step), overwrite=True)
+        return True
 
     def _write_logs(self, paths: Dict[str, str]) -> None:
         if not self.accelerator.is_main_process:
@@ -875,10 +923,6 @@ def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
         return _snr(noise_scheduler, timesteps)
     ac = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
     return ac / (1.0 - ac)  # (sqrt(ac) / sqrt(1 - ac))^2
-
-
-def pred_dtype(unet, device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
-    return weight_dtype if device.type != "cpu" else torch.float32
 
 
 def train(cfg: TrainConfig, callback: Optional[Callback] = None, model: Optional[BaseModel] = None,

@@ -82,7 +82,7 @@ def test_resume_is_bitwise_identical(data, straight, tmp_path, stop_at):
 def test_resume_cli_to_a_longer_end(data, tmp_path):
     from lora_train.cli import main
 
-    cfg = small_cfg(data, tmp_path, max_train_steps=2)
+    cfg = small_cfg(data, tmp_path, max_train_steps=2, save_state=True)  # a finished run keeps a state when asked
     cfg.save(str(tmp_path / "c.yaml"))
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     assert main(["train", str(tmp_path / "c.yaml"), "--resume", str(tmp_path), "--max_train_steps", "3"]) == 0
