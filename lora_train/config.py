@@ -72,8 +72,10 @@ class TrainConfig:
     device: str = "auto"
     log_every_n_steps: int = 1
     # reliability
+    save_state: bool = False  # keep a resumable state (<output_dir>/state/) at the end of a finished run; a stopped
+    # run always keeps one. The periodic ones below also write one at the end.
     save_state_every_n_steps: int = 0
-    save_state_every_n_epochs: int = 1
+    save_state_every_n_epochs: int = 0
     save_state_keep: int = 2
     nan_policy: str = "stop"
     nan_max_recoveries: int = 3

@@ -25,6 +25,21 @@ def _create_temp(folder: str, base: str) -> str:
     raise FileExistsError(f"could not create a temp file beside '{os.path.join(folder, base)}'")
 
 
+def follow_umask(tree: str) -> None:
+    """Give a folder written through private temp files (mkdtemp: 0700, safetensors: 0600) the modes plain writes
+    would have: files 0o666 & ~umask, folders 0o777 & ~umask (read from a probe file, no `os.umask` flip)."""
+    probe = _create_temp(tree, "mode")
+    try:
+        file_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.unlink(probe)
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r is allowed
+    for root, dirs, files in os.walk(tree):
+        os.chmod(root, dir_mode)
+        for f in files:
+            os.chmod(os.path.join(root, f), file_mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temp path beside `path`; on success it is fsynced and renamed over `path`. The file ends up with the

@@ -91,3 +91,18 @@ def fresh_job_slot():
         job.stop()
         jobs.wait(job, 60)
     jobs._CURRENT = None
+
+
+@pytest.fixture(scope="session")
+def ab_lora_dir(tmp_path_factory):
+    """A LoRA folder with one trained tiny LoRA `ab` (epoch files ab-000001, ab-000002 and the final ab), trained
+    once per test session for every test that only needs a trained file (grids, prompts, reloads)."""
+    from lora_train.data.demo import write_demo_dataset
+    from lora_train.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("ab")
+    data = write_demo_dataset(str(root / "data"), n=8, size=64)
+    cfg = small_cfg(data, root / "loras", output_name="ab", batch_size=8, epochs=3, learning_rate=2e-2,
+                    save_every_n_epochs=1)
+    Trainer(cfg).run()
+    return str(root / "loras")

@@ -22,6 +22,7 @@ def test_tiny_model_folder_then_train_from_yaml(tmp_path, demo_data, capsys):
     with safe_open(str(tmp_path / "out" / "cli.safetensors"), "pt") as fh:
         meta = fh.metadata()
         assert meta["ss_network_dim"] == "2" and meta["ss_steps"] == "2" and meta["ss_sd_model_name"] == "tiny"
+    assert not os.path.exists(tmp_path / "out" / "state")  # no resumable state unless asked or stopped (14.7)
     saved = yaml.safe_load((tmp_path / "out" / "cli.yaml").read_text())
     assert saved["lora_rank"] == 2 and saved["max_train_steps"] == 2
 
@@ -62,3 +63,22 @@ def test_train_offers_rescaled_lr_when_batch_changes():
     assert "--learning_rate 5e-05 " in text and "linear" in text
     assert rescale_offer(before, after.replace(learning_rate=1e-4), {"batch_size": 1, "learning_rate": 1e-4}) == ""
     assert rescale_offer(before, before, {}) == ""
+
+
+def test_first_ctrl_c_stops_the_run_second_interrupts():
+    """`train` under Ctrl-C: the first asks the trainer to stop (it saves the LoRA and a resumable state)."""
+    import signal
+    import threading
+
+    import pytest
+
+    from lora_train.cli.main import stop_on_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = threading.Event()
+    with stop_on_interrupt(stop):
+        signal.raise_signal(signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -82,7 +82,7 @@ def test_resume_is_bitwise_identical(data, straight, tmp_path, stop_at):
 def test_resume_cli_to_a_longer_end(data, tmp_path):
     from lora_train.cli.main import main
 
-    cfg = small_cfg(data, tmp_path, max_train_steps=2)
+    cfg = small_cfg(data, tmp_path, max_train_steps=2, save_state=True)  # a finished run keeps a state when asked
     cfg.save(str(tmp_path / "c.yaml"))
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     assert main(["train", str(tmp_path / "c.yaml"), "--resume", str(tmp_path), "--max_train_steps", "3"]) == 0
@@ -127,7 +127,7 @@ def test_nan_stop_keeps_last_good_files(data, tmp_path):
     assert any(f["kind"] == "non_finite" for f in res.findings)
     # a resumable state that holds only finite numbers
     st = list_states(str(tmp_path))[-1]
-    assert all(torch.isfinite(v).all() for v in load_file(os.path.join(st, "adapter.safetensors")).values())
+    assert all(torch.isfinite(v).all() for v in load_file(os.path.join(st, "adapter.lrstate")).values())
 
 
 def test_nan_recover_halves_lr_and_finishes(data, tmp_path):
@@ -303,7 +303,7 @@ def test_compute_snr_fallback_matches_diffusers(monkeypatch):
     """min-SNR must work where diffusers.training_utils cannot be imported (WebUI: transformers 4.30.2)."""
     from diffusers import DDPMScheduler
 
-    from lora_train.training.trainer import compute_snr
+    from lora_train.training.loss import compute_snr
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012)

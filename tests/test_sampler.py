@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import small_cfg
 from lora_train.models.tiny import build_tiny
 from lora_train.sampler import GenParams, Generator, build_grid, epoch_axis
 from lora_train.training.trainer import Trainer
@@ -13,16 +12,9 @@ from lora_train.training.trainer import Trainer
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    from lora_train.data.demo import write_demo_dataset
-
-    root = tmp_path_factory.mktemp("ab")
-    data = write_demo_dataset(str(root / "data"), n=8, size=64)
-    cfg = small_cfg(data, root / "loras", output_name="ab", batch_size=8, epochs=3, learning_rate=2e-2,
-                    save_every_n_epochs=1)
-    Trainer(cfg).run()
-    return str(root / "loras")
+@pytest.fixture
+def lora_dir(ab_lora_dir):
+    return ab_lora_dir  # the session's shared trained LoRA (conftest)
 
 
 def _arr(im):

@@ -35,7 +35,8 @@ def xl_run(tmp_path_factory):
     data = write_demo_dataset(str(root / "data"), n=4, size=64)
     cfg = small_cfg(data, root / "out", output_name="xl", max_train_steps=4, learning_rate=5e-3,
                     train_text_encoder=True, text_encoder_lr=4e-3, validation_split=0.25,
-                    sample_every_n_epochs=1, sample_prompts=["a red circle"], sample_steps=2, sample_cfg=2.0)
+                    sample_every_n_epochs=1, sample_prompts=["a red circle"], sample_steps=2, sample_cfg=2.0,
+                    save_state=True)
     events = []
     tr = Trainer(cfg, model=build_tiny_sdxl(), callback=events.append)
     res = tr.run()
@@ -170,7 +171,7 @@ def test_sdxl_resume_state_holds_both_text_encoders(xl_run):
     tr, res, _ = xl_run
     states = os.path.join(res.output_dir, "state")
     step = sorted(os.listdir(states))[-1]
-    keys = load_file(os.path.join(states, step, "adapter.safetensors")).keys()
+    keys = load_file(os.path.join(states, step, "adapter.lrstate")).keys()
     assert any(k.startswith("te2.") for k in keys) and any(k.startswith("te.") for k in keys)
 
 

@@ -6,9 +6,12 @@ commands start without loading torch and diffusers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import List, Optional
 
@@ -54,16 +57,41 @@ def cmd_train(args, extra: List[str]) -> int:
     offer = rescale_offer(TrainConfig.load(args.config), cfg, overrides)
     if offer:
         print(offer)
-    # the one train-and-publish path; the CLI keeps the name and folder the config chose (never overwritten)
-    host = StandaloneHost(base_model=cfg.base_model, lora_dir=cfg.output_dir)
-    res = train_for_host(host, cfg, cfg.base_model, callback=TqdmRenderer(), resume_from=args.resume,
-                         rename=False).result
+    # the one train-and-publish path; the CLI keeps the name and folder the config chose (never overwritten);
+    # the first Ctrl-C stops after the current step and saves what was trained
+    host = StandaloneHost.for_config(cfg)
+    stop = threading.Event()
+    with stop_on_interrupt(stop):
+        res = train_for_host(host, cfg, cfg.base_model, callback=TqdmRenderer(), resume_from=args.resume,
+                             rename=False, stop_event=stop).result
     if res.nan_stopped:
         print(f"error: {res.message}", file=sys.stderr)
     state = "stopped early" if res.stopped else "finished"
     print(f"{state}: {res.steps} steps in {res.seconds:.1f}s; LoRA: {res.lora_path}; loss log: {res.loss_csv}")
     print(format_findings([Finding(**f) for f in res.findings]))
     return 3 if res.nan_stopped else 0
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(stop: threading.Event):
+    """The first Ctrl-C asks the run to stop after the current step (it saves the LoRA and a resumable state);
+    a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this step (the LoRA and a resumable state are saved); Ctrl-C again to abort",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def rescale_offer(before: TrainConfig, after: TrainConfig, overrides) -> str:

@@ -17,21 +17,27 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
-from ..models import conditioning
-from ..networks import lora as lora_mod
 from ..config import TrainConfig
+from ..data.buckets import BucketBatchSampler
+from ..data.cache import CachingStopped, LatentCache, TextEmbeddingCache, module_identity
 from ..data.dataset import ImageDataset, load_dataset
-from ..io_utils import atomic_write_text, next_free_name, save_image
+from ..io_utils import atomic_write_text, follow_umask, next_free_name, save_image
+from ..models import conditioning
 from ..models.base import BaseModel
 from ..models.loading import load_base_model
+from ..networks import lora as lora_mod
+from ..plots import loss_plot
+from ..sampler import sample_in_training
+from ..tuning.advisor import Diagnoser
+from . import loss as loss_mod
+from .events import TrainEvent
+from .optim import describe, make_optimizer
 
 log = logging.getLogger(__name__)
 
-Event = Dict[str, Any]
-Callback = Callable[[Event], None]
+Callback = Callable[[TrainEvent], None]
 
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
@@ -45,8 +51,8 @@ def architecture(kind: str, prediction_type: str) -> str:
     return ARCHITECTURE.get(kind, ARCHITECTURE["sd1"])
 
 
-class TrainingStopped(Exception):
-    pass
+class ZeroLoRAError(ValueError):
+    """Training ended with every lora_up (B) matrix exactly zero: the file would do nothing, so none is written."""
 
 
 @dataclass
@@ -95,6 +101,26 @@ def check_outputs_free(cfg: TrainConfig) -> None:
                               f"output_name '{free}' (free), or pass --overwrite to replace it.")
 
 
+WARMUP_MAX_FRACTION = 0.1
+
+
+def effective_warmup(asked: int, total_steps: int, scheduler: str) -> Tuple[int, str]:
+    """(warm-up steps the schedule uses, why it differs from `asked` or "").
+
+    A warm-up longer than ~10% of the optimizer steps is cut to 10% (rounded down, at least 0): a warm-up as long
+    as the run never reaches the learning rate, and after one step of a 100-step warm-up every lora_up is still
+    exactly zero (a LoRA that does nothing). `constant` ignores warm-up."""
+    if scheduler == "constant" or asked <= 0:
+        return max(0, asked), ""
+    cap = int(total_steps * WARMUP_MAX_FRACTION)
+    if asked <= cap:
+        return asked, ""
+    where = "as long as the run or longer" if asked >= total_steps else f"more than {WARMUP_MAX_FRACTION:.0%} of it"
+    return cap, (f"lr_warmup_steps {asked} is {where} ({total_steps} optimizer steps): using {cap} warm-up steps "
+                 f"({WARMUP_MAX_FRACTION:.0%} of the run) so that the learning rate reaches its full value; "
+                 f"set lr_warmup_steps to {cap} or less to silence this.")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -111,6 +137,17 @@ def encode_prompts(model: BaseModel, captions: List[str], device: torch.device):
 
 
 STATE_DIRNAME = "state"
+#: a state's adapter (safetensors) and optimizer/RNG (torch) files: extensions no host lists as a LoRA (a stopped
+#: run's state may sit in a folder a host reads); states written as adapter.safetensors / torch_state.pt still load
+STATE_ADAPTER, STATE_TORCH = "adapter.lrstate", "torch_state.lrstate"
+OLD_STATE_FILES = {STATE_ADAPTER: "adapter.safetensors", STATE_TORCH: "torch_state.pt"}
+
+
+def state_file(folder: str, name: str) -> str:
+    """A state folder's file `name` (STATE_ADAPTER / STATE_TORCH), or the name an older version wrote."""
+    path = os.path.join(folder, name)
+    old = os.path.join(folder, OLD_STATE_FILES[name])
+    return old if not os.path.exists(path) and os.path.exists(old) else path
 
 
 def list_states(run_dir: str, name: Optional[str] = None) -> List[str]:
@@ -161,14 +198,14 @@ class Trainer:
         acc = getattr(self, "accelerator", None)
         if acc is not None and not acc.is_main_process:
             return  # with several processes only the main one reports
-        ev = {"kind": kind, **data}
+        ev = TrainEvent.make(kind, **data)
         for cb in self.callbacks:
             cb(ev)
         diag = getattr(self, "diagnoser", None)
         if diag is not None and kind in ("start", "step", "val_loss", "nan"):
             for f in diag.handle_event(ev):
                 self.findings.append(f)
-                fev = {"kind": "diagnosis", "finding": f.to_dict(), "message": str(f)}
+                fev = TrainEvent.make("diagnosis", finding=f.to_dict(), message=str(f))
                 for cb in self.callbacks:
                     cb(fev)
 
@@ -181,7 +218,8 @@ class Trainer:
         cfg = self.cfg
         if self.resume_from is not None and not list_states(self.resume_from, self._state_name(self.resume_from)):
             raise FileNotFoundError(f"no resumable state in '{self.resume_from}': give the run's output folder "
-                                    f"(it holds {STATE_DIRNAME}/step-*/), or train without --resume.")
+                                    f"(it holds {STATE_DIRNAME}/<name>-step-*/; a run leaves one when stopped, or "
+                                    f"with save_state: true), or train without --resume.")
         from accelerate import Accelerator
 
         self.device = resolve_device(cfg.device)
@@ -222,8 +260,6 @@ class Trainer:
 
         Disk mode keys entries by image content, size, crop, flip and VAE, so a changed image is re-encoded and
         nothing else, and memory stays flat however many images there are."""
-        from ..data.cache import LatentCache, module_identity
-
         m, ds = self.model, self.dataset
         vae = m.vae.to(self.device)
         scale = m.vae_scale
@@ -245,8 +281,6 @@ class Trainer:
     def _cache_text(self, extra: Sequence[str] = ()):
         """caption -> conditioning of the frozen text encoder(s) (conditioning.encode: a tensor, or SDXL's
         {"hidden", "pooled"}), encoded once (memory or disk)."""
-        from ..data.cache import TextEmbeddingCache, module_identity
-
         caps = sorted({it.caption for it in self.dataset.items} | set(extra))
         if getattr(self, "_te_id", None) is None:
             self._te_id = "+".join(module_identity(te, extra=f"conditioning.encode/{self.model.kind}")
@@ -336,10 +370,10 @@ class Trainer:
         tmp = tempfile.mkdtemp(prefix=".tmp-state-", dir=root)
         try:
             save_file({k: v.float().cpu().contiguous() for k, v in snap["params"].items()},
-                      os.path.join(tmp, "adapter.safetensors"))
+                      os.path.join(tmp, STATE_ADAPTER))
             torch.save({"optimizer": snap["optimizer"], "scheduler": snap["scheduler"], "gen": snap["gen"],
                         "torch_rng": snap["torch_rng"], "cuda_rng": snap.get("cuda_rng")},
-                       os.path.join(tmp, "torch_state.pt"))
+                       os.path.join(tmp, STATE_TORCH))
             np_state = snap["numpy_rng"]
             meta = {
                 "version": 1, "pos": snap["pos"], "history": snap["history"], "val_history": snap["val_history"],
@@ -351,6 +385,7 @@ class Trainer:
             }
             with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as fh:
                 json.dump(meta, fh)
+            follow_umask(tmp)  # readable by a host running as another user, like every file we write
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -363,6 +398,15 @@ class Trainer:
         self._last_state_step = self.pos["step"]
         self.emit("state", path=final, step=self.pos["step"])
         return final
+
+    def _wants_final_state(self, stopped: bool) -> bool:
+        """A resumable state at the end of a run: always after a stop (user, host interrupt, non-finite loss), else
+        only when asked (`save_state`, or a periodic `save_state_every_n_*`). A finished run leaves none by
+        default: at SD1.5 a state is ~55 MB, and a host lists every .safetensors/.pt under its LoRA folder."""
+        cfg = self.cfg
+        if stopped:
+            return all(bool(torch.isfinite(p).all()) for p in self._trainable_named().values())
+        return bool(cfg.save_state or cfg.save_state_every_n_steps or cfg.save_state_every_n_epochs)
 
     def _state_name(self, path: str) -> Optional[str]:
         """The run name to resume in `path`: this config's output_name when that folder holds its states."""
@@ -377,10 +421,10 @@ class Trainer:
         d = states[-1]
         with open(os.path.join(d, "trainer.json"), encoding="utf-8") as fh:
             meta = json.load(fh)
-        ts = torch.load(os.path.join(d, "torch_state.pt"), weights_only=True)
+        ts = torch.load(state_file(d, STATE_TORCH), weights_only=True)
         npr = meta["numpy_rng"]
         snap = {
-            "params": load_file(os.path.join(d, "adapter.safetensors")),
+            "params": load_file(state_file(d, STATE_ADAPTER)),
             "optimizer": ts["optimizer"], "scheduler": ts["scheduler"], "gen": ts["gen"],
             "torch_rng": ts["torch_rng"],
             "numpy_rng": (npr[0], np.array(npr[1], dtype=np.uint32), npr[2], npr[3], npr[4]),
@@ -410,7 +454,7 @@ class Trainer:
             self._restore(self.last_good, params_and_optimizer_only=True)
             old = [g["lr"] for g in self.optimizer.param_groups]
             self.lr_scheduler.base_lrs = [b * 0.5 for b in self.lr_scheduler.base_lrs]
-            warm = max(10, cfg.lr_warmup_steps)
+            warm = max(10, self.warmup_steps)
             self.ramp = [self.pos["step"], warm]
             self.emit("nan", step=step, what=what, value=value, action="recover", recovery=self.recoveries,
                       lr_before=old[0], lr_base_after=self.lr_scheduler.base_lrs[0], warmup_steps=warm,
@@ -436,16 +480,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
-        cfg = self.cfg
+        """Train: data and caches, network, optimizer and schedule, the epochs of steps, then the files."""
         self._prepare()
-        m, ds, acc = self.model, self.dataset, self.accelerator
-        self.gen = gen = self._seed_all(cfg.seed)
-        paths = output_paths(cfg)
+        early = self._prepare_data()
+        if early is not None:
+            return early
+        self._build_network()
+        self._build_optimizer_and_schedule()
+        self._begin()
+        while self.pos["step"] < self.total_steps and not self.stopped:
+            if self.stop_event.is_set():  # before the epoch counter moves: a stop at an epoch's end is in that epoch
+                self.stopped = True
+                break
+            if self.pos["batch"] >= self.batches_per_epoch:  # start a new epoch
+                self.pos["epoch"] += 1
+                self.pos["batch"] = 0
+                self.pos["order"] = self.sampler.batches(self.pos["epoch"])
+            self._train_epoch()
+            if self.stopped or self.pos["batch"] < self.batches_per_epoch:  # stopped, or max steps mid-epoch
+                break
+            self._end_of_epoch(self.pos["epoch"])
+        return self._finish()
+
+    def _prepare_data(self) -> Optional[TrainResult]:
+        """Seed, output folder, frozen base modules, buckets, latent / text caches, train-validation split.
+
+        Returns a TrainResult when a stop during caching ends the run before it trains, else None."""
+        cfg, m, ds, acc = self.cfg, self.model, self.dataset, self.accelerator
+        self.gen = self._seed_all(cfg.seed)
+        self.paths = paths = output_paths(cfg)
         if acc.is_main_process:
             os.makedirs(cfg.output_dir, exist_ok=True)
         self.nan_message = ""
         self.last_good = None
-        from ..tuning.advisor import Diagnoser
+        self.stopped = self.nan_stop = False
+        self.epoch_files: List[str] = []
 
         self.diagnoser = Diagnoser(cfg)
         self.started_at = time.time()
@@ -461,13 +530,11 @@ class Trainer:
                                    max_res=cfg.max_bucket_reso, no_upscale=cfg.bucket_no_upscale)
             self.emit("info", message=plan.summary(ds.expanded()))
         dropout_caps = [""] if cfg.caption_dropout_rate > 0 else []
-        from ..data.cache import CachingStopped
-
         try:
             with acc.main_process_first():  # with a disk cache, the other processes then read what it wrote
-                latents = self._cache_latents()
-                latents_flip = self._cache_latents(flip=True) if cfg.flip_aug else None
-                text_cache = None if cfg.train_text_encoder else self._cache_text(dropout_caps)
+                self.latents = self._cache_latents()
+                self.latents_flip = self._cache_latents(flip=True) if cfg.flip_aug else None
+                self.text_cache = None if cfg.train_text_encoder else self._cache_text(dropout_caps)
         except CachingStopped as exc:
             self.emit("warning", message=f"stopped while caching: {exc}")
             res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=None, epoch_files=[],
@@ -477,20 +544,25 @@ class Trainer:
             return res
         if self.device.type != "cpu":
             m.vae.to("cpu")
-            if text_cache is not None:  # frozen encoders are done once their outputs are cached: free the GPU
+            if self.text_cache is not None:  # frozen encoders are done once their outputs are cached: free the GPU
                 for te in m.text_encoders:
                     te.to("cpu")
-        train_idx, val_idx = self._split()
-        val_groups: Dict[Tuple[int, ...], List[int]] = {}
-        for i in val_idx:  # validation images batched by latent size (buckets)
-            val_groups.setdefault(tuple(latents[i].shape), []).append(i)
+        self.train_idx, self.val_idx = self._split()
+        self.val_groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i in self.val_idx:  # validation images batched by latent size (buckets)
+            self.val_groups.setdefault(tuple(self.latents[i].shape), []).append(i)
+        return None
 
-        # adapters (seeded so that two runs with one seed are identical)
+    def _build_network(self) -> None:
+        """Inject the LoRA adapters (seeded: two runs with one seed are identical), one param group per trained
+        module (SDXL: both text encoders at te_lr), base weights in the mixed-precision dtype on the device, LoRA
+        weights in fp32, gradient checkpointing."""
+        cfg, m = self.cfg, self.model
         torch.manual_seed(cfg.seed)
         adapter = lora_mod.DEFAULT_ADAPTER
         lora_mod.inject(m.unet, lora_mod.unet_target_modules(m.unet), cfg.lora_rank, cfg.alpha, adapter)
         params = [{"params": lora_mod.lora_parameters(m.unet, adapter), "lr": cfg.learning_rate}]
-        if cfg.train_text_encoder:  # SDXL: both text encoders, one param group each, both at te_lr
+        if cfg.train_text_encoder:
             for te in m.text_encoders:
                 lora_mod.inject(te, lora_mod.te_target_modules(te), cfg.lora_rank, cfg.alpha, adapter)
                 params.append({"params": lora_mod.lora_parameters(te, adapter), "lr": cfg.te_lr})
@@ -499,9 +571,11 @@ class Trainer:
         if cfg.train_text_encoder and base_dtype:
             for te in m.text_encoders:
                 te.to(self.device, dtype=base_dtype)
-        trainable = [p for g in params for p in g["params"]]
-        te_trainable = [p for g in params[1:] for p in g["params"]]
-        for p in trainable:  # LoRA weights always train in fp32
+        self.in_dtype = base_dtype or torch.float32
+        self.param_groups = params
+        self.trainable = [p for g in params for p in g["params"]]
+        self.te_trainable = [p for g in params[1:] for p in g["params"]]
+        for p in self.trainable:  # LoRA weights always train in fp32
             p.data = p.data.float()
             p.requires_grad_(True)
         if cfg.gradient_checkpointing:
@@ -510,32 +584,32 @@ class Trainer:
                 if hasattr(te, "gradient_checkpointing_enable"):
                     te.gradient_checkpointing_enable()
 
-        from .optim import describe, make_optimizer
-
-        optimizer = make_optimizer(cfg.optimizer, params, self.device, cfg.weight_decay,
+    def _build_optimizer_and_schedule(self) -> None:
+        """Optimizer (optim.make_optimizer), data order, step counts, warm-up (at most 10% of the run), lr schedule,
+        accelerate's wrapping and the optional torch.compile of the training forward."""
+        cfg, ds, acc = self.cfg, self.dataset, self.accelerator
+        optimizer = make_optimizer(cfg.optimizer, self.param_groups, self.device, cfg.weight_decay,
                                    (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.optimizer_args)
         self.optimizer_desc = describe(optimizer)
 
         # data order: batches of one bucket each, a pure function of (seed, epoch); with N processes a global
         # batch is batch_size x N samples and each process trains on its slice (data parallel)
-        from ..data.buckets import BucketBatchSampler
-
-        world, rank = acc.num_processes, acc.process_index
-        local_bs, global_bs = cfg.batch_size, cfg.batch_size * world
-        train_set = set(train_idx)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.local_bs, self.global_bs = cfg.batch_size, cfg.batch_size * self.world
+        train_set = set(self.train_idx)
         expanded = [i for i in ds.expanded() if i in train_set]
         plan = ds.bucket_plan
-        sampler = BucketBatchSampler(plan.item_bucket if plan is not None else [0] * len(ds.items), global_bs,
-                                     seed=cfg.seed, expanded=expanded)
+        self.sampler = BucketBatchSampler(plan.item_bucket if plan is not None else [0] * len(ds.items),
+                                          self.global_bs, seed=cfg.seed, expanded=expanded)
         n_samples = len(expanded)
-        batches_per_epoch = len(sampler)
-        steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
-        total_steps = cfg.max_train_steps or steps_per_epoch * cfg.epochs
-        total_epochs = math.ceil(total_steps / steps_per_epoch)
-        if cfg.lr_warmup_steps >= total_steps and cfg.lr_scheduler not in ("constant",):
-            self.emit("warning", message=f"lr_warmup_steps ({cfg.lr_warmup_steps}) >= total steps ({total_steps}): "
-                                         f"the learning rate never reaches {cfg.learning_rate:g}. Lower "
-                                         f"lr_warmup_steps to about 10% of the steps.")
+        self.batches_per_epoch = len(self.sampler)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
+        self.total_steps = total_steps = cfg.max_train_steps or self.steps_per_epoch * cfg.epochs
+        self.total_epochs = math.ceil(total_steps / self.steps_per_epoch)
+        self.warmup_steps, why = effective_warmup(cfg.lr_warmup_steps, total_steps, cfg.lr_scheduler)
+        if why:
+            self.emit("warning", message=why, asked=cfg.lr_warmup_steps, used=self.warmup_steps,
+                      total_steps=total_steps)
         from diffusers.optimization import get_scheduler
 
         sched_kw = {}
@@ -543,193 +617,211 @@ class Trainer:
             sched_kw["num_cycles"] = cfg.lr_scheduler_num_cycles
         if cfg.lr_scheduler == "polynomial":
             sched_kw["power"] = cfg.lr_scheduler_power
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=self.warmup_steps,
                                      num_training_steps=total_steps, **sched_kw)
-        unet, optimizer = acc.prepare(m.unet, optimizer)
+        unet, optimizer = acc.prepare(self.model.unet, optimizer)
         if cfg.torch_compile:  # only the training forward goes through the compiled module; saving reads m.unet
             unet = torch.compile(unet)
-        cuda = self.device.type == "cuda"
-
-        def to_dev(x: torch.Tensor) -> torch.Tensor:  # pinned host memory: the copy overlaps the GPU's work
-            return x.pin_memory().to(self.device, non_blocking=True) if cuda else x.to(self.device)
+        self.train_unet = unet
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self._meta_common = dict(n_images=len(train_idx), n_samples=n_samples, batches_per_epoch=batches_per_epoch,
-                                 total_steps=total_steps, total_epochs=total_epochs)
-        self.pos = {"step": 0, "epoch": 0, "batch": batches_per_epoch, "order": []}
+        self._meta_common = dict(n_images=len(self.train_idx), n_samples=n_samples,
+                                 batches_per_epoch=self.batches_per_epoch, total_steps=total_steps,
+                                 total_epochs=self.total_epochs)
+
+    def _begin(self) -> None:
+        """Position (step, epoch, batch, data order), a resumed state or the first last-good snapshot, `start`."""
+        cfg = self.cfg
+        self.pos = {"step": 0, "epoch": 0, "batch": self.batches_per_epoch, "order": []}
         if self.resume_from is not None:
             self.load_state(self.resume_from)
         else:
             self.last_good = self._snapshot()
-
         self.started_at = time.time()
-        start_step = self.pos["step"]
-        self.emit("start", total_steps=total_steps, total_epochs=total_epochs, images=len(train_idx),
-                  samples=n_samples, device=str(self.device), steps_per_epoch=steps_per_epoch,
-                  resumed_at=start_step, validation_images=len(val_idx), processes=world,
-                  effective_batch=global_bs * cfg.gradient_accumulation_steps)
-        sched = m.noise_scheduler
-        T = sched.config.num_train_timesteps
-        pred_type = m.prediction_type
-        in_dtype = base_dtype or torch.float32
-        stopped = nan_stop = False
-        epoch_files: List[str] = []
-        t_last = time.time()
-        unet.train()
-        accum = cfg.gradient_accumulation_steps
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        while self.pos["step"] < total_steps and not stopped:
-            if self.pos["batch"] >= batches_per_epoch:  # start a new epoch
-                self.pos["epoch"] += 1
-                self.pos["batch"] = 0
-                self.pos["order"] = sampler.batches(self.pos["epoch"])
-            epoch, order = self.pos["epoch"], self.pos["order"]
-            micro, running = 0, []
-            for b in range(self.pos["batch"], batches_per_epoch):
-                if self.stop_event.is_set():
-                    stopped = True
-                    break
-                batch = list(order[b])
-                if world > 1 and len(batch) < global_bs:  # a short last batch: every process needs samples
-                    batch += [batch[j % len(batch)] for j in range(global_bs - len(batch))]
-                n = len(batch)
-                lo, hi = (rank * local_bs, (rank + 1) * local_bs) if world > 1 else (0, n)
-                # random draws for the whole global batch, then this process's slice: the same numbers per
-                # sample whatever the process count
-                flips = (torch.rand(n, generator=gen) < 0.5).tolist() if latents_flip is not None else [False] * n
-                shape = (n,) + tuple(latents[batch[0]].shape)
-                noise = torch.randn(shape, generator=gen)
-                if cfg.noise_offset:
-                    noise = noise + cfg.noise_offset * torch.randn((n, shape[1], 1, 1), generator=gen)
-                t = torch.randint(0, T, (n,), generator=gen)
-                caps = [ds.items[i].caption for i in batch]
-                if cfg.caption_dropout_rate > 0:
-                    drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
-                    caps = ["" if d else c for c, d in zip(caps, drop)]
-                idx, flips, caps = batch[lo:hi], flips[lo:hi], caps[lo:hi]
-                t_cpu = t[lo:hi]
-                noise, t = to_dev(noise[lo:hi]), to_dev(t_cpu)
-                lat = to_dev(torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]))
-                noisy = sched.add_noise(lat, noise, t)
-                target = noise if pred_type == "epsilon" else sched.get_velocity(lat, noise, t)
-                with acc.autocast():
-                    if text_cache is not None:
-                        cond = text_cache.stack(caps)
-                    else:
-                        cond = conditioning.encode(m, caps, self.device)
-                    # SDXL: per-sample original size / crop / target size from the item's resize + crop plan
-                    tids = (conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips)
-                            if m.text_encoder_2 is not None else None)
-                    ehs, added = conditioning.unet_inputs(m, cond, tids, in_dtype, self.device, cfg.resolution)
-                    pred = unet(noisy.to(in_dtype), t, ehs, added_cond_kwargs=added).sample
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-                if cfg.min_snr_gamma:
-                    snr = compute_snr(sched, t_cpu).to(self.device)  # from the CPU copy: no device->host sync
-                    w = torch.clamp(snr, max=cfg.min_snr_gamma)
-                    w = w / (snr + 1) if pred_type == "v_prediction" else w / snr
-                    loss = loss * w
-                loss = loss.mean()
-                if self.loss_hook is not None:
-                    loss = self.loss_hook(self.pos["step"] + 1, loss)
-                if loss.requires_grad:  # a non-finite loss makes non-finite gradients: caught below, not applied
-                    acc.backward(loss / accum)
-                running.append(loss.detach().float())
-                micro += 1
-                last_batch = b == batches_per_epoch - 1
-                if micro % accum != 0 and not last_batch:
-                    continue
-                if world > 1 and te_trainable:  # the text encoder is not DDP-wrapped: average its grads here
-                    for p in te_trainable:
-                        if p.grad is not None:
-                            p.grad = acc.reduce(p.grad, "mean")
-                step_loss_t = torch.stack(running).mean()
-                running = []
-                norm = acc.clip_grad_norm_(trainable, max_norm)
-                ok_t = torch.isfinite(step_loss_t)
-                if norm is not None and cfg.mixed_precision != "fp16":  # fp16: the grad scaler skips inf steps
-                    ok_t = ok_t & torch.isfinite(torch.as_tensor(norm).to(ok_t.device))
-                vals = torch.stack([step_loss_t, ok_t.float(),
-                                    torch.as_tensor(norm if norm is not None else 0.0).float().to(ok_t.device)])
-                if world > 1:
-                    vals = torch.stack([acc.reduce(vals[0], "mean"), acc.reduce(vals[1], "min"), vals[2]])
-                step_loss, ok, norm_v = vals.cpu().tolist()  # the one host sync of a step
-                if not ok:
-                    optimizer.zero_grad(set_to_none=True)
-                    bad = ("loss", step_loss) if not math.isfinite(step_loss) else ("gradient", norm_v)
-                    if not self._on_nonfinite(*bad):
-                        nan_stop = stopped = True
-                        break
-                    self.pos["batch"] = b + 1
-                    continue
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.pos["step"] += 1
-                self.pos["batch"] = b + 1
-                self._apply_ramp()
-                global_step = self.pos["step"]
-                now = time.time()
-                elapsed = now - self.started_at
-                its = (global_step - start_step) / elapsed if elapsed > 0 else 0.0
-                rec = {"step": global_step, "epoch": epoch, "loss": step_loss,
-                       "lr": float(optimizer.param_groups[0]["lr"])}
-                self.history.append(rec)
-                if global_step % cfg.log_every_n_steps == 0 or global_step == total_steps:
-                    self.emit("step", total_steps=total_steps, total_epochs=total_epochs, its=its,
-                              eta=(total_steps - global_step) / its if its > 0 else None,
-                              step_time=now - t_last, **rec)
-                if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
-                    self._sample(global_step, epoch)
-                if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and global_step < total_steps:
-                    path = step_path(cfg, global_step)
-                    self._save_lora(path, epoch, global_step)
-                    epoch_files.append(path)
-                    self.emit("checkpoint", path=path, epoch=epoch, step=global_step)
-                if cfg.save_state_every_n_steps and global_step % cfg.save_state_every_n_steps == 0:
-                    self.save_state()
-                t_last = time.time()
-                if global_step >= total_steps:
-                    break
-            if stopped:
-                break
-            if self.pos["batch"] < batches_per_epoch:  # max steps reached mid-epoch
-                break
-            global_step = self.pos["step"]
-            if val_groups:
-                vl = self._validation_loss(val_groups, latents, text_cache)
-                self.val_history.append({"step": global_step, "epoch": epoch, "val_loss": vl})
-                self.emit("val_loss", step=global_step, epoch=epoch, val_loss=vl)
-                unet.train()
-            if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-                self._sample(global_step, epoch)
-            self.emit("epoch", epoch=epoch, step=global_step,
-                      mean_loss=float(np.mean([h["loss"] for h in self.history if h["epoch"] == epoch] or [0.0])))
-            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < total_steps:
-                path = epoch_path(cfg, epoch)
-                self._save_lora(path, epoch, global_step)
-                epoch_files.append(path)
-                self.emit("checkpoint", path=path, epoch=epoch, step=global_step)
-            if cfg.save_state_every_n_epochs and epoch % cfg.save_state_every_n_epochs == 0:
-                self.save_state()
+        self.start_step = self.pos["step"]
+        self.emit("start", total_steps=self.total_steps, total_epochs=self.total_epochs, images=len(self.train_idx),
+                  samples=self._meta_common["n_samples"], device=str(self.device),
+                  steps_per_epoch=self.steps_per_epoch, resumed_at=self.start_step,
+                  validation_images=len(self.val_idx), processes=self.world,
+                  effective_batch=self.global_bs * cfg.gradient_accumulation_steps)
+        self.t_last = time.time()
+        self.train_unet.train()
 
+    def _train_epoch(self) -> None:
+        """The batches of the current epoch from pos["batch"] on: micro-batches accumulated into optimizer steps.
+        Returns at a stop request (self.stopped), a non-finite stop (self.nan_stop), the last step of the run, or
+        the end of the epoch."""
+        accum, bpe = self.cfg.gradient_accumulation_steps, self.batches_per_epoch
+        order = self.pos["order"]
+        micro, running = 0, []
+        for b in range(self.pos["batch"], bpe):
+            if self.stop_event.is_set():
+                self.stopped = True
+                return
+            running.append(self._forward_backward(list(order[b])))
+            micro += 1
+            if micro % accum != 0 and b != bpe - 1:
+                continue
+            done = self._optimizer_step(running)
+            running = []
+            if done is None:  # non-finite: not applied
+                if self.nan_stop:
+                    return
+                self.pos["batch"] = b + 1
+                continue
+            self.pos["step"] += 1
+            self.pos["batch"] = b + 1
+            self._apply_ramp()
+            self._after_step(*done)
+            if self.pos["step"] >= self.total_steps:
+                return
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Host -> device; on CUDA from pinned memory, so that the copy overlaps the GPU's work."""
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
+
+    def _forward_backward(self, batch: List[int]) -> torch.Tensor:
+        """One micro-batch: the random draws for the whole global batch (flip, noise and noise offset, timesteps,
+        caption dropout; the same numbers per sample whatever the process count), this process's slice, the loss
+        (loss.diffusion_loss) and its backward. Returns the detached float loss."""
+        cfg, m, ds, acc, gen = self.cfg, self.model, self.dataset, self.accelerator, self.gen
+        if self.world > 1 and len(batch) < self.global_bs:  # a short last batch: every process needs samples
+            batch += [batch[j % len(batch)] for j in range(self.global_bs - len(batch))]
+        n = len(batch)
+        lo, hi = (self.rank * self.local_bs, (self.rank + 1) * self.local_bs) if self.world > 1 else (0, n)
+        latents, latents_flip = self.latents, self.latents_flip
+        flips = (torch.rand(n, generator=gen) < 0.5).tolist() if latents_flip is not None else [False] * n
+        shape = (n,) + tuple(latents[batch[0]].shape)
+        noise = loss_mod.offset_noise(torch.randn(shape, generator=gen), cfg.noise_offset, gen)
+        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+        caps = [ds.items[i].caption for i in batch]
+        if cfg.caption_dropout_rate > 0:
+            drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
+            caps = ["" if d else c for c, d in zip(caps, drop)]
+        idx, flips, caps = batch[lo:hi], flips[lo:hi], caps[lo:hi]
+        t_cpu = t[lo:hi]
+        noise, t = self._to_device(noise[lo:hi]), self._to_device(t_cpu)
+        lat = self._to_device(torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]))
+        with acc.autocast():
+            cond = self.text_cache.stack(caps) if self.text_cache is not None else conditioning.encode(m, caps,
+                                                                                                         self.device)
+        # SDXL: per-sample original size / crop / target size from the item's resize + crop plan
+        tids = conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips) if m.text_encoder_2 is not None else None
+        loss = loss_mod.diffusion_loss(m, lat, cond, noise, t, unet=self.train_unet, min_snr_gamma=cfg.min_snr_gamma,
+                                       time_ids=tids, resolution=cfg.resolution, in_dtype=self.in_dtype,
+                                       snr_timesteps=t_cpu, autocast=acc.autocast)  # min-SNR from the CPU copy
+        if self.loss_hook is not None:
+            loss = self.loss_hook(self.pos["step"] + 1, loss)
+        if loss.requires_grad:  # a non-finite loss makes non-finite gradients: caught by the step, not applied
+            acc.backward(loss / cfg.gradient_accumulation_steps)
+        return loss.detach().float()
+
+    def _optimizer_step(self, running: List[torch.Tensor]) -> Optional[Tuple[float, float]]:
+        """Accumulated gradients -> one update: text-encoder grads averaged over processes, clipping, one host
+        sync (loss, finite?, grad norm), then optimizer and schedule. Returns (step loss, lr the update used), or
+        None when a non-finite loss / gradient was not applied (recovered, or self.nan_stop set)."""
+        cfg, acc, optimizer = self.cfg, self.accelerator, self.optimizer
+        if self.world > 1 and self.te_trainable:  # the text encoder is not DDP-wrapped: average its grads here
+            for p in self.te_trainable:
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, "mean")
+        step_loss_t = torch.stack(running).mean()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        norm = acc.clip_grad_norm_(self.trainable, max_norm)
+        ok_t = torch.isfinite(step_loss_t)
+        if norm is not None and cfg.mixed_precision != "fp16":  # fp16: the grad scaler skips inf steps
+            ok_t = ok_t & torch.isfinite(torch.as_tensor(norm).to(ok_t.device))
+        vals = torch.stack([step_loss_t, ok_t.float(),
+                            torch.as_tensor(norm if norm is not None else 0.0).float().to(ok_t.device)])
+        if self.world > 1:
+            vals = torch.stack([acc.reduce(vals[0], "mean"), acc.reduce(vals[1], "min"), vals[2]])
+        step_loss, ok, norm_v = vals.cpu().tolist()  # the one host sync of a step
+        if not ok:
+            optimizer.zero_grad(set_to_none=True)
+            bad = ("loss", step_loss) if not math.isfinite(step_loss) else ("gradient", norm_v)
+            if not self._on_nonfinite(*bad):
+                self.nan_stop = self.stopped = True
+            return None
+        step_lr = float(optimizer.param_groups[0]["lr"])  # the lr this update uses (before the schedule moves)
+        optimizer.step()
+        self.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, step_lr
+
+    def _after_step(self, step_loss: float, step_lr: float) -> None:
+        """After an update: the loss log, the `step` event, samples, step checkpoints and states every N steps."""
+        cfg = self.cfg
+        global_step, epoch = self.pos["step"], self.pos["epoch"]
+        now = time.time()
+        elapsed = now - self.started_at
+        its = (global_step - self.start_step) / elapsed if elapsed > 0 else 0.0
+        rec = {"step": global_step, "epoch": epoch, "loss": step_loss, "lr": step_lr}
+        self.history.append(rec)
+        if global_step % cfg.log_every_n_steps == 0 or global_step == self.total_steps:
+            self.emit("step", total_steps=self.total_steps, total_epochs=self.total_epochs, its=its,
+                      eta=(self.total_steps - global_step) / its if its > 0 else None,
+                      step_time=now - self.t_last, **rec)
+        if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
+            self._sample(global_step, epoch)
+        if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and global_step < self.total_steps:
+            self._checkpoint(step_path(cfg, global_step), epoch, global_step)
+        if cfg.save_state_every_n_steps and global_step % cfg.save_state_every_n_steps == 0:
+            self.save_state()
+        self.t_last = time.time()
+
+    def _checkpoint(self, path: str, epoch: int, step: int) -> None:
+        if self._save_lora(path, epoch, step):
+            self.epoch_files.append(path)
+            self.emit("checkpoint", path=path, epoch=epoch, step=step)
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        """After an epoch's last step: validation loss, samples, the `epoch` event, the epoch file, a state."""
+        cfg = self.cfg
+        global_step = self.pos["step"]
+        if self.val_groups:
+            vl = self._validation_loss(self.val_groups, self.latents, self.text_cache)
+            self.val_history.append({"step": global_step, "epoch": epoch, "val_loss": vl})
+            self.emit("val_loss", step=global_step, epoch=epoch, val_loss=vl)
+            self.train_unet.train()
+        if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
+            self._sample(global_step, epoch)
+        self.emit("epoch", epoch=epoch, step=global_step,
+                  mean_loss=float(np.mean([h["loss"] for h in self.history if h["epoch"] == epoch] or [0.0])))
+        if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < self.total_steps:
+            self._checkpoint(epoch_path(cfg, epoch), epoch, global_step)
+        if cfg.save_state_every_n_epochs and epoch % cfg.save_state_every_n_epochs == 0:
+            self.save_state()
+        elif cfg.nan_policy == "recover":  # no state on disk: the point a non-finite step rolls back to
+            self.last_good = self._snapshot()
+
+    def _finish(self) -> TrainResult:
+        """The end of a run: a resumable state (after a stop, or when asked), the final LoRA (an all-zero one is an
+        error), the loss log and plot, the config; the `done` event with the TrainResult."""
+        cfg, acc, paths = self.cfg, self.accelerator, self.paths
         global_step, epoch = self.pos["step"], self.pos["epoch"]
         final = None
-        if not nan_stop and global_step > start_step and self._last_state_step != global_step:
-            self.save_state()  # resumable from exactly here: after a stop, or to train on to a longer end
-        if global_step > 0 and not nan_stop:
-            final = paths["lora"]
-            self._save_lora(final, epoch, global_step)
-            self.emit("checkpoint", path=final, epoch=epoch, step=global_step, final=True)
-        self._write_logs(paths)
-        if acc.is_main_process:
-            cfg.save(paths["config"])
+        if global_step > self.start_step and self._last_state_step != global_step \
+                and self._wants_final_state(self.stopped):
+            self.save_state()  # resumable from exactly here: after a stop, or (asked) to train on to a longer end
+        try:
+            if global_step > 0 and not self.nan_stop:
+                final = paths["lora"]
+                self._save_lora(final, epoch, global_step, final=True)
+                self.emit("checkpoint", path=final, epoch=epoch, step=global_step, final=True)
+        finally:
+            self._write_logs(paths)
+            if acc.is_main_process:
+                cfg.save(paths["config"])
         acc.wait_for_everyone()
-        res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=final, epoch_files=epoch_files,
+        res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=final, epoch_files=self.epoch_files,
                           config_path=paths["config"], loss_csv=paths["loss_csv"], loss_png=paths["loss_png"],
-                          steps=global_step, epochs_done=epoch, stopped=stopped, losses=[h["loss"] for h in self.history],
-                          seconds=time.time() - self.started_at, nan_stopped=nan_stop, message=self.nan_message,
+                          steps=global_step, epochs_done=epoch, stopped=self.stopped,
+                          losses=[h["loss"] for h in self.history], seconds=time.time() - self.started_at,
+                          nan_stopped=self.nan_stop, message=self.nan_message,
                           val_losses=[v["val_loss"] for v in self.val_history], recoveries=self.recoveries,
                           findings=[f.to_dict() for f in self.findings])
-        unet.eval()
+        self.train_unet.eval()
         self.emit("done", result=res)
         return res
 
@@ -745,7 +837,8 @@ class Trainer:
             lat = latents.stack(idx) if hasattr(latents, "stack") else torch.stack([latents[i] for i in idx])
             n = lat.numel()
             tids = conditioning.time_ids_for_items(ds, idx, self.cfg.resolution) if m.text_encoder_2 is not None else None
-            total += fixed_noise_loss(m, lat, cond, seed=self.cfg.validation_seed, time_ids=tids) * n
+            total += fixed_noise_loss(m, lat, cond, seed=self.cfg.validation_seed, time_ids=tids,
+                                      min_snr_gamma=self.cfg.min_snr_gamma) * n
             count += n
         return total / count
 
@@ -764,7 +857,7 @@ class Trainer:
             "ss_text_encoder_lr": f"{cfg.te_lr:g}" if cfg.train_text_encoder else "0",
             "ss_network_train_unet_only": str(not cfg.train_text_encoder),
             "ss_lr_scheduler": cfg.lr_scheduler,
-            "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
+            "ss_lr_warmup_steps": str(getattr(self, "warmup_steps", cfg.lr_warmup_steps)),
             "ss_optimizer": self.optimizer_desc,
             "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
             "ss_num_train_images": str(mc["n_samples"]),
@@ -817,8 +910,6 @@ class Trainer:
     def _sample(self, step: int, epoch: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        from ..sampler import sample_in_training
-
         cfg, m = self.cfg, self.model
         offloaded = [te for te in m.text_encoders if next(te.parameters()).device != self.device]
         if self.device.type != "cpu":
@@ -833,15 +924,29 @@ class Trainer:
         save_image(img, path)
         self.emit("sample", path=path, step=step, epoch=epoch)
 
-    def _save_lora(self, path: str, epoch: int, step: int) -> None:
+    def _save_lora(self, path: str, epoch: int, step: int, final: bool = False) -> bool:
+        """Write the LoRA (kohya layout + metadata); False when it is skipped. Non-finite weights are an error;
+        all-zero lora_up weights (a LoRA that does nothing) are an error for the final file and a skipped
+        checkpoint with a warning before it."""
         if not self.accelerator.is_main_process:
-            return
+            return True
         lw = lora_mod.extract(self.model)
         for (_, _), (d, u, _) in lw.modules.items():
             if not (torch.isfinite(d).all() and torch.isfinite(u).all()):
                 raise FloatingPointError(f"non-finite LoRA weights at step {step}; nothing written to {path}. "
                                          f"Halve learning_rate and add warmup.")
+        if step > 0 and lw.modules and all(not bool(u.any()) for (_, _), (_, u, _) in lw.modules.items()):
+            if not final:
+                self.emit("warning", message=f"step {step}: every lora_up weight is still zero (warm-up); "
+                                             f"checkpoint '{path}' skipped.")
+                return False
+            raise ZeroLoRAError(
+                f"after {step} optimizer step(s) every lora_up weight is still exactly zero: this LoRA would do "
+                f"nothing, so '{path}' was not written (learning rate used: "
+                f"{', '.join(f'{h:.3g}' for h in sorted({r['lr'] for r in self.history})) or 'none'}). Train more "
+                f"steps (max_train_steps / epochs), use less warm-up (lr_warmup_steps), or a higher learning_rate.")
         lora_mod.save_kohya(lw, path, self.model.kind, self.metadata(epoch, step), overwrite=True)
+        return True
 
     def _write_logs(self, paths: Dict[str, str]) -> None:
         if not self.accelerator.is_main_process:
@@ -855,31 +960,11 @@ class Trainer:
             w.writerow([h["step"], h["epoch"], f"{h['loss']:.6g}", f"{h['lr']:.6g}",
                         "" if vl is None else f"{vl:.6g}"])
         atomic_write_text(paths["loss_csv"], buf.getvalue())
-        from ..plots import loss_plot
-
         img = loss_plot([h["step"] for h in self.history], [h["loss"] for h in self.history],
                         title=f"{self.cfg.output_name}: training loss",
                         val_steps=[v["step"] for v in self.val_history],
                         val_losses=[v["val_loss"] for v in self.val_history])
         save_image(img, paths["loss_png"])
-
-
-def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio per timestep: diffusers' `training_utils.compute_snr`, or the same formula where that
-    module cannot be imported (diffusers 0.31 beside the WebUI's transformers 4.30.2 fails on
-    `transformers.integrations.deepspeed`)."""
-    try:
-        from diffusers.training_utils import compute_snr as _snr
-    except (ImportError, AttributeError):
-        _snr = None
-    if _snr is not None:
-        return _snr(noise_scheduler, timesteps)
-    ac = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return ac / (1.0 - ac)  # (sqrt(ac) / sqrt(1 - ac))^2
-
-
-def pred_dtype(unet, device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
-    return weight_dtype if device.type != "cpu" else torch.float32
 
 
 def train(cfg: TrainConfig, callback: Optional[Callback] = None, model: Optional[BaseModel] = None,
@@ -889,28 +974,28 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, model: Optional
 
 @torch.no_grad()
 def fixed_noise_loss(model: BaseModel, latents: torch.Tensor, text_embeds, seed: int = 0,
-                     n_draws: int = 4, time_ids: Optional[torch.Tensor] = None) -> float:
-    """Denoising MSE with noise and timesteps held fixed by `seed` (deterministic validation loss).
+                     n_draws: int = 4, time_ids: Optional[torch.Tensor] = None,
+                     min_snr_gamma: Optional[float] = None) -> float:
+    """The training loss (loss.diffusion_loss) with noise and timesteps held fixed by `seed` (deterministic
+    validation loss), mean over images and draws.
 
     latents: (N, C, H, W) already scaled; text_embeds: (N, L, D), or for SDXL {"hidden", "pooled"} with optional
     (N, 6) `time_ids` (default: the latents' size uncropped). Each image gets `n_draws` noise draws at
-    timesteps spread evenly over the schedule.
+    timesteps spread evenly over the schedule; min_snr_gamma weights them as the training loop does.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    sched = model.noise_scheduler
-    T = sched.config.num_train_timesteps
+    T = model.noise_scheduler.config.num_train_timesteps
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
-    total, count = 0.0, 0
+    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    lat = latents.float().to(device)
+    total = 0.0
     for d in range(n_draws):
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.full((latents.shape[0],), int((d + 0.5) * T / n_draws), dtype=torch.long)
-        noisy = sched.add_noise(latents, noise, t)
-        target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-        ehs, added = conditioning.unet_inputs(model, text_embeds, time_ids, dtype, device,
-                                              resolution=latents.shape[-1] * vae_factor)
-        pred = model.unet(noisy.to(device, dtype), t.to(device), ehs, added_cond_kwargs=added).sample
-        total += float(F.mse_loss(pred.float().cpu(), target.float(), reduction="sum"))
-        count += target.numel()
-    return total / count
+        per_sample = loss_mod.diffusion_loss(model, lat, text_embeds, noise.to(device), t.to(device),
+                                             min_snr_gamma=min_snr_gamma, time_ids=time_ids,
+                                             resolution=latents.shape[-1] * vae_factor, in_dtype=dtype,
+                                             snr_timesteps=t, reduction="none")
+        total += float(per_sample.double().sum())
+    return total / (n_draws * latents.shape[0])

@@ -1,7 +1,9 @@
 """LR range test (Smith 2017, as fastai's lr_find): an exponential lr sweep on the real data and model.
 
-`lr_range_test(cfg)` injects a fresh LoRA on the UNet exactly where the trainer puts it, trains it with AdamW
-while the lr grows exponentially from lr_min to lr_max, and records the loss. Two smoothings of it:
+`lr_range_test(cfg)` injects a fresh LoRA on the UNet exactly where the trainer puts it, trains it with the
+configured optimizer (optim.make_optimizer, as the trainer) on the trainer's loss (loss.diffusion_loss: prediction
+type, noise offset, min-SNR) while the lr grows exponentially from lr_min to lr_max, and records the loss. Two
+smoothings of it:
 - `ema`: bias-corrected exponential moving average (`smoothing`, 0.98 as fastai), online: the sweep stops when
   it passes `diverge_factor` (4) x its minimum, or at a non-finite loss;
 - `smoothed`: a centred (zero-lag) moving average, on which the lr is suggested with a named heuristic:
@@ -27,9 +29,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import TrainConfig
+from ..data.dataset import load_dataset
+from ..models import conditioning
+from ..models.loading import load_base_model
+from ..networks import lora as lora_mod
+from ..training import loss as loss_mod
+from ..training.optim import describe, make_optimizer
+from ..training.trainer import resolve_device
 
 ADAPTER = "lr_finder"
 PROBE_SAMPLES = 8  # fixed probe: up to 4 images x 2 noise draws, timesteps spread over the schedule
@@ -53,6 +61,7 @@ class LRFinderResult:
     probe: str = "fixed"
     notes: List[str] = field(default_factory=list)
     ema: List[float] = field(default_factory=list)  # causal bias-corrected EMA (`smoothing`): the stop rule's
+    optimizer: str = ""  # optim.describe() of the sweep's optimizer: the configured one, as the run uses
 
     @property
     def min_loss_lr(self) -> float:
@@ -271,14 +280,9 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
     callback receives {"kind": "lr_find", "step", "total", "lr", "loss", "ema"} after each step.
     probe / probe_samples: "fixed" (default) records the loss of `probe_samples` fixed (image, noise, timestep)
     samples after each update; "train" records the step's training loss.
-    optimizer: a caller's optimizer whose state is snapshotted and restored (the sweep uses its own AdamW).
+    optimizer: a caller's optimizer whose state is snapshotted and restored (the sweep makes its own, of cfg's kind).
     stop_event: set it to end the sweep early (the result covers the steps done; the model is restored).
     """
-    from ..networks import lora as lora_mod
-    from ..data.dataset import load_dataset
-    from ..models.loading import load_base_model
-    from ..models import conditioning
-    from ..training.trainer import resolve_device
 
     if not (isinstance(lr_min, (int, float)) and isinstance(lr_max, (int, float)) and 0 < lr_min < lr_max
             and math.isfinite(lr_max)):
@@ -293,12 +297,13 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
     ds = dataset if dataset is not None else load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word,
                                                           cfg.caption_extension)
     if model is None:
-        model = load_base_model(cfg.base_model, cfg.prediction_type)
+        model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle)
     pred_type = model.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
     device = resolve_device(cfg.device)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
     use_amp = amp_dtype is not None and device.type == "cuda"
 
+    opt_desc = ""
     rng = _rng_state()
     state = _ModelState(model, optimizer)
     adapter = ADAPTER
@@ -342,18 +347,21 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
                 txt_cache[caption] = conditioning.map_cond(row, lambda x: x.float().cpu())
             return txt_cache[caption]
 
+        def autocast():
+            return torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp)
+
         def unet_loss(idx: List[int], noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            lat = torch.stack([latent(i) for i in idx])
-            cond = conditioning.stack([text(ds.items[i].caption) for i in idx])
+            """The trainer's loss (loss.diffusion_loss: prediction type, min-SNR) of these items."""
+            lat = torch.stack([latent(i) for i in idx]).to(device)
+            cond = conditioning.map_cond(conditioning.stack([text(ds.items[i].caption) for i in idx]),
+                                         lambda x: x.to(device))
             tids = (conditioning.time_ids_for_items(ds, idx, cfg.resolution)
                     if getattr(model, "text_encoder_2", None) is not None else None)
-            noisy = sched.add_noise(lat, noise, t)
-            target = noise if pred_type == "epsilon" else sched.get_velocity(lat, noise, t)
-            in_dtype = torch.float32 if use_amp else base_dtype
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-                ehs, added = conditioning.unet_inputs(model, cond, tids, in_dtype, device, cfg.resolution)
-                pred = unet(noisy.to(device, in_dtype), t.to(device), ehs, added_cond_kwargs=added).sample
-            return F.mse_loss(pred.float(), target.to(device).float(), reduction="mean")
+            return loss_mod.diffusion_loss(model, lat, cond, noise.to(device), t.to(device), unet=unet,
+                                           prediction_type=pred_type, min_snr_gamma=cfg.min_snr_gamma,
+                                           time_ids=tids, resolution=cfg.resolution,
+                                           in_dtype=torch.float32 if use_amp else base_dtype, snr_timesteps=t,
+                                           autocast=autocast)
 
         # the fixed probe: first images, fixed noise, timesteps spread evenly over the schedule
         n_img = min(PROBE_IMAGES, len(ds.items), max(1, probe_samples))
@@ -387,8 +395,10 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
         for p in params:
             p.data = p.data.to(device).float()
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr_min, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                weight_decay=cfg.weight_decay)
+        # the optimizer the run will use (the trainer's factory, configured optimizer and arguments)
+        opt = make_optimizer(cfg.optimizer, [{"params": params, "lr": lr_min}], device, cfg.weight_decay,
+                             (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.optimizer_args)
+        opt_desc = describe(opt)
         unet.train()
         order: List[int] = []
         best = float("inf")
@@ -406,7 +416,7 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
                     order += [expanded[j] for j in torch.randperm(len(expanded), generator=gen).tolist()]
                 idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
                 shape = (len(idx),) + tuple(latent(idx[0]).shape)
-                noise = torch.randn(shape, generator=gen)
+                noise = loss_mod.offset_noise(torch.randn(shape, generator=gen), cfg.noise_offset, gen)
                 t = torch.randint(0, T, (len(idx),), generator=gen)
                 loss = unet_loss(idx, noise, t)
                 (loss / cfg.gradient_accumulation_steps).backward()
@@ -450,4 +460,4 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
     plot = plot_result(lrs, losses, smoothed, suggested, heuristic, diverge_factor)
     return LRFinderResult(lrs=lrs, losses=losses, smoothed=smoothed, suggested_lr=suggested, heuristic=heuristic,
                           plot=plot, stopped_early=stopped, stop_reason=reason, lr_min=float(lr_min),
-                          lr_max=float(lr_max), probe=probe, notes=notes, ema=ema)
+                          lr_max=float(lr_max), probe=probe, notes=notes, ema=ema, optimizer=opt_desc)

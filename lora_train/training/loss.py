@@ -1,0 +1,78 @@
+"""The one denoising loss: the training loop, the validation loss and the LR finder all call `diffusion_loss`.
+
+What it applies: the target of the model's prediction type (epsilon: the noise; v_prediction: the velocity), the
+per-sample MSE, and min-SNR-gamma weighting (Hang et al. 2023; as kohya / diffusers' train scripts). The noise
+offset is part of the noise (`offset_noise`, drawn by the caller from its generator so that the draw order of a
+run stays the same); a deterministic loss (validation, the LR finder's fixed probe) passes plain noise.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..models import conditioning
+
+
+def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio per timestep: diffusers' `training_utils.compute_snr`, or the same formula where that
+    module cannot be imported (diffusers 0.31 beside the WebUI's transformers 4.30.2 fails on
+    `transformers.integrations.deepspeed`)."""
+    try:
+        from diffusers.training_utils import compute_snr as _snr
+    except (ImportError, AttributeError):
+        _snr = None
+    if _snr is not None:
+        return _snr(noise_scheduler, timesteps)
+    ac = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return ac / (1.0 - ac)  # (sqrt(ac) / sqrt(1 - ac))^2
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets."""
+    snr = compute_snr(noise_scheduler, timesteps)
+    w = torch.clamp(snr, max=gamma)
+    return w / (snr + 1) if prediction_type == "v_prediction" else w / snr
+
+
+def offset_noise(noise: torch.Tensor, noise_offset: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Noise plus `noise_offset` x a per-sample, per-channel constant (one more draw from `generator`)."""
+    if not noise_offset:
+        return noise
+    n, c = noise.shape[0], noise.shape[1]
+    return noise + noise_offset * torch.randn((n, c, 1, 1), generator=generator)
+
+
+def diffusion_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor, timesteps: torch.Tensor, *,
+                   unet=None, prediction_type: Optional[str] = None, min_snr_gamma: Optional[float] = None,
+                   time_ids: Optional[torch.Tensor] = None, resolution: Optional[int] = None,
+                   in_dtype: Optional[torch.dtype] = None, snr_timesteps: Optional[torch.Tensor] = None,
+                   autocast: Callable[[], Any] = contextlib.nullcontext, reduction: str = "mean") -> torch.Tensor:
+    """Denoising loss of `model` (a BaseModel: its noise scheduler, and `unet` or model.unet for the forward).
+
+    latents, noise: (N, C, H, W) on the device the UNet runs on; timesteps: (N,) there too; cond: the text
+    conditioning (a tensor, or SDXL's {"hidden", "pooled"} with optional (N, 6) `time_ids`); resolution: pixel
+    size for SDXL's default time ids. prediction_type: default the model's. in_dtype: the UNet's input dtype
+    (default the latents'). snr_timesteps: a CPU copy of the timesteps for the min-SNR weights (no device sync).
+    autocast: a context factory for the forward (accelerate's, or torch.autocast). reduction: "mean" (a scalar),
+    or "none" (the (N,) per-sample losses, float32)."""
+    unet = model.unet if unet is None else unet
+    sched = model.noise_scheduler
+    ptype = prediction_type or model.prediction_type
+    noisy = sched.add_noise(latents, noise, timesteps)
+    target = noise if ptype == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+    dtype = in_dtype or latents.dtype
+    with autocast():
+        ehs, added = conditioning.unet_inputs(model, cond, time_ids, dtype, latents.device, resolution)
+        pred = unet(noisy.to(dtype), timesteps, ehs, added_cond_kwargs=added).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    if min_snr_gamma:
+        ts = snr_timesteps if snr_timesteps is not None else timesteps
+        loss = loss * min_snr_weights(sched, ts, min_snr_gamma, ptype).to(loss.device)
+    if reduction == "none":
+        return loss
+    if reduction != "mean":
+        raise ValueError(f"reduction = {reduction!r} is not valid: allowed mean, none.")
+    return loss.mean()
