@@ -444,7 +444,9 @@ class ForgeHost(WebUIHost):
             # that SD1 checkpoints do not have
             if k.startswith("clip_l.transformer.") and not k.startswith("clip_l.transformer.text_projection"):
                 sd["cond_stage_model." + k[len("clip_l."):]] = v
-        return sd
+        # Forge loads under torch.inference_mode(): its weights are inference tensors, which cannot become
+        # trainable parameters outside it; they are copied into normal tensors (the trainer copies them anyway)
+        return {k: (v.clone() if v.is_inference() else v) for k, v in sd.items()}
 
     def _loaded_base_model(self):
         if self._can_read_memory():

@@ -158,6 +158,12 @@ class FakeForgeEngine:
     .first_stage_model), forge_objects_original, current_lora_hash, is_sd1."""
 
     def __init__(self, ldm_sd, info, is_sd1=True):
+        # Forge loads under @torch.inference_mode() (backend/loader.py forge_loader, sd_models.forge_model_reload):
+        # its weights are inference tensors, which autograd outside inference mode refuses (found by the real run)
+        with torch.inference_mode():
+            self._build({k: v.clone() for k, v in ldm_sd.items()}, info, is_sd1)
+
+    def _build(self, ldm_sd, info, is_sd1):
         unet_model = nn.Module()
         unet_model.add_module("diffusion_model", module_tree(ldm_sd, "model.diffusion_model."))
         te = nn.Module()
