@@ -285,23 +285,23 @@ def test_real_forge_tab_trains_and_forge_applies_the_lora(forge):
             tab.get_by_role("tab", name="Test", exact=True).click()
             expect(tab.locator("#lora_train_tag textarea")).to_have_value(f"<lora:{NAME}:0.8>")
             # the WebUI's Lora cards (extra networks of txt2img) without pressing their refresh button
-            page.get_by_role("tab", name="txt2img", exact=True).click()
+            page.locator("#tabs").get_by_role("tab", name="Txt2img", exact=True).click()
             lora_tab = page.locator("#txt2img_extra_tabs").get_by_role("tab", name="Lora", exact=True)
-            if lora_tab.count():
-                lora_tab.click()
-                cards = page.locator("#txt2img_lora_cards")
-                page.wait_for_timeout(3000)
-                card_text = cards.inner_text() if cards.count() else ""
-                say(f"txt2img Lora cards show '{NAME}': {NAME in card_text}")
-                if NAME not in card_text:
-                    soft.append(f"the txt2img Lora cards do not list {NAME} after the run (before their refresh)")
+            lora_tab.click()
+            cards = page.locator("#txt2img_lora_cards_html")
+            try:
+                expect(cards).to_contain_text(NAME, timeout=15_000)
+                say(f"txt2img Lora cards list '{NAME}' without their refresh button")
+            except AssertionError:
+                say(f"txt2img Lora cards do NOT list '{NAME}' (before their refresh button)")
+                soft.append(f"the txt2img Lora cards do not list {NAME} after the run (before their refresh button)")
             page.get_by_role("tab", name="LoRA Train", exact=True).click()
 
             # ---- Forge's own loader applies it
             mark = len(s.log())
             a_img = _txt2img(s, f"lrtdemo, a picture <lora:{NAME}:0.8>")
             lines = _lora_lines(s.log()[mark:])
-            say("log:", *lines, sep="\n  ")
+            say("log:\n  " + "\n  ".join(lines))
             bad = [ln for ln in lines if "unmatched" in ln or "mismatch" in ln.lower()]
             assert not bad, bad
             assert any(re.search(rf"Loaded .*{NAME}\.safetensors for KModel-UNet with 192 keys .*\(skipped 0 keys\)",
