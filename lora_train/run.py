@@ -16,9 +16,9 @@ import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from .config import TrainConfig
-from .host import USED_NAMES, Host
+from .hosts.base import USED_NAMES, Host
 from .io_utils import atomic_path
-from .trainer import Trainer, TrainResult
+from .training.trainer import Trainer, TrainResult
 
 
 @dataclasses.dataclass

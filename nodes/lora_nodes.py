@@ -14,18 +14,20 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Sequence, Tuple
 
-from lora_train.advisor import BASES, DETAILS, TASKS
-from lora_train.config import OPTIMIZERS, SCHEDULERS
+from lora_train.tuning.advisor import BASES, DETAILS, TASKS
+from lora_train.config import OPTIMIZERS, PRECISIONS as CONFIG_PRECISIONS, SCHEDULERS, TrainConfig
 from lora_train.prompt import parse_floats, parse_ints
 
-from .comfy_host import ComfyUIHost, pil_to_image, save_preview
+from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image, save_preview
 from .names import CATEGORY, DATASET_TYPE, NODE_NAMES
 
 log = logging.getLogger("lora_train.comfyui")
 
-CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.caption.BACKENDS minus the WebUI-only "host"
-CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.caption.MODES
-PRECISIONS = ("auto", "no", "fp16", "bf16")
+CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.captions.BACKENDS minus the WebUI-only "host"
+CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.captions.MODES
+PRECISION_CHOICES = ("auto",) + tuple(CONFIG_PRECISIONS)
+#: every front door starts from the config's defaults (the advisor's starting point)
+DEFAULTS = TrainConfig()
 INT_MAX = 0xFFFFFFFF
 
 
@@ -72,7 +74,7 @@ def lora_stem(name: str) -> str:
 def _contact_sheet(paths: Sequence[str], size: int = 128, cols: int = 4):
     from PIL import Image, ImageOps
 
-    from lora_train.dataset import load_image
+    from lora_train.data.dataset import load_image
 
     thumbs = []
     for p in list(paths)[: cols * 2]:
@@ -106,7 +108,7 @@ class DatasetRef:
     fingerprint: str = ""
 
     def load(self):
-        from lora_train.dataset import _with_trigger, load_dataset
+        from lora_train.data.dataset import _with_trigger, load_dataset
 
         ds = load_dataset(self.folder, self.resolution, self.trigger_word, self.caption_extension)
         for it in ds.items:
@@ -226,7 +228,7 @@ class LoraTrainCaptionDataset:
         import comfy.model_management as mm
         import comfy.utils
 
-        from lora_train.caption import caption_folder, make_captioner
+        from lora_train.captions import caption_folder, make_captioner
 
         trigger = str(trigger_word or "").strip() or dataset.trigger_word
         opts: Dict[str, Any] = {}
@@ -275,7 +277,7 @@ class LoraTrainSuggestSettings:
     OUTPUT_NODE = True
 
     def suggest(self, dataset, task, base, vram_gb, detail):
-        from lora_train.advisor import suggest
+        from lora_train.tuning.advisor import suggest
 
         n = dataset.image_count or dataset.load().image_count
         s = suggest(n, task=task, base=base, vram_gb=float(vram_gb) if vram_gb and vram_gb > 0 else None,
@@ -308,7 +310,7 @@ def _device_and_precision(choice: str) -> Tuple[str, str]:
 def _advice_lines(res, cfg) -> List[str]:
     """The live diagnosis summary, and the rescaled lr when the effective batch is not the one the lr was
     chosen for (the advisor's 2e-4 at batch 4, rescaled by sqrt; one knob at a time)."""
-    from lora_train.advisor import Finding, format_findings, rescale_lr
+    from lora_train.tuning.advisor import Finding, format_findings, rescale_lr
 
     out = [format_findings([Finding(**f) for f in res.findings])]
     eff = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -333,29 +335,29 @@ class LoraTrainTrain:
             "dataset": (DATASET_TYPE, {"tooltip": "Images and captions from 'Dataset from folder' / 'Caption dataset'."}),
             "lora_name": ("STRING", {"default": "my_lora", "tooltip": "File name of the new LoRA; a free name is "
                                                                       "taken when it exists (my_lora_v2, ...)."}),
-            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
+            "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
                                         "tooltip": "UNet learning rate (text encoder: half of it)."}),
-            "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (dim): capacity and file size."}),
-            "alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 256.0, "step": 1.0,
+            "rank": ("INT", {"default": DEFAULTS.lora_rank, "min": 1, "max": 256, "tooltip": "LoRA rank (dim): capacity and file size."}),
+            "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 1.0,
                                 "tooltip": "LoRA alpha; scale = alpha / rank. 0 = same as rank."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step."}),
-            "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 128,
+            "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per step."}),
+            "gradient_accumulation": ("INT", {"default": DEFAULTS.gradient_accumulation_steps, "min": 1, "max": 128,
                                               "tooltip": "Steps whose gradients are summed before an update."}),
-            "epochs": ("INT", {"default": 10, "min": 1, "max": 10000, "tooltip": "Passes over the dataset."}),
+            "epochs": ("INT", {"default": DEFAULTS.epochs, "min": 1, "max": 10000, "tooltip": "Passes over the dataset."}),
             "max_steps": ("INT", {"default": 0, "min": 0, "max": 1000000,
                                   "tooltip": "Stop after this many optimizer steps; 0 = use epochs."}),
-            "lr_scheduler": (list(SCHEDULERS), {"default": "cosine", "tooltip": "How the learning rate changes."}),
-            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+            "lr_scheduler": (list(SCHEDULERS), {"default": DEFAULTS.lr_scheduler, "tooltip": "How the learning rate changes."}),
+            "warmup_steps": ("INT", {"default": DEFAULTS.lr_warmup_steps, "min": 0, "max": 100000,
                                      "tooltip": "Learning-rate warmup steps."}),
-            "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "Optimizer (AdamW8bit needs bitsandbytes, "
+            "optimizer": (list(OPTIMIZERS), {"default": DEFAULTS.optimizer, "tooltip": "Optimizer (AdamW8bit needs bitsandbytes, "
                                                                               "Prodigy needs prodigyopt)."}),
             "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train the text encoder."}),
-            "training_seed": ("INT", {"default": 42, "min": 0, "max": INT_MAX,
+            "training_seed": ("INT", {"default": DEFAULTS.seed, "min": 0, "max": INT_MAX,
                                       "tooltip": "Seed of the run (same seed + same inputs = same LoRA)."}),
-            "save_every_n_epochs": ("INT", {"default": 1, "min": 0, "max": 10000,
+            "save_every_n_epochs": ("INT", {"default": DEFAULTS.save_every_n_epochs, "min": 0, "max": 10000,
                                             "tooltip": "Also save name-00000N files every N epochs (0 = final only); "
                                                        "the sweep can compare them."}),
-            "mixed_precision": (list(PRECISIONS), {"default": "auto", "tooltip": "auto: bf16/fp16 on CUDA, fp32 on CPU."}),
+            "mixed_precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "auto: bf16/fp16 on CUDA, fp32 on CPU."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE", "STRING")

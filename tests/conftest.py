@@ -45,7 +45,7 @@ def reference_names():
 
 @pytest.fixture
 def demo_data(tmp_path):
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     return write_demo_dataset(str(tmp_path / "data"), n=8, size=64)
 

@@ -1,13 +1,13 @@
-"""One folder reader (lora_train.folder): the trainer's dataset and the caption table see the same rows."""
+"""One folder reader (lora_train.data.folder): the trainer's dataset and the caption table see the same rows."""
 import codecs
 import json
 import os
 
 from PIL import Image
 
-from lora_train.caption import CaptionTable, caption_folder, TemplateCaptioner
-from lora_train.dataset import load_dataset
-from lora_train.folder import decode_text, encode_text, scan_folder
+from lora_train.captions import CaptionTable, caption_folder, TemplateCaptioner
+from lora_train.data.dataset import load_dataset
+from lora_train.data.folder import decode_text, encode_text, scan_folder
 
 
 def _img(path, color=(200, 30, 30)):

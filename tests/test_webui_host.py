@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from lora_train.host import HostError
+from lora_train.hosts.base import HostError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAKE = os.path.join(HERE, "fake_webui")
@@ -27,15 +27,15 @@ def _purge():
 
 @pytest.fixture(scope="module")
 def tiny_ldm():
-    from lora_train.checkpoints import to_original_state_dict
-    from lora_train.models import build_tiny
+    from lora_train.models.single_file import to_original_state_dict
+    from lora_train.models.tiny import build_tiny
 
     tiny = build_tiny()
     return tiny, {k: v.detach().clone() for k, v in to_original_state_dict(tiny).items()}
 
 
 def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour, hashed=True):
-    from lora_train.checkpoints import write_original_checkpoint
+    from lora_train.models.single_file import write_original_checkpoint
 
     tiny, ldm = tiny_ldm
     root = tmp_path / "webui"
@@ -62,7 +62,7 @@ def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour, hashed=True):
     model = fake_model.FakeForgeEngine(dict(ldm), info) if flavour == "forge" else fake_model.FakeSDModel(dict(ldm), info)
     sd_models.model_data.set_sd_model(model)
     import networks  # noqa: F401  (the WebUI imports the Lora extension at start-up)
-    from lora_train.webui import host_webui
+    from lora_train.hosts import webui as host_webui
 
     host = host_webui.make_host()
     host.model_config = tiny  # the fake holds the tiny architecture, not SD1.5's
@@ -199,7 +199,7 @@ def test_memory_moves_and_restore_on_error(webui):
 def _tab_train(host, data, name, steps, wait=True, **settings):
     """What Start training does in the tab: the Settings fields -> build_config -> start_training (the one
     train-and-publish path, `lora_train.run.train_for_host`), in the job thread; returns the job."""
-    from lora_train.webui import jobs, logic
+    from lora_train.ui import jobs, logic
 
     values = logic.default_settings(host)  # base model: the WebUI's loaded checkpoint, as the field shows it
     values.update(output_name=name, max_train_steps=steps, resolution=64, lora_rank=4, lora_alpha=4,
@@ -214,8 +214,8 @@ def _tab_train(host, data, name, steps, wait=True, **settings):
 
 @pytest.fixture(autouse=True)
 def _fresh_job_slot():
-    from lora_train.host import USED_NAMES
-    from lora_train.webui import jobs
+    from lora_train.hosts.base import USED_NAMES
+    from lora_train.ui import jobs
 
     jobs._CURRENT = None
     USED_NAMES.clear()  # names written by earlier tests of this process
@@ -280,7 +280,7 @@ def test_restore_on_training_error(webui, demo_data, monkeypatch):
     else:
         assert webui.sd_models.calls[-1] == "forge_model_reload"
     assert webui.shared.state.history[-1][0] == "end"
-    from lora_train.webui import jobs
+    from lora_train.ui import jobs
 
     assert jobs.running() is None  # the slot is free again
     assert os.listdir(h.lora_dirs()[0]) == []  # nothing half-written in the LoRA folder
@@ -289,7 +289,7 @@ def test_restore_on_training_error(webui, demo_data, monkeypatch):
 def test_interrupt_button_stops_training_and_saves(a1111, demo_data):
     h = a1111.host
     job = _tab_train(h, demo_data, "stopme", 50, wait=False)
-    from lora_train.webui import jobs
+    from lora_train.ui import jobs
 
     deadline = time.time() + 120
     while job.step < 1 and job.running and time.time() < deadline:
@@ -302,7 +302,7 @@ def test_interrupt_button_stops_training_and_saves(a1111, demo_data):
 
 
 def test_one_job_at_a_time(a1111, demo_data, monkeypatch):
-    from lora_train.webui import jobs
+    from lora_train.ui import jobs
 
     h = a1111.host
     gate, release = threading.Event(), threading.Event()
@@ -425,11 +425,11 @@ def _load_script(monkeypatch):
 
 def test_script_registers_the_tab_with_the_right_host(webui, monkeypatch):
     built = []
-    fake_webui_pkg = types.ModuleType("lora_train.webui")
+    fake_webui_pkg = types.ModuleType("lora_train.ui")
     fake_webui_pkg.__path__ = [os.path.join(ROOT, "lora_train", "webui")]
     fake_webui_pkg.build_tab = lambda host: built.append(host) or "BLOCKS"
     # the real build_tab (another module, needs gradio) is replaced: this test is about the registration
-    monkeypatch.setitem(sys.modules, "lora_train.webui", fake_webui_pkg)
+    monkeypatch.setitem(sys.modules, "lora_train.ui", fake_webui_pkg)
     from modules import script_callbacks
 
     _load_script(monkeypatch)
@@ -439,14 +439,14 @@ def test_script_registers_the_tab_with_the_right_host(webui, monkeypatch):
 
 
 def test_script_shows_an_error_tab_when_our_import_fails(a1111, monkeypatch, capsys):
-    broken = types.ModuleType("lora_train.webui")
+    broken = types.ModuleType("lora_train.ui")
     broken.__path__ = []
 
     def boom(host):
         raise ImportError("No module named 'diffusers'")
 
     broken.build_tab = boom
-    monkeypatch.setitem(sys.modules, "lora_train.webui", broken)
+    monkeypatch.setitem(sys.modules, "lora_train.ui", broken)
     gr = types.ModuleType("gradio")
     made = {}
 
@@ -499,7 +499,7 @@ def test_host_module_imports_no_webui_or_gradio():
     """The adapter and the script import nothing of the WebUI (or gradio) until they are used."""
     import subprocess
 
-    code = ("import sys; import lora_train.webui.host_webui as h; "
+    code = ("import sys; import lora_train.hosts.webui as h; "
             "bad = [m for m in sys.modules if m in ('modules', 'gradio', 'networks', 'backend') or "
             "m.startswith(('modules.', 'gradio.', 'backend.'))]; print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -511,7 +511,7 @@ def test_host_module_imports_no_webui_or_gradio():
 def test_never_hashed_checkpoint_still_resolves_after_hashing(tmp_path, monkeypatch, tiny_ldm):
     """First launch with a new checkpoint: the tab is built while the title is the bare file name; the WebUI
     then hashes it (title `name [hash]`); Start must still train the loaded checkpoint from memory."""
-    from lora_train.webui import logic
+    from lora_train.ui import logic
 
     w = _make_webui(tmp_path, monkeypatch, tiny_ldm, "a1111", hashed=False)
     try:

@@ -7,9 +7,10 @@ import threading
 
 import pytest
 
-from lora_train.host import USED_NAMES, HostError, StandaloneHost
+from lora_train.hosts.base import USED_NAMES, HostError
+from lora_train.hosts.standalone import StandaloneHost
 from lora_train.run import publish
-from lora_train.webui import jobs, logic
+from lora_train.ui import jobs, logic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_IDS = {"lora_train_folder", "lora_train_gallery", "lora_train_caption", "lora_train_save_caption",
@@ -113,7 +114,7 @@ def _val(u):
 @pytest.mark.frontend
 def test_tab_current_gradio_builds_and_suggest_fills_fields(tmp_path, demo_data):
     gr = pytest.importorskip("gradio")
-    from lora_train.webui import build_tab
+    from lora_train.ui import build_tab
 
     host = StandaloneHost("tiny", str(tmp_path / "loras"))
     blocks = build_tab(host)
@@ -132,7 +133,7 @@ def test_tab_current_gradio_builds_and_suggest_fills_fields(tmp_path, demo_data)
     vals = [logic.default_settings(host)[k] for k in logic.SETTING_KEYS]
     res = suggest(out[0], "", "style", 0, *vals)
     fields = dict(zip(logic.SUGGEST_FIELDS, res[:len(logic.SUGGEST_FIELDS)]))
-    from lora_train.advisor import suggest as advise
+    from lora_train.tuning.advisor import suggest as advise
 
     expect = advise(8, task="style", base="sd1", resolution=64)
     assert _val(fields["learning_rate"]) == expect.learning_rate
@@ -235,7 +236,7 @@ def test_training_job_refuses_second_start_then_grid(tmp_path, demo_data):
     status = logic.job_status(snap)
     assert "**done**" in status and "step 3/3" in status and "VRAM" in status
     # the diagnosis shown is the Trainer's own (its `diagnosis` events), the same as the result's findings
-    from lora_train.advisor import Finding
+    from lora_train.tuning.advisor import Finding
 
     assert snap["findings"] == [str(Finding(**f)) for f in snap["result"].findings]
     diag = logic.job_diagnosis(snap)
@@ -325,7 +326,7 @@ def test_publish_never_overwrites(tmp_path):
 
 
 def test_suggest_keeps_epoch_files_to_about_ten():
-    from lora_train.advisor import save_every_for, suggest
+    from lora_train.tuning.advisor import save_every_for, suggest
 
     for epochs in (1, 5, 10, 11, 30, 100, 400):
         every = save_every_for(epochs)

@@ -31,6 +31,9 @@ class DuckHost:
     def refresh_loras(self):
         return None
 
+    def captioners(self):
+        return {}
+
     def checkpoints(self):
         return {"v1-5-pruned-emaonly.safetensors [6ce0161689]": "/models/v1-5-pruned-emaonly.safetensors"}
 
@@ -49,12 +52,12 @@ def main():
     host_name = sys.argv[1] if len(sys.argv) > 1 else "a1111"
     with tempfile.TemporaryDirectory() as d:
         open(os.path.join(d, "old_style.safetensors"), "wb").close()
-        from lora_train.webui import build_tab
+        from lora_train.ui import build_tab
 
         blocks = build_tab(DuckHost(host_name, d))
         if "--serve" in sys.argv:  # for the browser test: serve until killed, with a finished job to show
-            from lora_train.ui_cli import launch
-            from lora_train.webui import jobs
+            from lora_train.cli.ui import launch
+            from lora_train.ui import jobs
 
             job = jobs.claim("train", "fake_run")
             job.touch(steps=[1, 2, 3], losses=[1.0, 0.8, 0.7], step=3, total_steps=3)
@@ -114,7 +117,7 @@ def launch_and_fetch(blocks):
     import socket
     import urllib.request
 
-    from lora_train.ui_cli import launch
+    from lora_train.cli.ui import launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,7 +2,7 @@
 
 - ``backends``  captioners behind one interface (template, transformers, WD14, host) and ``make_captioner``;
 - ``text``      caption text operations (trigger, replace, tag dedupe / sort with keep_tokens, frequency);
-- ``table``     the caption table for the UIs and the caption storage (reads via ``lora_train.folder``);
+- ``table``     the caption table for the UIs and the caption storage (reads via ``lora_train.data.folder``);
 - ``run``       ``caption_folder``: a captioner over a dataset folder with modes skip / overwrite / append.
 """
 from .backends import (BACKENDS, DEFAULT_TEMPLATE, DEFAULT_TRANSFORMERS_MODEL, DEFAULT_WD14_MODEL, KAOMOJIS,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Uni
 
 from PIL import Image
 
-from ..folder import REPEAT_RE, split_tags
+from ..data.folder import REPEAT_RE, split_tags
 
 log = logging.getLogger(__name__)
 

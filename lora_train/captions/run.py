@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from ..dataset import load_image
-from ..folder import IMAGE_EXTS, METADATA_NAMES
+from ..data.dataset import load_image
+from ..data.folder import IMAGE_EXTS, METADATA_NAMES
 from ..io_utils import atomic_write_bytes
 from .backends import Captioner, Tags, caption_text, result_tags
 from .table import CaptionTable, ImageEntry, MetadataFile, _sidecar_bytes, list_images
@@ -119,7 +119,7 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
     todo: List[Tuple[ImageEntry, Optional[str]]] = []
 
     def existing_caption(e: ImageEntry) -> Tuple[Optional[str], Optional[str]]:
-        """(caption or None, problem or None), as lora_train.folder read it."""
+        """(caption or None, problem or None), as lora_train.data.folder read it."""
         r = e.row
         if r is None or r.source == "none":
             return None, None

@@ -1,5 +1,5 @@
 """The caption table for the UIs and the caption storage it shares with captioning: images listed through
-lora_train.folder (the trainer's reader), metadata.csv / metadata.jsonl editing, sidecar writes that keep the
+lora_train.data.folder (the trainer's reader), metadata.csv / metadata.jsonl editing, sidecar writes that keep the
 file's Unicode encoding (UTF-8 with BOM, UTF-16 LE/BE) and write UTF-8 otherwise.
 
 ``CaptionTable`` lists, edits and bulk-edits the captions of a folder and saves only the files that changed
@@ -16,8 +16,8 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from PIL import Image
 
-from ..dataset import load_image
-from ..folder import METADATA_NAMES, FolderRow, decode_text, encode_text, meta_key, metadata_path, scan_folder
+from ..data.dataset import load_image
+from ..data.folder import METADATA_NAMES, FolderRow, decode_text, encode_text, meta_key, metadata_path, scan_folder
 from ..io_utils import atomic_write_bytes
 from .text import Pairs, process_caption, same_caption, tag_frequency_of
 
@@ -38,11 +38,11 @@ class ImageEntry:
     folder: str          # the scanned folder it belongs to (holds the metadata file; absolute)
     folder_name: str     # label as the dataset loader uses it (kohya prefix removed)
     key: str = ""        # its file_name in the folder's metadata ("a.png", "sub/b.png")
-    row: Optional[FolderRow] = None  # what lora_train.folder read for it (caption, source, sidecar, encoding)
+    row: Optional[FolderRow] = None  # what lora_train.data.folder read for it (caption, source, sidecar, encoding)
 
 
 def list_images(root: str, caption_extension: str = ".txt") -> List[ImageEntry]:
-    """Images of `root` and of its kohya `N_name` subfolders, as the dataset loader reads them (lora_train.folder)."""
+    """Images of `root` and of its kohya `N_name` subfolders, as the dataset loader reads them (lora_train.data.folder)."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"caption folder '{root}' does not exist or is not a folder")
@@ -148,7 +148,7 @@ class MetadataFile:
 
 
 def _read_sidecar(path: str) -> Tuple[Optional[bytes], Optional[str]]:
-    """(raw bytes or None when absent, decoded text or None when not Unicode text (lora_train.folder.decode_text))."""
+    """(raw bytes or None when absent, decoded text or None when not Unicode text (lora_train.data.folder.decode_text))."""
     if not os.path.isfile(path):
         return None, None
     with open(path, "rb") as fh:
@@ -188,7 +188,7 @@ class CaptionTable:
         self.reload()
 
     def reload(self) -> None:
-        """Read the rows through lora_train.folder (the trainer's reader): same images, same captions."""
+        """Read the rows through lora_train.data.folder (the trainer's reader): same images, same captions."""
         self._entries = list_images(self.folder, self.caption_extension)
         self._metas: Dict[str, Optional[MetadataFile]] = {}
         self._orig: Dict[str, str] = {}

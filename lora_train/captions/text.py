@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..folder import split_tags
+from ..data.folder import split_tags
 
 
 
