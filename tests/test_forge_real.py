@@ -106,7 +106,7 @@ def forge():
         os.makedirs(os.path.join(data, d), exist_ok=True)
     os.symlink(ROOT, os.path.join(data, "extensions", "lora_train"))
     os.symlink(ckpt, os.path.join(data, "models", "Stable-diffusion", SD15_NAME))
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     dataset = write_demo_dataset(os.path.join(data, "lora_train_dataset"), n=2, size=64)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
