@@ -124,6 +124,7 @@ def forge():
     after = _freeze(py)
     install_out = (r.stdout + r.stderr).strip()
     say(f"install.py the WebUI's way ({time.time() - t0:.0f} s, rc {r.returncode}):\n{install_out}")
+    say(f"pip freeze of Forge's venv before/after: {len(before)}/{len(after)} packages")
     changed = sorted(f"{before.get(k, '-')} -> {after.get(k, '-')}" for k in set(before) | set(after)
                      if before.get(k) != after.get(k))
 
@@ -260,7 +261,8 @@ def test_real_forge_tab_trains_and_forge_applies_the_lora(forge):
                                            timeout=TRAIN_TIMEOUT_MS)
             status_text = status.inner_text()
             say(f"training from the tab: {time.time() - t0:.0f} s: {status_text}")
-            say("diagnosis:", tab.locator("#lora_train_diagnosis").inner_text())
+            expect(tab.locator("#lora_train_diagnosis")).to_contain_text("Diagnosis")
+            say(tab.locator("#lora_train_diagnosis").inner_text())
             assert f"{NAME}: done" in status_text and "step 2/2" in status_text, status_text + s.log()[-4000:]
 
             lora = os.path.join(s.lora_dir, NAME + ".safetensors")
