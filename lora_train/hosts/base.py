@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..io_utils import next_free_name
 from ..models.base import BaseModel
+from ..models.loading import load_base_model
 
 
 def checkpoint_names(title: str, path: str) -> set:
@@ -101,8 +102,6 @@ class Host:
         return None
 
     def base_model(self, spec: Optional[str] = None) -> BaseModel:
-        from ..models.loading import load_base_model
-
         if not spec:
             loaded = self.loaded_checkpoint()
             if loaded is None:
