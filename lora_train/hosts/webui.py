@@ -438,7 +438,9 @@ class ForgeHost(WebUIHost):
             # that SD1 checkpoints do not have
             if k.startswith("clip_l.transformer.") and not k.startswith("clip_l.transformer.text_projection"):
                 sd["cond_stage_model." + k[len("clip_l."):]] = v
-        return sd
+        # Forge loads under torch.inference_mode(): its weights are inference tensors, which cannot become
+        # trainable parameters outside it; they are copied into normal tensors (the trainer copies them anyway)
+        return {k: (v.clone() if v.is_inference() else v) for k, v in sd.items()}
 
     def _loaded_base_model(self):
         if self._can_read_memory():
@@ -461,4 +463,11 @@ class ForgeHost(WebUIHost):
         model = self._model()
         if model is not None and hasattr(model, "current_lora_hash"):
             model.current_lora_hash = "lora_train: invalidated"  # never equal: LoRAs are re-read and re-applied
+        # each patched module's LoraLoader (backend/patcher/lora.py) re-merges only when its (file, strengths)
+        # list changes: without this a rewritten file's old weights stay merged (found by the real Forge run)
+        for objs in (getattr(model, "forge_objects", None), getattr(model, "forge_objects_original", None)):
+            for m in (getattr(getattr(objs, "unet", None), "model", None),
+                      getattr(getattr(objs, "clip", None), "cond_stage_model", None)):
+                if hasattr(getattr(m, "lora_loader", None), "loaded_hash"):
+                    m.lora_loader.loaded_hash = "lora_train: invalidated"
         self._clear_cond_cache()

@@ -124,13 +124,42 @@ class FakeSDModel(nn.Module):
         return float(self.probe_te.weight.detach().sum())
 
 
+class _LoraLoader:
+    """backend.patcher.lora.LoraLoader: one per patched module (`module.lora_loader`, shared by every clone of its
+    patcher); `refresh` re-merges only when the list of (filename, strengths) keys changed, so a file rewritten
+    under the same name stays merged with its old weights (found by the real Forge run)."""
+
+    def __init__(self):
+        self.loaded_hash = str([])
+        self.merged = 0.0
+
+    def refresh(self, lora_patches):
+        hashes = str(list(lora_patches.keys()))
+        if hashes == self.loaded_hash:
+            return
+        self.merged = float(sum(lora_patches.values()))
+        self.loaded_hash = hashes
+
+
 class _Patcher:
-    def __init__(self, model, delta=0.0):
+    def __init__(self, model, patches=None):
         self.model = model
-        self.lora_delta = delta
+        self.lora_patches = dict(patches or {})
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = _LoraLoader()
+        self.lora_loader = model.lora_loader
 
     def clone(self):
-        return type(self)(self.model, self.lora_delta)
+        return type(self)(self.model, self.lora_patches)
+
+    def add_patches(self, *, filename, value, strength_patch=1.0, strength_model=1.0, online_mode=False):
+        self.lora_patches[(filename, strength_patch, strength_model, online_mode)] = value * strength_patch
+
+    @property
+    def lora_delta(self):
+        """What the weights hold at sampling time (Forge calls refresh_loras when it loads the model)."""
+        self.lora_loader.refresh(self.lora_patches)
+        return self.lora_loader.merged
 
 
 class _Clip(_Patcher):
@@ -158,6 +187,12 @@ class FakeForgeEngine:
     .first_stage_model), forge_objects_original, current_lora_hash, is_sd1."""
 
     def __init__(self, ldm_sd, info, is_sd1=True):
+        # Forge loads under @torch.inference_mode() (backend/loader.py forge_loader, sd_models.forge_model_reload):
+        # its weights are inference tensors, which autograd outside inference mode refuses (found by the real run)
+        with torch.inference_mode():
+            self._build({k: v.clone() for k, v in ldm_sd.items()}, info, is_sd1)
+
+    def _build(self, ldm_sd, info, is_sd1):
         unet_model = nn.Module()
         unet_model.add_module("diffusion_model", module_tree(ldm_sd, "model.diffusion_model."))
         te = nn.Module()

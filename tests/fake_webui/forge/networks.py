@@ -1,6 +1,7 @@
 """Forge sd_forge_lora `networks` surface: load_lora_state_dict is an lru_cache keyed by file name (a file
 rewritten under the same name keeps its old weights), and load_networks returns early while the compiled
-(filename, strengths) hash equals sd_model.current_lora_hash."""
+(filename, strengths) hash equals sd_model.current_lora_hash; the patched modules' LoraLoader re-merges only when
+the (filename, strengths) keys change (fake_model._LoraLoader)."""
 import functools
 import json
 import os
@@ -63,9 +64,9 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
         sd = load_lora_state_dict(filename)
         value = float(sum(v.float().sum() for k, v in sd.items() if k.endswith("lora_up.weight")))
         unet = current_sd.forge_objects.unet.clone()
-        unet.lora_delta += value * strength_model
+        unet.add_patches(filename=filename, value=value, strength_patch=strength_model)
         clip = current_sd.forge_objects.clip.clone()
-        clip.lora_delta += value * strength_clip
+        clip.add_patches(filename=filename, value=value, strength_patch=strength_clip)
         current_sd.forge_objects.unet, current_sd.forge_objects.clip = unet, clip
 
 
