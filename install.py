@@ -11,7 +11,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from lora_train import install_plan  # noqa: E402  (pure Python: imports nothing that may be missing)
+from lora_train.hosts import install_plan  # noqa: E402  (pure Python: imports nothing that may be missing)
 
 
 def _webui_root():

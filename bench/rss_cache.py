@@ -48,9 +48,9 @@ def child(data: str, cache_dir: str, mode: str, size: int, batch: int) -> dict:
     sys.path.insert(0, ROOT)
     import torch
 
-    from lora_train.buckets import BucketBatchSampler
-    from lora_train.cache import LatentCache
-    from lora_train.dataset import load_dataset
+    from lora_train.data.buckets import BucketBatchSampler
+    from lora_train.data.cache import LatentCache
+    from lora_train.data.dataset import load_dataset
 
     torch.set_num_threads(1)
     base = _rss_mb()
@@ -98,7 +98,7 @@ def child_trainer(data: str, cache_dir: str, mode: str, size: int, batch: int) -
     import torch
 
     from lora_train.config import TrainConfig
-    from lora_train.trainer import Trainer
+    from lora_train.training.trainer import Trainer
 
     torch.set_num_threads(1)
     base = _rss_mb()

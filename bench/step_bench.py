@@ -5,7 +5,7 @@ built from the real diffusers configs in lora_train/configs), a resolution, batc
 checkpointing, attention backend and optimizer, it measures two things on the same device, in this process,
 one after the other:
 
-  ours       the real `lora_train.trainer.Trainer` on a small synthetic dataset (written to a temp folder,
+  ours       the real `lora_train.training.trainer.Trainer` on a small synthetic dataset (written to a temp folder,
              latents and text embeddings cached by the Trainer before the loop, as in real use). Only the
              steady-state steps count: the time from the "step" event of the last warm-up step to the "step"
              event of the last step (on CUDA with a synchronize at both ends), divided by the steps between.
@@ -175,17 +175,17 @@ def build_unet(size: str):
     try:
         torch.manual_seed(MODEL_SEED)
         if size == "tiny":
-            from lora_train.models import TINY_UNET
+            from lora_train.models.tiny import TINY_UNET
 
             unet = UNet2DConditionModel(**TINY_UNET)
         elif size == "tiny-sdxl":
-            from lora_train.models import TINY_SEED
-            from lora_train.tiny_variants import TINY_SDXL_UNET
+            from lora_train.models.tiny import TINY_SEED
+            from lora_train.models.tiny import TINY_SDXL_UNET
 
             torch.manual_seed(TINY_SEED + 200)  # the seed build_tiny_sdxl uses
             unet = UNet2DConditionModel(**TINY_SDXL_UNET)
         else:
-            from lora_train.checkpoints import bundled_config_dir
+            from lora_train.models.single_file import bundled_config_dir
 
             cfg = UNet2DConditionModel.load_config(os.path.join(bundled_config_dir(SIZES[size][0]), "unet"))
             unet = UNet2DConditionModel.from_config(cfg)
@@ -198,16 +198,16 @@ def build_unet(size: str):
 def build_base_model(size: str, vae_mode: str):
     """The BaseModel our Trainer gets: the tiny demo model, or full-size parts with random weights."""
     if size == "tiny":
-        from lora_train.models import build_tiny
+        from lora_train.models.tiny import build_tiny
 
         return build_tiny()
     if size == "tiny-sdxl":
-        from lora_train.tiny_variants import build_tiny_sdxl
+        from lora_train.models.tiny import build_tiny_sdxl
 
         return build_tiny_sdxl()
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_train.checkpoints import meta_model
+    from lora_train.models.single_file import meta_model
 
     meta = meta_model(SIZES[size][0])  # configs, tokenizers and scheduler; weights on the meta device
     state = torch.random.get_rng_state()
@@ -234,7 +234,7 @@ def build_base_model(size: str, vae_mode: str):
 def latent_factor(size: str) -> int:
     """Pixels per latent pixel: 8 for the SD VAEs, 4 for the tiny demo VAE (three blocks)."""
     if size in ("tiny", "tiny-sdxl"):
-        from lora_train.models import TINY_VAE
+        from lora_train.models.tiny import TINY_VAE
 
         return 2 ** (len(TINY_VAE["block_out_channels"]) - 1)
     return 8
@@ -278,7 +278,7 @@ class ReferenceLoop:
     def __init__(self, a, device: torch.device):
         from peft import LoraConfig, inject_adapter_in_model
 
-        from lora_train.lora import unet_target_modules
+        from lora_train.networks.lora import unet_target_modules
 
         self.device = device
         base_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision) if device.type != "cpu" else None
@@ -433,7 +433,7 @@ def _ours_config(a, device: torch.device, tmp: str, run_no: int):
 
 
 def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
-    from lora_train.trainer import Trainer
+    from lora_train.training.trainer import Trainer
 
     total_steps = a.warmup + a.steps
     cfg, model = _ours_config(a, device, tmp, run_no)
@@ -495,7 +495,7 @@ def run_ours(a, device: torch.device, tmp: str, run_no: int) -> Dict[str, Any]:
 def run_interleaved(a, device: torch.device, tmp: str, run_no: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Both loops in turn, step by step: one reference step inside each "step" event of ours, so both see the
     same machine conditions (a shared CPU). Timing only: peak memory is not separable here (both models live)."""
-    from lora_train.trainer import Trainer
+    from lora_train.training.trainer import Trainer
 
     total_steps = a.warmup + a.steps
     ref = ReferenceLoop(a, device)

@@ -50,6 +50,56 @@ function loraTrainSendToTxt2img(tag) {
     return lora_train_send_to_txt2img.apply(null, arguments);
 }
 
+// The tab's job status: while the LoRA Train tab is shown, click its hidden poll button about once a second
+// (the server has no timer of its own, so the WebUI's "Reload UI" never waits on one). Stops with the page.
+var LORA_TRAIN_POLL_MS = 1000;
+
+function lora_train_tab_shown(app) {
+    var tab = app.querySelector("#tab_lora_train");
+    if (!tab) return true;  // not inside the WebUI's tab layout
+    return tab.style.display !== "none" && tab.offsetParent !== null;
+}
+
+function lora_train_poll_once() {
+    if (typeof document === "undefined" || document.hidden) return false;
+    var app = lora_train_app();
+    var btn = app.querySelector("#lora_train_poll");
+    if (!btn || !lora_train_tab_shown(app)) return false;
+    if (btn.tagName !== "BUTTON") btn = btn.querySelector("button") || btn;
+    btn.click();
+    return true;
+}
+
+if (typeof setInterval === "function" && typeof document !== "undefined") {
+    setInterval(lora_train_poll_once, LORA_TRAIN_POLL_MS);
+}
+
+// A newly published LoRA: refresh the WebUI's Lora cards (its extra-networks pages of txt2img and img2img)
+// once per name, by the same hidden refresh button the cards' own Refresh icon clicks.
+var lora_train_cards_refreshed_for = "";
+
+function lora_train_refresh_cards(name) {
+    if (!name || name === lora_train_cards_refreshed_for) return 0;
+    lora_train_cards_refreshed_for = name;
+    var app = lora_train_app();
+    var n = 0;
+    ["txt2img", "img2img"].forEach(function(tab) {
+        var btn = app.querySelector("#" + tab + "_lora_extra_refresh_internal");
+        if (btn) {
+            btn.dispatchEvent(new Event("click"));
+            n += 1;
+        }
+    });
+    return n;
+}
+
+// The name the tab's hidden "published" box calls on change (lora_train/webui/tab.py REFRESH_CARDS_JS).
+function loraTrainRefreshCards(name) {
+    lora_train_refresh_cards(name);
+    return Array.from(arguments);
+}
+
 if (typeof module !== "undefined") {
-    module.exports = {lora_train_add_tag: lora_train_add_tag};
+    module.exports = {lora_train_add_tag: lora_train_add_tag, lora_train_refresh_cards: lora_train_refresh_cards,
+                      lora_train_poll_once: lora_train_poll_once};
 }

@@ -17,8 +17,8 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from . import lora as lora_mod
-from .models import BaseModel
+from .networks import lora as lora_mod
+from .models.base import BaseModel
 from .plots import _font
 from .prompt import LoraLibrary, LoraTag, parse_prompt, with_strength
 

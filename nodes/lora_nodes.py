@@ -10,26 +10,22 @@ import hashlib
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
-from lora_train.advisor import BASES, DETAILS, TASKS
+from lora_train.tuning.advisor import BASES, DETAILS, TASKS
 from lora_train.config import OPTIMIZERS, SCHEDULERS
-from lora_train.io_utils import next_free_name
 from lora_train.prompt import parse_floats, parse_ints
 
-from .comfy_host import ComfyUIHost, HostError, pil_to_image, save_preview
+from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image, save_preview
 from .names import CATEGORY, DATASET_TYPE, NODE_NAMES
 
 log = logging.getLogger("lora_train.comfyui")
 
-CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.caption.BACKENDS minus the WebUI-only "host"
-CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.caption.MODES
+CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.captions.BACKENDS minus the WebUI-only "host"
+CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.captions.MODES
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-RUNS_SUBFOLDER = "lora_train"  # run folders (config, loss log, plot, resumable state) under ComfyUI's output dir
 INT_MAX = 0xFFFFFFFF
 
 
@@ -76,7 +72,7 @@ def lora_stem(name: str) -> str:
 def _contact_sheet(paths: Sequence[str], size: int = 128, cols: int = 4):
     from PIL import Image, ImageOps
 
-    from lora_train.dataset import load_image
+    from lora_train.data.dataset import load_image
 
     thumbs = []
     for p in list(paths)[: cols * 2]:
@@ -110,7 +106,7 @@ class DatasetRef:
     fingerprint: str = ""
 
     def load(self):
-        from lora_train.dataset import _with_trigger, load_dataset
+        from lora_train.data.dataset import _with_trigger, load_dataset
 
         ds = load_dataset(self.folder, self.resolution, self.trigger_word, self.caption_extension)
         for it in ds.items:
@@ -230,7 +226,7 @@ class LoraTrainCaptionDataset:
         import comfy.model_management as mm
         import comfy.utils
 
-        from lora_train.caption import caption_folder, make_captioner
+        from lora_train.captions import caption_folder, make_captioner
 
         trigger = str(trigger_word or "").strip() or dataset.trigger_word
         opts: Dict[str, Any] = {}
@@ -279,11 +275,12 @@ class LoraTrainSuggestSettings:
     OUTPUT_NODE = True
 
     def suggest(self, dataset, task, base, vram_gb, detail):
-        from lora_train.advisor import suggest
+        from lora_train.tuning.advisor import suggest
 
         n = dataset.image_count or dataset.load().image_count
         s = suggest(n, task=task, base=base, vram_gb=float(vram_gb) if vram_gb and vram_gb > 0 else None,
-                    detail=detail, resolution=dataset.resolution, samples_per_epoch=n * max(1, dataset.repeats))
+                    detail=detail, resolution=dataset.resolution, samples_per_epoch=n * max(1, dataset.repeats),
+                    vram_field="the node's vram_gb input")
         text = s.table()
         return {"ui": {"text": [text]},
                 "result": (float(s.learning_rate), int(s.lora_rank), float(s.lora_alpha), int(s.batch_size),
@@ -308,28 +305,10 @@ def _device_and_precision(choice: str) -> Tuple[str, str]:
     return dev, "no"
 
 
-def _publish(src: str, folder: str, name: str) -> str:
-    """Copy a finished file into the loras folder as `name` (temp + rename); never replaces a file."""
-    dest = os.path.join(folder, name)
-    if os.path.exists(dest):
-        raise FileExistsError(f"'{dest}' exists already and is never overwritten; train again with another name.")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        if os.path.exists(dest):
-            raise FileExistsError(f"'{dest}' appeared while saving; it is kept and the new file is not published.")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
-
-
 def _advice_lines(res, cfg) -> List[str]:
     """The live diagnosis summary, and the rescaled lr when the effective batch is not the one the lr was
     chosen for (the advisor's 2e-4 at batch 4, rescaled by sqrt; one knob at a time)."""
-    from lora_train.advisor import Finding, format_findings, rescale_lr
+    from lora_train.tuning.advisor import Finding, format_findings, rescale_lr
 
     out = [format_findings([Finding(**f) for f in res.findings])]
     eff = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -395,30 +374,16 @@ class LoraTrainTrain:
     def train(self, model, clip, vae, dataset, lora_name, learning_rate, rank, alpha, batch_size,
               gradient_accumulation, epochs, max_steps, lr_scheduler, warmup_steps, optimizer, train_text_encoder,
               training_seed, save_every_n_epochs, mixed_precision="auto", unique_id=None):
-        import folder_paths
-
         from lora_train.config import TrainConfig
         from lora_train.plots import loss_plot
-        from lora_train.trainer import Trainer
+        from lora_train.run import train_for_host
 
         host = ComfyUIHost(model, clip, vae, node_id=unique_id)
-        stem = clean_lora_name(lora_name)
-        loras_dir = host.lora_dirs()[0]
-        os.makedirs(loras_dir, exist_ok=True)
-        runs_root = os.path.join(folder_paths.get_output_directory(), RUNS_SUBFOLDER)
-
-        def taken(s: str) -> bool:
-            return (os.path.exists(os.path.join(loras_dir, s + ".safetensors"))
-                    or any(n.startswith(s + "-") and n.endswith(".safetensors") and n[len(s) + 1:-12].isdigit()
-                           for n in os.listdir(loras_dir))
-                    or os.path.exists(os.path.join(runs_root, s)))
-
-        name = next_free_name(loras_dir, stem, exists=taken)
         device, precision = _device_and_precision(mixed_precision)
         cfg = TrainConfig(
             train_data_dir=dataset.folder, caption_extension=dataset.caption_extension,
             trigger_word=dataset.trigger_word, resolution=dataset.resolution, base_model="comfyui",
-            output_dir=os.path.join(runs_root, name), output_name=name, lora_rank=int(rank),
+            output_name=clean_lora_name(lora_name), lora_rank=int(rank),
             lora_alpha=float(alpha) if alpha and alpha > 0 else None, train_text_encoder=bool(train_text_encoder),
             learning_rate=float(learning_rate), optimizer=optimizer, lr_scheduler=lr_scheduler,
             lr_warmup_steps=int(warmup_steps), batch_size=int(batch_size),
@@ -456,21 +421,12 @@ class LoraTrainTrain:
                 log.info("lora_train: step %s/%s loss %.4f", ev["step"], ev["total_steps"], ev["loss"])
 
         t0 = time.time()
-        import torch
-
-        # ComfyUI executes every node under torch.inference_mode(); training needs autograd back.
-        with host.memory_freed(), torch.inference_mode(False), torch.enable_grad():
-            base = host.base_model()
-            trainer = Trainer(cfg, model=base, dataset=ds, callback=on_event)
-            holder["trainer"] = trainer
-            res = trainer.run()
-            del trainer, holder["trainer"], base
-        published: List[str] = []
-        for p in list(res.epoch_files) + ([res.lora_path] if res.lora_path else []):
-            if p and os.path.isfile(p):
-                published.append(_publish(p, loras_dir, os.path.basename(p)))
-        host.refresh_loras()
-        final = os.path.join(loras_dir, name + ".safetensors") if res.lora_path else ""
+        run = train_for_host(host, cfg, None, dataset=ds, callback=on_event,
+                             on_trainer=lambda t: holder.__setitem__("trainer", t))
+        holder.clear()
+        res, name, loras_dir = run.result, run.name, host.output_dir()
+        published = run.published
+        final = run.lora_path or ""
         losses = res.losses
         if res.loss_png and os.path.isfile(res.loss_png):
             from PIL import Image
@@ -490,6 +446,7 @@ class LoraTrainTrain:
             lines.append(f"loss: first {sum(losses[:k]) / k:.4f}, last {sum(losses[-k:]) / k:.4f} (mean of {k} steps)")
         if res.message:
             lines.append(res.message)
+        lines.extend(run.warnings)
         lines.extend(_advice_lines(res, cfg))
         lines.append(f"run folder (config, loss log): {res.output_dir}")
         report = "\n".join(lines)

@@ -1,6 +1,6 @@
 """AUTOMATIC1111 / Forge entry point: registers the "LoRA Train" tab through script_callbacks.on_ui_tabs.
 
-The tab is `lora_train.webui.build_tab(host)` with the host adapter for the WebUI we run in (Forge or
+The tab is `lora_train.ui.build_tab(host)` with the host adapter for the WebUI we run in (Forge or
 A1111, detected). If our import or the tab's construction fails (a missing package, an incompatible
 gradio), the WebUI still starts: the error goes to the console and a tab shows it with what to do.
 """
@@ -35,8 +35,8 @@ def _error_tab(message):
 def on_ui_tabs():
     try:
         _ensure_path()
-        from lora_train.webui import build_tab
-        from lora_train.webui.host_webui import make_host
+        from lora_train.ui import build_tab
+        from lora_train.hosts.webui import make_host
 
         host = make_host()
         return [(build_tab(host), TAB_TITLE, TAB_ID)]

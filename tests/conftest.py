@@ -11,8 +11,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference",
-                         "kohya_lora_names.json")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # copies of shared/reference (see its README)
+REFERENCE = os.path.join(DATA, "kohya_lora_names.json")
+REFERENCE_FLUX_SD3 = os.path.join(DATA, "flux_sd3_lora_names.json")
 
 
 class NetworkBlocked(RuntimeError):
@@ -37,14 +38,14 @@ def reference_names():
     import json
 
     if not os.path.isfile(REFERENCE):
-        pytest.fail(f"reference file missing: {REFERENCE} (shared/ must sit beside the repo)")
+        pytest.fail(f"reference file missing: {REFERENCE} (tests/data/ ships with the repo)")
     with open(REFERENCE, encoding="utf-8") as fh:
         return json.load(fh)
 
 
 @pytest.fixture
 def demo_data(tmp_path):
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     return write_demo_dataset(str(tmp_path / "data"), n=8, size=64)
 

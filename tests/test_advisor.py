@@ -8,9 +8,9 @@ import re
 import pytest
 import yaml
 
-from lora_train import advisor as A
-from lora_train.advisor import Diagnoser, check_config, diagnose, rescale_lr, suggest
-from lora_train.cli import main
+from lora_train.tuning import advisor as A
+from lora_train.tuning.advisor import Diagnoser, check_config, diagnose, rescale_lr, suggest
+from lora_train.cli.main import main
 from lora_train.config import TrainConfig
 
 KEYS = set(TrainConfig.keys())

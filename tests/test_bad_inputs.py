@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_train.dataset import IMAGE_EXTS, MIN_IMAGE_SIDE, DatasetError, load_dataset
+from lora_train.data.dataset import IMAGE_EXTS, MIN_IMAGE_SIDE, DatasetError, load_dataset
 
 
 # ------------------------------------------------------------------ builders

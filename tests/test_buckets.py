@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_train.buckets import (BucketBatchSampler, BucketError, assign_buckets, make_buckets, nearest_bucket,
-                                no_upscale_bucket, plan_resize)
-from lora_train.dataset import load_dataset
+from lora_train.data.buckets import (BucketBatchSampler, BucketError, assign_buckets, make_buckets, nearest_bucket,
+                                     no_upscale_bucket, plan_resize)
+from lora_train.data.dataset import load_dataset
 
 SIZES = [(64, 64), (128, 64), (64, 128), (96, 64), (200, 100), (50, 150), (300, 280), (70, 64), (40, 40)]
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_train.cache import (CacheError, CachingStopped, LatentCache, TextEmbeddingCache, latent_requests,
-                              module_identity)
-from lora_train.dataset import load_dataset
+from lora_train.data.cache import (CacheError, CachingStopped, LatentCache, TextEmbeddingCache, latent_requests,
+                                   module_identity)
+from lora_train.data.dataset import load_dataset
 
 
 class CountingEncoder:
@@ -236,7 +236,7 @@ def test_module_identity_of_a_clip_l_sized_embedding():
     """37,945,344 elements: past float32's exact integers; every sampled index must stay in range."""
     import torch
 
-    from lora_train.cache import module_identity
+    from lora_train.data.cache import module_identity
 
     emb = torch.nn.Embedding(49408, 768)
     a = module_identity(emb)

@@ -4,12 +4,12 @@ import os
 
 import pytest
 
-from lora_train.caption import (CaptionConflict, CaptionerError, CaptionTable, HostCaptioner, TemplateCaptioner,
-                                TransformersCaptioner, WD14Tagger, caption_folder, make_captioner, parse_pairs,
-                                process_caption, tag_frequency)
-from lora_train.cli import main
-from lora_train.dataset import load_dataset
-from lora_train.demo import procedural_images
+from lora_train.captions import (CaptionConflict, CaptionerError, CaptionTable, HostCaptioner, TemplateCaptioner,
+                                 TransformersCaptioner, WD14Tagger, caption_folder, make_captioner, parse_pairs,
+                                 process_caption, tag_frequency)
+from lora_train.cli.main import main
+from lora_train.data.dataset import load_dataset
+from lora_train.data.demo import procedural_images
 
 
 def make_images(folder, n=4, size=32, prefix="img"):
@@ -297,7 +297,8 @@ def test_caption_table_edit_bulk_edit_save(tmp_path):
     with open(root / "2_cat" / "metadata.csv", "w", encoding="utf-8") as fh:
         fh.write(f"file_name,text\n{os.path.basename(sub[0])},\"cat, sitting\"\n")
     t = CaptionTable(str(root))
-    assert t.rows() == [(a[0], "red, circle", "txt"), (a[1], "blue,  square", "txt"), (a[2], "", "none"),
+    # the table shows what the trainer reads (lora_train.data.folder): whitespace collapsed as in training
+    assert t.rows() == [(a[0], "red, circle", "txt"), (a[1], "blue, square", "txt"), (a[2], "", "none"),
                         (sub[0], "cat, sitting", "metadata"), (sub[1], "", "none")]
     assert t.tag_frequency() == {"data": {"red": 1, "circle": 1, "blue": 1, "square": 1},
                                  "cat": {"cat": 1, "sitting": 1}}

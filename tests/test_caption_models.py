@@ -4,11 +4,11 @@ import struct
 
 import pytest
 
-from lora_train import caption as caption_mod
-from lora_train.caption import CaptionerError, TransformersCaptioner, WD14Tagger, caption_folder, make_captioner
-from lora_train.cli import main
-from lora_train.dataset import load_dataset
-from lora_train.demo import procedural_images
+from lora_train.captions import backends as caption_mod  # where the captioners live (lora_train.caption was a shim)
+from lora_train.captions import CaptionerError, TransformersCaptioner, WD14Tagger, caption_folder, make_captioner
+from lora_train.cli.main import main
+from lora_train.data.dataset import load_dataset
+from lora_train.data.demo import procedural_images
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "red", "blue", "green",
          "circle", "square", "stripes", "on", "background", "with", "and", "the"]

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from lora_train import checkpoints as C
-from lora_train.models import ModelError
+from lora_train.models import single_file as C
+from lora_train.models.base import ModelError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a photo of a red circle", "blue stripes"]
@@ -17,21 +17,21 @@ PROMPTS = ["a photo of a red circle", "blue stripes"]
 # ----------------------------------------------------------------------------- tiny models
 @pytest.fixture(scope="module")
 def tiny_sd1():
-    from lora_train.models import build_tiny
+    from lora_train.models.tiny import build_tiny
 
     return build_tiny()
 
 
 @pytest.fixture(scope="module")
 def tiny_sd2():
-    from lora_train.tiny_variants import build_tiny_sd2
+    from lora_train.models.tiny import build_tiny_sd2
 
     return build_tiny_sd2(v_prediction=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl():
-    from lora_train.tiny_variants import build_tiny_sdxl
+    from lora_train.models.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl()
 
@@ -39,7 +39,7 @@ def tiny_sdxl():
 def _cond(model):
     """(encoder_hidden_states, unet kwargs) the way the trainer conditions each kind."""
     if model.kind == "sdxl":
-        from lora_train.tiny_variants import sdxl_encode, sdxl_time_ids
+        from lora_train.models.tiny import sdxl_encode, sdxl_time_ids
 
         hidden, pooled = sdxl_encode(model, PROMPTS)
         ids = sdxl_time_ids((64, 64), (0, 0), (64, 64), batch=len(PROMPTS))
@@ -128,7 +128,8 @@ def test_host_state_dict_in_memory(tiny_sdxl):
 
 
 def test_config_folder_and_load_base_model(tiny_sd1, tmp_path):
-    from lora_train.models import load_base_model, save_diffusers_folder
+    from lora_train.models.loading import load_base_model
+    from lora_train.models.diffusers_folder import save_diffusers_folder
 
     path = C.write_original_checkpoint(tiny_sd1, str(tmp_path / "t.safetensors"))
     folder = save_diffusers_folder(tiny_sd1, str(tmp_path / "cfg"))
@@ -144,7 +145,7 @@ def test_diffusers_own_loader_reads_our_files(tiny_sd1, tiny_sdxl, tmp_path):
     """Independent check of the writer: diffusers' pipeline from_single_file reads it back exactly, offline."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from lora_train.models import save_diffusers_folder
+    from lora_train.models.diffusers_folder import save_diffusers_folder
 
     p1 = C.write_original_checkpoint(tiny_sd1, str(tmp_path / "sd1.safetensors"))
     f1 = save_diffusers_folder(tiny_sd1, str(tmp_path / "sd1"))
@@ -377,7 +378,7 @@ def test_detect_unsupported_unets():
 def test_lora_file_given_as_base_model(tmp_path):
     from safetensors.torch import save_file
 
-    from lora_train.models import load_base_model
+    from lora_train.models.loading import load_base_model
 
     p = str(tmp_path / "style.safetensors")
     save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640),

@@ -5,7 +5,7 @@ import sys
 import yaml
 from safetensors import safe_open
 
-from lora_train.cli import main
+from lora_train.cli.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ def test_demo_end_to_end(tmp_path):
 
 
 def test_train_offers_rescaled_lr_when_batch_changes():
-    from lora_train.cli import rescale_offer
+    from lora_train.cli.main import rescale_offer
     from lora_train.config import TrainConfig
 
     before = TrainConfig(batch_size=4, learning_rate=2e-4)

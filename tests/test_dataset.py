@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_train.dataset import DatasetError, load_dataset
+from lora_train.data.dataset import DatasetError, load_dataset
 
 
 def _img(path, size=(80, 60), color=(255, 0, 0), mode="RGB"):

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_cfg
-from lora_train.models import build_tiny
-from lora_train.trainer import Trainer
+from lora_train.models.tiny import build_tiny
+from lora_train.training.trainer import Trainer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

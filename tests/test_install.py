@@ -1,4 +1,4 @@
-"""install.py / lora_train.install_plan: given the host's package versions, the right installs, never a change
+"""install.py / lora_train.hosts.install_plan: given the host's package versions, the right installs, never a change
 to the host's own packages, and conflicts that say what to do."""
 import os
 import runpy
@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from lora_train import install_plan as ip
+from lora_train.hosts import install_plan as ip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,12 +11,12 @@ import torch
 import yaml
 from PIL import Image
 
-from lora_train import lora as L
-from lora_train.cli import main
+from lora_train.networks import lora as L
+from lora_train.cli.main import main
 from lora_train.config import TrainConfig
-from lora_train.demo import write_demo_dataset
-from lora_train.lr_finder import centred_average, lr_range_test, lr_schedule, smooth, suggest_lr
-from lora_train.models import build_tiny
+from lora_train.data.demo import write_demo_dataset
+from lora_train.tuning.lr_finder import centred_average, lr_range_test, lr_schedule, smooth, suggest_lr
+from lora_train.models.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")

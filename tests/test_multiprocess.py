@@ -134,7 +134,7 @@ def _launch(nproc, *args):
 def runs(tmp_path_factory):
     import yaml
 
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     tmp = tmp_path_factory.mktemp("mp")
     data = write_demo_dataset(str(tmp / "data"), n=8, size=64)
@@ -186,7 +186,7 @@ NAN_SCRIPT = """
 import datetime, os, sys
 import torch.distributed as dist
 from lora_train.config import TrainConfig
-from lora_train.trainer import Trainer
+from lora_train.training.trainer import Trainer
 
 # a collective that waits for a process that never joins fails after 30 s instead of hanging (accelerate reuses
 # an initialised process group)
@@ -211,7 +211,7 @@ print(f"RESULT rank={rank} steps={res.steps} recoveries={res.recoveries} nan_sto
 
 
 def test_nonfinite_loss_on_one_process_is_a_decision_of_all_processes(tmp_path):
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     data = write_demo_dataset(str(tmp_path / "data"), n=8, size=64)
     script = tmp_path / "nan_one_rank.py"

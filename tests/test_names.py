@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lora_train import lora as L
+from lora_train.networks import lora as L
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280),

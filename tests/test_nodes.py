@@ -71,9 +71,9 @@ def comfy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_parts():
-    from lora_train.checkpoints import to_original_state_dict
-    from lora_train.models import build_tiny
-    from lora_train.sdxl_names import diffusers_to_sgm_path, unet_layout
+    from lora_train.models.single_file import to_original_state_dict
+    from lora_train.models.tiny import build_tiny
+    from lora_train.networks.sdxl_names import diffusers_to_sgm_path, unet_layout
 
     tiny = build_tiny()
     sd = {k: v.clone() for k, v in to_original_state_dict(tiny).items()}
@@ -193,7 +193,7 @@ def test_every_node_contract(comfy):
         if hasattr(cls, "IS_CHANGED"):
             assert isinstance(inspect.getattr_static(cls, "IS_CHANGED"), classmethod)
     assert maps["LoraTrainTrain"].OUTPUT_NODE is True  # it saves a file
-    from lora_train.caption import BACKENDS, MODES
+    from lora_train.captions import BACKENDS, MODES
 
     ln = sys.modules[PACK + ".nodes.lora_nodes"]
     assert set(ln.CAPTION_BACKENDS) <= set(BACKENDS) and tuple(ln.CAPTION_MODES) == tuple(MODES)
@@ -216,7 +216,7 @@ def load():
 
 def test_import_touches_no_comfy_module_and_no_heavy_core():
     out = _run(LOADER + """
-import lora_train.trainer, lora_train.sampler, lora_train.checkpoints, lora_train.caption, lora_train.host
+import lora_train.training.trainer, lora_train.sampler, lora_train.models.single_file, lora_train.captions, lora_train.hosts
 bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'nodes', 'gradio', 'modules')]
 assert not bad, bad
 for m in [m for m in sys.modules if m.startswith('lora_train') or m.startswith('diffusers') or m.startswith('peft')]:
@@ -225,14 +225,14 @@ m = load()
 assert len(m.NODE_CLASS_MAPPINGS) == 7
 assert not [x for x in m.NODE_CLASS_MAPPINGS if 'unavailable' in m.NODE_DISPLAY_NAME_MAPPINGS[x]]
 bad = [x for x in sys.modules if x.split('.')[0] in ('comfy', 'folder_paths', 'nodes', 'diffusers', 'peft',
-       'accelerate', 'transformers') or x in ('lora_train.trainer', 'lora_train.sampler')]
+       'accelerate', 'transformers') or x in ('lora_train.training.trainer', 'lora_train.sampler')]
 assert not bad, bad
 print('ok', sorted(m.NODE_CLASS_MAPPINGS)[0])
 """)
     assert out.startswith("ok")
 
 
-@pytest.mark.parametrize("block,expect", [("peft", "pip install"), ("lora_train.advisor", "import failed")])
+@pytest.mark.parametrize("block,expect", [("peft", "pip install"), ("lora_train.tuning.advisor", "import failed")])
 def test_start_never_fails_placeholders_explain(block, expect):
     out = _run(LOADER + f"""
 import logging
@@ -257,7 +257,7 @@ print('ok', msg)
 
 # ============================================================================= glue: state dicts
 def test_graph_state_dict_is_the_ldm_layout(comfy, tiny_parts, graph):
-    ch = sys.modules[PACK + ".nodes.comfy_host"]
+    ch = sys.modules["lora_train.hosts.comfyui"]
     _tiny, sd, _ = tiny_parts
     model, clip, vae = graph
     assert any(k.startswith("diffusion_model.") for k in model.model.state_dict())  # ComfyUI's in-memory prefix
@@ -276,7 +276,7 @@ def test_graph_state_dict_is_the_ldm_layout(comfy, tiny_parts, graph):
 
 
 def test_base_model_from_graph_equals_the_checkpoint(comfy, tiny_parts, graph):
-    ch = sys.modules[PACK + ".nodes.comfy_host"]
+    ch = sys.modules["lora_train.hosts.comfyui"]
     tiny = tiny_parts[0]
     base = ch.base_model_from_graph(*graph)
     for a, b in ((base.unet, tiny.unet), (base.vae, tiny.vae), (base.text_encoder, tiny.text_encoder)):
@@ -297,7 +297,7 @@ def test_base_model_from_graph_equals_the_checkpoint(comfy, tiny_parts, graph):
 # ============================================================================= nodes
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     return write_demo_dataset(str(tmp_path_factory.mktemp("data")), n=4, size=64)
 
@@ -415,7 +415,7 @@ def test_train_node_stops_on_interrupt_and_keeps_what_it_trained(comfy, trained,
     from safetensors import safe_open
 
     if race:
-        ch = sys.modules[PACK + ".nodes.comfy_host"]
+        ch = sys.modules["lora_train.hosts.comfyui"]
         monkeypatch.setattr(ch.ComfyUIHost, "interrupted", lambda self: False)
 
     def hook(v, t, preview, node_id=None):
@@ -478,7 +478,7 @@ def test_sweep_grid_base_column_is_the_no_lora_sample(comfy, trained, graph):
         (lat,) = comfy_nodes.common_ksampler(model, seed, 3, 5.0, "euler", "normal", pos, neg,
                                              {"samples": torch.zeros(1, 4, 8, 8)})
         img = vae.decode(lat["samples"])
-        return torch.from_numpy(__import__("numpy").asarray(sys.modules[PACK + ".nodes.comfy_host"].image_to_pil(img),
+        return torch.from_numpy(__import__("numpy").asarray(sys.modules["lora_train.hosts.comfyui"].image_to_pil(img),
                                                             dtype="float32") / 255.0)
 
     assert torch.equal(cells[0], plain(1)) and torch.equal(cells[3], plain(2))  # base column, both seeds
@@ -494,7 +494,7 @@ def test_sweep_grid_base_column_is_the_no_lora_sample(comfy, trained, graph):
 
 
 def test_host_refresh_and_lists(comfy, trained):
-    ch = sys.modules[PACK + ".nodes.comfy_host"]
+    ch = sys.modules["lora_train.hosts.comfyui"]
     host = ch.ComfyUIHost()
     assert host.lora_dirs() == comfy.fp.get_folder_paths("loras")
     comfy.fp.get_filename_list("loras")

@@ -132,8 +132,8 @@ def _sd15_checkpoint(path):
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
-from lora_train.checkpoints import bundled_config_dir, clip_tokenizer, write_original_checkpoint
-from lora_train.models import BaseModel
+from lora_train.models.single_file import bundled_config_dir, clip_tokenizer, write_original_checkpoint
+from lora_train.models.base import BaseModel
 import os
 d = bundled_config_dir("sd15")
 torch.manual_seed(0)
@@ -165,9 +165,9 @@ def server():
         os.makedirs(os.path.join(base, d), exist_ok=True)
     os.symlink(ROOT, os.path.join(base, "custom_nodes", "lora_train"))
     os.symlink(ckpt, os.path.join(base, "models", "checkpoints", SD15_NAME))
-    from lora_train.checkpoints import write_original_checkpoint
-    from lora_train.demo import write_demo_dataset
-    from lora_train.models import build_tiny
+    from lora_train.models.single_file import write_original_checkpoint
+    from lora_train.data.demo import write_demo_dataset
+    from lora_train.models.tiny import build_tiny
 
     write_original_checkpoint(build_tiny(), os.path.join(base, "models", "checkpoints", "lora_train_tiny.safetensors"))
     write_demo_dataset(os.path.join(base, "input", "lora_train_dataset"), n=2, size=64)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_cfg
-from lora_train.models import build_tiny
-from lora_train.trainer import Trainer, list_states
+from lora_train.models.tiny import build_tiny
+from lora_train.training.trainer import Trainer, list_states
 
 
 def _stop_at(k, box):
@@ -49,7 +49,7 @@ def _assert_same(a, b):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     return write_demo_dataset(str(tmp_path_factory.mktemp("rel") / "data"), n=8, size=64)
 
@@ -80,7 +80,7 @@ def test_resume_is_bitwise_identical(data, straight, tmp_path, stop_at):
 
 
 def test_resume_cli_to_a_longer_end(data, tmp_path):
-    from lora_train.cli import main
+    from lora_train.cli.main import main
 
     cfg = small_cfg(data, tmp_path, max_train_steps=2)
     cfg.save(str(tmp_path / "c.yaml"))
@@ -147,7 +147,7 @@ def test_nan_recover_halves_lr_and_finishes(data, tmp_path):
 
 
 def test_optimizers(data, tmp_path):
-    from lora_train.optim import OptimizerError
+    from lora_train.training.optim import OptimizerError
 
     cfg = small_cfg(data, tmp_path / "a", max_train_steps=2, optimizer="AdamW", optimizer_args={"amsgrad": True})
     tr, res = _run(cfg, build_tiny())
@@ -303,7 +303,7 @@ def test_compute_snr_fallback_matches_diffusers(monkeypatch):
     """min-SNR must work where diffusers.training_utils cannot be imported (WebUI: transformers 4.30.2)."""
     from diffusers import DDPMScheduler
 
-    from lora_train.trainer import compute_snr
+    from lora_train.training.trainer import compute_snr
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012)

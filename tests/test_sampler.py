@@ -6,16 +6,16 @@ import pytest
 from PIL import Image
 
 from conftest import small_cfg
-from lora_train.models import build_tiny
+from lora_train.models.tiny import build_tiny
 from lora_train.sampler import GenParams, Generator, build_grid, epoch_axis
-from lora_train.trainer import Trainer
+from lora_train.training.trainer import Trainer
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     root = tmp_path_factory.mktemp("ab")
     data = write_demo_dataset(str(root / "data"), n=8, size=64)
@@ -113,7 +113,7 @@ def test_overwritten_file_is_reloaded(lora_dir, tmp_path):
 
 
 def test_sample_cli(lora_dir, tmp_path):
-    from lora_train.cli import main
+    from lora_train.cli.main import main
 
     rc = main(["sample", "--base_model", "tiny", "--prompt", "a <lora:ab:0.8>", "--strengths", "0,0.5,1",
                "--seeds", "1,2", "--lora-dir", lora_dir, "--out", str(tmp_path), "--steps", "2"])

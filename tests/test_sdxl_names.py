@@ -4,13 +4,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_train import lora as L
-from lora_train.sdxl_names import diffusers_to_sgm_path, sgm_to_diffusers_path, unet_layout
+from lora_train.networks import lora as L
+from lora_train.networks.sdxl_names import diffusers_to_sgm_path, sgm_to_diffusers_path, unet_layout
 
 
 @pytest.fixture(scope="module")
 def sdxl_meta():
-    from lora_train.checkpoints import meta_model
+    from lora_train.models.single_file import meta_model
 
     return meta_model("sdxl_base")
 
@@ -69,7 +69,7 @@ def _roundtrip_all(unet):
 def test_every_unet_parameter_round_trips(sdxl_meta):
     from diffusers import UNet2DConditionModel
 
-    from lora_train.checkpoints import bundled_config_dir
+    from lora_train.models.single_file import bundled_config_dir
 
     _roundtrip_all(sdxl_meta.unet)
     with torch.device("meta"):  # SD1.5: an UpBlock2D with upsampler first (output_blocks.2.1.conv)
@@ -82,7 +82,7 @@ def test_every_unet_parameter_round_trips(sdxl_meta):
 def test_tiny_sdxl_names():
     from diffusers import UNet2DConditionModel
 
-    from lora_train.tiny_variants import TINY_SDXL_UNET
+    from lora_train.models.tiny import TINY_SDXL_UNET
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**TINY_SDXL_UNET)

@@ -10,12 +10,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import small_cfg
-from lora_train import conditioning as Cd
-from lora_train import lora as L
-from lora_train.buckets import SampleTransform
-from lora_train.models import ModelError, load_base_model
-from lora_train.tiny_variants import build_tiny_sd2, build_tiny_sdxl
-from lora_train.trainer import Trainer, architecture
+from lora_train.models import conditioning as Cd
+from lora_train.networks import lora as L
+from lora_train.data.buckets import SampleTransform
+from lora_train.models.base import ModelError
+from lora_train.models.loading import load_base_model
+from lora_train.models.tiny import build_tiny_sd2, build_tiny_sdxl
+from lora_train.training.trainer import Trainer, architecture
 
 CAPS = ["a photo of a red circle", "blue stripes on white", ""]
 SDXL_KEY_RE = re.compile(r"^(lora_unet_(input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)_[a-z0-9_]+"
@@ -28,7 +29,7 @@ SD2_KEY_RE = re.compile(r"^(lora_unet_(down_blocks|mid_block|up_blocks)_[a-z0-9_
 @pytest.fixture(scope="module")
 def xl_run(tmp_path_factory):
     """Tiny SDXL, both text encoders trained (te lr), a validation image and a sample grid during training."""
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     root = tmp_path_factory.mktemp("xl")
     data = write_demo_dataset(str(root / "data"), n=4, size=64)
@@ -124,7 +125,7 @@ def test_sdxl_round_trip(xl_run, strength, tmp_path):
     the tiny model), reproduces the trained model: te1 and te2 LoRA and the UNet; diffusers' own kohya loader too."""
     from diffusers import StableDiffusionXLPipeline
 
-    from lora_train import checkpoints as C
+    from lora_train.models import single_file as C
 
     tr, res, _ = xl_run
     for mod in tr.model.text_encoders + [tr.model.unet]:
@@ -287,7 +288,7 @@ def test_architecture_per_kind():
 
 # ----------------------------------------------------------------------------- loading
 def test_load_base_model_allow_pickle(tmp_path, monkeypatch):
-    from lora_train import checkpoints as C
+    from lora_train.models import single_file as C
 
     path = str(tmp_path / "m.ckpt")
     torch.save({"state_dict": C.to_original_state_dict(build_tiny_sd2())}, path)
@@ -302,7 +303,7 @@ def test_load_base_model_allow_pickle(tmp_path, monkeypatch):
         seen.update(spec=spec, allow_pickle=allow_pickle)
         raise ModelError("stop here")
 
-    import lora_train.trainer as T
+    import lora_train.training.trainer as T
 
     monkeypatch.setattr(T, "load_base_model", fake)
     for flag in (False, True):
@@ -327,7 +328,7 @@ def test_tiny_specs():
 def test_sdxl_and_sd2_diffusers_folders(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from lora_train.models import save_diffusers_folder
+    from lora_train.models.diffusers_folder import save_diffusers_folder
 
     m = build_tiny_sdxl()
     folder = str(tmp_path / "xl")
@@ -359,7 +360,7 @@ def test_sdxl_and_sd2_diffusers_folders(tmp_path):
 
 def test_lr_range_test_on_sdxl(tmp_path, demo_data):
     """The LR range test conditions an SDXL UNet as the trainer does, and leaves the model as it found it."""
-    from lora_train.lr_finder import lr_range_test
+    from lora_train.tuning.lr_finder import lr_range_test
 
     model = build_tiny_sdxl()
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
@@ -399,7 +400,7 @@ def test_sdxl_generator_grid_path(xl_run):
 
 def test_sdxl_conditioning_goes_through_the_text_cache(tmp_path):
     """conditioning.encode's SDXL dict is stored by cache.TextEmbeddingCache (on disk) and comes back batched."""
-    from lora_train.cache import TextEmbeddingCache
+    from lora_train.data.cache import TextEmbeddingCache
 
     m = build_tiny_sdxl()
     store = TextEmbeddingCache(str(tmp_path / "cache"), "tiny-sdxl").get_or_encode(CAPS, lambda c: Cd.encode(m, c))

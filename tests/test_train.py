@@ -10,16 +10,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import small_cfg
-from lora_train import lora as L
-from lora_train.models import build_tiny
-from lora_train.trainer import Trainer, encode_prompts, fixed_noise_loss
+from lora_train.networks import lora as L
+from lora_train.models.tiny import build_tiny
+from lora_train.training.trainer import Trainer, encode_prompts, fixed_noise_loss
 
 KEY_RE = re.compile(r"^(lora_unet_[a-z0-9_]+|lora_te_text_model_[a-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     root = tmp_path_factory.mktemp("run")
     data = write_demo_dataset(str(root / "data"), n=8, size=64)

@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def app(tmp_path):
-    from lora_train.demo import write_demo_dataset
+    from lora_train.data.demo import write_demo_dataset
 
     data = write_demo_dataset(str(tmp_path / "data"), n=5, size=64)
     loras = tmp_path / "loras"
@@ -84,7 +84,7 @@ def test_standalone_app_in_chromium(app):
     _need(f"Chromium at {CHROMIUM}", os.path.isfile(CHROMIUM))
     from playwright.sync_api import expect, sync_playwright
 
-    from lora_train.demo import DEMO_TRIGGER
+    from lora_train.data.demo import DEMO_TRIGGER
 
     url, data, loras, log = app
     os.makedirs(ARTIFACTS, exist_ok=True)

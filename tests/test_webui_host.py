@@ -5,12 +5,13 @@ import importlib
 import os
 import sys
 import threading
+import time
 import types
 
 import pytest
 import torch
 
-from conftest import small_cfg
+from lora_train.hosts.base import HostError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAKE = os.path.join(HERE, "fake_webui")
@@ -26,15 +27,15 @@ def _purge():
 
 @pytest.fixture(scope="module")
 def tiny_ldm():
-    from lora_train.checkpoints import to_original_state_dict
-    from lora_train.models import build_tiny
+    from lora_train.models.single_file import to_original_state_dict
+    from lora_train.models.tiny import build_tiny
 
     tiny = build_tiny()
     return tiny, {k: v.detach().clone() for k, v in to_original_state_dict(tiny).items()}
 
 
-def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour):
-    from lora_train.checkpoints import write_original_checkpoint
+def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour, hashed=True):
+    from lora_train.models.single_file import write_original_checkpoint
 
     tiny, ldm = tiny_ldm
     root = tmp_path / "webui"
@@ -56,12 +57,12 @@ def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour):
 
     ckpt = str(root / "models" / "Stable-diffusion" / "tiny.safetensors")
     write_original_checkpoint(tiny, ckpt)
-    info = fake_model.CheckpointInfo(ckpt)
-    sd_models.checkpoints_list[info.title] = info
+    info = fake_model.CheckpointInfo(ckpt, hashed=hashed)
+    info.register(sd_models.checkpoints_list)
     model = fake_model.FakeForgeEngine(dict(ldm), info) if flavour == "forge" else fake_model.FakeSDModel(dict(ldm), info)
     sd_models.model_data.set_sd_model(model)
     import networks  # noqa: F401  (the WebUI imports the Lora extension at start-up)
-    from lora_train.webui import host_webui
+    from lora_train.hosts import webui as host_webui
 
     host = host_webui.make_host()
     host.model_config = tiny  # the fake holds the tiny architecture, not SD1.5's
@@ -77,7 +78,6 @@ def webui(request, tmp_path, monkeypatch, tiny_ldm):
     for p in w.paths:
         sys.path.remove(p)
     _purge()
-    w.hw._CURRENT_JOB = None
 
 
 @pytest.fixture
@@ -87,7 +87,6 @@ def a1111(tmp_path, monkeypatch, tiny_ldm):
     for p in w.paths:
         sys.path.remove(p)
     _purge()
-    w.hw._CURRENT_JOB = None
 
 
 def _fake_lora(path, value):
@@ -196,25 +195,53 @@ def test_memory_moves_and_restore_on_error(webui):
         assert webui.model.moves[:2] == ["cpu", "cpu"]  # to the CPU, then back to shared.device (cpu in the fake)
 
 
-# ------------------------------------------------------------------ training job
+# ------------------------------------------------------------------ training job (the tab's one path)
+def _tab_train(host, data, name, steps, wait=True, **settings):
+    """What Start training does in the tab: the Settings fields -> build_config -> start_training (the one
+    train-and-publish path, `lora_train.run.train_for_host`), in the job thread; returns the job."""
+    from lora_train.ui import jobs, logic
+
+    values = logic.default_settings(host)  # base model: the WebUI's loaded checkpoint, as the field shows it
+    values.update(output_name=name, max_train_steps=steps, resolution=64, lora_rank=4, lora_alpha=4,
+                  learning_rate=1e-3, batch_size=2, lr_warmup_steps=0, save_every_n_epochs=0, seed=5)
+    values.update(settings)
+    cfg, spec = logic.build_config(host, values, data, "")
+    job = logic.start_training(host, cfg, spec)
+    if wait:
+        assert jobs.wait(job, 300)
+    return job
+
+
+@pytest.fixture(autouse=True)
+def _fresh_job_slot():
+    from lora_train.hosts.base import USED_NAMES
+    from lora_train.ui import jobs
+
+    jobs._CURRENT = None
+    USED_NAMES.clear()  # names written by earlier tests of this process
+    yield
+    job = jobs.running()
+    if job is not None:
+        job.stop()
+        jobs.wait(job, 60)
+    jobs._CURRENT = None
+
+
 def test_training_job_end_to_end(webui, demo_data):
-    """Loaded checkpoint -> train -> file in the LoRA folder, list refreshed, memory given back, progress in
-    shared.state, run folder outside the LoRA folder, a second run gets a new name."""
+    """Loaded checkpoint (from the WebUI's memory) -> train -> file in the LoRA folder, list refreshed, memory given
+    back, progress in shared.state, run folder outside the LoRA folder, a second run gets a new name."""
     from lora_train.sampler import GenParams
 
-    h, hw = webui.host, webui.hw
-    cfg = small_cfg(demo_data, "ignored", output_name="mystyle", base_model=hw.LOADED, max_train_steps=2,
-                    save_state_every_n_epochs=0)
-    seen = []
-    result, published = hw.run_training(h, cfg, callback=seen.append)
+    h = webui.host
+    job = _tab_train(h, demo_data, "mystyle", 2)
+    assert job.status == "done", job.error
     lora_dir = h.lora_dirs()[0]
-    assert published == [os.path.join(lora_dir, "mystyle.safetensors")]
+    assert job.files == [os.path.join(lora_dir, "mystyle.safetensors")] == [job.lora_path]
     assert os.listdir(lora_dir) == ["mystyle.safetensors"]  # only LoRA files there
-    assert result.output_dir.startswith(str(webui.root / "outputs" / "lora_train"))
+    assert job.result.output_dir.startswith(str(webui.root / "outputs" / "lora_train"))
     assert "mystyle" in webui.networks.available_networks
     assert ("begin", "lora_train") in webui.shared.state.history and webui.shared.state.history[-1][0] == "end"
     assert webui.shared.state.sampling_steps == 2 and webui.shared.state.sampling_step == 2
-    assert any(e["kind"] == "published" for e in seen)
     if h.name == "a1111":
         assert webui.sd_models.calls[-1] == "send_model_to_device"
     else:
@@ -222,93 +249,86 @@ def test_training_job_end_to_end(webui, demo_data):
     # the WebUI's own txt2img + LoRA loader sees the new file at once, with its real weights
     from safetensors.torch import load_file
 
-    expect = sum(float(v.sum()) for k, v in load_file(published[0]).items() if k.endswith("lora_up.weight"))
+    expect = sum(float(v.sum()) for k, v in load_file(job.lora_path).items() if k.endswith("lora_up.weight"))
+    assert expect != 0.0
     h.generate(GenParams(prompt="a photo <lora:mystyle:0.8>", seed=3, steps=4, width=64, height=64))
     from modules import processing
 
     assert processing.last["loras"] == [("mystyle", 0.8)]
     assert processing.last["unet"] == pytest.approx(0.8 * expect, rel=1e-5, abs=1e-7)
     # a second run with the same name is saved under a new one (hosts cache LoRAs by name)
-    import dataclasses
-
-    result2, published2 = hw.run_training(h, dataclasses.replace(cfg, max_train_steps=1))
-    assert os.path.basename(published2[0]) == "mystyle_v2.safetensors"
-    assert hw.current_job().name == "mystyle_v2" and not hw.current_job().running
+    job2 = _tab_train(h, demo_data, "mystyle", 1)
+    assert os.path.basename(job2.lora_path) == "mystyle_v2.safetensors" and job2.name == "mystyle_v2"
 
 
-def test_restore_on_training_error(webui, demo_data):
-    h, hw = webui.host, webui.hw
-    cfg = small_cfg(demo_data, "x", output_name="bad", base_model=hw.LOADED, max_train_steps=2)
+def test_restore_on_training_error(webui, demo_data, monkeypatch):
+    h = webui.host
+    import lora_train.run as run_mod
 
-    def explode(step, loss):
-        raise RuntimeError("CUDA out of memory (simulated)")
-
-    import lora_train.trainer as trainer_mod
-
-    real = trainer_mod.Trainer
+    real = run_mod.Trainer
 
     class Exploding(real):
         def __init__(self, *a, **k):
-            k["loss_hook"] = explode
+            k["loss_hook"] = lambda step, loss: (_ for _ in ()).throw(RuntimeError("CUDA out of memory (simulated)"))
             super().__init__(*a, **k)
 
-    trainer_mod.Trainer = Exploding
-    try:
-        with pytest.raises(RuntimeError, match="simulated"):
-            hw.run_training(h, cfg)
-    finally:
-        trainer_mod.Trainer = real
+    monkeypatch.setattr(run_mod, "Trainer", Exploding)
+    job = _tab_train(h, demo_data, "bad", 2)
+    assert job.status == "failed" and "simulated" in job.error
     if h.name == "a1111":
         assert webui.sd_models.calls[-1] == "send_model_to_device"
     else:
         assert webui.sd_models.calls[-1] == "forge_model_reload"
     assert webui.shared.state.history[-1][0] == "end"
-    assert "simulated" in hw.current_job().error and not hw._JOB_LOCK.locked()
+    from lora_train.ui import jobs
+
+    assert jobs.running() is None  # the slot is free again
     assert os.listdir(h.lora_dirs()[0]) == []  # nothing half-written in the LoRA folder
 
 
 def test_interrupt_button_stops_training_and_saves(a1111, demo_data):
-    h, hw = a1111.host, a1111.hw
-    cfg = small_cfg(demo_data, "x", output_name="stopme", base_model=hw.LOADED, max_train_steps=50,
-                    save_state_every_n_epochs=0)
+    h = a1111.host
+    job = _tab_train(h, demo_data, "stopme", 50, wait=False)
+    from lora_train.ui import jobs
 
-    def press_interrupt(ev):
-        if ev["kind"] == "step" and ev["step"] == 1:
-            a1111.shared.state.interrupt()  # the WebUI's Interrupt button
-
-    result, published = hw.run_training(h, cfg, callback=press_interrupt)
-    assert result.stopped and result.steps < 50
-    assert published and os.path.isfile(published[0])
+    deadline = time.time() + 120
+    while job.step < 1 and job.running and time.time() < deadline:
+        time.sleep(0.05)
+    a1111.shared.state.interrupt()  # the WebUI's Interrupt button
+    assert jobs.wait(job, 120)
+    assert job.status == "stopped" and job.result.stopped and job.result.steps < 50
+    assert job.lora_path and os.path.isfile(job.lora_path)
     assert a1111.sd_models.calls[-1] == "send_model_to_device"
 
 
-def test_one_job_at_a_time(a1111, demo_data):
-    h, hw = a1111.host, a1111.hw
-    gate, release = threading.Event(), threading.Event()
-    cfg = small_cfg(demo_data, "x", output_name="first", base_model=hw.LOADED, max_train_steps=3,
-                    save_state_every_n_epochs=0)
+def test_one_job_at_a_time(a1111, demo_data, monkeypatch):
+    from lora_train.ui import jobs
 
-    def hold(ev):
+    h = a1111.host
+    gate, release = threading.Event(), threading.Event()
+    real = jobs.Job.on_train_event
+
+    def hold(self, ev, host=None):
+        real(self, ev, host)
         if ev["kind"] == "step":
             gate.set()
             release.wait(30)
 
-    job = hw.start_training(h, cfg, callback=hold)
+    monkeypatch.setattr(jobs.Job, "on_train_event", hold)
+    job = _tab_train(h, demo_data, "first", 3, wait=False)
     assert gate.wait(60), job.error
-    assert hw.current_job() is job and job.running
-    with pytest.raises(hw.HostError, match="already running .*first"):
-        hw.start_training(h, small_cfg(demo_data, "x", output_name="second", base_model=hw.LOADED))
-    with pytest.raises(hw.HostError, match="already running"):
-        hw.run_training(h, small_cfg(demo_data, "x", output_name="second", base_model=hw.LOADED))
+    assert jobs.current() is job and job.running
+    with pytest.raises(jobs.JobBusy, match="training 'first' is running"):
+        _tab_train(h, demo_data, "second", 1)
     from lora_train.sampler import GenParams
 
-    with pytest.raises(hw.HostError, match="training run is using the GPU"):
+    with pytest.raises(HostError, match="training run is using the GPU"):
         h.generate(GenParams(prompt="x"))
     from modules import call_queue
 
     assert call_queue.held()  # a txt2img the user starts now waits for the WebUI's GPU queue
     release.set()
-    assert job.wait(120) and job.error is None, job.error
+    assert jobs.wait(job, 120) and job.status == "done", job.error
     assert os.path.isfile(os.path.join(h.lora_dirs()[0], "first.safetensors"))
 
 
@@ -384,23 +404,13 @@ def test_paths_local_listen_and_insecure_flag(a1111, tmp_path, demo_data):
     link.symlink_to(outside)
     with pytest.raises(a1111.hw.HostError):
         h.check_path(str(link), "dataset folder")
-    # the training runner checks the dataset too
+    # Start training checks the dataset too
     with pytest.raises(a1111.hw.HostError, match="outside"):
-        a1111.hw.run_training(h, small_cfg(demo_data, "x", base_model=a1111.hw.LOADED))
+        _tab_train(h, demo_data, "x", 1)
     shared.set_non_local(listen=True, insecure=True)  # --enable-insecure-extension-access
     assert h.allowed_roots() is None and h.check_path(str(outside), "dataset folder")
     shared.set_non_local(share=True)
     assert h.allowed_roots() is not None
-
-
-def test_outputs_only_into_the_lora_folder(a1111, tmp_path):
-    h = a1111.host
-    lora = h.lora_dirs()[0]
-    assert h.check_output_dir("") == os.path.realpath(lora)
-    assert h.check_output_dir("styles") == os.path.realpath(os.path.join(lora, "styles"))
-    for bad in (str(tmp_path), "../Stable-diffusion", "/etc"):
-        with pytest.raises(a1111.hw.HostError, match="outside the WebUI's LoRA folder"):
-            h.check_output_dir(bad)
 
 
 # ------------------------------------------------------------------ scripts/lora_train_tab.py
@@ -415,11 +425,11 @@ def _load_script(monkeypatch):
 
 def test_script_registers_the_tab_with_the_right_host(webui, monkeypatch):
     built = []
-    fake_webui_pkg = types.ModuleType("lora_train.webui")
+    fake_webui_pkg = types.ModuleType("lora_train.ui")
     fake_webui_pkg.__path__ = [os.path.join(ROOT, "lora_train", "webui")]
     fake_webui_pkg.build_tab = lambda host: built.append(host) or "BLOCKS"
     # the real build_tab (another module, needs gradio) is replaced: this test is about the registration
-    monkeypatch.setitem(sys.modules, "lora_train.webui", fake_webui_pkg)
+    monkeypatch.setitem(sys.modules, "lora_train.ui", fake_webui_pkg)
     from modules import script_callbacks
 
     _load_script(monkeypatch)
@@ -429,14 +439,14 @@ def test_script_registers_the_tab_with_the_right_host(webui, monkeypatch):
 
 
 def test_script_shows_an_error_tab_when_our_import_fails(a1111, monkeypatch, capsys):
-    broken = types.ModuleType("lora_train.webui")
+    broken = types.ModuleType("lora_train.ui")
     broken.__path__ = []
 
     def boom(host):
         raise ImportError("No module named 'diffusers'")
 
     broken.build_tab = boom
-    monkeypatch.setitem(sys.modules, "lora_train.webui", broken)
+    monkeypatch.setitem(sys.modules, "lora_train.ui", broken)
     gr = types.ModuleType("gradio")
     made = {}
 
@@ -489,9 +499,77 @@ def test_host_module_imports_no_webui_or_gradio():
     """The adapter and the script import nothing of the WebUI (or gradio) until they are used."""
     import subprocess
 
-    code = ("import sys; import lora_train.webui.host_webui as h; "
+    code = ("import sys; import lora_train.hosts.webui as h; "
             "bad = [m for m in sys.modules if m in ('modules', 'gradio', 'networks', 'backend') or "
             "m.startswith(('modules.', 'gradio.', 'backend.'))]; print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert not res.stdout.strip() or res.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ issue 14: what a real A1111 showed
+def test_never_hashed_checkpoint_still_resolves_after_hashing(tmp_path, monkeypatch, tiny_ldm):
+    """First launch with a new checkpoint: the tab is built while the title is the bare file name; the WebUI
+    then hashes it (title `name [hash]`); Start must still train the loaded checkpoint from memory."""
+    from lora_train.ui import logic
+
+    w = _make_webui(tmp_path, monkeypatch, tiny_ldm, "a1111", hashed=False)
+    try:
+        h = w.host
+        field = logic.default_settings(h)["base_model"]
+        assert field == "tiny.safetensors"
+        w.info.calculate_shorthash(w.sd_models.checkpoints_list)
+        assert h.loaded_checkpoint()[0] == "tiny.safetensors [0123abcd]"
+        for value in (field, "tiny.safetensors [0123abcd]", "tiny", w.ckpt, "tiny.safetensors [ffffffff]"):
+            assert logic.resolve_base(h, value) == (None, w.ckpt), value
+        assert h.find_checkpoint("no-such-model.safetensors") is None
+        with pytest.raises(HostError, match="does not exist"):
+            logic.resolve_base(h, "no-such-model.safetensors")
+    finally:
+        for p in w.paths:
+            sys.path.remove(p)
+        _purge()
+
+
+def test_outside_folder_message_names_the_flag_in_effect(a1111, tmp_path, demo_data):
+    shared = a1111.shared
+    shared.cmd_opts.server_name = "127.0.0.1"
+    shared.cmd_opts.webui_is_non_local = True
+    with pytest.raises(HostError) as e:
+        a1111.host.check_path(demo_data, "dataset folder")
+    msg = str(e.value)
+    assert "--server-name 127.0.0.1" in msg and "--enable-insecure-extension-access" in msg
+    assert "allow-any-path" not in msg and "--listen/--share" not in msg
+
+
+def test_javascript_refreshes_lora_cards_once_and_polls_only_when_shown():
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    js = os.path.join(ROOT, "javascript", "lora_train.js")
+    code = ("const m = require(%r);" % js) + """
+const clicks = [];
+function el(id, extra) { return Object.assign({id: id, tagName: "BUTTON", dispatchEvent: () => clicks.push(id),
+                                               click: () => clicks.push(id)}, extra || {}); }
+const els = {"#txt2img_lora_extra_refresh_internal": el("t2i"), "#img2img_lora_extra_refresh_internal": el("i2i"),
+             "#lora_train_poll": el("poll"), "#tab_lora_train": {style: {display: "block"}, offsetParent: {}}};
+global.document = {hidden: false, querySelector: (s) => els[s] || null};
+const out = {};
+out.first = m.lora_train_refresh_cards("a_v2");
+out.again = m.lora_train_refresh_cards("a_v2");
+out.empty = m.lora_train_refresh_cards("");
+out.next = m.lora_train_refresh_cards("a_v3");
+out.poll_shown = m.lora_train_poll_once();
+els["#tab_lora_train"].style.display = "none";
+out.poll_hidden = m.lora_train_poll_once();
+out.clicks = clicks;
+console.log(JSON.stringify(out));"""
+    res = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out == {"first": 2, "again": 0, "empty": 0, "next": 2, "poll_shown": True, "poll_hidden": False,
+                   "clicks": ["t2i", "i2i", "t2i", "i2i", "poll"]}

@@ -7,8 +7,10 @@ import threading
 
 import pytest
 
-from lora_train.host import HostError, StandaloneHost
-from lora_train.webui import jobs, logic
+from lora_train.hosts.base import USED_NAMES, HostError
+from lora_train.hosts.standalone import StandaloneHost
+from lora_train.run import publish
+from lora_train.ui import jobs, logic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_IDS = {"lora_train_folder", "lora_train_gallery", "lora_train_caption", "lora_train_save_caption",
@@ -25,6 +27,7 @@ REQUIRED_IDS = {"lora_train_folder", "lora_train_gallery", "lora_train_caption",
 @pytest.fixture(autouse=True)
 def _fresh_job_slot():
     jobs._CURRENT = None
+    USED_NAMES.clear()
     yield
     job = jobs.running()
     if job is not None:
@@ -78,10 +81,22 @@ def test_tab_builds_under_host_gradio(version):
     assert info["heavy_imports"] == [], "the tab must build without torch/diffusers (import them lazily)"
     assert REQUIRED_IDS <= set(info["elem_ids"]), REQUIRED_IDS - set(info["elem_ids"])
     assert "lora_train_send" in info["elem_ids"]
-    assert info["js"] == ["loraTrainSendToTxt2img"]
+    assert sorted(info["js"]) == ["loraTrainRefreshCards", "loraTrainSendToTxt2img"]
     assert info["dependencies"] >= 20
+    # in the WebUI the page's script polls (a hidden button), never a server-side `every=` timer
+    assert "lora_train_poll" in info["elem_ids"]
+    assert_ui_config_keys(info["ui_config_keys"], info["ui_config_duplicates"])
     # launched with the queue on (as the WebUI does), the page and its config are served
     assert info["served"]["/"][0] == 200 and info["served"]["/config"] == [200, info["served"]["/config"][1], True]
+
+
+def assert_ui_config_keys(keys, dupes):
+    """What the WebUI would freeze into ui-config.json: one key per field (two "Steps" fields used to share a
+    key, so the Test section showed the LR finder's 100 steps), no run-to-run values (last LoRA, loaded model)."""
+    assert dupes == []
+    assert "lora_train/LR finder steps/value" in keys and "lora_train/Sampling steps/value" in keys
+    volatile = ("Prompt", "Tag to use", "LoRA/value", "Base model")
+    assert not [k for k in keys if any(v in k for v in volatile)], keys
 
 
 # ----------------------------------------------------------------------------- current gradio, real callbacks
@@ -99,7 +114,7 @@ def _val(u):
 @pytest.mark.frontend
 def test_tab_current_gradio_builds_and_suggest_fills_fields(tmp_path, demo_data):
     gr = pytest.importorskip("gradio")
-    from lora_train.webui import build_tab
+    from lora_train.ui import build_tab
 
     host = StandaloneHost("tiny", str(tmp_path / "loras"))
     blocks = build_tab(host)
@@ -118,7 +133,7 @@ def test_tab_current_gradio_builds_and_suggest_fills_fields(tmp_path, demo_data)
     vals = [logic.default_settings(host)[k] for k in logic.SETTING_KEYS]
     res = suggest(out[0], "", "style", 0, *vals)
     fields = dict(zip(logic.SUGGEST_FIELDS, res[:len(logic.SUGGEST_FIELDS)]))
-    from lora_train.advisor import suggest as advise
+    from lora_train.tuning.advisor import suggest as advise
 
     expect = advise(8, task="style", base="sd1", resolution=64)
     assert _val(fields["learning_rate"]) == expect.learning_rate
@@ -127,6 +142,17 @@ def test_tab_current_gradio_builds_and_suggest_fills_fields(tmp_path, demo_data)
     md = res[len(logic.SUGGEST_FIELDS) + 1]
     assert "| learning_rate |" in md and "8 image(s)" in md
     assert res[len(logic.SUGGEST_FIELDS) + 2] == [expect.batch_size, expect.gradient_accumulation_steps]
+    # epoch files: about 10 at most (100 epochs saved every epoch would be 100 files)
+    every = _val(fields["save_every_n_epochs"])
+    assert every == expect.save_every_n_epochs and expect.epochs / every <= 10
+    # the note names the tab's VRAM field, not the CLI flag
+    assert "--vram" not in md and "VRAM GB for the advice" in md
+
+    # what the WebUI would save into ui-config.json (current gradio here; 3.41 / 4.40 in the test above)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import webui_build_check
+
+    assert_ui_config_keys(*webui_build_check.ui_config_keys(blocks, "lora_train"))
 
     # bad input: a message, not an exception
     res = suggest("", "", "style", 0, *vals)
@@ -174,15 +200,13 @@ def test_build_config_new_name_each_run(tmp_path, demo_data):
     values = dict(logic.default_settings(host), output_name="style")
     cfg, spec = logic.build_config(host, values, demo_data, "zz")
     assert spec is None and cfg.base_model == "tiny" and cfg.output_name == "style"
-    assert cfg.output_dir == os.path.join(logic.runs_dir(host), "style")  # logs + state: not in the LoRA folder
+    assert cfg.output_dir == os.path.join(host.runs_dir(), "style")  # logs + state: not in the LoRA folder
     assert cfg.resolution == 64 and cfg.trigger_word == "zz"
+    os.makedirs(host.output_dir(), exist_ok=True)
     open(os.path.join(host.output_dir(), "style.safetensors"), "wb").close()
     assert logic.build_config(host, values, demo_data, "")[0].output_name == "style_v2"
-    jobs.USED_NAMES.add("style_v2")  # written earlier in this process, then deleted: still never reused
-    try:
-        assert logic.build_config(host, values, demo_data, "")[0].output_name == "style_v3"
-    finally:
-        jobs.USED_NAMES.discard("style_v2")
+    USED_NAMES.add("style_v2")  # written earlier in this process, then deleted: still never reused
+    assert logic.build_config(host, values, demo_data, "")[0].output_name == "style_v3"
     with pytest.raises(logic.UserError, match="LoRA name"):
         logic.build_config(host, dict(values, output_name="a/b"), demo_data, "")
     with pytest.raises(logic.UserError, match="learning rate"):
@@ -208,10 +232,16 @@ def test_training_job_refuses_second_start_then_grid(tmp_path, demo_data):
     assert os.path.isfile(os.path.join(host.output_dir(), "t.safetensors")) and snap["lora_path"].endswith("t.safetensors")
     assert host.calls == ["free", "restore", "refresh"]
     assert sorted(os.listdir(host.output_dir())) == ["t.safetensors"]  # only LoRA files in the LoRA folder
-    assert os.path.isfile(os.path.join(logic.runs_dir(host), "t", "t.yaml"))
+    assert os.path.isfile(os.path.join(host.runs_dir(), "t", "t.yaml"))
     status = logic.job_status(snap)
     assert "**done**" in status and "step 3/3" in status and "VRAM" in status
-    assert logic.job_diagnosis(snap).startswith("Diagnosis")
+    # the diagnosis shown is the Trainer's own (its `diagnosis` events), the same as the result's findings
+    from lora_train.tuning.advisor import Finding
+
+    assert snap["findings"] == [str(Finding(**f)) for f in snap["result"].findings]
+    diag = logic.job_diagnosis(snap)
+    assert diag == "Diagnosis: no problem found." if not snap["findings"] else \
+        all(f in diag for f in snap["findings"])
     assert logic.loss_image(snap).size[0] > 100
     assert logic.lora_names(host) == ["t"]
     # a second run gets a new name
@@ -235,7 +265,7 @@ def test_host_interrupt_stops_and_saves(tmp_path, demo_data):
     assert snap["status"] == "stopped", snap
     assert 1 <= snap["step"] < 50
     assert os.listdir(host.output_dir()) == ["s.safetensors"]
-    assert os.path.isdir(os.path.join(logic.runs_dir(host), "s", "state"))  # resumable, outside the LoRA folder
+    assert os.path.isdir(os.path.join(host.runs_dir(), "s", "state"))  # resumable, outside the LoRA folder
     assert host.calls == ["free", "restore", "refresh"]
 
 
@@ -287,9 +317,21 @@ def test_publish_never_overwrites(tmp_path):
     dest_dir = tmp_path / "loras"
     dest_dir.mkdir()
     (dest_dir / "x.safetensors").write_bytes(b"old")
-    written, problems = logic.publish([str(src), None], str(dest_dir))
+    written, problems = publish([str(src), None], str(dest_dir))
     assert written == [] and "was not replaced" in problems[0]
     assert (dest_dir / "x.safetensors").read_bytes() == b"old"
     (dest_dir / "x.safetensors").unlink()
-    assert logic.publish([str(src)], str(dest_dir))[0] == [str(dest_dir / "x.safetensors")]
+    assert publish([str(src)], str(dest_dir))[0] == [str(dest_dir / "x.safetensors")]
     assert (dest_dir / "x.safetensors").read_bytes() == b"new"
+
+
+def test_suggest_keeps_epoch_files_to_about_ten():
+    from lora_train.tuning.advisor import save_every_for, suggest
+
+    for epochs in (1, 5, 10, 11, 30, 100, 400):
+        every = save_every_for(epochs)
+        assert 1 <= every <= max(1, -(-epochs // 10)) and epochs // every <= 10
+    s = suggest(12, task="character", base="sd1", vram_gb=8)
+    assert s.save_every_n_epochs == save_every_for(s.epochs) and "epoch file" in s.reason("save_every_n_epochs")
+    s = suggest(12, task="style", base="sd1")  # VRAM unknown: the CLI's note names its flag
+    assert any("--vram GB" in n for n in s.notes) or s.inputs["vram_gb"] is not None

@@ -20,6 +20,7 @@ class DuckHost:
     def __init__(self, name, lora_dir):
         self.name = name
         self._dir = lora_dir
+        self.has_txt2img = self.polls_from_page = name in ("a1111", "forge")
 
     def lora_dirs(self):
         return [self._dir]
@@ -48,12 +49,12 @@ def main():
     host_name = sys.argv[1] if len(sys.argv) > 1 else "a1111"
     with tempfile.TemporaryDirectory() as d:
         open(os.path.join(d, "old_style.safetensors"), "wb").close()
-        from lora_train.webui import build_tab
+        from lora_train.ui import build_tab
 
         blocks = build_tab(DuckHost(host_name, d))
         if "--serve" in sys.argv:  # for the browser test: serve until killed, with a finished job to show
-            from lora_train.ui_cli import launch
-            from lora_train.webui import jobs
+            from lora_train.cli.ui import launch
+            from lora_train.ui import jobs
 
             job = jobs.claim("train", "fake_run")
             job.touch(steps=[1, 2, 3], losses=[1.0, 0.8, 0.7], step=3, total_steps=3)
@@ -67,12 +68,45 @@ def main():
     deps = cfg["dependencies"]
     ids = sorted(c["props"].get("elem_id") for c in comps if c.get("props", {}).get("elem_id"))
     js = [d.get("js") for d in deps if d.get("js")]
+    config_keys, config_dupes = ui_config_keys(blocks, "lora_train")
     heavy = sorted(m for m in ("torch", "diffusers", "transformers", "peft", "accelerate") if m in sys.modules)
     served = None
     if "--launch" in sys.argv:
         served = launch_and_fetch(blocks)
     print(json.dumps({"gradio": gr.__version__, "components": len(comps), "dependencies": len(deps),
-                      "elem_ids": ids, "js": js, "heavy_imports": heavy, "served": served}))
+                      "elem_ids": ids, "js": js, "heavy_imports": heavy, "served": served,
+                      "ui_config_keys": config_keys, "ui_config_duplicates": config_dupes}))
+
+
+def ui_config_keys(blocks, path):
+    """The keys AUTOMATIC1111 1.10.1 / Forge save into ui-config.json for a tab (modules/ui_loadsave.py:
+    add_block walks the children; a component with a label is saved under `path/label/field`, a button under
+    `path/its text/visible`; `do_not_save_to_config` leaves one out). Returns (sorted keys, duplicated keys)."""
+    import gradio as gr
+
+    saved_types = tuple(getattr(gr, n) for n in ("Slider", "Radio", "Checkbox", "Textbox", "Number", "Dropdown",
+                                                   "Button") if hasattr(gr, n))
+    seen, dupes = [], []
+
+    def add(key):
+        (dupes if key in seen else seen).append(key)
+
+    def walk(x):
+        if hasattr(x, "children"):
+            for c in x.children:
+                walk(c)
+            return
+        if type(x) not in saved_types or getattr(x, "do_not_save_to_config", False):
+            return
+        label = getattr(x, "label", None)
+        if label is not None:
+            field = "value" if not isinstance(x, gr.Button) else "visible"
+            add(f"{path}/{label}/{field}")
+        elif isinstance(x, gr.Button) and getattr(x, "value", None) is not None:
+            add(f"{path}/{x.value}/visible")
+
+    walk(blocks)
+    return sorted(seen), sorted(set(dupes))
 
 
 def launch_and_fetch(blocks):
@@ -80,7 +114,7 @@ def launch_and_fetch(blocks):
     import socket
     import urllib.request
 
-    from lora_train.ui_cli import launch
+    from lora_train.cli.ui import launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

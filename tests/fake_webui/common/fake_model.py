@@ -27,17 +27,57 @@ def module_tree(sd, strip=""):
 
 
 class CheckpointInfo:
-    def __init__(self, filename, metadata=None):
+    """A1111 1.10.1's CheckpointInfo: before its hash is computed (a checkpoint the WebUI has never hashed) the
+    title is the file name; `calculate_shorthash()` makes it `name [hash]` and registers the new ids."""
+
+    def __init__(self, filename, metadata=None, hashed=True):
         import os
 
         self.filename = filename
         self.name = os.path.basename(filename)
         self.name_for_extra = os.path.splitext(self.name)[0]
         self.model_name = self.name_for_extra
-        self.hash = "0123abcd"
-        self.title = f"{self.name} [{self.hash}]"
-        self.ids = [self.hash, self.model_name, self.title, self.name, self.name_for_extra]
+        self.hash = None
+        self.shorthash = None
+        self.title = self.name
+        self.ids = [self.model_name, self.title, self.name, self.name_for_extra]
         self.metadata = metadata or {}
+        if hashed:
+            self.calculate_shorthash()
+
+    def register(self, checkpoints_list, aliases=None):
+        checkpoints_list[self.title] = self
+        for i in self.ids:
+            (aliases if aliases is not None else CHECKPOINT_ALIASES)[i] = self
+
+    def calculate_shorthash(self, checkpoints_list=None):
+        self.hash = self.shorthash = "0123abcd"
+        self.ids += [self.shorthash, f"{self.name} [{self.shorthash}]", f"{self.name_for_extra} [{self.shorthash}]"]
+        self.title = f"{self.name} [{self.shorthash}]"
+        if checkpoints_list is not None:
+            self.register(checkpoints_list)
+        return self.shorthash
+
+
+CHECKPOINT_ALIASES = {}
+
+
+def get_closet_checkpoint_match(checkpoints_list, search_string):
+    """A1111 1.10.1 sd_models.get_closet_checkpoint_match: an alias, else the shortest title containing the
+    string, else the same without a trailing ` [hash]`."""
+    import re
+
+    if not search_string:
+        return None
+    info = CHECKPOINT_ALIASES.get(search_string)
+    if info is not None:
+        return info
+    found = sorted([i for i in checkpoints_list.values() if search_string in i.title], key=lambda x: len(x.title))
+    if found:
+        return found[0]
+    bare = re.sub(r"\s\[[^]]+]\s*$", "", search_string)
+    found = sorted([i for i in checkpoints_list.values() if bare in i.title], key=lambda x: len(x.title))
+    return found[0] if found else None
 
 
 def _wrap_a1111(k):

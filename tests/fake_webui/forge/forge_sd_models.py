@@ -4,6 +4,12 @@ only when the loading parameters changed."""
 from backend import memory_management
 
 checkpoints_list = {}
+
+
+def get_closet_checkpoint_match(search_string):
+    import fake_model
+
+    return fake_model.get_closet_checkpoint_match(checkpoints_list, search_string)
 calls = []
 
 

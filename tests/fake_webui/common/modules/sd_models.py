@@ -3,6 +3,12 @@ send_model_to_cpu / send_model_to_device, reload_model_weights (returns early fo
 from modules import devices, shared
 
 checkpoints_list = {}
+
+
+def get_closet_checkpoint_match(search_string):
+    import fake_model
+
+    return fake_model.get_closet_checkpoint_match(checkpoints_list, search_string)
 calls = []
 
 

@@ -1,0 +1,234 @@
+"""Captioning a folder: ``caption_folder`` runs a captioner over a dataset folder (the folder and its kohya
+``N_name`` subfolders, read like the trainer reads them) with modes skip / overwrite / append, trigger prefix,
+find-and-replace, tag dedupe and ordering with ``keep_tokens`` fixed, and writes ``.txt`` sidecars or
+``metadata.csv`` atomically. Existing captions are never touched unless the mode says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from ..data.dataset import load_image
+from ..data.folder import IMAGE_EXTS, METADATA_NAMES
+from ..io_utils import atomic_write_bytes
+from .backends import Captioner, Tags, caption_text, result_tags
+from .table import CaptionTable, ImageEntry, MetadataFile, _sidecar_bytes, list_images
+from .text import Pairs, append_caption, process_caption, tag_frequency_of
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+MODES = ("skip", "overwrite", "append")
+
+
+# ============================================================================ caption_folder
+@dataclass
+class CaptionReport:
+    written: List[str] = field(default_factory=list)                 # image paths whose caption was written
+    skipped: List[str] = field(default_factory=list)                 # kept their existing caption
+    failed: List[Tuple[str, str]] = field(default_factory=list)      # (image path, reason)
+    captions: Dict[str, str] = field(default_factory=dict)           # image path -> caption it now has
+    tags: Dict[str, Tags] = field(default_factory=dict)              # image path -> (tag, confidence), taggers
+    folders: Dict[str, str] = field(default_factory=dict)            # image path -> folder label
+    files: List[str] = field(default_factory=list)                   # caption files written
+    warnings: List[str] = field(default_factory=list)
+    stopped: bool = False
+    dry_run: bool = False
+
+    @property
+    def total(self) -> int:
+        return len(self.written) + len(self.skipped) + len(self.failed)
+
+    def tag_frequency(self) -> Dict[str, Dict[str, int]]:
+        return tag_frequency_of((self.folders.get(p, ""), c) for p, c in self.captions.items())
+
+    def summary(self) -> str:
+        verb = "would write" if self.dry_run else "wrote"
+        s = f"{verb} {len(self.written)}, skipped {len(self.skipped)} (already captioned), failed {len(self.failed)}"
+        if self.stopped:
+            s += " (stopped early)"
+        return s
+
+
+def _resolve_out(out: str) -> str:
+    """'txt' or the metadata file's base name ('metadata.csv' / 'metadata.jsonl')."""
+    if out in (None, "", "txt", ".txt", "sidecar"):
+        return "txt"
+    base = os.path.basename(out)
+    if base not in METADATA_NAMES:
+        raise ValueError(f"out must be 'txt' or metadata.csv / metadata.jsonl, not '{out}' (the dataset loader only "
+                         f"reads those names, from the image folder itself)")
+    return base
+
+
+def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigger: Optional[str] = None,
+                   replace: Pairs = (), dedupe: bool = False, keep_tokens: Optional[int] = None, out: str = "txt",
+                   caption_extension: str = ".txt", progress: Optional[ProgressFn] = None, *,
+                   replace_tags: Pairs = (), remove_tags: Iterable[str] = (), add_tags: Iterable[str] = (),
+                   sort: Optional[str] = None, batch_size: int = 1, should_stop: Optional[Callable[[], bool]] = None,
+                   dry_run: bool = False) -> CaptionReport:
+    """Caption every image of `folder` (and its kohya `N_name` subfolders) with `captioner`.
+
+    mode: ``skip`` leaves images that already have a caption alone (their files byte for byte, and the
+    captioner is not even run on them); ``overwrite`` replaces captions; ``append`` adds the new caption after
+    the existing one. "Existing caption" is what the dataset loader would read: a metadata.csv/jsonl row,
+    else a non-empty ``.txt`` sidecar (an empty sidecar counts as no caption).
+    out: ``"txt"`` writes ``<stem><caption_extension>`` sidecars; ``"metadata.csv"`` (or a path ending in it)
+    writes/updates ``metadata.csv`` in each image folder, keeping its other rows and columns.
+    Each caption goes through ``process_caption`` (trigger, replace, dedupe, keep_tokens, ...). Unreadable
+    images and captioner errors are reported in ``report.failed`` and the run goes on. ``progress(i, n,
+    path)`` is called once per image after it is handled (i = 1..n). ``should_stop()`` -> True stops after
+    the current image (what was done is saved). ``dry_run`` computes everything and writes nothing.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
+    target = _resolve_out(out)
+    if not caption_extension.startswith("."):
+        caption_extension = "." + caption_extension
+    entries = list_images(folder, caption_extension)
+    report = CaptionReport(dry_run=dry_run)
+    if not entries:
+        report.warnings.append(f"no images in '{os.path.abspath(folder)}' (looked for {', '.join(IMAGE_EXTS)} "
+                               f"in the folder and its kohya N_name subfolders)")
+        return report
+    metas: Dict[str, MetadataFile] = {}
+
+    def meta_for(d: str) -> MetadataFile:
+        if d not in metas:  # the folder's own metadata file if it has one (the one the loader reads)
+            have = next((n for n in METADATA_NAMES if os.path.isfile(os.path.join(d, n))), None)
+            metas[d] = MetadataFile(d, have or target)
+        return metas[d]
+
+    # what the loader reads now, per folder: its metadata file (csv before jsonl), then .txt sidecars
+    readers: Dict[str, Optional[MetadataFile]] = {}
+    for e in entries:
+        if e.folder not in readers:
+            name = next((n for n in METADATA_NAMES if os.path.isfile(os.path.join(e.folder, n))), None)
+            readers[e.folder] = MetadataFile(e.folder, name) if name else None
+            if target != "txt" and name and name != target:
+                report.warnings.append(f"{os.path.join(e.folder, name)} exists and is what the dataset loader "
+                                       f"reads, so the captions go there instead of {target}")
+    shadowed: Dict[str, int] = Counter()
+    opts = dict(trigger=trigger, replace=replace, dedupe=dedupe, keep_tokens=keep_tokens, replace_tags=replace_tags,
+                remove_tags=remove_tags, add_tags=add_tags, sort=sort)
+    n = len(entries)
+    done = 0
+    todo: List[Tuple[ImageEntry, Optional[str]]] = []
+
+    def existing_caption(e: ImageEntry) -> Tuple[Optional[str], Optional[str]]:
+        """(caption or None, problem or None), as lora_train.data.folder read it."""
+        r = e.row
+        if r is None or r.source == "none":
+            return None, None
+        if r.problem:
+            return "", "its caption file is not UTF-8 text"
+        return r.caption, None
+
+    def finish(e: ImageEntry) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, n, e.path)
+
+    def write(e: ImageEntry, caption: str) -> None:
+        name = e.key or os.path.basename(e.path)
+        if target == "txt":
+            reader = readers[e.folder]
+            if reader is not None and reader.get(name) is not None:
+                shadowed[reader.path] += 1
+            dest = (e.row.sidecar if e.row is not None else "") or os.path.splitext(e.path)[0] + caption_extension
+            if not dry_run:
+                atomic_write_bytes(dest, _sidecar_bytes(e.row, caption))
+            report.files.append(dest)
+        else:
+            meta_for(e.folder).set(name, caption)
+
+    def handle(e: ImageEntry, existing: Optional[str], result: Any) -> None:
+        new = caption_text(result)
+        tags = result_tags(result)
+        if not new.strip():
+            report.failed.append((e.path, "the captioner returned an empty caption"))
+            return
+        text = append_caption(existing, new) if (mode == "append" and existing) else new
+        text = process_caption(text, **opts)
+        try:
+            write(e, text)
+        except OSError as exc:
+            report.failed.append((e.path, f"cannot write the caption ({exc})"))
+            return
+        report.written.append(e.path)
+        report.captions[e.path] = text
+        if tags is not None:
+            report.tags[e.path] = tags
+
+    def flush() -> None:
+        batch = list(todo)
+        todo.clear()
+        images, ok = [], []
+        for e, existing in batch:
+            try:
+                images.append(load_image(e.path))
+                ok.append((e, existing))
+            except Exception as exc:  # corrupt / truncated / not an image: report and go on
+                cause = exc.__cause__ or exc  # load_image wraps decoder errors in a training-time message
+                report.failed.append((e.path, f"cannot read the image ({type(cause).__name__}: {cause}); "
+                                              f"replace or remove the file"))
+                finish(e)
+        if not ok:
+            return
+        results: Optional[List[Any]] = None
+        if len(ok) > 1:
+            try:
+                results = captioner.caption_batch(images, [e.path for e, _ in ok])
+            except Exception as exc:  # retry one by one to find the image at fault
+                log.debug("batch failed (%s); captioning one by one", exc)
+        for k, (e, existing) in enumerate(ok):
+            try:
+                result = results[k] if results is not None else captioner.caption(images[k], e.path)
+            except Exception as exc:
+                report.failed.append((e.path, f"{captioner.name} failed ({type(exc).__name__}: {exc})"))
+            else:
+                handle(e, existing, result)
+            finish(e)
+
+    try:
+        for e in entries:
+            if should_stop is not None and should_stop():
+                report.stopped = True
+                break
+            report.folders[e.path] = e.folder_name
+            existing, problem = existing_caption(e)
+            if problem and mode == "append":
+                report.failed.append((e.path, problem + ": convert it to UTF-8 or use mode overwrite"))
+                finish(e)
+                continue
+            if existing is not None and mode == "skip":
+                report.skipped.append(e.path)
+                report.captions[e.path] = existing
+                finish(e)
+                continue
+            todo.append((e, existing if mode == "append" else None))
+            if len(todo) >= max(1, int(batch_size)):
+                flush()
+        if todo and not report.stopped:
+            flush()
+    finally:
+        todo.clear()
+        for m in metas.values():  # metadata rows computed so far are saved even on an interrupt
+            if m.changed:
+                if not dry_run:
+                    m.save()
+                report.files.append(m.path)
+    for path, count in shadowed.items():
+        report.warnings.append(f"{path} has captions for {count} of the images written as {caption_extension} files; "
+                               f"the dataset loader reads metadata first, so those {caption_extension} files are not "
+                               f"used (caption with --out {os.path.basename(path)})")
+    return report
+
+
+def tag_frequency(folder: str, caption_extension: str = ".txt") -> Dict[str, Dict[str, int]]:
+    """{folder label: {tag: count}} over the captions the dataset loader would read (images with none skipped)."""
+    return CaptionTable(folder, caption_extension).tag_frequency()

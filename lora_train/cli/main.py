@@ -1,0 +1,186 @@
+"""Command line: train | demo | tiny-model (more subcommands join as their features land)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+from ..config import ConfigError, TrainConfig, parse_overrides
+
+
+class TqdmRenderer:
+    """Renders trainer events with tqdm."""
+
+    def __init__(self, stream=None):
+        self.bar = None
+        self.stream = stream or sys.stderr
+
+    def __call__(self, ev):
+        from tqdm.auto import tqdm
+
+        kind = ev["kind"]
+        if kind == "start":
+            self.bar = tqdm(total=ev["total_steps"], desc="training", unit="step", file=self.stream, mininterval=0.5)
+        elif kind == "step" and self.bar is not None:
+            self.bar.n = ev["step"]
+            self.bar.set_postfix(epoch=ev["epoch"], loss=f"{ev['loss']:.4f}", lr=f"{ev['lr']:.2e}", refresh=False)
+            self.bar.refresh()
+        elif kind in ("warning", "info", "nan", "diagnosis"):
+            prefix = {"warning": "warning: ", "nan": "warning: ", "diagnosis": "diagnosis: "}.get(kind, "")
+            (self.bar.write if self.bar else print)(f"{prefix}{ev['message']}")
+        elif kind == "resumed":
+            print(f"resumed from {ev['path']} at step {ev['step']} (epoch {ev['epoch']})")
+        elif kind == "checkpoint":
+            msg = f"saved {ev['path']}"
+            (self.bar.write if self.bar else print)(msg)
+        elif kind == "done" and self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args, extra: List[str]) -> int:
+    from ..tuning.advisor import Finding, format_findings
+    from ..hosts.standalone import StandaloneHost
+    from ..run import train_for_host
+
+    overrides = parse_overrides(extra)
+    cfg = TrainConfig.load(args.config, overrides)
+    offer = rescale_offer(TrainConfig.load(args.config), cfg, overrides)
+    if offer:
+        print(offer)
+    # the one train-and-publish path; the CLI keeps the name and folder the config chose (never overwritten)
+    host = StandaloneHost(base_model=cfg.base_model, lora_dir=cfg.output_dir)
+    res = train_for_host(host, cfg, cfg.base_model, callback=TqdmRenderer(), resume_from=args.resume,
+                         rename=False).result
+    if res.nan_stopped:
+        print(f"error: {res.message}", file=sys.stderr)
+    state = "stopped early" if res.stopped else "finished"
+    print(f"{state}: {res.steps} steps in {res.seconds:.1f}s; LoRA: {res.lora_path}; loss log: {res.loss_csv}")
+    print(format_findings([Finding(**f) for f in res.findings]))
+    return 3 if res.nan_stopped else 0
+
+
+def rescale_offer(before: TrainConfig, after: TrainConfig, overrides) -> str:
+    """When an override changes the batch or accumulation but not the lr, say which lr keeps the step size."""
+    from ..tuning.advisor import rescale_lr
+
+    if "learning_rate" in overrides:
+        return ""
+    if (before.batch_size, before.gradient_accumulation_steps) == (after.batch_size, after.gradient_accumulation_steps):
+        return ""
+    lines = []
+    for scaling in ("sqrt", "linear"):
+        lr, why = rescale_lr(before.learning_rate, before.batch_size, before.gradient_accumulation_steps,
+                             after.batch_size, after.gradient_accumulation_steps, scaling)
+        lines.append(f"  {scaling}: --learning_rate {lr:.3g}   ({why})")
+    return ("note: the effective batch changed but learning_rate did not (training keeps "
+            f"{after.learning_rate:.3g}). To rescale it, run again with one of:\n" + "\n".join(lines))
+
+
+def cmd_tiny_model(args, extra: List[str]) -> int:
+    from ..models.tiny import build_tiny
+    from ..models.diffusers_folder import save_diffusers_folder
+
+    if os.path.exists(os.path.join(args.dir, "model_index.json")) and not args.overwrite:
+        print(f"error: '{args.dir}' already holds a model; pass --overwrite or choose another folder", file=sys.stderr)
+        return 2
+    save_diffusers_folder(build_tiny("v_prediction" if args.v else "epsilon"), args.dir)
+    print(f"wrote the tiny demo model to {args.dir}")
+    return 0
+
+
+def cmd_demo(args, extra: List[str]) -> int:
+    from ..data.demo import DEMO_TRIGGER, write_demo_dataset
+    from ..io_utils import next_free_name
+    from ..models.tiny import build_tiny
+    from ..hosts.standalone import StandaloneHost
+    from ..run import train_for_host
+    from ..sampler import GenParams, Generator, build_grid
+
+    t0 = time.time()
+    out = os.path.abspath(args.out)
+    data = os.path.join(out, "dataset")
+    from ..captions import caption_folder, make_captioner
+
+    write_demo_dataset(data, n=8, size=64, captions=False)
+    rep = caption_folder(data, make_captioner("template", template="{trigger}, {words}", trigger=DEMO_TRIGGER),
+                         mode="skip")
+    example = next(iter(rep.captions.values()), "")
+    print(f"[1/4] dataset: {data} (8 procedural images)")
+    print(f"[2/4] captions (template backend, trigger word '{DEMO_TRIGGER}'): {rep.summary()}; e.g. '{example}'")
+    name = next_free_name(out, "demo_lora")
+    cfg = TrainConfig(train_data_dir=data, base_model="tiny", output_dir=out, output_name=name, resolution=64,
+                      lora_rank=8, learning_rate=args.lr, batch_size=2, epochs=args.epochs, lr_scheduler="cosine",
+                      lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10)
+    cfg.validate()
+    res = train_for_host(StandaloneHost("tiny", out), cfg, "tiny", callback=TqdmRenderer(), rename=False).result
+    print(f"[3/4] trained {res.steps} steps in {res.seconds:.1f}s -> {res.lora_path}")
+    gen = Generator(build_tiny(), lora_dirs=[out])
+    base = GenParams(prompt=f"{DEMO_TRIGGER}, a red circle on a blue background <lora:{name}:1>", steps=args.sample_steps,
+                     cfg_scale=1.0, width=64, height=64)
+    grid = build_grid(gen, base, name, [0.5, 1.0], [1, 2], cell_size=128)
+    grid_path = grid.save(os.path.join(out, "grids"), name)[0]
+    print(f"[4/4] grid (strength 0 / 0.5 / 1.0): {grid_path}")
+    print(f"loss curve: {res.loss_png}; done in {time.time() - t0:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lora_train", description="LoRA trainer for Stable Diffusion")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a LoRA from a YAML config; any key can be overridden as --key value")
+    t.add_argument("config")
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a run from its last saved state (the run's output_dir, or one state/step-N folder)")
+    d = sub.add_parser("demo", help="procedural images -> caption -> train the tiny model on CPU -> strength grid")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--epochs", type=int, default=40)
+    d.add_argument("--lr", type=float, default=2e-3,
+                   help="high on purpose: the tiny random model needs it; real models start at 1e-4..2e-4")
+    d.add_argument("--seed", type=int, default=42)
+    d.add_argument("--sample-steps", type=int, default=20)
+    tm = sub.add_parser("tiny-model", help="write the tiny demo model as a diffusers folder")
+    tm.add_argument("dir")
+    tm.add_argument("--v", action="store_true", help="v-prediction variant")
+    tm.add_argument("--overwrite", action="store_true")
+    _load_extensions(sub)
+    return p
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "tiny-model": cmd_tiny_model}
+
+# Feature modules add their own subcommands: each exposes `add_commands(subparsers) -> {name: func}`,
+# func(args, extra) -> exit code.
+EXTENSIONS = ["lora_train.cli.sample", "lora_train.cli.tuning", "lora_train.cli.caption", "lora_train.cli.ui"]
+
+
+def _load_extensions(sub) -> None:
+    import importlib
+
+    for modname in EXTENSIONS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue  # feature not present in this build
+            raise
+        COMMANDS.update(mod.add_commands(sub))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return COMMANDS[args.cmd](args, extra)
+    except (ConfigError, FileExistsError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

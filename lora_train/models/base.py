@@ -1,0 +1,50 @@
+"""The BaseModel bundle every family fills (components, kind, prediction type) and ModelError."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ModelError(ValueError):
+    """A base model that cannot be used; the message says what it is and what to do."""
+
+
+@dataclass
+class BaseModel:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    kind: str = "sd1"  # sd1 | sd2 | sdxl
+    name: str = "tiny"
+    path: str = ""
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    native_resolution: int = 512
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return getattr(self.noise_scheduler.config, "prediction_type", "epsilon")
+
+    @property
+    def vae_scale(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def text_encoders(self):
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+
+    def to(self, device=None, dtype=None) -> "BaseModel":
+        for m in (self.unet, self.vae, *self.text_encoders):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def model_hash(self) -> str:
+        """Short hash of the identity of the base model (path + name), for metadata."""
+        return hashlib.sha256(f"{self.kind}:{self.name}:{self.path}".encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- tiny tokenizer

@@ -1,0 +1,78 @@
+"""diffusers model folders (model_index.json): save and load, offline (`local_files_only=True`)."""
+from __future__ import annotations
+
+import json
+import os
+
+
+from .base import BaseModel, ModelError
+
+
+def save_diffusers_folder(model: BaseModel, folder: str) -> str:
+    """Write the bundle as a diffusers StableDiffusionPipeline folder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=model.noise_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------- loading
+def _index_has(index: dict, key: str) -> bool:
+    """model_index.json lists a component (diffusers writes [null, null] for an absent one)."""
+    v = index.get(key)
+    return bool(v) and not (isinstance(v, (list, tuple)) and all(x is None for x in v))
+
+
+def load_diffusers_folder(folder: str) -> BaseModel:
+    """An SD1.x / SD2.x (StableDiffusionPipeline) or SDXL base (StableDiffusionXLPipeline) diffusers folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path, encoding="utf-8") as fh:
+        index = json.load(fh)
+    cls_name = index.get("_class_name", "")
+    supported = "Use an SD1.x, SD2.x or SDXL base diffusers folder."
+    if _index_has(index, "transformer") or not _index_has(index, "unet"):
+        raise ModelError(f"'{folder}' is a {cls_name or 'non-UNet'} folder (a transformer model, not a Stable "
+                         f"Diffusion UNet); this version trains SD1.x, SD2.x and SDXL. {supported}")
+    xl = _index_has(index, "text_encoder_2")
+    if xl and not _index_has(index, "text_encoder"):
+        raise ModelError(f"'{folder}' is the SDXL refiner (no first text encoder); train on an SDXL base model. "
+                         f"{supported}")
+    if "Inpaint" in cls_name:
+        raise ModelError(f"'{folder}' is an inpainting model; train on the regular checkpoint. {supported}")
+    kw = dict(local_files_only=True)
+    te2 = tok2 = None
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
+        if xl:
+            te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)
+            tok2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **kw)
+        sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as exc:
+        subs = "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/" if xl else "text_encoder/, tokenizer/"
+        raise ModelError(f"could not load the diffusers folder '{folder}': {exc}. It needs unet/, vae/, {subs} "
+                         f"and scheduler/ subfolders with their weights.") from exc
+    if int(unet.config.in_channels) != 4:
+        raise ModelError(f"'{folder}' has a UNet with {unet.config.in_channels} input channels (inpainting or "
+                         f"another special model). {supported}")
+    for m in (unet, vae, text_encoder, te2):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    if xl:
+        kind = "sdxl"
+    else:  # SD2's OpenCLIP-H: 1024 wide, gelu (CLIP-L of SD1: 768, quick_gelu)
+        te_cfg = text_encoder.config
+        kind = "sd2" if te_cfg.hidden_size == 1024 or getattr(te_cfg, "hidden_act", "") == "gelu" else "sd1"
+    native = int(unet.config.sample_size) * (2 ** (len(vae.config.block_out_channels) - 1))
+    name = os.path.basename(os.path.normpath(folder))
+    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=sched,
+                     kind=kind, name=name, path=os.path.abspath(folder), native_resolution=native,
+                     text_encoder_2=te2, tokenizer_2=tok2)

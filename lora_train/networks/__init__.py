@@ -1,0 +1,1 @@
+"""Adapter networks: injection into the models (peft) and the host file layouts (kohya names, SDXL SGM names)."""

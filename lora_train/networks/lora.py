@@ -1,0 +1,351 @@
+"""LoRA adapters: peft injection with kohya's default targets, kohya-format export/import, strength.
+
+Kohya names (DESIGN.md): `lora_unet_<module path with _>` for SD1/SD2 UNets (diffusers block names),
+`lora_te_text_model_<...>` for the SD1/SD2 text encoder; each module stores `.lora_down.weight`,
+`.lora_up.weight` and `.alpha` (scale = alpha / rank). The `text_model` level is written whatever the
+transformers version (transformers 5 dropped it from CLIPTextModel's module paths).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+UNET_TARGET_PARENTS = ("Transformer2DModel", "SpatialTransformer")
+TE_TARGET_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                      "mlp.fc1", "mlp.fc2")
+DEFAULT_ADAPTER = "lora_train"
+
+
+class LoraFormatError(ValueError):
+    """A file that is not a LoRA we can read, or that does not fit the model."""
+
+
+# ----------------------------------------------------------------------------- targets and names
+def _is_target_layer(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
+
+
+def _base(m: nn.Module) -> nn.Module:
+    """The original layer of a peft-wrapped one."""
+    return getattr(m, "base_layer", m)
+
+
+def unet_target_modules(unet: nn.Module) -> List[str]:
+    """Every Linear / 1x1 conv inside the UNet's transformer blocks (kohya's default targets)."""
+    names: List[str] = []
+    for pname, parent in unet.named_modules():
+        if type(parent).__name__ not in UNET_TARGET_PARENTS:
+            continue
+        for cname, child in parent.named_modules():
+            if not cname or ".base_layer" in cname or cname.endswith("base_layer") or ".lora_" in cname \
+                    or cname.startswith("lora_"):
+                continue
+            if _is_target_layer(_base(child)) and not _has_peft_parent(parent, cname):
+                names.append(f"{pname}.{cname}" if pname else cname)
+    return names
+
+
+def _has_peft_parent(root: nn.Module, cname: str) -> bool:
+    parts = cname.split(".")
+    return any(p in ("lora_A", "lora_B", "base_layer", "lora_embedding_A", "lora_embedding_B") for p in parts)
+
+
+def te_target_modules(text_encoder: nn.Module) -> List[str]:
+    names = []
+    for name, m in text_encoder.named_modules():
+        if any(name.endswith(s) for s in TE_TARGET_SUFFIXES) and _is_target_layer(_base(m)):
+            names.append(name)
+    return names
+
+
+def te_canonical_path(path: str) -> str:
+    """Module path as transformers 4.x names it (with the `text_model.` level)."""
+    return path if path.startswith("text_model.") else "text_model." + path
+
+
+def kohya_name(component: str, path: str, kind: str = "sd1") -> str:
+    """component: unet | te | te1 | te2. SDXL UNet paths are renamed to kohya's SGM block names."""
+    if component == "unet":
+        if kind == "sdxl":
+            from .sdxl_names import diffusers_to_sgm_path
+
+            path = diffusers_to_sgm_path(path)
+        return "lora_unet_" + path.replace(".", "_")
+    prefix = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}[component]
+    return prefix + te_canonical_path(path).replace(".", "_")
+
+
+# ----------------------------------------------------------------------------- the LoRA as data
+@dataclass
+class LoraWeights:
+    """Module-level LoRA weights keyed by (component, module path in our models)."""
+
+    modules: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def components(self) -> List[str]:
+        return sorted({c for c, _ in self.modules})
+
+    def rank(self) -> int:
+        return max((d.shape[0] for d, _, _ in self.modules.values()), default=0)
+
+
+def _components(model) -> List[Tuple[str, nn.Module]]:
+    """[(component, module)] of a BaseModel: unet, te (SD1/2) or te1/te2 (SDXL)."""
+    out = [("unet", model.unet)]
+    if model.text_encoder_2 is not None:
+        out += [("te1", model.text_encoder), ("te2", model.text_encoder_2)]
+    else:
+        out.append(("te", model.text_encoder))
+    return out
+
+
+def name_map(model) -> Dict[str, Tuple[str, str]]:
+    """kohya module name -> (component, module path) for every default target of the model."""
+    out: Dict[str, Tuple[str, str]] = {}
+    for comp, mod in _components(model):
+        targets = unet_target_modules(mod) if comp == "unet" else te_target_modules(mod)
+        for path in targets:
+            out[kohya_name(comp, path, model.kind)] = (comp, path)
+    return out
+
+
+# ----------------------------------------------------------------------------- peft injection
+def inject(module: nn.Module, targets: List[str], rank: int, alpha: float, adapter: str = DEFAULT_ADAPTER,
+           rank_pattern: Optional[Dict[str, int]] = None) -> nn.Module:
+    """Add a peft LoRA adapter to `targets` (exact module paths). Works with peft 0.10 .. current."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                     init_lora_weights=True, rank_pattern=dict(rank_pattern or {}))
+    inject_adapter_in_model(cfg, module, adapter_name=adapter)
+    return module
+
+
+def lora_layers(module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> Iterable[Tuple[str, nn.Module]]:
+    for name, m in module.named_modules():
+        la = getattr(m, "lora_A", None)
+        if isinstance(la, nn.ModuleDict) and adapter in la:
+            yield name, m
+
+
+def lora_parameters(module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> List[nn.Parameter]:
+    params = []
+    for _, m in lora_layers(module, adapter):
+        params += list(m.lora_A[adapter].parameters()) + list(m.lora_B[adapter].parameters())
+    return params
+
+
+def set_strength(module: nn.Module, strength: float, adapter: str = DEFAULT_ADAPTER) -> None:
+    """Scale the adapter's output: effective scale = strength * alpha / rank."""
+    for _, m in lora_layers(module, adapter):
+        m.scaling[adapter] = float(strength) * float(m.lora_alpha[adapter]) / float(m.r[adapter])
+
+
+def activate(module: nn.Module, adapter: str) -> None:
+    """Make `adapter` active beside the already active ones on every layer that holds it."""
+    for _, m in lora_layers(module, adapter):
+        names = list(getattr(m, "active_adapters", []) or [])
+        if adapter not in names:
+            m.set_adapter(names + [adapter])
+
+
+def remove_adapter(module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> None:
+    """Take the adapter out again, leaving the wrapped layers' base weights untouched.
+
+    The layers' active adapter lists are left to the caller (peft may activate a remaining adapter).
+    """
+    for _, m in list(lora_layers(module, adapter)):
+        if hasattr(m, "delete_adapter"):
+            m.delete_adapter(adapter)
+            continue
+        for attr in tuple(getattr(m, "adapter_layer_names", ())) + tuple(getattr(m, "other_param_names", ())):
+            d = getattr(m, attr, None)
+            if isinstance(d, (nn.ModuleDict, nn.ParameterDict, dict)) and adapter in d:
+                del d[adapter]
+        act = getattr(m, "_active_adapter", None)
+        if act == adapter or (isinstance(act, list) and adapter in act):
+            m._active_adapter = [a for a in ([act] if isinstance(act, str) else act) if a != adapter]
+
+
+def extract(model, adapter: str = DEFAULT_ADAPTER) -> LoraWeights:
+    """Read the adapter's weights out of a BaseModel into LoraWeights."""
+    lw = LoraWeights()
+    for comp, mod in _components(model):
+        for path, m in lora_layers(mod, adapter):
+            down = m.lora_A[adapter].weight.detach().float().cpu().clone()
+            up = m.lora_B[adapter].weight.detach().float().cpu().clone()
+            lw.modules[(comp, path)] = (down, up, float(m.lora_alpha[adapter]))
+    return lw
+
+
+def apply(model, lw: LoraWeights, adapter: str, strength: float = 1.0, strict: bool = True) -> List[str]:
+    """Inject `lw` into the model as a peft adapter named `adapter`. Returns the kohya names not matched."""
+    by_comp: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for (comp, path), v in lw.modules.items():
+        by_comp.setdefault(comp, {})[path] = v
+    comps = dict(_components(model))
+    unmatched: List[str] = []
+    kind = getattr(model, "kind", "sd1")
+
+    def label(comp: str, p: str) -> str:
+        try:
+            return kohya_name(comp, p, kind)
+        except (ValueError, KeyError):
+            return f"{comp}:{p}"
+
+    for comp, entries in by_comp.items():
+        mod = comps.get(comp)
+        if mod is None:
+            unmatched += [label(comp, p) for p in entries]
+            continue
+        present = {n for n, _ in mod.named_modules()}
+        ok = {p: v for p, v in entries.items() if p in present}
+        unmatched += [label(comp, p) for p in entries if p not in present]
+        if not ok:
+            continue
+        ranks = {p: int(v[0].shape[0]) for p, v in ok.items()}
+        base_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        pattern = {p: r for p, r in ranks.items() if r != base_rank}
+        inject(mod, list(ok), base_rank, float(base_rank), adapter, rank_pattern=pattern)
+        named = dict(mod.named_modules())
+        for p, (down, up, alpha) in ok.items():
+            m = named[p]
+            a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
+            if tuple(a.shape) != tuple(down.shape) or tuple(b.shape) != tuple(up.shape):
+                raise LoraFormatError(f"LoRA module {label(comp, p)} has shapes {tuple(down.shape)}/"
+                                      f"{tuple(up.shape)} but the model needs {tuple(a.shape)}/{tuple(b.shape)}: "
+                                      f"the LoRA was trained for another base model.")
+            with torch.no_grad():
+                a.copy_(down.to(a.dtype))
+                b.copy_(up.to(b.dtype))
+            m.lora_alpha[adapter] = float(alpha)
+        activate(mod, adapter)
+        set_strength(mod, strength, adapter)
+        mod.requires_grad_(False)
+    if strict and unmatched:
+        raise LoraFormatError(f"{len(unmatched)} LoRA modules do not exist in this base model (first: "
+                              f"{unmatched[0]}): the LoRA was trained for another model kind.")
+    return unmatched
+
+
+# ----------------------------------------------------------------------------- kohya file I/O
+def to_kohya_state_dict(lw: LoraWeights, kind: str = "sd1", dtype: torch.dtype = torch.float32
+                        ) -> Dict[str, torch.Tensor]:
+    sd: Dict[str, torch.Tensor] = {}
+    for (comp, path), (down, up, alpha) in sorted(lw.modules.items()):
+        name = kohya_name(comp, path, kind)
+        sd[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        sd[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return sd
+
+
+def save_kohya(lw: LoraWeights, path: str, kind: str = "sd1", metadata: Optional[Dict[str, str]] = None,
+               overwrite: bool = False, dtype: torch.dtype = torch.float32) -> str:
+    from ..io_utils import save_safetensors
+
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"'{path}' exists already: choose another output_name or pass --overwrite.")
+    meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    save_safetensors(to_kohya_state_dict(lw, kind, dtype), path, metadata=meta)
+    return path
+
+
+def _strip_prefixes(key: str) -> str:
+    for p in ("base_model.model.",):
+        if key.startswith(p):
+            key = key[len(p):]
+    return key
+
+
+def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[str, str]] = None) -> LoraWeights:
+    """Read kohya, diffusers (`unet.`/`text_encoder.` + lora_A/lora_B) or plain peft layouts."""
+    lw = LoraWeights(metadata=dict(metadata or {}))
+    keys = list(sd)
+    if not keys:
+        raise LoraFormatError("the LoRA file holds no tensors.")
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        rev = name_map(model)
+        groups: Dict[str, Dict[str, torch.Tensor]] = {}
+        for k, v in sd.items():
+            base, _, rest = k.partition(".")
+            groups.setdefault(base, {})[rest] = v
+        unknown = []
+        for name, g in groups.items():
+            if "lora_down.weight" not in g or "lora_up.weight" not in g:
+                continue  # e.g. LoCon/LyCORIS extras or dora scales we do not read
+            if name not in rev:
+                unknown.append(name)
+                continue
+            down, up = g["lora_down.weight"].float(), g["lora_up.weight"].float()
+            alpha = float(g["alpha"].float().item()) if "alpha" in g else float(down.shape[0])
+            lw.modules[rev[name]] = (down, up, alpha)
+        if unknown:
+            lw.metadata["_unmatched"] = json.dumps(unknown)
+            if not lw.modules:
+                raise LoraFormatError(f"none of the {len(unknown)} LoRA modules match this base model (first: "
+                                      f"{unknown[0]}): the LoRA was made for another model kind.")
+        return lw
+    # diffusers / peft layouts
+    comp_prefix = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2", "te1.": "te1"}
+    if model.text_encoder_2 is not None:
+        comp_prefix["text_encoder."] = "te1"
+    pairs: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        k2 = _strip_prefixes(k)
+        comp = "unet"
+        for p, c in comp_prefix.items():
+            if k2.startswith(p):
+                comp, k2 = c, k2[len(p):]
+                break
+        for tag, role in ((".lora_A.", "down"), (".lora_B.", "up"), (".lora.down.", "down"), (".lora.up.", "up")):
+            if tag in k2:
+                path = k2.split(tag)[0]
+                pairs.setdefault((comp, path), {})[role] = v
+                break
+        else:
+            if k2.endswith(".alpha"):
+                pairs.setdefault((comp, k2[: -len(".alpha")]), {})["alpha"] = v
+    for (comp, path), g in pairs.items():
+        if "down" not in g or "up" not in g:
+            continue
+        if comp in ("te", "te1", "te2"):
+            path = _te_model_path(model, comp, path)
+        alpha = float(g["alpha"].float().item()) if "alpha" in g else float(g["down"].shape[0])
+        lw.modules[(comp, path)] = (g["down"].float(), g["up"].float(), alpha)
+    if not lw.modules:
+        raise LoraFormatError("no LoRA weights found: the file is neither kohya (lora_unet_*), diffusers "
+                              "(unet.*.lora_A) nor peft (*.lora_A.weight) layout.")
+    return lw
+
+
+def _te_model_path(model, comp: str, path: str) -> str:
+    """Map a text-encoder path with or without `text_model.` to the one the loaded model uses."""
+    te = model.text_encoder_2 if comp == "te2" else model.text_encoder
+    present = {n for n, _ in te.named_modules()}
+    for cand in (path, path[len("text_model."):] if path.startswith("text_model.") else "text_model." + path):
+        if cand in present:
+            return cand
+    return path
+
+
+def load_file(path: str, model) -> LoraWeights:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise LoraFormatError(f"LoRA file '{path}' does not exist.")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            sd = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise LoraFormatError(f"'{path}' is not a readable .safetensors file ({exc}).") from exc
+    return from_state_dict(sd, model, meta)

@@ -1,0 +1,1 @@
+"""Tuning advice: the advisor and live diagnosis (`advisor`), the LR range test (`lr_finder`)."""
