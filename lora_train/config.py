@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 import yaml
+from .io_utils import atomic_write_text
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
@@ -153,8 +154,6 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str) -> None:
-        from .io_utils import atomic_write_text
-
         atomic_write_text(path, self.to_yaml())
 
     def replace(self, **changes: Any) -> "TrainConfig":

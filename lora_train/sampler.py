@@ -21,6 +21,7 @@ from .networks import lora as lora_mod
 from .models.base import BaseModel
 from .plots import _font
 from .prompt import LoraLibrary, LoraTag, parse_prompt, with_strength
+from .io_utils import save_image
 
 SAMPLERS = ("DDIM", "Euler", "Euler a", "DPM++ 2M")
 
@@ -244,8 +245,6 @@ class GridResult:
 
     def save(self, folder: str, stem: str) -> List[str]:
         """Write the grid and each cell (with its `parameters` chunk); never overwrites (adds -N)."""
-        from .io_utils import save_image
-
         os.makedirs(folder, exist_ok=True)
 
         def free(name: str) -> str:

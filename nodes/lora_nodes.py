@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Sequence, Tuple
 
 from lora_train.tuning.advisor import BASES, DETAILS, TASKS
-from lora_train.config import OPTIMIZERS, SCHEDULERS
+from lora_train.config import OPTIMIZERS, PRECISIONS as CONFIG_PRECISIONS, SCHEDULERS, TrainConfig
 from lora_train.prompt import parse_floats, parse_ints
 
 from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image, save_preview
@@ -25,7 +25,9 @@ log = logging.getLogger("lora_train.comfyui")
 
 CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.captions.BACKENDS minus the WebUI-only "host"
 CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.captions.MODES
-PRECISIONS = ("auto", "no", "fp16", "bf16")
+PRECISION_CHOICES = ("auto",) + tuple(CONFIG_PRECISIONS)
+#: every front door starts from the config's defaults (the advisor's starting point)
+DEFAULTS = TrainConfig()
 INT_MAX = 0xFFFFFFFF
 
 
@@ -333,29 +335,29 @@ class LoraTrainTrain:
             "dataset": (DATASET_TYPE, {"tooltip": "Images and captions from 'Dataset from folder' / 'Caption dataset'."}),
             "lora_name": ("STRING", {"default": "my_lora", "tooltip": "File name of the new LoRA; a free name is "
                                                                       "taken when it exists (my_lora_v2, ...)."}),
-            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
+            "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
                                         "tooltip": "UNet learning rate (text encoder: half of it)."}),
-            "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (dim): capacity and file size."}),
-            "alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 256.0, "step": 1.0,
+            "rank": ("INT", {"default": DEFAULTS.lora_rank, "min": 1, "max": 256, "tooltip": "LoRA rank (dim): capacity and file size."}),
+            "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 1.0,
                                 "tooltip": "LoRA alpha; scale = alpha / rank. 0 = same as rank."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step."}),
-            "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 128,
+            "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per step."}),
+            "gradient_accumulation": ("INT", {"default": DEFAULTS.gradient_accumulation_steps, "min": 1, "max": 128,
                                               "tooltip": "Steps whose gradients are summed before an update."}),
-            "epochs": ("INT", {"default": 10, "min": 1, "max": 10000, "tooltip": "Passes over the dataset."}),
+            "epochs": ("INT", {"default": DEFAULTS.epochs, "min": 1, "max": 10000, "tooltip": "Passes over the dataset."}),
             "max_steps": ("INT", {"default": 0, "min": 0, "max": 1000000,
                                   "tooltip": "Stop after this many optimizer steps; 0 = use epochs."}),
-            "lr_scheduler": (list(SCHEDULERS), {"default": "cosine", "tooltip": "How the learning rate changes."}),
-            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+            "lr_scheduler": (list(SCHEDULERS), {"default": DEFAULTS.lr_scheduler, "tooltip": "How the learning rate changes."}),
+            "warmup_steps": ("INT", {"default": DEFAULTS.lr_warmup_steps, "min": 0, "max": 100000,
                                      "tooltip": "Learning-rate warmup steps."}),
-            "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "Optimizer (AdamW8bit needs bitsandbytes, "
+            "optimizer": (list(OPTIMIZERS), {"default": DEFAULTS.optimizer, "tooltip": "Optimizer (AdamW8bit needs bitsandbytes, "
                                                                               "Prodigy needs prodigyopt)."}),
             "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train the text encoder."}),
-            "training_seed": ("INT", {"default": 42, "min": 0, "max": INT_MAX,
+            "training_seed": ("INT", {"default": DEFAULTS.seed, "min": 0, "max": INT_MAX,
                                       "tooltip": "Seed of the run (same seed + same inputs = same LoRA)."}),
-            "save_every_n_epochs": ("INT", {"default": 1, "min": 0, "max": 10000,
+            "save_every_n_epochs": ("INT", {"default": DEFAULTS.save_every_n_epochs, "min": 0, "max": 10000,
                                             "tooltip": "Also save name-00000N files every N epochs (0 = final only); "
                                                        "the sweep can compare them."}),
-            "mixed_precision": (list(PRECISIONS), {"default": "auto", "tooltip": "auto: bf16/fp16 on CUDA, fp32 on CPU."}),
+            "mixed_precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "auto: bf16/fp16 on CUDA, fp32 on CPU."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE", "STRING")

@@ -75,3 +75,19 @@ def pytest_ignore_collect(collection_path, config):
     except OSError:
         return None
     return True if _FRONTEND_MODULE.search(text) else None
+
+
+@pytest.fixture
+def fresh_job_slot():
+    """The tab's one job slot and the process's used LoRA names, empty before a test and freed after it."""
+    from lora_train.hosts import USED_NAMES
+    from lora_train.ui import jobs
+
+    jobs._CURRENT = None
+    USED_NAMES.clear()
+    yield
+    job = jobs.running()
+    if job is not None:
+        job.stop()
+        jobs.wait(job, 60)
+    jobs._CURRENT = None

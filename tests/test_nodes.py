@@ -197,6 +197,18 @@ def test_every_node_contract(comfy):
 
     ln = sys.modules[PACK + ".nodes.lora_nodes"]
     assert set(ln.CAPTION_BACKENDS) <= set(BACKENDS) and tuple(ln.CAPTION_MODES) == tuple(MODES)
+    # one set of defaults: the Train node starts where the config (and the tab) start
+    from lora_train.config import PRECISIONS, TrainConfig
+
+    d, req = TrainConfig(), maps["LoraTrainTrain"].INPUT_TYPES()["required"]
+    for widget, key in (("learning_rate", "learning_rate"), ("rank", "lora_rank"), ("batch_size", "batch_size"),
+                        ("gradient_accumulation", "gradient_accumulation_steps"), ("epochs", "epochs"),
+                        ("lr_scheduler", "lr_scheduler"), ("warmup_steps", "lr_warmup_steps"),
+                        ("optimizer", "optimizer"), ("training_seed", "seed"),
+                        ("save_every_n_epochs", "save_every_n_epochs")):
+        assert req[widget][1]["default"] == getattr(d, key), widget
+    assert req["alpha"][1]["default"] == 0.0  # = rank, as the config's lora_alpha None
+    assert tuple(req["mixed_precision"][0]) == ("auto",) + tuple(PRECISIONS)
 
 
 def _run(code):

@@ -408,7 +408,9 @@ def test_sdxl_conditioning_goes_through_the_text_cache(tmp_path):
     with torch.no_grad():
         direct = Cd.encode(m, [CAPS[1], CAPS[0]])
     assert set(batch) == {"hidden", "pooled"}
-    assert torch.equal(batch["hidden"], direct["hidden"]) and torch.equal(batch["pooled"], direct["pooled"])
+    # encoded one caption at a time (cache) vs as one batch: equal up to CPU kernels' last bits, not bitwise
+    torch.testing.assert_close(batch["hidden"], direct["hidden"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batch["pooled"], direct["pooled"], rtol=1e-5, atol=1e-6)
     ehs, added = Cd.unet_inputs(m, batch, resolution=64)
     with torch.no_grad():
         out = m.unet(torch.zeros(2, 4, 16, 16), torch.tensor([1, 2]), ehs, added_cond_kwargs=added).sample

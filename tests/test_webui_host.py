@@ -213,18 +213,8 @@ def _tab_train(host, data, name, steps, wait=True, **settings):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_job_slot():
-    from lora_train.hosts.base import USED_NAMES
-    from lora_train.ui import jobs
-
-    jobs._CURRENT = None
-    USED_NAMES.clear()  # names written by earlier tests of this process
+def _fresh_job_slot(fresh_job_slot):
     yield
-    job = jobs.running()
-    if job is not None:
-        job.stop()
-        jobs.wait(job, 60)
-    jobs._CURRENT = None
 
 
 def test_training_job_end_to_end(webui, demo_data):

@@ -25,15 +25,8 @@ REQUIRED_IDS = {"lora_train_folder", "lora_train_gallery", "lora_train_caption",
 
 
 @pytest.fixture(autouse=True)
-def _fresh_job_slot():
-    jobs._CURRENT = None
-    USED_NAMES.clear()
+def _fresh_job_slot(fresh_job_slot):
     yield
-    job = jobs.running()
-    if job is not None:
-        job.stop()
-        jobs.wait(job, 60)
-    jobs._CURRENT = None
 
 
 class SpyHost(StandaloneHost):

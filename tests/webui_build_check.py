@@ -31,6 +31,9 @@ class DuckHost:
     def refresh_loras(self):
         return None
 
+    def captioners(self):
+        return {}
+
     def checkpoints(self):
         return {"v1-5-pruned-emaonly.safetensors [6ce0161689]": "/models/v1-5-pruned-emaonly.safetensors"}
 

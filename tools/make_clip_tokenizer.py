@@ -20,6 +20,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lora_train.models.tiny import _bytes_to_unicode  # noqa: E402  (the same byte table the tiny tokenizer uses)
+
 N_MERGES = 49152 - 256 - 2  # 48,894, as in OpenAI's simple_tokenizer.py
 
 TOKENIZER_CONFIG = {
@@ -27,19 +30,6 @@ TOKENIZER_CONFIG = {
     "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer",
     "do_lower_case": True, "errors": "replace", "add_prefix_space": False,
 }
-
-
-def bytes_to_unicode():
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def find_bpe() -> str:
@@ -61,7 +51,7 @@ def build(bpe_path: str):
     merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]
     if len(merges) != N_MERGES or any(len(m) != 2 for m in merges):
         raise SystemExit(f"{bpe_path}: unexpected merge list ({len(merges)} merges)")
-    vocab = list(bytes_to_unicode().values())
+    vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

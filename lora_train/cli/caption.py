@@ -50,7 +50,7 @@ def add_commands(subparsers) -> Dict[str, object]:
 
 
 def _captioner_opts(args) -> dict:
-    from ..captions import _ALIASES
+    from ..captions.backends import _ALIASES
 
     backend = _ALIASES.get(args.backend.lower(), args.backend.lower())
     if backend == "template":

@@ -1,4 +1,8 @@
-"""Command line: train | demo | tiny-model (more subcommands join as their features land)."""
+"""Command line: train | demo | tiny-model here; caption, sample, suggest / lr-find and ui in their own modules.
+
+Each subcommand imports the core it needs when it runs (inside its function), so `--help` and the light
+commands start without loading torch and diffusers.
+"""
 from __future__ import annotations
 
 import argparse

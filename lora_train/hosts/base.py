@@ -25,10 +25,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..io_utils import next_free_name
 from ..models.base import BaseModel
+from ..models.loading import load_base_model
 
 
 def checkpoint_names(title: str, path: str) -> set:
@@ -101,8 +102,6 @@ class Host:
         return None
 
     def base_model(self, spec: Optional[str] = None) -> BaseModel:
-        from ..models.loading import load_base_model
-
         if not spec:
             loaded = self.loaded_checkpoint()
             if loaded is None:
@@ -127,6 +126,10 @@ class Host:
 
     def generate(self, params):  # params: sampler.GenParams -> PIL.Image
         raise NotImplementedError
+
+    def captioners(self) -> Dict[str, Callable[[Any], str]]:
+        """The host's own interrogators {name: fn(PIL image) -> caption} (the WebUI's BLIP / DeepBooru); none here."""
+        return {}
 
     def interrupted(self) -> bool:
         return False

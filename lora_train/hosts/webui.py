@@ -35,6 +35,8 @@ import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .base import Host, HostError
+from ..models.single_file import from_original_state_dict, load_single_file
+from ..models.loading import load_base_model
 
 log = logging.getLogger("lora_train")
 
@@ -203,8 +205,6 @@ class WebUIHost(Host):
         return info if spec in ids or os.path.abspath(spec) == os.path.abspath(info.filename) else None
 
     def base_model(self, spec: Optional[str] = None):
-        from ..models.loading import load_base_model
-
         spec = (spec or "").strip()
         if spec in ("tiny", "tiny-v"):
             return load_base_model(spec)
@@ -221,11 +221,7 @@ class WebUIHost(Host):
         return self._load_file(self.check_path(spec, "base model", must_exist=True, folder=False))
 
     def _load_file(self, path: str):
-        from ..models.loading import load_base_model
-
         if self.model_config is not None and os.path.isfile(path):
-            from ..models.single_file import load_single_file
-
             return load_single_file(path, config=self.model_config)
         return load_base_model(path)
 
@@ -236,8 +232,6 @@ class WebUIHost(Host):
         return model.state_dict()
 
     def _loaded_base_model(self):
-        from ..models.single_file import from_original_state_dict
-
         info = self._model().sd_checkpoint_info
         return from_original_state_dict(self.loaded_state_dict(), name=getattr(info, "name_for_extra", "") or "",
                                         path=info.filename, metadata=getattr(info, "metadata", None) or None,

@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from .base import BaseModel, ModelError
+from ..io_utils import atomic_path
+from ..networks.sdxl_names import diffusers_to_sgm_path, unet_layout
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TOKENIZER_DIR = os.path.join(CONFIG_DIR, "clip_tokenizer")
@@ -490,8 +492,6 @@ def clip_te_to_ldm(model, prefix: str) -> Dict[str, torch.Tensor]:
 
 def unet_to_ldm(unet) -> Dict[str, torch.Tensor]:
     """diffusers UNet2DConditionModel -> `model.diffusion_model.*` (LDM/SGM layout)."""
-    from ..networks.sdxl_names import diffusers_to_sgm_path, unet_layout
-
     layout = unet_layout(unet)
     return {UNET_PREFIX + diffusers_to_sgm_path(k, **layout): v for k, v in unet.state_dict().items()}
 
@@ -575,8 +575,6 @@ def write_original_checkpoint(model: BaseModel, path: str, mark_v_prediction: bo
 
     sd = to_original_state_dict(model, mark_v_prediction)
     sd = {k: _cast(v.detach().cpu(), dtype).contiguous().clone() for k, v in sd.items()}
-    from ..io_utils import atomic_path
-
     with atomic_path(path) as tmp:
         save_file(sd, tmp, metadata={"format": "pt"})
     return path

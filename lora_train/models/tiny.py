@@ -28,6 +28,7 @@ import torch
 import tempfile
 
 from .base import BaseModel
+from ..data.demo import procedural_images
 
 TINY_SEED = 1234
 TINY_RESOLUTION = 64
@@ -110,8 +111,6 @@ def _tiny_scheduler_config(prediction_type: str = "epsilon") -> dict:
 
 def _calibrate_vae_scale(vae) -> float:
     """Scaling factor that gives the tiny VAE's latents unit variance on structured test images."""
-    from ..data.demo import procedural_images
-
     imgs = procedural_images(8, TINY_RESOLUTION, seed=7)
     import numpy as np
 

@@ -14,6 +14,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from ..io_utils import save_safetensors
+from .sdxl_names import diffusers_to_sgm_path
 
 UNET_TARGET_PARENTS = ("Transformer2DModel", "SpatialTransformer")
 TE_TARGET_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
@@ -74,8 +76,6 @@ def kohya_name(component: str, path: str, kind: str = "sd1") -> str:
     """component: unet | te | te1 | te2. SDXL UNet paths are renamed to kohya's SGM block names."""
     if component == "unet":
         if kind == "sdxl":
-            from .sdxl_names import diffusers_to_sgm_path
-
             path = diffusers_to_sgm_path(path)
         return "lora_unet_" + path.replace(".", "_")
     prefix = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}[component]
@@ -250,8 +250,6 @@ def to_kohya_state_dict(lw: LoraWeights, kind: str = "sd1", dtype: torch.dtype =
 
 def save_kohya(lw: LoraWeights, path: str, kind: str = "sd1", metadata: Optional[Dict[str, str]] = None,
                overwrite: bool = False, dtype: torch.dtype = torch.float32) -> str:
-    from ..io_utils import save_safetensors
-
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"'{path}' exists already: choose another output_name or pass --overwrite.")
     meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+from ..config import TrainConfig
 
 # ----------------------------------------------------------------------------- the rules, as data
 TASKS = ("style", "character", "face", "object", "concept", "other")
@@ -175,8 +176,6 @@ class Suggestion:
         return [(s.key, s.value, s.reason) for s in self.settings.values()]
 
     def to_config_dict(self) -> Dict[str, Any]:
-        from ..config import TrainConfig
-
         valid = set(TrainConfig.keys())
         return {k: s.value for k, s in self.settings.items() if k in valid}
 

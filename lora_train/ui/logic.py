@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..config import ConfigError, TrainConfig
+from ..config import PRECISIONS, ConfigError, TrainConfig  # noqa: F401  (PRECISIONS: the tab's choices)
 from . import jobs
 
 # ----------------------------------------------------------------------------- settings fields
@@ -21,7 +21,6 @@ SETTING_KEYS = ["base_model", "model_type", "output_name", "learning_rate", "lor
                 "optimizer", "resolution", "train_text_encoder", "mixed_precision", "seed", "save_every_n_epochs"]
 MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl")
 TASKS = ("style", "character", "face", "object", "concept", "other")
-PRECISIONS = ("no", "fp16", "bf16")
 #: suggestion keys the tab has a field for
 SUGGEST_FIELDS = ("learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps", "epochs",
                   "lr_scheduler", "lr_warmup_steps", "resolution", "train_text_encoder", "mixed_precision",
@@ -210,11 +209,8 @@ def caption_backends(host) -> Dict[str, str]:
 
 def host_captioners(host) -> Dict[str, Any]:
     """The host's own interrogators, if it offers any: `host.captioners() -> {name: fn(PIL) -> caption}`."""
-    fn = getattr(host, "captioners", None)
-    if not callable(fn):
-        return {}
     try:
-        return dict(fn() or {})
+        return dict(host.captioners() or {})
     except Exception:
         return {}
 

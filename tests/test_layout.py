@@ -1,0 +1,99 @@
+"""The package layout (docs/architecture.md): no import cycles between our modules, the core imports no host
+or UI toolkit, every concept that used to exist twice exists once."""
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "lora_train")
+
+
+def _modules():
+    out = {}
+    for dp, _dn, fn in os.walk(PKG):
+        for f in fn:
+            if f.endswith(".py"):
+                p = os.path.join(dp, f)
+                m = os.path.relpath(p, ROOT)[:-3].replace(os.sep, ".")
+                is_pkg = m.endswith(".__init__")
+                out[m[:-9] if is_pkg else m] = (p, is_pkg)
+    return out
+
+
+def _top_level_imports(mods):
+    """{module: {our modules it imports when it is imported}} (module-level statements only)."""
+    graph = {}
+    for m, (p, is_pkg) in mods.items():
+        tree = ast.parse(open(p, encoding="utf-8").read())
+        deps = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    pkg = (m if is_pkg else m.rsplit(".", 1)[0]).split(".")
+                    pkg = pkg[:len(pkg) - (node.level - 1)]
+                    base = ".".join(pkg + ([node.module] if node.module else []))
+                elif node.module and node.module.split(".")[0] == "lora_train":
+                    base = node.module
+                else:
+                    continue
+                for a in node.names:
+                    deps.add(base + "." + a.name if base + "." + a.name in mods else base)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == "lora_train"}
+        # importing a.b.c imports a.b first
+        deps |= {".".join(d.split(".")[:i]) for d in list(deps) for i in range(2, d.count(".") + 1)}
+        graph[m] = {d for d in deps if d in mods and d != m and not m.startswith(d + ".")}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _top_level_imports(_modules())
+    state, cycles = {}, []
+
+    def visit(u, stack):
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(graph[u]):
+            if state.get(v) == 1:
+                cycles.append(stack[stack.index(v):] + [v])
+            elif v not in state:
+                visit(v, stack)
+        stack.pop()
+        state[u] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert cycles == [], cycles
+
+
+def test_core_never_imports_a_host_or_ui_toolkit_at_module_level():
+    banned = ("gradio", "modules", "comfy", "folder_paths", "nodes", "backend", "networks")
+    for m, (p, _pkg) in _modules().items():
+        tree = ast.parse(open(p, encoding="utf-8").read())
+        for node in tree.body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad = [n for n in names if n.split(".")[0] in banned]
+            ok_here = m in ("lora_train.ui.tab", "lora_train.ui.compat")  # the gradio tab itself
+            assert not bad or (ok_here and bad == ["gradio"]), (m, bad)
+
+
+def test_one_place_for_each_concept():
+    """Definitions that used to exist two or three times (issue 15) exist once."""
+    wanted = {"PRECISIONS": 1, "train_for_host": 1, "publish": 1, "free_name": 1, "scan_folder": 1,
+              "class Diagnoser": 1}
+    found = {k: [] for k in wanted}
+    for dp, _dn, fn in os.walk(ROOT):
+        if any(part.startswith(".") for part in os.path.relpath(dp, ROOT).split(os.sep)) or "tests" in dp:
+            continue
+        for f in fn:
+            if not f.endswith(".py"):
+                continue
+            text = open(os.path.join(dp, f), encoding="utf-8").read()
+            for k in wanted:
+                pat = k if k.startswith("class ") else None
+                if pat and f"\n{pat}" in text:
+                    found[k].append(f)
+                elif not pat and (f"\ndef {k}(" in text or f"\n    def {k}(" in text or f"\n{k} = " in text):
+                    found[k].append(f)
+    assert {k: len(v) for k, v in found.items()} == wanted, found
