@@ -52,7 +52,11 @@ function loraTrainSendToTxt2img(tag) {
 
 // The tab's job status: while the LoRA Train tab is shown, click its hidden poll button about once a second
 // (the server has no timer of its own, so the WebUI's "Reload UI" never waits on one). Stops with the page.
+// While another tab is shown (the user waits on txt2img), every LORA_TRAIN_HIDDEN_EVERY-th tick: the poll is
+// what publishes a finished run to the page, so the Lora cards are refreshed without a visit to the tab.
 var LORA_TRAIN_POLL_MS = 1000;
+var LORA_TRAIN_HIDDEN_EVERY = 5;
+var lora_train_hidden_ticks = 0;
 
 function lora_train_tab_shown(app) {
     var tab = app.querySelector("#tab_lora_train");
@@ -64,7 +68,9 @@ function lora_train_poll_once() {
     if (typeof document === "undefined" || document.hidden) return false;
     var app = lora_train_app();
     var btn = app.querySelector("#lora_train_poll");
-    if (!btn || !lora_train_tab_shown(app)) return false;
+    if (!btn) return false;
+    if (!lora_train_tab_shown(app) && ++lora_train_hidden_ticks < LORA_TRAIN_HIDDEN_EVERY) return false;
+    lora_train_hidden_ticks = 0;
     if (btn.tagName !== "BUTTON") btn = btn.querySelector("button") || btn;
     btn.click();
     return true;

@@ -556,10 +556,13 @@ out.next = m.lora_train_refresh_cards("a_v3");
 out.poll_shown = m.lora_train_poll_once();
 els["#tab_lora_train"].style.display = "none";
 out.poll_hidden = m.lora_train_poll_once();
+// another tab shown (the user waits on txt2img): every 5th tick still polls, so a finished run reaches the cards
+out.hidden_ticks = [1, 2, 3, 4, 5, 6].map(() => m.lora_train_poll_once());
 out.clicks = clicks;
 console.log(JSON.stringify(out));"""
     res = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out == {"first": 2, "again": 0, "empty": 0, "next": 2, "poll_shown": True, "poll_hidden": False,
-                   "clicks": ["t2i", "i2i", "t2i", "i2i", "poll"]}
+                   "hidden_ticks": [False, False, False, True, False, False],
+                   "clicks": ["t2i", "i2i", "t2i", "i2i", "poll", "poll"]}

@@ -12,7 +12,8 @@ SEND_TO_TXT2IMG_JS = "loraTrainSendToTxt2img"
 #: JS function that refreshes the WebUI's Lora cards (extra networks) once per newly published LoRA
 REFRESH_CARDS_JS = "loraTrainRefreshCards"
 POLL_SECONDS = 1.0
-#: the button our page script clicks about once a second while the tab is shown (WebUI hosts: no server timer)
+#: the button our page script clicks about once a second while the tab is shown, every 5 s while another tab is
+#: (WebUI hosts: no server timer)
 POLL_BUTTON_ID = "lora_train_poll"
 
 
