@@ -106,3 +106,42 @@ def ab_lora_dir(tmp_path_factory):
                     save_every_n_epochs=1)
     Trainer(cfg).run()
     return str(root / "loras")
+
+
+@pytest.fixture(autouse=True)
+def _names_written_by_earlier_tests_are_forgotten():
+    """`hosts.USED_NAMES` (names this process wrote, never reused: hosts cache LoRAs by name) is per process; each
+    test starts as a fresh process would."""
+    hosts_base = sys.modules.get("lora_train.hosts.base")  # not imported: nothing to forget (torch-free runs)
+    if hosts_base is not None:
+        hosts_base.USED_NAMES.clear()
+    yield
+
+
+# ----------------------------------------------------------------------------- the fast subset: pytest -m "not slow"
+#: tests marked `slow` here (whole modules, or tests whose names start with a prefix): the ones that train for
+#: more than a few steps, start processes or a browser, or build venvs. `pytest -m "not slow"` runs the rest, every
+#: module's quick checks, in under two minutes on 2 cores; the full suite is what CI runs.
+SLOW = {
+    "test_bench.py": None, "test_cli.py": None, "test_gpu.py": None, "test_loss.py": None, "test_lr_finder.py": None,
+    "test_multiprocess.py": None, "test_reliability.py": None, "test_sampler.py": None, "test_sdxl_train.py": None,
+    "test_train.py": None, "test_train_policy.py": None, "test_ui_browser.py": None,
+    "test_cache.py": ("test_module_identity_diffusers_vae",),
+    "test_checkpoints.py": ("test_bundled_path_offline", "test_full_size_layout_on_meta", "test_host_state_dict",
+                            "test_single_file_round_trip", "test_diffusers_own_loader", "test_pickle_needs_opt_in",
+                            "test_config_folder_and_load_base_model"),
+    "test_nodes.py": ("test_import_touches", "test_train_node", "test_sweep_grid", "test_apply_and_prompt_nodes",
+                      "test_host_refresh_and_lists", "test_base_model_from_graph"),
+    "test_webui_host.py": ("test_training_job_end_to_end", "test_restore_on_training_error",
+                           "test_interrupt_button", "test_one_job_at_a_time", "test_host_module_imports",
+                           "test_javascript", "test_base_model_from_the_loaded_weights"),
+    "test_webui_tab.py": ("test_tab_builds_under_host_gradio", "test_tab_current_gradio", "test_training_job",
+                          "test_host_interrupt", "test_lr_finder_holds", "test_failed_job"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        rule = SLOW.get(os.path.basename(str(item.fspath)), ())
+        if rule is None or any(item.name.startswith(prefix) for prefix in rule):
+            item.add_marker(pytest.mark.slow)

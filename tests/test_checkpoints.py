@@ -252,7 +252,7 @@ def test_bundled_path_offline_with_empty_cache(tmp_path):
         "import socket\n"
         "def _no(*a, **k): raise RuntimeError('network')\n"
         "socket.socket.connect = _no\n"
-        "from lora_train import checkpoints as C\n"
+        "from lora_train.models import single_file as C\n"
         "m = C.meta_model('sdxl_base')\n"
         "b = C.from_original_state_dict(C.to_original_state_dict(m))\n"
         "print(b.kind, b.tokenizer('a photo of a cat').input_ids, b.tokenizer_2.pad_token)\n"

@@ -21,11 +21,9 @@ Set LORA_TRAIN_REAL_KEEP=1 to keep the data directory and log for inspection.
 """
 import base64
 import io
-import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,11 +35,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORGE = os.environ.get("FORGE_DIR", "")
-CHROMIUM = os.environ.get("LORA_TRAIN_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from test_nodes_comfyui_real import SD15_NAME, _sd15_checkpoint  # noqa: E402  (same cached random checkpoint)
+from real_hosts import CHROMIUM, CHROMIUM_ARGS as ARGS, SD15_NAME  # noqa: E402  (shared by the real-host tests)
+from real_hosts import free_port as _free_port, http_json as _http, sd15_checkpoint as _sd15_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.frontend,
               pytest.mark.skipif(not FORGE, reason="set FORGE_DIR to a Forge checkout with its venv to run")]
@@ -61,23 +57,6 @@ def _python():
         if cand and os.path.isfile(cand):
             return cand
     raise AssertionError(f"no python for Forge beside {FORGE}: set FORGE_PYTHON")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(url, data=None, timeout=60):
-    body = json.dumps(data).encode() if data is not None else None
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:
-        raise AssertionError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
-    return json.loads(raw) if raw else None
 
 
 def _freeze(py):

@@ -135,9 +135,9 @@ def test_suggestion_heuristics():
 # ----------------------------------------------------------------------------- CLI
 def test_cli_lr_find_writes_a_plot_and_never_overwrites(setup, tmp_path, capsys, monkeypatch):
     cfg, model, _ = setup
-    import lora_train.models
+    import lora_train.tuning.lr_finder as finder
 
-    monkeypatch.setattr(lora_train.models, "load_base_model", lambda spec, prediction_type="auto": model)
+    monkeypatch.setattr(finder, "load_base_model", lambda spec, prediction_type="auto", allow_pickle=False: model)
     conf = {"train_data_dir": cfg.train_data_dir, "base_model": "tiny", "resolution": 64,
             "output_dir": str(tmp_path / "out"), "output_name": "mine", "batch_size": 1, "lora_rank": 8}
     path = tmp_path / "c.yaml"

@@ -21,8 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
@@ -30,13 +28,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFY = os.environ.get("COMFYUI_DIR", "")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from real_hosts import SD15_NAME  # noqa: E402  (shared by the real-host tests)
+from real_hosts import free_port as _free_port, http_json as _http, sd15_checkpoint as _sd15_checkpoint  # noqa: E402
 import comfy_workflow  # noqa: E402
 
 pytestmark = [pytest.mark.frontend,
               pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI checkout with its venv to run")]
 OURS = ("LoraTrainDatasetFromFolder", "LoraTrainCaptionDataset", "LoraTrainSuggestSettings", "LoraTrainTrain",
         "LoraTrainApplyLora", "LoraTrainPromptWithTags", "LoraTrainStrengthSweep")
-SD15_NAME = "lora_train_sd15_random_fp16.safetensors"
 
 
 def say(*a):
@@ -107,51 +106,6 @@ class WS:
 
 
 # ----------------------------------------------------------------------------- server
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(url, data=None, timeout=60):
-    body = json.dumps(data).encode() if data is not None else None
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:
-        raise AssertionError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
-    return json.loads(raw) if raw else None
-
-
-def _sd15_checkpoint(path):
-    """SD1.5 architecture with random weights, original layout, fp16 (ComfyUI detects it as SD15)."""
-    if os.path.isfile(path):
-        return path
-    code = f"""
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
-from lora_train.models.single_file import bundled_config_dir, clip_tokenizer, write_original_checkpoint
-from lora_train.models.base import BaseModel
-import os
-d = bundled_config_dir("sd15")
-torch.manual_seed(0)
-unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(d, "unet")))
-vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(d, "vae")))
-te = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(d, "text_encoder"), local_files_only=True))
-sched = DDPMScheduler.from_config(DDPMScheduler.load_config(os.path.join(d, "scheduler")))
-m = BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=clip_tokenizer(), noise_scheduler=sched, kind="sd1",
-              name="sd15_random")
-write_original_checkpoint(m, {path!r}, dtype=torch.float16)
-print("wrote", {path!r})
-"""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                   timeout=1800)
-    return path
-
-
 @pytest.fixture(scope="module")
 def server():
     py = os.environ.get("COMFYUI_PYTHON") or os.path.join(COMFY, ".venv", "bin", "python")

@@ -27,48 +27,26 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A1111 = os.environ.get("A1111_DIR", "")
-CHROMIUM = os.environ.get("LORA_TRAIN_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from real_hosts import CHROMIUM, CHROMIUM_ARGS as ARGS, SD15_NAME  # noqa: E402  (shared by the real-host tests)
+from real_hosts import free_port as _free_port, http_json as _http, sd15_checkpoint as _sd15_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.frontend,
               pytest.mark.skipif(not A1111, reason="set A1111_DIR to an AUTOMATIC1111 checkout with its venv to run")]
-SD15_NAME = "lora_train_sd15_random_fp16.safetensors"
 LORA_NAME = "real_a1111"
 
 
 def say(*a):
     print("[real-a1111]", *a, flush=True)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(url, data=None, timeout=60):
-    body = json.dumps(data).encode() if data is not None else None
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:
-        raise AssertionError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
-    return json.loads(raw) if raw else None
 
 
 def _fake_hf_home(path):
@@ -145,7 +123,6 @@ class WebUI:
 
 @pytest.fixture(scope="module")
 def env():
-    from test_nodes_comfyui_real import _sd15_checkpoint  # the same random-weight SD1.5 maker, cached in the checkout
 
     t0 = time.time()
     ckpt = _sd15_checkpoint(os.path.join(A1111, "models", "Stable-diffusion", SD15_NAME))

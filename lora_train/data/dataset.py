@@ -223,10 +223,6 @@ def resize_crop(im: Image.Image, t: SampleTransform) -> Image.Image:
     return im.crop((left, top, left + tw, top + th))
 
 
-def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
-    return resize_crop(im, square_transform(im.size[0], im.size[1], size))
-
-
 class _quiet_bomb_warning(_warnings.catch_warnings):
     """Images over Image.MAX_IMAGE_PIXELS are refused by our own check with a clear message; Pillow's
     DecompressionBombWarning would only repeat it. The global limit is never changed."""

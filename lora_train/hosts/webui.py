@@ -87,11 +87,6 @@ def make_host() -> "WebUIHost":
     return ForgeHost() if is_forge() else WebUIHost()
 
 
-def _inside(path: str, root: str) -> bool:
-    real, r = os.path.realpath(path), os.path.realpath(root)
-    return real == r or real.startswith(r.rstrip(os.sep) + os.sep)
-
-
 class WebUIHost(Host):
     """AUTOMATIC1111 1.x (tested against 1.10.1)."""
 

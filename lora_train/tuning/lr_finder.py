@@ -32,9 +32,11 @@ import torch
 
 from ..config import TrainConfig
 from ..data.dataset import load_dataset
+from ..io_utils import save_image
 from ..models import conditioning
 from ..models.loading import load_base_model
 from ..networks import lora as lora_mod
+from ..plots import line_plot
 from ..training import loss as loss_mod
 from ..training.optim import describe, make_optimizer
 from ..training.trainer import resolve_device
@@ -71,8 +73,6 @@ class LRFinderResult:
     def save_plot(self, path: str, overwrite: bool = False) -> str:
         """Write the plot as PNG (atomic); refuses to replace an existing file unless `overwrite`."""
         import os
-
-        from ..io_utils import save_image
 
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"'{path}' exists already: choose another path.")
@@ -156,8 +156,6 @@ def suggest_lr(lrs: Sequence[float], smoothed: Sequence[float], lr_min: Optional
 
 def plot_result(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggested: float,
                 heuristic: str, diverge_factor: float = 4.0):
-    from ..plots import line_plot
-
     fin = [s for s in smoothed if math.isfinite(s)]
     cap = diverge_factor * 1.25 * min(fin) if fin and min(fin) > 0 else float("inf")
     clip = [min(v, cap) if math.isfinite(v) else float("nan") for v in losses]
@@ -193,8 +191,6 @@ class _ModelState:
     """What the sweep may change on a BaseModel, taken before and put back after."""
 
     def __init__(self, model, optimizer=None):
-        from ..networks import lora as lora_mod
-
         self.model = model
         unet = model.unet
         self.modules = [m for m in (model.unet, model.vae, *model.text_encoders) if m is not None]
