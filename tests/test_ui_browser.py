@@ -196,7 +196,7 @@ def _importable(name: str) -> bool:
 def test_send_to_txt2img_js_under_host_gradio(version, tmp_path):
     """The hosts' gradio frontends: the tab served by gradio 3.41.2 (A1111) / 4.40.0 (Forge) with a WebUI-like
     host; "Send to txt2img" calls the page's `loraTrainSendToTxt2img(tag)` (javascript/ of the extension)
-    with the `<lora:name:0.8>` tag, and the status poll runs."""
+    with the `<lora:name:0.8>` tag, and the status poll of the extension's page script runs."""
     _need("playwright (pip install playwright)", _importable("playwright"))
     _need(f"Chromium at {CHROMIUM}", os.path.isfile(CHROMIUM))
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -229,6 +229,8 @@ def test_send_to_txt2img_js_under_host_gradio(version, tmp_path):
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
                 page.set_default_timeout(60_000)
+                # the WebUI loads every file of the extension's javascript/: our poll and card refresh live there
+                page.add_init_script(path=os.path.join(ROOT, "javascript", "lora_train.js"))
                 page.add_init_script("window.loraTrainSendToTxt2img = function (tag) { window.__sent = tag; };")
                 page.goto(url)
                 page.locator("button", has_text="Test").first.click()
@@ -237,7 +239,8 @@ def test_send_to_txt2img_js_under_host_gradio(version, tmp_path):
                 page.wait_for_function("window.__sent !== undefined")
                 assert page.evaluate("window.__sent") == "<lora:old_style:0.8>"
                 page.locator("button", has_text="Train").first.click()
-                # the poll (gr.Timer on 4.40, load(every=) on 3.41) renders the job held in Python
+                # in the WebUIs the page's script polls (it clicks the hidden #lora_train_poll button, no server
+                # timer) and the job held in Python is rendered
                 expect(page.locator("#lora_train_status").first).to_contain_text("fake_run: done")
                 expect(page.locator("#lora_train_loss img").first).to_be_visible()
                 page.screenshot(path=os.path.join(ARTIFACTS, f"ui_gradio_{version}.png"), full_page=True)
