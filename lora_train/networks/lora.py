@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 from ..io_utils import save_safetensors
+from . import flow_names
 from .sdxl_names import diffusers_to_sgm_path
 
 UNET_TARGET_PARENTS = ("Transformer2DModel", "SpatialTransformer")
@@ -40,7 +41,12 @@ def _base(m: nn.Module) -> nn.Module:
 
 
 def unet_target_modules(unet: nn.Module) -> List[str]:
-    """Every Linear / 1x1 conv inside the UNet's transformer blocks (kohya's default targets)."""
+    """Every Linear / 1x1 conv inside the UNet's transformer blocks (kohya's default targets).
+
+    Flux / SD3 transformers: sd-scripts' default set, split as diffusers has it (flow_names.target_modules)."""
+    flow_kind = flow_names.kind_of(unet)
+    if flow_kind:
+        return flow_names.target_modules(flow_kind, unet)
     names: List[str] = []
     for pname, parent in unet.named_modules():
         if type(parent).__name__ not in UNET_TARGET_PARENTS:
@@ -73,7 +79,10 @@ def te_canonical_path(path: str) -> str:
 
 
 def kohya_name(component: str, path: str, kind: str = "sd1") -> str:
-    """component: unet | te | te1 | te2. SDXL UNet paths are renamed to kohya's SGM block names."""
+    """component: unet | te | te1 | te2 (| te3). SDXL UNet paths are renamed to kohya's SGM block names; Flux / SD3
+    transformer and T5 paths are named in flow_names (a fused module's parts share one name)."""
+    if kind in flow_names.FLOW_KINDS and component in ("unet", "te3"):
+        return flow_names.kohya_name(component, path, kind)
     if component == "unet":
         if kind == "sdxl":
             path = diffusers_to_sgm_path(path)
@@ -98,7 +107,9 @@ class LoraWeights:
 
 
 def _components(model) -> List[Tuple[str, nn.Module]]:
-    """[(component, module)] of a BaseModel: unet, te (SD1/2) or te1/te2 (SDXL)."""
+    """[(component, module)] of a BaseModel: unet, te (SD1/2) or te1/te2 (SDXL); Flux / SD3: flow_names.components."""
+    if getattr(model, "kind", None) in flow_names.FLOW_KINDS:
+        return flow_names.components(model)
     out = [("unet", model.unet)]
     if model.text_encoder_2 is not None:
         out += [("te1", model.text_encoder), ("te2", model.text_encoder_2)]
@@ -108,12 +119,14 @@ def _components(model) -> List[Tuple[str, nn.Module]]:
 
 
 def name_map(model) -> Dict[str, Tuple[str, str]]:
-    """kohya module name -> (component, module path) for every default target of the model."""
+    """kohya module name -> (component, module path) for every default target of the model (a fused Flux / SD3
+    module -> its first part; flow_names.import_groups has all parts)."""
     out: Dict[str, Tuple[str, str]] = {}
     for comp, mod in _components(model):
-        targets = unet_target_modules(mod) if comp == "unet" else te_target_modules(mod)
+        targets = unet_target_modules(mod) if comp == "unet" else \
+            flow_names.t5_target_modules(mod) if comp == "te3" else te_target_modules(mod)
         for path in targets:
-            out[kohya_name(comp, path, model.kind)] = (comp, path)
+            out.setdefault(kohya_name(comp, path, model.kind), (comp, path))
     return out
 
 
@@ -240,8 +253,11 @@ def apply(model, lw: LoraWeights, adapter: str, strength: float = 1.0, strict: b
 def to_kohya_state_dict(lw: LoraWeights, kind: str = "sd1", dtype: torch.dtype = torch.float32
                         ) -> Dict[str, torch.Tensor]:
     sd: Dict[str, torch.Tensor] = {}
-    for (comp, path), (down, up, alpha) in sorted(lw.modules.items()):
-        name = kohya_name(comp, path, kind)
+    if kind in flow_names.FLOW_KINDS:  # fused modules written as sd-scripts saves them
+        items = flow_names.export_modules(lw.modules, kind, lambda c, p: kohya_name(c, p, kind))
+    else:
+        items = [(kohya_name(comp, path, kind), v) for (comp, path), v in sorted(lw.modules.items())]
+    for name, (down, up, alpha) in items:
         sd[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         sd[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         sd[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
@@ -267,11 +283,15 @@ def _strip_prefixes(key: str) -> str:
 def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[str, str]] = None) -> LoraWeights:
     """Read kohya, diffusers (`unet.`/`text_encoder.` + lora_A/lora_B) or plain peft layouts."""
     lw = LoraWeights(metadata=dict(metadata or {}))
+    flow = getattr(model, "kind", None) in flow_names.FLOW_KINDS
+    if flow:
+        sd = flow_names.bfl_keys_to_kohya(sd)
     keys = list(sd)
     if not keys:
         raise LoraFormatError("the LoRA file holds no tensors.")
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")) for k in keys):
         rev = name_map(model)
+        fused = flow_names.import_groups(model) if flow else {}
         groups: Dict[str, Dict[str, torch.Tensor]] = {}
         for k, v in sd.items():
             base, _, rest = k.partition(".")
@@ -280,11 +300,17 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
         for name, g in groups.items():
             if "lora_down.weight" not in g or "lora_up.weight" not in g:
                 continue  # e.g. LoCon/LyCORIS extras or dora scales we do not read
-            if name not in rev:
+            if name not in rev and name not in fused:
                 unknown.append(name)
                 continue
             down, up = g["lora_down.weight"].float(), g["lora_up.weight"].float()
             alpha = float(g["alpha"].float().item()) if "alpha" in g else float(down.shape[0])
+            if name in fused:  # Flux / SD3 transformer and T5: fused modules split into our parts
+                try:
+                    lw.modules.update(flow_names.split(fused[name], down, up, alpha))
+                except flow_names.FlowNameError as exc:
+                    raise LoraFormatError(str(exc)) from exc
+                continue
             lw.modules[rev[name]] = (down, up, alpha)
         if unknown:
             lw.metadata["_unmatched"] = json.dumps(unknown)
@@ -296,6 +322,8 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
     comp_prefix = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2", "te1.": "te1"}
     if model.text_encoder_2 is not None:
         comp_prefix["text_encoder."] = "te1"
+    if flow:
+        comp_prefix = flow_names.diffusers_prefixes(model.kind)
     pairs: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
         k2 = _strip_prefixes(k)
@@ -315,7 +343,7 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
     for (comp, path), g in pairs.items():
         if "down" not in g or "up" not in g:
             continue
-        if comp in ("te", "te1", "te2"):
+        if comp in ("te", "te1", "te2", "te3"):
             path = _te_model_path(model, comp, path)
         alpha = float(g["alpha"].float().item()) if "alpha" in g else float(g["down"].shape[0])
         lw.modules[(comp, path)] = (g["down"].float(), g["up"].float(), alpha)
@@ -327,7 +355,10 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
 
 def _te_model_path(model, comp: str, path: str) -> str:
     """Map a text-encoder path with or without `text_model.` to the one the loaded model uses."""
-    te = model.text_encoder_2 if comp == "te2" else model.text_encoder
+    te = dict(_components(model)).get(comp) if comp == "te3" or getattr(model, "kind", None) in \
+        flow_names.FLOW_KINDS else model.text_encoder_2 if comp == "te2" else model.text_encoder
+    if te is None:
+        return path
     present = {n for n, _ in te.named_modules()}
     for cand in (path, path[len("text_model."):] if path.startswith("text_model.") else "text_model." + path):
         if cand in present:
