@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 from ..io_utils import save_safetensors
+from ..models import flow
 from .sdxl_names import diffusers_to_sgm_path
 
 UNET_TARGET_PARENTS = ("Transformer2DModel", "SpatialTransformer")
@@ -59,6 +60,21 @@ def _has_peft_parent(root: nn.Module, cname: str) -> bool:
     return any(p in ("lora_A", "lora_B", "base_layer", "lora_embedding_A", "lora_embedding_B") for p in parts)
 
 
+def denoiser_target_modules(model) -> List[str]:
+    """The LoRA targets of a BaseModel's denoiser: the UNet's transformer blocks (SD1/SD2/SDXL), or every Linear of
+    a Flux / SD3 transformer's blocks (models/flow.flow_target_modules)."""
+    if flow.is_flow(model):
+        return flow.flow_target_modules(model.kind, model.unet)
+    return unet_target_modules(model.unet)
+
+
+def flow_unet_export_path(path: str, kind: str) -> str:
+    """TEMPORARY PLAIN FALLBACK (issue #16): Flux / SD3 transformer modules are written under their diffusers paths
+    (lora_unet_transformer_blocks_0_attn_to_q ...), not yet in sd-scripts' layout (lora_unet_double_blocks_*,
+    fused qkv). The names work (networks/flow_names.py, another branch) replaces this one function."""
+    return path
+
+
 def te_target_modules(text_encoder: nn.Module) -> List[str]:
     names = []
     for name, m in text_encoder.named_modules():
@@ -77,6 +93,8 @@ def kohya_name(component: str, path: str, kind: str = "sd1") -> str:
     if component == "unet":
         if kind == "sdxl":
             path = diffusers_to_sgm_path(path)
+        elif kind in flow.FLOW_KINDS:
+            path = flow_unet_export_path(path, kind)
         return "lora_unet_" + path.replace(".", "_")
     prefix = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}[component]
     return prefix + te_canonical_path(path).replace(".", "_")
@@ -100,6 +118,8 @@ class LoraWeights:
 def _components(model) -> List[Tuple[str, nn.Module]]:
     """[(component, module)] of a BaseModel: unet, te (SD1/2) or te1/te2 (SDXL)."""
     out = [("unet", model.unet)]
+    if flow.is_flow(model):  # Flux: te1 = CLIP-L; SD3: te1 = CLIP-L, te2 = CLIP-G (T5 is never trained)
+        return out + flow.text_encoder_components(model)
     if model.text_encoder_2 is not None:
         out += [("te1", model.text_encoder), ("te2", model.text_encoder_2)]
     else:
@@ -111,7 +131,7 @@ def name_map(model) -> Dict[str, Tuple[str, str]]:
     """kohya module name -> (component, module path) for every default target of the model."""
     out: Dict[str, Tuple[str, str]] = {}
     for comp, mod in _components(model):
-        targets = unet_target_modules(mod) if comp == "unet" else te_target_modules(mod)
+        targets = denoiser_target_modules(model) if comp == "unet" else te_target_modules(mod)
         for path in targets:
             out[kohya_name(comp, path, model.kind)] = (comp, path)
     return out
