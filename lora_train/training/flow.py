@@ -190,6 +190,6 @@ def metadata(model, cfg) -> Dict[str, str]:
         "modelspec.implementation": IMPLEMENTATION[model.kind],
         "modelspec.prediction_type": "flow",
     }
-    if model.kind == "flux":
+    if v == "flux-dev":  # schnell has no guidance input
         meta["ss_guidance_scale"] = f"{float(model.extra.get('guidance_scale', 1.0)):g}"
     return meta

@@ -1,8 +1,10 @@
 """Memory savers for the large transformers (Flux.1 12 B, SD3.5 2.5-8 B): fp8 base weights, block swap.
 
 fp8_base       the frozen Linear weights inside the transformer blocks are stored as float8_e4m3fn and upcast to
-               the compute dtype around each layer's forward (diffusers' hooks.apply_layerwise_casting); LoRA
+               the compute dtype inside each layer's forward (a per-call copy, freed after the layer); LoRA
                weights (lora_A / lora_B) and everything outside the blocks keep their dtype (LoRA: fp32).
+               (diffusers' hooks.apply_layerwise_casting is not used: it hooks peft's LoRA wrappers as well and turns
+               off peft's input cast, so fp32 LoRA weights meet bf16 inputs.)
 blocks_to_swap the last N transformer blocks' frozen weights live in CPU memory; a forward pre-hook moves them to
                the compute device before the block runs and a forward hook moves them back after it (LoRA weights
                stay on the device, so the optimizer never sees a moved parameter). With gradient checkpointing the
@@ -11,27 +13,37 @@ blocks_to_swap the last N transformer blocks' frozen weights live in CPU memory;
 """
 from __future__ import annotations
 
+import types
 from typing import List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-#: modules inside the blocks left in their dtype by fp8_base (the LoRA layers); outside the blocks nothing is cast
-FP8_SKIP = (r"lora_",)
+def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward with the stored float8 weight (and bias) upcast to the input's dtype for this call."""
+    w = self.weight.to(x.dtype)
+    return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
 
 
 def apply_fp8_base(transformer: nn.Module, compute_dtype: torch.dtype) -> int:
-    """Store the frozen Linear weights of the transformer blocks as float8_e4m3fn, computing in `compute_dtype`.
-    Returns the number of layers cast."""
-    from diffusers.hooks import apply_layerwise_casting
-
+    """Store the frozen nn.Linear weights inside the transformer blocks as float8_e4m3fn; each such layer upcasts
+    its weight to the input's dtype (the run's compute dtype, `compute_dtype`) in its forward. LoRA layers (peft's
+    lora_A / lora_B) and everything outside the blocks are left as they are. Returns the number of layers cast."""
     if not hasattr(torch, "float8_e4m3fn"):
         raise RuntimeError("fp8_base needs torch >= 2.1 (torch.float8_e4m3fn): update torch or turn fp8_base off.")
+    n = 0
     for block in transformer_blocks(transformer):
-        apply_layerwise_casting(block, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                skip_modules_pattern=FP8_SKIP, skip_modules_classes=(nn.Conv2d, nn.LayerNorm))
-    return sum(1 for _, m in transformer.named_modules()
-               if isinstance(m, nn.Linear) and m.weight.dtype == torch.float8_e4m3fn)
+        for name, mod in block.named_modules():
+            if type(mod) is not nn.Linear or "lora_" in name or mod.weight.requires_grad:
+                continue
+            with torch.no_grad():
+                mod.weight.data = mod.weight.data.to(torch.float8_e4m3fn)
+                if mod.bias is not None:
+                    mod.bias.data = mod.bias.data.to(compute_dtype)
+            mod.forward = types.MethodType(_fp8_forward, mod)
+            n += 1
+    return n
 
 
 def transformer_blocks(transformer: nn.Module) -> List[nn.Module]:
