@@ -4,7 +4,7 @@
   transformer  SD3Transformer2DModel: 2 joint blocks, 4 heads x 8 (inner 32), patch 2, pos_embed_max_size 32,
                joint_attention_dim 64 (= tiny T5 width), pooled_projection_dim 56 (= 24 + 32)
   vae          the tiny 16-channel VAE of models/flux.py (factor 4), factors calibrated
-  CLIP-L       CLIPTextModelWithProjection 24 wide (projection 24), real CLIP vocabulary
+  CLIP-L       CLIPTextModelWithProjection 24 wide, 3 heads (projection 24), real CLIP vocabulary
   CLIP-G       CLIPTextModelWithProjection 32 wide, gelu, projection 32, tokenizer padding with "!"
   T5           T5EncoderModel 64 wide, default max token length 32 (the real models: 256)
 Conditioning as diffusers' StableDiffusion3Pipeline: models/flow.py.
@@ -22,7 +22,7 @@ TINY_SD3_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_ch
                             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
                             caption_projection_dim=32, pooled_projection_dim=56, pos_embed_max_size=32,
                             dual_attention_layers=(0,), qk_norm="rms_norm")
-TINY_SD3_CLIP_L = dict(hidden_size=24, intermediate_size=48, num_attention_heads=4, num_hidden_layers=2,
+TINY_SD3_CLIP_L = dict(hidden_size=24, intermediate_size=48, num_attention_heads=3, num_hidden_layers=2,
                        max_position_embeddings=77, projection_dim=24, hidden_act="quick_gelu")
 TINY_SD3_CLIP_G = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                        max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
