@@ -155,3 +155,47 @@ def test_not_a_flow_file(tmp_path):
     p = _save({"foo.weight": torch.zeros(2)}, tmp_path / "x.safetensors")
     with pytest.raises(ModelError, match="neither a Flux"):
         load_flow_single_file(p, {})
+
+
+# full-size layouts on the meta device: the configs read from the shapes are the released models' configs
+FULL = {
+    "flux-dev": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, in_channels=64,
+                     axes_dims_rope=(16, 56, 56), patch_size=1),
+    "sd3-medium": dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536,
+                       joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm=None,
+                       dual_attention_layers=(), in_channels=16, out_channels=16, patch_size=2, sample_size=128),
+    "sd35-medium": dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536,
+                        joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=384,
+                        qk_norm="rms_norm", dual_attention_layers=tuple(range(13)), in_channels=16, out_channels=16,
+                        patch_size=2, sample_size=128),
+    "sd35-large": dict(num_layers=38, attention_head_dim=64, num_attention_heads=38, caption_projection_dim=2432,
+                       joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192,
+                       qk_norm="rms_norm", dual_attention_layers=(), in_channels=16, out_channels=16, patch_size=2,
+                       sample_size=128),
+}
+
+
+@pytest.mark.parametrize("variant", list(FULL))
+def test_full_size_layouts_on_meta(variant):
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from lora_train.models.flow_single_file import convert_flux, convert_sd3
+    from lora_train.models.sd3 import variant_of
+
+    cfg = FULL[variant]
+    with init_empty_weights():
+        if variant.startswith("flux"):
+            model = FluxTransformer2DModel(**cfg)
+            sd = flux_to_bfl(model, "model.diffusion_model.")
+            got, conv = convert_flux(sd)
+        else:
+            model = SD3Transformer2DModel(**cfg)
+            sd = sd3_to_original(model)
+            got, conv = convert_sd3(sd)
+    assert {k: got[k] for k in cfg} == cfg
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in conv.items()} == expected
+    if not variant.startswith("flux"):
+        assert variant_of(model) == variant

@@ -120,9 +120,8 @@ def _flux_rope_axes(head_dim: int):
     return (a, (head_dim - a) // 2, head_dim - a - (head_dim - a) // 2)
 
 
-def flux_transformer(sd: Dict[str, torch.Tensor]):
-    """A diffusers FluxTransformer2DModel from BFL-layout weights (with or without `model.diffusion_model.`)."""
-    from diffusers import FluxTransformer2DModel
+def convert_flux(sd: Dict[str, torch.Tensor]):
+    """(diffusers config, diffusers state dict) of BFL-layout Flux weights (with or without `model.diffusion_model.`)."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
     sd = {(k[len(DIT_PREFIX):] if k.startswith(DIT_PREFIX) else k): v for k, v in sd.items()}
@@ -140,7 +139,6 @@ def flux_transformer(sd: Dict[str, torch.Tensor]):
     except (KeyError, ValueError) as exc:
         raise ModelError(f"the Flux transformer file lacks {exc}: it is not a complete Flux.1 dev / schnell "
                          f"transformer (a Flux variant with other inputs, or a partial file).") from exc
-    dtype = next(iter(sd.values())).dtype
     narrow = {}
     if int(inner) != 3072:  # diffusers' converter splits single blocks' fused linear1 at Flux.1's width 3072
         for k in [k for k in sd if re.match(r"single_blocks\.\d+\.linear1\.", k)]:
@@ -153,6 +151,15 @@ def flux_transformer(sd: Dict[str, torch.Tensor]):
         pre = f"single_transformer_blocks.{i}."
         for name, t in (("attn.to_q", q), ("attn.to_k", kk), ("attn.to_v", vv), ("proj_mlp", mlp)):
             conv[f"{pre}{name}.{kind}"] = t
+    return config, conv
+
+
+def flux_transformer(sd: Dict[str, torch.Tensor]):
+    """A diffusers FluxTransformer2DModel from BFL-layout weights (with or without `model.diffusion_model.`)."""
+    from diffusers import FluxTransformer2DModel
+
+    config, conv = convert_flux(sd)
+    dtype = next(iter(conv.values())).dtype
     with _empty_weights():
         model = FluxTransformer2DModel(**config)
     model = _assign(model, {k: v.to(dtype) for k, v in conv.items()}, "Flux transformer",
@@ -162,8 +169,8 @@ def flux_transformer(sd: Dict[str, torch.Tensor]):
 
 
 # ----------------------------------------------------------------------------- SD3 transformer
-def sd3_transformer(sd: Dict[str, torch.Tensor]):
-    from diffusers import SD3Transformer2DModel
+def convert_sd3(sd: Dict[str, torch.Tensor]):
+    """(diffusers config, diffusers state dict) of original SD3 / SD3.5 MMDiT weights."""
     from diffusers.loaders.single_file_utils import (convert_sd3_transformer_checkpoint_to_diffusers,
                                                      get_attn2_layers)
 
@@ -184,8 +191,14 @@ def sd3_transformer(sd: Dict[str, torch.Tensor]):
                       dual_attention_layers=get_attn2_layers(sd), qk_norm="rms_norm" if qk else None)
     except (KeyError, ValueError) as exc:
         raise ModelError(f"the SD3 file lacks {exc}: it is not a complete SD3 / SD3.5 MMDiT.") from exc
-    dtype = w.dtype
-    conv = convert_sd3_transformer_checkpoint_to_diffusers(dict(sd))
+    return config, convert_sd3_transformer_checkpoint_to_diffusers(dict(sd))
+
+
+def sd3_transformer(sd: Dict[str, torch.Tensor]):
+    from diffusers import SD3Transformer2DModel
+
+    config, conv = convert_sd3(sd)
+    dtype = next(iter(conv.values())).dtype
     with _empty_weights():
         model = SD3Transformer2DModel(**config)
     model = _assign(model, {k: v.to(dtype) for k, v in conv.items()}, "SD3 transformer",
