@@ -213,10 +213,27 @@ def test_cli_train_tiny_flux(data, tmp_path):
     from lora_train.cli.main import main
 
     cfg = small_cfg(data, tmp_path, base_model="tiny-flux-schnell", max_train_steps=2, fp8_base=True,
-                    blocks_to_swap=2, gradient_checkpointing=True, apply_t5_attn_mask=True)
+                    blocks_to_swap=2, gradient_checkpointing=True, apply_t5_attn_mask=True,
+                    sample_every_n_steps=2, sample_prompts=["a red circle"], sample_steps=2)
     cfg.save(str(tmp_path / "c.yaml"))
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     with safe_open(str(tmp_path / "t.safetensors"), "pt") as fh:
         meta = fh.metadata()
     assert meta["modelspec.architecture"] == "flux-1-schnell/lora" and "ss_guidance_scale" not in meta
     assert meta["ss_fp8_base"] == "True" and meta["ss_apply_t5_attn_mask"] == "True"
+    assert os.listdir(tmp_path / "samples")  # a sample grid through diffusers' FluxPipeline during training
+
+
+def test_standalone_ab_grid(trained):
+    """The standalone app's strength grid runs through diffusers' FluxPipeline with the trained file."""
+    import numpy as np
+
+    from lora_train.sampler import Generator, GenParams, build_grid
+
+    tr, res = trained
+    gen = Generator(build_tiny_flux(), lora_dirs=[res.output_dir])
+    base = GenParams(prompt="lrtdemo a red circle", seed=3, steps=3, cfg_scale=1.0, width=64, height=64)
+    grid = build_grid(gen, base, "fx", strengths=[0.0, 1.0], seeds=[3])
+    imgs = [np.asarray(c.image, dtype=np.float32) for c in grid.cells]
+    assert len(imgs) == 2 and imgs[0].shape == (64, 64, 3)
+    assert np.abs(imgs[0] - imgs[1]).mean() > 0.5  # the LoRA changes the picture
