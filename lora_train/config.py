@@ -17,6 +17,8 @@ NAN_POLICIES = ("stop", "recover")
 PRECISIONS = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 CACHE_MODES = ("memory", "disk")
+TIMESTEP_SAMPLINGS = ("auto", "sigma", "uniform", "sigmoid", "shift", "flux_shift")  # flow models (training/flow.py)
+WEIGHTING_SCHEMES = ("auto", "none", "uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
 class ConfigError(ValueError):
@@ -105,6 +107,23 @@ class TrainConfig:
     sample_seed: int = 1
     sample_steps: int = 20
     sample_cfg: float = 7.0
+    # flow-matching models (Flux.1, SD3 / SD3.5; sd-scripts' names): training/flow.py, models/flow.py
+    ae: str = ""  # separate component files of a single-file base model (Flux: ae, clip_l, t5xxl; SD3: + clip_g)
+    clip_l: str = ""
+    clip_g: str = ""
+    t5xxl: str = ""
+    timestep_sampling: str = "auto"  # auto (flux: shift, sd3: sigma) | sigma | uniform | sigmoid | shift | flux_shift
+    discrete_flow_shift: Optional[float] = None  # default: flux 3.1582, sd3 the scheduler's shift (3.0)
+    sigmoid_scale: float = 1.0
+    weighting_scheme: str = "auto"  # auto (sd3 + sigma: logit_normal) | none | uniform | logit_normal | mode | sigma_sqrt | cosmap
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 1.0  # Flux dev's guidance input while training
+    t5xxl_max_token_length: Optional[int] = None  # default: flux-dev 512, flux-schnell 256, sd3 256
+    apply_t5_attn_mask: bool = False
+    fp8_base: bool = False  # frozen transformer Linear weights stored as float8_e4m3fn (LoRA stays fp32)
+    blocks_to_swap: int = 0  # the last N transformer blocks' frozen weights live in CPU memory, moved in turn
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -267,6 +286,23 @@ class TrainConfig:
              "Set it to the folder where the LoRA files should go.")
         need(isinstance(self.caption_extension, str) and self.caption_extension.startswith("."), "caption_extension",
              "an extension starting with '.', e.g. .txt", "Use .txt.")
+        need(self.timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling", ", ".join(TIMESTEP_SAMPLINGS),
+             "Leave it on auto (Flux: shift, SD3: sigma with logit_normal).")
+        need(self.weighting_scheme in WEIGHTING_SCHEMES, "weighting_scheme", ", ".join(WEIGHTING_SCHEMES),
+             "Leave it on auto.")
+        if self.discrete_flow_shift is not None:
+            need(isinstance(self.discrete_flow_shift, (int, float)) and 0 < self.discrete_flow_shift <= 100,
+                 "discrete_flow_shift", "a number in (0, 100] or empty", "3.1582 for Flux, 3.0 for SD3.")
+        for k in ("sigmoid_scale", "logit_std", "mode_scale"):
+            need(isinstance(getattr(self, k), (int, float)) and 0 < getattr(self, k) <= 100, k, "a number in (0, 100]",
+                 "Leave the default (1.0; mode_scale 1.29).")
+        need(isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale <= 100, "guidance_scale",
+             "a number in [0, 100]", "Use 1.0 to train Flux dev (sd-scripts' default).")
+        if self.t5xxl_max_token_length is not None:
+            need(isinstance(self.t5xxl_max_token_length, int) and 1 <= self.t5xxl_max_token_length <= 512,
+                 "t5xxl_max_token_length", "an integer 1..512 or empty", "Flux dev uses 512, schnell and SD3 256.")
+        need(isinstance(self.blocks_to_swap, int) and 0 <= self.blocks_to_swap <= 100, "blocks_to_swap",
+             "an integer 0..100", "0 keeps every block on the GPU; 8-20 for Flux on 10-12 GB cards.")
         need(isinstance(self.base_model, str) and self.base_model.strip() != "", "base_model",
              "'tiny', a diffusers folder or a checkpoint file", "Point it at your model.")
         return self

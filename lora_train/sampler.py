@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .networks import lora as lora_mod
+from .models import flow
 from .models.base import BaseModel
 from .plots import _font
 from .prompt import LoraLibrary, LoraTag, parse_prompt, with_strength
@@ -74,7 +75,28 @@ def file_hash(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- diffusers generation
+def flow_pipeline(model: BaseModel):
+    """diffusers' FluxPipeline / StableDiffusion3Pipeline for a flow-matching model (every sampler name runs their
+    flow-matching Euler scheduler); T5's max length is the one the model trains with."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config)
+    if model.kind == "flux":
+        pipe = FluxPipeline(scheduler=sched, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                            text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2, transformer=model.unet)
+    else:
+        pipe = StableDiffusion3Pipeline(transformer=model.unet, scheduler=sched, vae=model.vae,
+                                        text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                        text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
+                                        text_encoder_3=model.text_encoder_3, tokenizer_3=model.tokenizer_3)
+    pipe.set_progress_bar_config(disable=True)
+    pipe._lora_train_call_kwargs = {"max_sequence_length": flow.t5_max_length(model)}
+    return pipe
+
+
 def make_pipeline(model: BaseModel, sampler: str = "DDIM"):
+    if flow.is_flow(model):  # Flux / SD3 (models/flow.py)
+        return flow_pipeline(model)
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                            EulerDiscreteScheduler, StableDiffusionPipeline)
 
@@ -102,7 +124,8 @@ def run_pipeline(pipe, p: GenParams, prompt_text: Optional[str] = None) -> Image
     gen = torch.Generator(device="cpu").manual_seed(int(p.seed))
     out = pipe(prompt=prompt_text if prompt_text is not None else p.prompt,
                negative_prompt=p.negative_prompt or None, num_inference_steps=p.steps,
-               guidance_scale=p.cfg_scale, width=p.width, height=p.height, generator=gen, output_type="pil")
+               guidance_scale=p.cfg_scale, width=p.width, height=p.height, generator=gen, output_type="pil",
+               **getattr(pipe, "_lora_train_call_kwargs", {}))
     return out.images[0]
 
 

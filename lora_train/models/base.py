@@ -17,16 +17,20 @@ class BaseModel:
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
-    kind: str = "sd1"  # sd1 | sd2 | sdxl
+    kind: str = "sd1"  # sd1 | sd2 | sdxl | flux | sd3 (flow matching: models/flow.py)
     name: str = "tiny"
     path: str = ""
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     native_resolution: int = 512
+    text_encoder_3: Any = None  # SD3's T5 (Flux's T5 is text_encoder_2)
+    tokenizer_3: Any = None
     extra: dict = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
+        if self.kind in ("flux", "sd3"):  # flow matching: the transformer predicts noise - latents
+            return "flow"
         return getattr(self.noise_scheduler.config, "prediction_type", "epsilon")
 
     @property
@@ -34,8 +38,13 @@ class BaseModel:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
     @property
+    def vae_shift(self) -> float:
+        """Latent shift (Flux / SD3 VAEs: latents = (mean - shift) * scale); 0 for SD1/SD2/SDXL."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
     def text_encoders(self):
-        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+        return [t for t in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if t is not None]
 
     def to(self, device=None, dtype=None) -> "BaseModel":
         for m in (self.unet, self.vae, *self.text_encoders):

@@ -22,10 +22,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import flow
+
 Cond = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
 
 def is_sdxl(model) -> bool:
+    if flow.is_flow(model):  # Flux / SD3 have a second text encoder too
+        return False
     return getattr(model, "text_encoder_2", None) is not None
 
 
@@ -37,6 +41,8 @@ def _tokens(tokenizer, captions: Sequence[str]) -> torch.Tensor:
 def encode(model, captions: Sequence[str], device: Optional[torch.device] = None) -> Cond:
     """Text conditioning of `captions` (see the module docstring); runs with grad when the encoders train."""
     captions = list(captions)
+    if flow.is_flow(model):  # Flux / SD3: {"hidden", "pooled"(, "mask")}, models/flow.py
+        return flow.encode(model, captions, device)
     dev = device if device is not None else next(model.text_encoder.parameters()).device
     if not is_sdxl(model):
         return model.text_encoder(_tokens(model.tokenizer, captions).to(dev))[0]
@@ -142,6 +148,8 @@ class Conditioner:
     def text_encoders(self) -> List[Tuple[str, Any]]:
         """[(component, encoder)]: [("te", te)] for SD1/SD2, [("te1", te1), ("te2", te2)] for SDXL."""
         m = self.model
+        if flow.is_flow(m):
+            return flow.text_encoder_components(m)
         if is_sdxl(m):
             return [("te1", m.text_encoder), ("te2", m.text_encoder_2)]
         return [("te", m.text_encoder)]
@@ -156,6 +164,8 @@ class Conditioner:
     def predict(self, unet, noisy: torch.Tensor, t: torch.Tensor, cond: Cond,
                 time_ids_: Optional[torch.Tensor] = None, resolution: Optional[int] = None) -> torch.Tensor:
         """The UNet's output for noisy latents, timesteps and a conditioning (inputs cast to noisy's dtype)."""
+        if flow.is_flow(self.model):
+            return flow.predict(self.model, unet, noisy, t, cond)
         ehs, added = self.unet_inputs(cond, time_ids_, noisy.dtype, noisy.device, resolution)
         if added is None:
             return unet(noisy, t, ehs).sample

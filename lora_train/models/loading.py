@@ -2,23 +2,29 @@
 from __future__ import annotations
 
 import os
-
+from typing import Dict, Optional
 
 from .base import BaseModel, ModelError
 from .diffusers_folder import load_diffusers_folder
 from .single_file import load_single_file
 from . import tiny as tiny_variants
 from .tiny import build_tiny
+from . import flow_loading
 
 
-TINY_SPECS = ("tiny", "tiny-v", "tiny-sd2", "tiny-sd2-eps", "tiny-sdxl")
+TINY_SPECS = ("tiny", "tiny-v", "tiny-sd2", "tiny-sd2-eps", "tiny-sdxl") + flow_loading.TINY_FLOW_SPECS
 
 
-def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False) -> BaseModel:
+def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False,
+                    files: Optional[Dict[str, str]] = None) -> BaseModel:
     """`tiny`, `tiny-v` (v-prediction), `tiny-sd2` (v) / `tiny-sd2-eps`, `tiny-sdxl` (demo models), a diffusers
     folder (SD1.x / SD2.x / SDXL base), or a single-file checkpoint (.safetensors; .ckpt/.pt pickles only with
-    allow_pickle=True, then loaded with torch.load(weights_only=True))."""
+    allow_pickle=True, then loaded with torch.load(weights_only=True)). Flux / SD3: `tiny-flux`, `tiny-flux-schnell`,
+    `tiny-sd3`, their diffusers folders and single files; `files` names the separate component files
+    ({"ae", "clip_l", "clip_g", "t5xxl"}: models/flow_loading.py)."""
     spec = (spec or "").strip()
+    if spec in flow_loading.TINY_FLOW_SPECS or flow_loading.is_flow_spec(spec):  # Flux / SD3 (flow matching)
+        return flow_loading.load_flow_model(spec, files)
     if spec in TINY_SPECS:
         if spec == "tiny-sdxl":
             model = tiny_variants.build_tiny_sdxl()

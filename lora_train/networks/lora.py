@@ -65,6 +65,14 @@ def _has_peft_parent(root: nn.Module, cname: str) -> bool:
     return any(p in ("lora_A", "lora_B", "base_layer", "lora_embedding_A", "lora_embedding_B") for p in parts)
 
 
+def denoiser_target_modules(model) -> List[str]:
+    """The LoRA targets of a BaseModel's denoiser: the UNet's transformer blocks (SD1/SD2/SDXL), or sd-scripts'
+    default set of a Flux / SD3 transformer (flow_names.target_modules)."""
+    if getattr(model, "kind", None) in flow_names.FLOW_KINDS:
+        return flow_names.target_modules(model.kind, model.unet)
+    return unet_target_modules(model.unet)
+
+
 def te_target_modules(text_encoder: nn.Module) -> List[str]:
     names = []
     for name, m in text_encoder.named_modules():

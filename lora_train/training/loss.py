@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import conditioning
+from . import flow as flow_train
 
 
 def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -58,6 +59,9 @@ def diffusion_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor,
     (default the latents'). snr_timesteps: a CPU copy of the timesteps for the min-SNR weights (no device sync).
     autocast: a context factory for the forward (accelerate's, or torch.autocast). reduction: "mean" (a scalar),
     or "none" (the (N,) per-sample losses, float32)."""
+    if flow_train.is_flow(model):  # Flux / SD3: flow matching (training/flow.py); timesteps = sigma x 1000
+        return flow_train.flow_matching_loss(model, latents, cond, noise, timesteps, unet=unet, in_dtype=in_dtype,
+                                             autocast=autocast, reduction=reduction)
     unet = model.unet if unet is None else unet
     sched = model.noise_scheduler
     ptype = prediction_type or model.prediction_type

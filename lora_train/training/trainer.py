@@ -31,7 +31,9 @@ from ..networks import lora as lora_mod
 from ..plots import loss_plot
 from ..sampler import sample_in_training
 from ..tuning.advisor import Diagnoser
+from . import flow as flow_train
 from . import loss as loss_mod
+from .memory import BlockSwap, apply_fp8_base
 from .events import TrainEvent
 from .optim import describe, make_optimizer
 
@@ -233,9 +235,13 @@ class Trainer:
         for w in self.dataset.warnings:
             self.emit("warning", message=w)
         if self.model is None:
-            self.model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle)
-        elif cfg.prediction_type != "auto":
+            self.model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle,
+                                         files={k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl")
+                                                if getattr(cfg, k)})
+        elif cfg.prediction_type != "auto" and not flow_train.is_flow(self.model):
             self.model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+        if flow_train.is_flow(self.model):  # Flux / SD3: conditioning and timestep options into model.extra
+            flow_train.configure(self.model, cfg)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
     def _seed_all(self, seed: int) -> torch.Generator:
@@ -262,13 +268,13 @@ class Trainer:
         nothing else, and memory stays flat however many images there are."""
         m, ds = self.model, self.dataset
         vae = m.vae.to(self.device)
-        scale = m.vae_scale
+        scale, shift = m.vae_scale, m.vae_shift
         if getattr(self, "_vae_id", None) is None:
-            self._vae_id = module_identity(vae, extra=f"latent_dist.mean*{scale:g}")
+            self._vae_id = module_identity(vae, extra=f"latent_dist.mean*{scale:g}" + (f"-{shift:g}" if shift else ""))
         cache = LatentCache(self._cache_folder(self.cfg.latent_cache, "latents"), self._vae_id)
 
         def encode(px: torch.Tensor) -> torch.Tensor:
-            lat = vae.encode(px.to(self.device, vae.dtype)).latent_dist.mean * scale
+            lat = (vae.encode(px.to(self.device, vae.dtype)).latent_dist.mean - shift) * scale
             return lat.float().cpu()
 
         store = cache.get_or_encode(ds, encode, flip=flip, batch_size=4,
@@ -283,7 +289,8 @@ class Trainer:
         {"hidden", "pooled"}), encoded once (memory or disk)."""
         caps = sorted({it.caption for it in self.dataset.items} | set(extra))
         if getattr(self, "_te_id", None) is None:
-            self._te_id = "+".join(module_identity(te, extra=f"conditioning.encode/{self.model.kind}")
+            self._te_id = "+".join(module_identity(te, extra=f"conditioning.encode/{self.model.kind}"
+                                                   + flow_train.flow.encode_tag(self.model))
                                    for te in self.model.text_encoders)
         cache = TextEmbeddingCache(self._cache_folder(self.cfg.text_cache, "text"), self._te_id)
         store = cache.get_or_encode(caps, lambda chunk: conditioning.map_cond(
@@ -560,16 +567,25 @@ class Trainer:
         cfg, m = self.cfg, self.model
         torch.manual_seed(cfg.seed)
         adapter = lora_mod.DEFAULT_ADAPTER
-        lora_mod.inject(m.unet, lora_mod.unet_target_modules(m.unet), cfg.lora_rank, cfg.alpha, adapter)
+        lora_mod.inject(m.unet, lora_mod.denoiser_target_modules(m), cfg.lora_rank, cfg.alpha, adapter)
         params = [{"params": lora_mod.lora_parameters(m.unet, adapter), "lr": cfg.learning_rate}]
         if cfg.train_text_encoder:
-            for te in m.text_encoders:
+            for _, te in conditioning.Conditioner(m).text_encoders:  # Flux / SD3: the CLIP encoders, never T5
                 lora_mod.inject(te, lora_mod.te_target_modules(te), cfg.lora_rank, cfg.alpha, adapter)
                 params.append({"params": lora_mod.lora_parameters(te, adapter), "lr": cfg.te_lr})
         base_dtype = self.weight_dtype if self.device.type != "cpu" else None
-        m.unet.to(self.device, dtype=base_dtype) if base_dtype else m.unet.to(self.device)
+        if cfg.fp8_base:  # cast in CPU memory first: a 12 B transformer never sits on the GPU in 16 bits
+            m.unet.to(dtype=base_dtype or torch.float32)
+            n8 = apply_fp8_base(m.unet, base_dtype or torch.float32)
+            self.emit("info", message=f"fp8_base: {n8} frozen Linear layers stored as float8_e4m3fn, computed in "
+                                      f"{str(base_dtype or torch.float32).replace('torch.', '')}.")
+            m.unet.to(self.device)
+        elif base_dtype:
+            m.unet.to(self.device, dtype=base_dtype)
+        else:
+            m.unet.to(self.device)
         if cfg.train_text_encoder and base_dtype:
-            for te in m.text_encoders:
+            for _, te in conditioning.Conditioner(m).text_encoders:
                 te.to(self.device, dtype=base_dtype)
         self.in_dtype = base_dtype or torch.float32
         self.param_groups = params
@@ -580,7 +596,7 @@ class Trainer:
             p.requires_grad_(True)
         if cfg.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
-            for te in (m.text_encoders if cfg.train_text_encoder else []):
+            for _, te in (conditioning.Conditioner(m).text_encoders if cfg.train_text_encoder else []):
                 if hasattr(te, "gradient_checkpointing_enable"):
                     te.gradient_checkpointing_enable()
 
@@ -620,6 +636,8 @@ class Trainer:
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=self.warmup_steps,
                                      num_training_steps=total_steps, **sched_kw)
         unet, optimizer = acc.prepare(self.model.unet, optimizer)
+        # blocks_to_swap: the last N blocks' frozen weights back to CPU memory, moved in around their forward
+        self.block_swap = BlockSwap(self.model.unet, cfg.blocks_to_swap, self.device) if cfg.blocks_to_swap else None
         if cfg.torch_compile:  # only the training forward goes through the compiled module; saving reads m.unet
             unet = torch.compile(unet)
         self.train_unet = unet
@@ -694,7 +712,10 @@ class Trainer:
         flips = (torch.rand(n, generator=gen) < 0.5).tolist() if latents_flip is not None else [False] * n
         shape = (n,) + tuple(latents[batch[0]].shape)
         noise = loss_mod.offset_noise(torch.randn(shape, generator=gen), cfg.noise_offset, gen)
-        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+        if flow_train.is_flow(m):  # sigma x 1000 by timestep_sampling (training/flow.py)
+            t = flow_train.sample_timesteps(m, cfg, n, shape[-2:], gen)
+        else:
+            t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
         caps = [ds.items[i].caption for i in batch]
         if cfg.caption_dropout_rate > 0:
             drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
@@ -707,7 +728,7 @@ class Trainer:
             cond = self.text_cache.stack(caps) if self.text_cache is not None else conditioning.encode(m, caps,
                                                                                                          self.device)
         # SDXL: per-sample original size / crop / target size from the item's resize + crop plan
-        tids = conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips) if m.text_encoder_2 is not None else None
+        tids = conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips) if conditioning.is_sdxl(m) else None
         loss = loss_mod.diffusion_loss(m, lat, cond, noise, t, unet=self.train_unet, min_snr_gamma=cfg.min_snr_gamma,
                                        time_ids=tids, resolution=cfg.resolution, in_dtype=self.in_dtype,
                                        snr_timesteps=t_cpu, autocast=acc.autocast)  # min-SNR from the CPU copy
@@ -836,7 +857,7 @@ class Trainer:
                     else conditioning.map_cond(conditioning.encode(m, caps, self.device), lambda t: t.float()))
             lat = latents.stack(idx) if hasattr(latents, "stack") else torch.stack([latents[i] for i in idx])
             n = lat.numel()
-            tids = conditioning.time_ids_for_items(ds, idx, self.cfg.resolution) if m.text_encoder_2 is not None else None
+            tids = conditioning.time_ids_for_items(ds, idx, self.cfg.resolution) if conditioning.is_sdxl(m) else None
             total += fixed_noise_loss(m, lat, cond, seed=self.cfg.validation_seed, time_ids=tids,
                                       min_snr_gamma=self.cfg.min_snr_gamma) * n
             count += n
@@ -903,6 +924,8 @@ class Trainer:
             "modelspec.prediction_type": "v" if m.prediction_type == "v_prediction" else "epsilon",  # ModelSpec
             "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if flow_train.is_flow(m):  # Flux / SD3: base model version, architecture, timestep options
+            meta.update(flow_train.metadata(m, cfg))
         if cfg.trigger_word:
             meta["modelspec.trigger_phrase"] = cfg.trigger_word
         return meta

@@ -1,0 +1,382 @@
+"""Flux.1 and SD3 / SD3.5 single files, offline: the transformer file users have, plus its component files.
+
+Flux (ComfyUI models/diffusion_models, Forge): the BFL transformer (`double_blocks.*`, `single_blocks.*`, optionally
+  under `model.diffusion_model.`; fp32 / fp16 / bf16, or float8_e4m3fn, loaded as bf16), with `ae` (ae.safetensors:
+  BFL / LDM VAE keys, or diffusers AutoencoderKL keys), `clip_l` (clip_l.safetensors: transformers CLIP keys) and
+  `t5xxl` (t5xxl_fp16 / t5xxl_fp8_e4m3fn.safetensors: transformers T5 encoder keys) as separate files. All-in-one
+  checkpoints that hold `vae.*` / `first_stage_model.*` and `text_encoders.clip_l.transformer.*` /
+  `text_encoders.t5xxl.transformer.*` need no separate files.
+SD3 / SD3.5 (sd3_medium.safetensors, sd3.5_medium.safetensors, sd3.5_large.safetensors): `model.diffusion_model.
+  joint_blocks.*`, `first_stage_model.*` and, when included, `text_encoders.clip_l / clip_g / t5xxl.transformer.*`;
+  otherwise `clip_l`, `clip_g` (and optionally `t5xxl`; without it SD3 runs on zeros for T5 as diffusers does).
+
+Conversion: diffusers' own loaders.single_file_utils (convert_flux_transformer_checkpoint_to_diffusers,
+convert_sd3_transformer_checkpoint_to_diffusers, convert_ldm_vae_checkpoint). The diffusers configs are read from the
+weights' shapes; what shapes cannot tell is taken from the released models: Flux rope axes (16, 56, 56) for
+128-wide heads, CLIP heads = width / 64 (CLIP-L quick_gelu, CLIP-G gelu), the VAEs' scaling / shift factors (Flux
+0.3611 / 0.1159, SD3 1.5305 / 0.0609), the schedulers of the releases. Narrower test-size models (tests/) get
+width / 8 CLIP heads, rope axes (d/4, 3d/8, 3d/8) and 8 VAE norm groups.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, Optional
+
+import torch
+
+from .base import BaseModel, ModelError
+from . import flow
+from .flux import SCHEDULER_DEV, SCHEDULER_SCHNELL, clip_config
+from .sd3 import SCHEDULER_SD3
+from .single_file import _empty_weights, read_safetensors_header
+
+DIT_PREFIX = "model.diffusion_model."
+VAE_FACTORS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
+TE_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+               "t5xxl": "text_encoders.t5xxl.transformer."}
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+FILE_KEYS = {"flux": ("ae", "clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl")}
+
+
+# ----------------------------------------------------------------------------- detection
+def family_of_keys(keys) -> Optional[str]:
+    keys = list(keys)
+    if any("double_blocks." in k for k in keys) and any("single_blocks." in k for k in keys):
+        return "flux"
+    if any("joint_blocks." in k for k in keys):
+        return "sd3"
+    return None
+
+
+def detect_family(path: str) -> Optional[str]:
+    """"flux", "sd3" or None from a .safetensors header (no tensor is read)."""
+    try:
+        shapes, _ = read_safetensors_header(path)
+    except (ModelError, OSError):
+        return None
+    return family_of_keys(shapes)
+
+
+# ----------------------------------------------------------------------------- reading
+def _dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a stored tensor is loaded as: float8 -> bfloat16 (computed in 16 bits; fp8_base re-stores the
+    block weights in fp8), others as stored."""
+    if t.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
+        return torch.bfloat16
+    return t.dtype
+
+
+def read_file(path: str, what: str) -> Dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise ModelError(f"the {what} file '{path}' does not exist.")
+    if not path.lower().endswith((".safetensors", ".sft")):
+        raise ModelError(f"the {what} file '{path}' is not a .safetensors file: use the .safetensors release.")
+    read_safetensors_header(path)  # a clear error for a broken / renamed file
+    out = {}
+    with safe_open(path, framework="pt", device="cpu") as fh:
+        for k in fh.keys():
+            t = fh.get_tensor(k)
+            out[k] = t.to(_dtype(t)) if t.is_floating_point() else t
+    if "scaled_fp8" in out or any(k.endswith(".scale_weight") for k in out):
+        raise ModelError(f"'{path}' is a 'scaled fp8' file (ComfyUI's *_fp8_scaled): its weights need per-layer "
+                         f"scales this trainer does not apply. Use the fp16 or plain fp8_e4m3fn release.")
+    return out
+
+
+def _sub(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _assign(model: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str, hint: str,
+            optional=(r"position_ids$", r"^encoder\.embed_tokens\.weight$")) -> torch.nn.Module:
+    """Load `sd` into a meta-initialised model by assignment; a clear error when it does not fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and not any(re.search(p, k) for p in optional)]
+    unexpected = [k for k in sd if k not in expected]
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in sd.items()
+           if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if missing or unexpected or bad:
+        parts = [f"{len(x)} {label} (e.g. {', '.join(x[:3])})" for x, label in
+                 ((missing, "weights missing"), (unexpected, "unexpected weights"), (bad, "with other shapes")) if x]
+        raise ModelError(f"the {what} weights do not fit: {'; '.join(parts)}. {hint}")
+    model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=False, assign=True)
+    for n, p in list(model.named_parameters()):
+        if p.device.type == "meta":
+            raise ModelError(f"the {what} weights leave {n} unset. {hint}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- Flux transformer
+def _flux_rope_axes(head_dim: int):
+    if head_dim == 128:
+        return (16, 56, 56)
+    a = head_dim // 4
+    return (a, (head_dim - a) // 2, head_dim - a - (head_dim - a) // 2)
+
+
+def convert_flux(sd: Dict[str, torch.Tensor]):
+    """(diffusers config, diffusers state dict) of BFL-layout Flux weights (with or without `model.diffusion_model.`)."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    sd = {(k[len(DIT_PREFIX):] if k.startswith(DIT_PREFIX) else k): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("vae.", "first_stage_model.", "text_encoders."))}
+    try:
+        inner, in_ch = sd["img_in.weight"].shape
+        head_dim = int(sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0])
+        n_double = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("double_blocks."))
+        n_single = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("single_blocks."))
+        config = dict(patch_size=1, in_channels=int(in_ch), num_layers=n_double, num_single_layers=n_single,
+                      attention_head_dim=head_dim, num_attention_heads=int(inner) // head_dim,
+                      joint_attention_dim=int(sd["txt_in.weight"].shape[1]),
+                      pooled_projection_dim=int(sd["vector_in.in_layer.weight"].shape[1]),
+                      guidance_embeds="guidance_in.in_layer.weight" in sd, axes_dims_rope=_flux_rope_axes(head_dim))
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the Flux transformer file lacks {exc}: it is not a complete Flux.1 dev / schnell "
+                         f"transformer (a Flux variant with other inputs, or a partial file).") from exc
+    narrow = {}
+    if int(inner) != 3072:  # diffusers' converter splits single blocks' fused linear1 at Flux.1's width 3072
+        for k in [k for k in sd if re.match(r"single_blocks\.\d+\.linear1\.", k)]:
+            narrow[k] = sd.pop(k)
+            sd[k] = torch.empty((4 * 3072 + 3 * 3072,) + tuple(narrow[k].shape[1:]), device="meta")
+    conv = convert_flux_transformer_checkpoint_to_diffusers(dict(sd))
+    for k, v in narrow.items():  # the same split at this model's width (q, k, v, mlp)
+        i, kind = k.split(".")[1], k.rsplit(".", 1)[1]
+        q, kk, vv, mlp = torch.split(v, (int(inner),) * 3 + (v.shape[0] - 3 * int(inner),), dim=0)
+        pre = f"single_transformer_blocks.{i}."
+        for name, t in (("attn.to_q", q), ("attn.to_k", kk), ("attn.to_v", vv), ("proj_mlp", mlp)):
+            conv[f"{pre}{name}.{kind}"] = t
+    return config, conv
+
+
+def flux_transformer(sd: Dict[str, torch.Tensor]):
+    """A diffusers FluxTransformer2DModel from BFL-layout weights (with or without `model.diffusion_model.`)."""
+    from diffusers import FluxTransformer2DModel
+
+    config, conv = convert_flux(sd)
+    dtype = next(iter(conv.values())).dtype
+    with _empty_weights():
+        model = FluxTransformer2DModel(**config)
+    model = _assign(model, {k: v.to(dtype) for k, v in conv.items()}, "Flux transformer",
+                    "Use an original Flux.1 dev / schnell transformer file (flux1-dev.safetensors, "
+                    "flux1-schnell.safetensors or a fine-tune in their layout).")
+    return model.to(dtype)
+
+
+# ----------------------------------------------------------------------------- SD3 transformer
+def convert_sd3(sd: Dict[str, torch.Tensor]):
+    """(diffusers config, diffusers state dict) of original SD3 / SD3.5 MMDiT weights."""
+    from diffusers.loaders.single_file_utils import (convert_sd3_transformer_checkpoint_to_diffusers,
+                                                     get_attn2_layers)
+
+    sd = {k[len(DIT_PREFIX):]: v for k, v in sd.items() if k.startswith(DIT_PREFIX)} or dict(sd)
+    try:
+        w = sd["x_embedder.proj.weight"]
+        caption_dim = int(sd["context_embedder.weight"].shape[0])
+        qk = "joint_blocks.0.x_block.attn.ln_q.weight" in sd
+        head_dim = int(sd["joint_blocks.0.x_block.attn.ln_q.weight"].shape[0]) if qk else 64
+        pos = int(round(sd["pos_embed"].shape[1] ** 0.5))
+        config = dict(sample_size=128 if caption_dim >= 1024 else 16, patch_size=int(w.shape[-1]),
+                      in_channels=int(w.shape[1]), out_channels=int(w.shape[1]),
+                      num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks.")),
+                      attention_head_dim=head_dim, num_attention_heads=caption_dim // head_dim,
+                      joint_attention_dim=int(sd["context_embedder.weight"].shape[1]),
+                      caption_projection_dim=caption_dim,
+                      pooled_projection_dim=int(sd["y_embedder.mlp.0.weight"].shape[1]), pos_embed_max_size=pos,
+                      dual_attention_layers=get_attn2_layers(sd), qk_norm="rms_norm" if qk else None)
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the SD3 file lacks {exc}: it is not a complete SD3 / SD3.5 MMDiT.") from exc
+    return config, convert_sd3_transformer_checkpoint_to_diffusers(dict(sd))
+
+
+def sd3_transformer(sd: Dict[str, torch.Tensor]):
+    from diffusers import SD3Transformer2DModel
+
+    config, conv = convert_sd3(sd)
+    dtype = next(iter(conv.values())).dtype
+    with _empty_weights():
+        model = SD3Transformer2DModel(**config)
+    model = _assign(model, {k: v.to(dtype) for k, v in conv.items()}, "SD3 transformer",
+                    "Use an original SD3 Medium / SD3.5 Medium / SD3.5 Large file.")
+    return model.to(dtype)
+
+
+# ----------------------------------------------------------------------------- VAE, text encoders
+def vae_from(sd: Dict[str, torch.Tensor], family: str):
+    """A 16-channel AutoencoderKL from BFL / LDM keys (optionally `first_stage_model.` / `vae.`) or diffusers keys."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    for p in VAE_PREFIXES:
+        if any(k.startswith(p) for k in sd):
+            sd = _sub(sd, p)
+            break
+    diffusers_layout = any(k.startswith("encoder.down_blocks.") for k in sd)
+    try:
+        if diffusers_layout:
+            chans = [int(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
+                     for i in range(1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks.")))]
+            per = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets."))
+        else:
+            chans = [int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0])
+                     for i in range(1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")))]
+            per = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+        latent = int(sd["encoder.conv_out.weight"].shape[0]) // 2
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the VAE weights lack {exc}: pass the model's VAE file (Flux: ae.safetensors).") from exc
+    scale, shift = VAE_FACTORS[family]
+    quant = "quant_conv.weight" in sd
+    config = dict(in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=tuple(chans),
+                  down_block_types=("DownEncoderBlock2D",) * len(chans), up_block_types=("UpDecoderBlock2D",) * len(chans),
+                  layers_per_block=per, norm_num_groups=32 if min(chans) >= 64 else 8,
+                  sample_size=1024 if min(chans) >= 64 else 64, scaling_factor=scale, shift_factor=shift,
+                  use_quant_conv=quant, use_post_quant_conv="post_quant_conv.weight" in sd)
+    if latent != 16:
+        raise ModelError(f"the VAE has {latent} latent channels; Flux and SD3 use 16: pass their VAE (ae.safetensors).")
+    dtype = next(iter(sd.values())).dtype
+    conv = sd if diffusers_layout else convert_ldm_vae_checkpoint(sd, config)
+    with _empty_weights():
+        vae = AutoencoderKL(**config)
+    return _assign(vae, {k: v.to(dtype) for k, v in conv.items()}, "VAE",
+                   "Pass the model's own VAE (Flux: ae.safetensors; SD3: the one inside the checkpoint).")
+
+
+def clip_from(sd: Dict[str, torch.Tensor], which: str):
+    """CLIP-L (Flux: CLIPTextModel; SD3: with projection) or CLIP-G from transformers-layout keys."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    sd = {("text_model." + k if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k): v
+          for k, v in sd.items()}
+    try:
+        vocab, hidden = sd["text_model.embeddings.token_embedding.weight"].shape
+        n = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
+        inter = int(sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0])
+        pos = int(sd["text_model.embeddings.position_embedding.weight"].shape[0])
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the {which} file lacks {exc}: pass a CLIP text encoder in the transformers layout "
+                         f"({which}.safetensors as ComfyUI / sd-scripts use).") from exc
+    heads = hidden // 64 if hidden % 64 == 0 and hidden >= 512 else hidden // 8
+    proj = int(sd["text_projection.weight"].shape[0]) if "text_projection.weight" in sd else int(hidden)
+    cfg = clip_config(hidden_size=int(hidden), intermediate_size=inter, num_attention_heads=heads,
+                      num_hidden_layers=n, max_position_embeddings=pos, projection_dim=proj,
+                      hidden_act="gelu" if which == "clip_g" else "quick_gelu")
+    cfg.vocab_size = int(vocab)
+    with_proj = which == "clip_g" or "text_projection.weight" in sd
+    cls = CLIPTextModelWithProjection if with_proj else CLIPTextModel
+    with _empty_weights():
+        model = cls(cfg)
+    expected = set(model.state_dict())
+    fit = {}
+    for k, v in sd.items():
+        k2 = k if k in expected else (k[len("text_model."):] if k[len("text_model."):] in expected else k)
+        if k2.startswith("text_projection") and not with_proj or k2.endswith("position_ids"):
+            continue
+        fit[k2] = v
+    dtype = next(iter(fit.values())).dtype
+    return _assign(model, {k: v.to(dtype) for k, v in fit.items()}, which,
+                   f"Pass the {which} text encoder of this model family.")
+
+
+def t5_from(sd: Dict[str, torch.Tensor]):
+    """T5 encoder (transformers T5EncoderModel keys) from t5xxl_fp16 / fp8_e4m3fn files."""
+    from transformers import T5Config, T5EncoderModel
+
+    sd = {k: v for k, v in sd.items() if not k.startswith("decoder.")}
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    try:
+        vocab, d_model = sd["shared.weight"].shape
+        rel = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        heads = int(rel.shape[1])
+        d_kv = int(sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]) // heads
+        gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+        d_ff = int(sd["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"].shape[0])
+        n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.block."))
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the t5xxl file lacks {exc}: pass a T5 v1.1 encoder in the transformers layout "
+                         f"(t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors).") from exc
+    cfg = T5Config(vocab_size=int(vocab), d_model=int(d_model), d_kv=d_kv, d_ff=d_ff, num_layers=n, num_heads=heads,
+                   relative_attention_num_buckets=int(rel.shape[0]), feed_forward_proj="gated-gelu" if gated else "relu",
+                   dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+    with _empty_weights():
+        model = T5EncoderModel(cfg)
+    dtype = sd["shared.weight"].dtype
+    fit = {k: v.to(dtype) for k, v in sd.items() if k in model.state_dict()}
+    return _assign(model, fit, "t5xxl", "Pass the T5 v1.1 XXL encoder (t5xxl_fp16.safetensors).")
+
+
+# ----------------------------------------------------------------------------- the whole model
+def _component(main: Dict[str, torch.Tensor], files: Dict[str, str], key: str, prefix: str, family: str, found: str,
+               required: bool = True) -> Optional[Dict[str, torch.Tensor]]:
+    if files.get(key):
+        return read_file(files[key], key)
+    inside = _sub(main, prefix) if prefix else {}
+    if inside:
+        return inside
+    if not required:
+        return None
+    names = {"ae": "the VAE (ae.safetensors)", "clip_l": "CLIP-L (clip_l.safetensors)",
+             "clip_g": "CLIP-G (clip_g.safetensors)", "t5xxl": "T5-XXL (t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn)"}
+    need = ", ".join(f"{k}: <path>" for k in FILE_KEYS[family] if not files.get(k))
+    raise ModelError(f"{found}, but not {names[key]}: pass the separate files with the config keys {need} "
+                     f"(sd-scripts' names; ComfyUI keeps them in models/vae and models/text_encoders).")
+
+
+def load_flow_single_file(path: str, files: Dict[str, str]) -> BaseModel:
+    """A Flux / SD3 single file plus its separate component files (module docstring)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = os.path.expanduser(path)
+    family = detect_family(path)
+    if family is None:
+        raise ModelError(f"'{path}' is neither a Flux.1 nor an SD3 / SD3.5 transformer file.")
+    main = read_file(path, "base model")
+    name = os.path.splitext(os.path.basename(path))[0]
+    if family == "flux":
+        tr = flux_transformer(main)
+        variant = "flux-dev" if tr.config.guidance_embeds else "flux-schnell"
+        found = (f"'{os.path.basename(path)}' holds a Flux.1 {variant.split('-')[1]} transformer "
+                 f"({tr.config.num_layers} double + {tr.config.num_single_layers} single blocks, "
+                 f"{str(next(tr.parameters()).dtype).replace('torch.', '')})")
+        if not files.get("ae") and any(k.startswith(VAE_PREFIXES) for k in main):  # an all-in-one checkpoint
+            vae = vae_from({k: v for k, v in main.items() if k.startswith(VAE_PREFIXES)}, family)
+        else:
+            vae = vae_from(_component(main, files, "ae", "", family, found), family)
+        te = clip_from(_component(main, files, "clip_l", TE_PREFIXES["clip_l"], family, found), "clip_l")
+        t5 = t5_from(_component(main, files, "t5xxl", TE_PREFIXES["t5xxl"], family, found))
+        sched = FlowMatchEulerDiscreteScheduler(**(SCHEDULER_DEV if variant == "flux-dev" else SCHEDULER_SCHNELL))
+        small = tr.config.num_layers < 8
+        extra = {"variant": variant}
+        if small:
+            extra["t5_default_length"] = 32
+        return BaseModel(unet=tr, vae=vae, text_encoder=te, tokenizer=flow.clip_tokenizer(), noise_scheduler=sched,
+                         kind="flux", name=name, path=os.path.abspath(path), text_encoder_2=t5,
+                         tokenizer_2=flow.t5_tokenizer(flow.T5_MAX_LENGTH[variant]),
+                         native_resolution=64 if small else 1024, extra=extra)
+    from .sd3 import variant_of
+
+    tr = sd3_transformer(main)
+    variant = variant_of(tr)
+    found = f"'{os.path.basename(path)}' holds an {variant} transformer ({tr.config.num_layers} blocks)"
+    if not any(k.startswith("first_stage_model.") for k in main) and not files.get("ae"):
+        raise ModelError(f"{found} without its VAE: use the full checkpoint (with first_stage_model.*), or pass ae: "
+                         f"<the SD3 VAE file>.")
+    vae = vae_from(read_file(files["ae"], "ae") if files.get("ae") else main, family)
+    te1 = clip_from(_component(main, files, "clip_l", TE_PREFIXES["clip_l"], family, found), "clip_l")
+    te2 = clip_from(_component(main, files, "clip_g", TE_PREFIXES["clip_g"], family, found), "clip_g")
+    t5_sd = _component(main, files, "t5xxl", TE_PREFIXES["t5xxl"], family, found, required=False)
+    t5 = t5_from(t5_sd) if t5_sd else None
+    small = tr.config.num_layers < 8
+    extra = {"variant": variant}
+    if small:
+        extra["t5_default_length"] = 32
+    return BaseModel(unet=tr, vae=vae, text_encoder=te1, tokenizer=flow.clip_tokenizer(),
+                     noise_scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_SD3), kind="sd3", name=name,
+                     path=os.path.abspath(path), text_encoder_2=te2, tokenizer_2=flow.clip_tokenizer(pad_token="!"),
+                     text_encoder_3=t5, tokenizer_3=flow.t5_tokenizer(256) if t5 is not None else None,
+                     native_resolution=64 if small else 1024, extra=extra)

@@ -1,0 +1,195 @@
+"""Flow matching for Flux.1 and SD3 / SD3.5: timestep sampling, the loss, the metadata of such a run.
+
+The objective is the one diffusers' FlowMatchEulerDiscreteScheduler defines (rectified flow):
+    sigma in (0, 1), timestep = sigma x 1000
+    noisy  = (1 - sigma) * latents + sigma * noise
+    target = noise - latents            (the velocity the transformer predicts)
+    loss   = mean over (C, H, W) of (pred - target)^2, times the weighting of `weighting_scheme` (diffusers'
+             training_utils.compute_loss_weighting_for_sd3: sigma_sqrt, cosmap; 1 for the others)
+
+Timestep sampling as sd-scripts (library/flux_train_utils.py get_noisy_model_input_and_timesteps):
+    uniform     sigma = U(0, 1)
+    sigmoid     sigma = sigmoid(sigmoid_scale * N(0, 1))
+    shift       s = sigmoid(sigmoid_scale * N(0, 1)); sigma = s * shift / (1 + (shift - 1) * s)
+                (shift = discrete_flow_shift)
+    flux_shift  s = sigmoid(sigmoid_scale * N(0, 1)); mu = linear(256 -> 0.5, 4096 -> 1.15) of the packed
+                image sequence length (h/2 * w/2); sigma = e^mu / (e^mu + 1/s - 1)
+    sigma       u = diffusers' compute_density_for_timestep_sampling(weighting_scheme, logit_mean, logit_std,
+                mode_scale) (logit_normal / mode / uniform); sigma = the scheduler's sigma at index u * 1000
+                (the scheduler built with shift = discrete_flow_shift)
+`auto`: Flux -> shift with discrete_flow_shift 3.1582 (sd-scripts' recommendation for Flux LoRAs);
+        SD3 -> sigma with logit_normal (SD3's paper and diffusers' train script), shift 3.0.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES  # noqa: F401  (the allowed values, with the config)
+from ..models import flow
+
+FLUX_SHIFT = 3.1582
+SD3_SHIFT = 3.0
+
+
+def is_flow(model) -> bool:
+    return flow.is_flow(model)
+
+
+# ----------------------------------------------------------------------------- options
+def resolve(cfg, model) -> Dict[str, Any]:
+    """The timestep-sampling options of a run with `auto` resolved for the model's family."""
+    kind = getattr(model, "kind", "flux")
+    ts = getattr(cfg, "timestep_sampling", "auto") or "auto"
+    ws = getattr(cfg, "weighting_scheme", "auto") or "auto"
+    if ts == "auto":
+        ts = "shift" if kind == "flux" else "sigma"
+    if ws == "auto":
+        ws = "logit_normal" if (kind == "sd3" and ts == "sigma") else "none"
+    shift = getattr(cfg, "discrete_flow_shift", None)
+    if shift is None:
+        shift = FLUX_SHIFT if kind == "flux" else float(getattr(model.noise_scheduler.config, "shift", SD3_SHIFT))
+    return {"timestep_sampling": ts, "weighting_scheme": ws, "discrete_flow_shift": float(shift),
+            "sigmoid_scale": float(getattr(cfg, "sigmoid_scale", 1.0)),
+            "logit_mean": float(getattr(cfg, "logit_mean", 0.0)), "logit_std": float(getattr(cfg, "logit_std", 1.0)),
+            "mode_scale": float(getattr(cfg, "mode_scale", 1.29))}
+
+
+def configure(model, cfg) -> Dict[str, Any]:
+    """Put the run's conditioning and loss options into model.extra (models/flow.py reads the conditioning ones,
+    `flow_matching_loss` the weighting); returns the resolved timestep options."""
+    flow.configure(model, cfg)
+    opts = resolve(cfg, model)
+    model.extra["flow_options"] = opts
+    return opts
+
+
+# ----------------------------------------------------------------------------- timestep sampling
+def time_shift(mu: float, sigma: float, t: torch.Tensor) -> torch.Tensor:
+    """Flux's resolution-dependent shift (BFL's sampling code, as sd-scripts uses it)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def flux_mu(image_seq_len: int, x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> float:
+    m = (y2 - y1) / (x2 - x1)
+    return image_seq_len * m + (y1 - m * x1)
+
+
+def _scheduler(model, shift: float):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cache = model.extra.setdefault("_flow_sched", {})
+    if shift not in cache:
+        conf = dict(model.noise_scheduler.config)
+        if not conf.get("use_dynamic_shifting", False):
+            conf["shift"] = shift
+        cache[shift] = FlowMatchEulerDiscreteScheduler.from_config(conf)
+    return cache[shift]
+
+
+def sample_sigmas(opts: Dict[str, Any], n: int, latent_hw, generator: Optional[torch.Generator] = None,
+                  model=None) -> torch.Tensor:
+    """(n,) sigmas in (0, 1) drawn from `generator` (float32, CPU) as the module docstring says."""
+    ts = opts["timestep_sampling"]
+    if ts == "uniform":
+        return torch.rand(n, generator=generator)
+    if ts in ("sigmoid", "shift", "flux_shift"):
+        s = torch.sigmoid(opts["sigmoid_scale"] * torch.randn(n, generator=generator))
+        if ts == "shift":
+            shift = opts["discrete_flow_shift"]
+            return (s * shift) / (1 + (shift - 1) * s)
+        if ts == "flux_shift":
+            h, w = latent_hw
+            return time_shift(flux_mu((h // 2) * (w // 2)), 1.0, s)
+        return s
+    if ts != "sigma":
+        raise ValueError(f"timestep_sampling {ts!r} is not known: use one of {', '.join(TIMESTEP_SAMPLINGS)}.")
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    ws = opts["weighting_scheme"]
+    state = torch.random.get_rng_state()
+    try:  # diffusers draws from the global generator: seed it from ours so that a run stays reproducible
+        torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+        u = compute_density_for_timestep_sampling(weighting_scheme=ws if ws in ("logit_normal", "mode") else "none",
+                                                  batch_size=n, logit_mean=opts["logit_mean"],
+                                                  logit_std=opts["logit_std"], mode_scale=opts["mode_scale"])
+    finally:
+        torch.random.set_rng_state(state)
+    sched = _scheduler(model, opts["discrete_flow_shift"])
+    T = int(sched.config.num_train_timesteps)
+    idx = (u * T).long().clamp(0, T - 1)
+    return sched.sigmas[idx].float()
+
+
+def sample_timesteps(model, cfg, n: int, latent_hw, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(n,) float timesteps (sigma x 1000) for a training batch; the options come from `configure`."""
+    opts = model.extra.get("flow_options") or resolve(cfg, model)
+    return sample_sigmas(opts, n, latent_hw, generator, model) * 1000.0
+
+
+# ----------------------------------------------------------------------------- the loss
+def flow_matching_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor, timesteps: torch.Tensor, *,
+                       unet=None, in_dtype: Optional[torch.dtype] = None,
+                       autocast: Callable[[], Any] = contextlib.nullcontext, reduction: str = "mean") -> torch.Tensor:
+    """Flow-matching loss (module docstring) of a Flux / SD3 BaseModel; timesteps in [0, 1000] (sigma x 1000).
+    Called through loss.diffusion_loss, with its arguments and reductions."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    transformer = model.unet if unet is None else unet
+    sigmas = (timesteps.float() / 1000.0).to(latents.device)
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1.0 - s) * latents.float() + s * noise.float()
+    target = noise.float() - latents.float()
+    dtype = in_dtype or latents.dtype
+    with autocast():
+        pred = flow.predict(model, transformer, noisy.to(dtype), sigmas * 1000.0, cond)
+    loss = F.mse_loss(pred.float(), target, reduction="none").mean(dim=[1, 2, 3])
+    ws = (model.extra.get("flow_options") or {}).get("weighting_scheme", "none")
+    if ws in ("sigma_sqrt", "cosmap"):
+        loss = loss * compute_loss_weighting_for_sd3(ws, sigmas).float().to(loss.device)
+    if reduction == "none":
+        return loss
+    if reduction != "mean":
+        raise ValueError(f"reduction = {reduction!r} is not valid: allowed mean, none.")
+    return loss.mean()
+
+
+# ----------------------------------------------------------------------------- metadata
+BASE_MODEL_VERSION = {"flux-dev": "flux1", "flux-schnell": "flux1", "sd3-medium": "sd3", "sd35-medium": "sd3",
+                      "sd35-large": "sd3"}
+ARCHITECTURE = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora",
+                "sd3-medium": "stable-diffusion-3-medium/lora", "sd35-medium": "stable-diffusion-3.5-medium/lora",
+                "sd35-large": "stable-diffusion-3.5-large/lora"}
+IMPLEMENTATION = {"flux": "https://github.com/black-forest-labs/flux",
+                  "sd3": "https://github.com/Stability-AI/sd3.5"}
+
+
+def metadata(model, cfg) -> Dict[str, str]:
+    """The ss_* / modelspec.* entries of a flow run (they replace the UNet families' values)."""
+    v = flow.variant(model)
+    opts = model.extra.get("flow_options") or resolve(cfg, model)
+    meta = {
+        "ss_base_model_version": BASE_MODEL_VERSION[v],
+        "ss_v2": "False",
+        "ss_prediction_type": "flow",
+        "ss_timestep_sampling": opts["timestep_sampling"],
+        "ss_discrete_flow_shift": f"{opts['discrete_flow_shift']:g}",
+        "ss_sigmoid_scale": f"{opts['sigmoid_scale']:g}",
+        "ss_weighting_scheme": opts["weighting_scheme"],
+        "ss_logit_mean": f"{opts['logit_mean']:g}", "ss_logit_std": f"{opts['logit_std']:g}",
+        "ss_mode_scale": f"{opts['mode_scale']:g}",
+        "ss_model_prediction_type": "raw",
+        "ss_t5xxl_max_token_length": str(flow.t5_max_length(model)),
+        "ss_apply_t5_attn_mask": str(bool(model.extra.get("apply_t5_attn_mask", False))),
+        "ss_fp8_base": str(bool(getattr(cfg, "fp8_base", False))),
+        "modelspec.architecture": ARCHITECTURE[v],
+        "modelspec.implementation": IMPLEMENTATION[model.kind],
+        "modelspec.prediction_type": "flow",
+    }
+    if v == "flux-dev":  # schnell has no guidance input
+        meta["ss_guidance_scale"] = f"{float(model.extra.get('guidance_scale', 1.0)):g}"
+    return meta
