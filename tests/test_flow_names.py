@@ -397,7 +397,7 @@ def test_diffusers_kohya_flux_converter_reads_our_full_size_file():
     real = SimpleNamespace(kind="flux", unet=model.unet, text_encoder=None, text_encoder_2=None)
     lw = full_lora(real, device="cpu")
     sd = L.to_kohya_state_dict(lw, "flux")
-    conv = _convert_kohya_flux_lora_to_diffusers(dict(sd))
+    conv = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in sd.items()})
     g = torch.Generator().manual_seed(0)
     worst, n = 0.0, 0
     for (comp, path), (d, u, a) in lw.modules.items():
@@ -418,22 +418,40 @@ def _flux_pipe(transformer):
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
 
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                        pad_token_id=1)).eval()
+
+
 def test_flux_pipeline_load_lora_weights_applies_our_file_as_we_do():
-    """FluxPipeline.load_lora_weights(our kohya file) on a small random Flux (double blocks: diffusers' converter
-    hard-codes Flux.1's 3072/12288 split of linear1, checked at full size above) == our peft model."""
-    base = tiny_flux(single=0)
+    """FluxPipeline.load_lora_weights(our kohya file: transformer + CLIP-L) on a small random Flux (double blocks:
+    diffusers' converter hard-codes Flux.1's 3072/12288 split of linear1, checked at full size above) and CLIP ==
+    our peft models (max abs diff <= 1e-5; 0.0 seen)."""
+    base, clip = tiny_flux(single=0), tiny_clip()
     model = bundle("flux", copy.deepcopy(base))
     lw = trained_split_lora(model)
+    model.text_encoder = copy.deepcopy(clip)
+    L.inject(model.text_encoder, L.te_target_modules(model.text_encoder), 4, 2.0)
+    for _, m in L.lora_layers(model.text_encoder):
+        torch.nn.init.normal_(m.lora_B[L.DEFAULT_ADAPTER].weight)
+    lw.modules.update({k: v for k, v in L.extract(model).modules.items() if k[0] == "te1"})
     sd = L.to_kohya_state_dict(lw, "flux")
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in sd)
     pipe = _flux_pipe(copy.deepcopy(base))
-    pipe.load_lora_weights(dict(sd), adapter_name="ours")
-    ours = copy.deepcopy(base)
-    L.apply(bundle("flux", ours), L.from_state_dict(sd, bundle("flux", base)), "ours")
+    pipe.text_encoder = copy.deepcopy(clip)
+    pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name="ours")  # diffusers scales in place
+    ours = bundle("flux", copy.deepcopy(base))
+    ours.text_encoder = copy.deepcopy(clip)
+    L.apply(ours, L.from_state_dict(sd, ours), "ours")
     x = forward_inputs("flux")
+    ids = torch.randint(2, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b, plain = pipe.transformer(**x).sample, ours(**x).sample, base(**x).sample
-    assert float((a - b).abs().max()) <= 1e-5
-    assert float((a - plain).abs().max()) > 1e-2  # the LoRA does something
+        a, b, plain = pipe.transformer(**x).sample, ours.unet(**x).sample, base(**x).sample
+        ta, tb, tplain = (te(ids).last_hidden_state for te in (pipe.text_encoder, ours.text_encoder, clip))
+    assert float((a - b).abs().max()) <= 1e-5 and float((ta - tb).abs().max()) <= 1e-5
+    assert float((a - plain).abs().max()) > 1e-2 and float((ta - tplain).abs().max()) > 1e-2  # the LoRA acts
 
 
 def test_sd3_pipeline_load_lora_weights_applies_our_weights_as_we_do():
