@@ -494,3 +494,36 @@ def test_comfyui_key_map_matches_every_name_we_write(key):
         if n.startswith("lora_unet_"):
             shape = weights[keymap[n]]
             assert (sd[f"{n}.lora_up.weight"].shape[0], sd[f"{n}.lora_down.weight"].shape[1]) == shape[:2], n
+
+
+def test_sd3_text_encoders_round_trip_through_kohya_and_diffusers_keys():
+    """CLIP-L (te1), CLIP-G (te2) and T5 (te3, sd-scripts' train_t5xxl) LoRAs of an SD3 model: written with
+    lora_te1_/lora_te2_/lora_te3_ names, read back from the kohya file and from diffusers' text_encoder{,_2,_3} keys."""
+    torch.manual_seed(0)
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, vocab_size=100, projection_dim=32,
+                                                        max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                                        pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=100,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    model = bundle("sd3", tiny_sd3())
+    model.text_encoder, model.text_encoder_2, model.text_encoder_3 = tiny_clip(), clip_g, t5
+    g = torch.Generator().manual_seed(2)
+    for te, targets in ((model.text_encoder, L.te_target_modules(model.text_encoder)),
+                        (clip_g, L.te_target_modules(clip_g)), (t5, F.t5_target_modules(t5))):
+        L.inject(te, targets, 4, 4.0)
+        for _, m in L.lora_layers(te):
+            with torch.no_grad():
+                m.lora_B[L.DEFAULT_ADAPTER].weight.copy_(torch.randn(m.lora_B[L.DEFAULT_ADAPTER].weight.shape, generator=g))
+    assert len(F.t5_target_modules(t5)) == 2 * 7
+    lw = L.extract(model)
+    assert {c for c, _ in lw.modules} == {"te1", "te2", "te3"}
+    sd = L.to_kohya_state_dict(lw, "sd3")
+    names = names_by_component(sd)
+    assert len(names["te1"]) == len(names["te2"]) == 12 and len(names["te3"]) == 14
+    assert "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_1" in names["te3"]
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj" in names["te2"]
+    assert max_delta_diff(lw, L.from_state_dict(sd, model)) <= 1e-6
+    diff = F.to_diffusers_state_dict(lw.modules, "sd3")
+    assert {k.split(".")[0] for k in diff} == {"text_encoder", "text_encoder_2", "text_encoder_3"}
+    assert max_delta_diff(lw, L.from_state_dict(diff, model)) <= 1e-6
