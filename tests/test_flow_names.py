@@ -184,6 +184,8 @@ def test_metadata_for_is_what_sd_scripts_writes():
     assert m["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
     assert m["ss_timestep_sampling"] == "shift" and m["ss_discrete_flow_shift"] == "3.1582"
     assert m["ss_guidance_scale"] == "1" and "ss_not_a_key" not in m
+    assert m["ss_network_module"] == "networks.lora_flux"
+    assert F.metadata_for("sd3", "sd35-large")["ss_network_module"] == "networks.lora_sd3"
     assert F.metadata_for("flux", "flux-schnell")["modelspec.architecture"] == "flux-1-schnell/lora"
     assert F.metadata_for("flux", None)["modelspec.architecture"] == "flux-1/lora"
     expect = {"sd3-medium": ("medium", "stable-diffusion-3-medium/lora"),
