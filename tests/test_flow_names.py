@@ -196,8 +196,11 @@ def test_metadata_for_is_what_sd_scripts_writes():
         assert (m["ss_base_model_version"], m["modelspec.architecture"]) == (ver, arch)
         assert m["modelspec.implementation"] == "diffusers" and m["ss_weighting_scheme"] == "logit_normal"
         assert "ss_guidance_scale" not in m  # sd-scripts records no guidance for SD3
+    assert F.metadata_for("sd3", None)["modelspec.architecture"] == "stable-diffusion-3/lora"
     with pytest.raises(ValueError, match="sd35-large"):
         F.metadata_for("sd3", "flux-dev")
+    with pytest.raises(ValueError, match="flux-schnell"):
+        F.metadata_for("flux", "sd35-large")
 
 
 # ----------------------------------------------------------------------------- small random models

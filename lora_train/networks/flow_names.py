@@ -453,14 +453,17 @@ def metadata_for(kind: str, variant: Optional[str], training: Optional[Mapping[s
     modelspec.architecture "flux-1-dev/lora"; flux-schnell -> "flux1", "flux-1-schnell/lora"; sd3-medium ->
     "medium", "stable-diffusion-3-medium/lora"; sd35-medium -> "5-medium", "stable-diffusion-3-5-medium/lora";
     sd35-large -> "5-large", "stable-diffusion-3-5-large/lora". A Flux model of unknown variant gets sd-scripts'
-    "flux-1/lora". ss_network_module is sd-scripts' module for the family (networks.lora_flux / networks.lora_sd3). `training` {sd-scripts argument name: value} adds `ss_<name>` for the keys sd-scripts records for
+    "flux-1/lora", an SD3 one of unknown variant (None) "stable-diffusion-3/lora" (sd-scripts' ARCH_SD3 stem); a
+    variant of the other family is an error. ss_network_module is sd-scripts' module for the family (networks.lora_flux / networks.lora_sd3). `training` {sd-scripts argument name: value} adds `ss_<name>` for the keys sd-scripts records for
     that family (TRAINING_KEYS; e.g. timestep_sampling, discrete_flow_shift, guidance_scale); others are ignored.
     """
     _check_kind(kind)
     if variant in _META and variant in VARIANTS[kind]:
         version, arch, impl = _META[variant]
-    elif kind == "flux":
+    elif variant is None and kind == "flux":
         version, arch, impl = "flux1", "flux-1/lora", IMPL_FLUX
+    elif variant is None:
+        version, arch, impl = "sd3", "stable-diffusion-3/lora", IMPL_DIFFUSERS
     else:
         raise FlowNameError(f"unknown {kind} variant {variant!r}: expected one of {', '.join(VARIANTS[kind])}.")
     meta = {"ss_base_model_version": version, "modelspec.architecture": arch, "modelspec.implementation": impl,
