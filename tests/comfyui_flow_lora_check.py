@@ -9,7 +9,8 @@ ComfyUI detects a Flux / SD3 model from a state dict we made and loads a LoRA fi
         comfy.lora.model_lora_keys_unet / model_lora_keys_clip, comfy.lora_convert.convert_lora, comfy.lora.load_lora
         and ModelPatcher.add_patches exactly as comfy.sd.load_lora_for_models does.
     python comfyui_flow_lora_check.py run SPEC.json OUT.json
-        SPEC: {"model": diffusers-layout transformer .safetensors, "lora": path, "probes": .safetensors}
+        SPEC: {"model": diffusers-layout transformer .safetensors, "lora": path, "probes": .safetensors,
+               "kind": "flux" | "sd3", "context_dim": int, "pooled_dim": int}
         comfy.sd.load_diffusion_model loads the model, load_lora_for_models applies the LoRA, the patched weights'
         change is measured on the probes (delta @ x per kohya module, made by the test from our trained weights),
         and the model's output with and without the LoRA is compared.
@@ -127,13 +128,14 @@ elif MODE == "run":
     in_ch = patcher.model.model_config.unet_config["in_channels"]
     x = torch.randn(1, in_ch, 16, 16)
     t = torch.tensor([0.5])
-    ctx = torch.randn(1, 8, patcher.model.model_config.unet_config["context_in_dim"])
-    vec = torch.randn(1, patcher.model.model_config.unet_config["vec_in_dim"])
+    ctx = torch.randn(1, 8, spec["context_dim"])
+    vec = torch.randn(1, spec["pooled_dim"])
+    extra = {"guidance": torch.tensor([1.0])} if spec["kind"] == "flux" else {}
 
     def output(p):
         comfy.model_management.load_models_gpu([p])
         with torch.no_grad():
-            return p.model.apply_model(x, t, c_crossattn=ctx, y=vec, guidance=torch.tensor([1.0])).float()
+            return p.model.apply_model(x, t, c_crossattn=ctx, y=vec, **extra).float()
 
     before_w = {k: v.detach().float().clone() for k, v in patcher.model.state_dict().items()}
     out0 = output(patcher)

@@ -6,10 +6,11 @@ skipped otherwise. The ComfyUI side is tests/comfyui_flow_lora_check.py, run wit
   full-size meta models' shapes -> ComfyUI converts and detects it (Flux / SD3) and builds the model and its text
   encoders on the meta device; our file with every default module (transformer, CLIP-L, CLIP-G, T5) goes through
   comfy.lora.load_lora + ModelPatcher.add_patches: 0 keys not loaded, every module matched, shapes right.
-- small real run: a random Flux-architecture model ComfyUI accepts (hidden size 3072 as ComfyUI's Flux detection
-  assumes, 1 double + 1 single block, ~0.5 B parameters, bf16 file) is loaded by comfy.sd.load_diffusion_model;
-  our LoRA (trained split, written fused) is applied by ComfyUI: 0 keys not loaded, the patched weights change by
-  exactly our trained deltas (probes), and the model's output changes.
+- small real runs: a random Flux-architecture model ComfyUI accepts (hidden size 3072 as ComfyUI's Flux detection
+  assumes, 1 double + 1 single block, ~0.5 B parameters, bf16 file) and a small SD3.5-Medium-like one are loaded by
+  comfy.sd.load_diffusion_model (diffusers layout, converted by ComfyUI); our LoRA (trained split, written fused)
+  is applied by ComfyUI: 0 keys not loaded, the patched weights change by exactly our trained deltas (probes, in
+  ComfyUI's fused layout), and the model's output changes.
 """
 import json
 import os
@@ -62,33 +63,54 @@ def test_comfyui_loads_every_module_of_our_full_size_file(key, config, tmp_path)
             target[:-len(".weight")].replace(".", "_") == "diffusion_model_" + name[len("lora_unet_"):], (name, target)
 
 
-def test_comfyui_applies_our_flux_lora_to_a_small_real_model(tmp_path):
-    torch.manual_seed(0)
-    from diffusers import FluxTransformer2DModel
+def small_model(kind):
+    """A random model of the architecture ComfyUI detects: Flux needs hidden size 3072 (24 heads of 128, rope
+    16/56/56 are fixed in ComfyUI's Flux detection); SD3's sizes follow its depth (64 x depth)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    unet = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                  joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True).eval()
-    model_file = str(tmp_path / "flux_small.safetensors")
+    torch.manual_seed(0)
+    if kind == "flux":
+        return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                      joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True).eval()
+    return SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
+                                 num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
+                                 pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16,
+                                 qk_norm="rms_norm", dual_attention_layers=(0,)).eval()
+
+
+@pytest.mark.parametrize("kind,config,modules", [("flux", "Flux", 13), ("sd3", "SD3", 19)])
+def test_comfyui_applies_our_lora_to_a_small_real_model(kind, config, modules, tmp_path):
+    """SD3: an SD3.5-Medium-like model (qk norm, a dual-attention block) whose last block's context adaLN has
+    ComfyUI's (shift, scale) order: the probes check that our swapped rows land right."""
+    from diffusers.loaders.lora_conversion_utils import swap_scale_shift
+
+    unet = small_model(kind)
+    model_file = str(tmp_path / "small.safetensors")
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in unet.state_dict().items()}, model_file)
-    model = SimpleNamespace(kind="flux", unet=unet, text_encoder=None, text_encoder_2=None, text_encoder_3=None)
+    dims = ((unet.config.joint_attention_dim, unet.config.pooled_projection_dim))
+    model = SimpleNamespace(kind=kind, unet=unet, text_encoder=None, text_encoder_2=None, text_encoder_3=None)
     lw = T.trained_split_lora(model, rank=4, mixed=True)
     # small deltas relative to weights, as training makes them
     lw.modules = {k: (d * 0.05, u * 0.05, a) for k, (d, u, a) in lw.modules.items()}
-    del unet
-    lora_file = L.save_kohya(lw, str(tmp_path / "lora.safetensors"), "flux")
-    # probes: per kohya module, (our trained delta in the fused layout) @ x
+    lora_file = L.save_kohya(lw, str(tmp_path / "lora.safetensors"), kind)
+    # probes: per kohya module, (our trained delta in ComfyUI's layout) @ x
     g = torch.Generator().manual_seed(1)
     probes, ours = {}, T.deltas(lw)
-    for name, grp in F.unet_groups("flux", model.unet, extras=False).items():
+    groups = F.unet_groups(kind, model.unet, extras=False)
+    assert (kind == "flux") or any(grp.swap_halves for grp in groups.values())
+    for name, grp in groups.items():
         delta = torch.cat([ours[("unet", p)] for p in grp.paths]).float()
+        if grp.swap_halves:
+            delta = swap_scale_shift(delta)  # diffusers' own converter's (scale, shift) <-> (shift, scale)
         x = torch.randn(delta.shape[1], 3, generator=g)
         probes[f"{name}.x"], probes[f"{name}.y"] = x, delta @ x
     probe_file = str(tmp_path / "probes.safetensors")
     save_file(probes, probe_file)
-    del model, lw, ours
-    res = comfy("run", {"model": model_file, "lora": lora_file, "probes": probe_file}, tmp_path)
-    assert res["model_config"] == "Flux"
-    assert res["not_loaded"] == [] and res["lora_modules"] == res["patches"] == res["model_patched"] == 13
-    assert res["probe_modules"] == 13 and res["probe_max_abs_diff"] <= 1e-3  # weights patched in fp32 from bf16 file
+    del model, lw, ours, unet
+    res = comfy("run", {"model": model_file, "lora": lora_file, "probes": probe_file, "kind": kind,
+                        "context_dim": dims[0], "pooled_dim": dims[1]}, tmp_path)
+    assert res["model_config"] == config
+    assert res["not_loaded"] == [] and res["lora_modules"] == res["patches"] == res["model_patched"] == modules
+    assert res["probe_modules"] == modules and res["probe_max_abs_diff"] <= 1e-3
     assert res["output_change"] > 1e-3 * max(res["output_scale"], 1.0)
     assert res["unpatched_again_diff"] <= 1e-5

@@ -184,6 +184,8 @@ def test_metadata_for_is_what_sd_scripts_writes():
     assert m["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
     assert m["ss_timestep_sampling"] == "shift" and m["ss_discrete_flow_shift"] == "3.1582"
     assert m["ss_guidance_scale"] == "1" and "ss_not_a_key" not in m
+    assert m["ss_network_module"] == "networks.lora_flux"
+    assert F.metadata_for("sd3", "sd35-large")["ss_network_module"] == "networks.lora_sd3"
     assert F.metadata_for("flux", "flux-schnell")["modelspec.architecture"] == "flux-1-schnell/lora"
     assert F.metadata_for("flux", None)["modelspec.architecture"] == "flux-1/lora"
     expect = {"sd3-medium": ("medium", "stable-diffusion-3-medium/lora"),
@@ -194,8 +196,11 @@ def test_metadata_for_is_what_sd_scripts_writes():
         assert (m["ss_base_model_version"], m["modelspec.architecture"]) == (ver, arch)
         assert m["modelspec.implementation"] == "diffusers" and m["ss_weighting_scheme"] == "logit_normal"
         assert "ss_guidance_scale" not in m  # sd-scripts records no guidance for SD3
+    assert F.metadata_for("sd3", None)["modelspec.architecture"] == "stable-diffusion-3/lora"
     with pytest.raises(ValueError, match="sd35-large"):
         F.metadata_for("sd3", "flux-dev")
+    with pytest.raises(ValueError, match="flux-schnell"):
+        F.metadata_for("flux", "sd35-large")
 
 
 # ----------------------------------------------------------------------------- small random models
@@ -397,7 +402,7 @@ def test_diffusers_kohya_flux_converter_reads_our_full_size_file():
     real = SimpleNamespace(kind="flux", unet=model.unet, text_encoder=None, text_encoder_2=None)
     lw = full_lora(real, device="cpu")
     sd = L.to_kohya_state_dict(lw, "flux")
-    conv = _convert_kohya_flux_lora_to_diffusers(dict(sd))
+    conv = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in sd.items()})
     g = torch.Generator().manual_seed(0)
     worst, n = 0.0, 0
     for (comp, path), (d, u, a) in lw.modules.items():
@@ -418,22 +423,40 @@ def _flux_pipe(transformer):
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
 
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                        pad_token_id=1)).eval()
+
+
 def test_flux_pipeline_load_lora_weights_applies_our_file_as_we_do():
-    """FluxPipeline.load_lora_weights(our kohya file) on a small random Flux (double blocks: diffusers' converter
-    hard-codes Flux.1's 3072/12288 split of linear1, checked at full size above) == our peft model."""
-    base = tiny_flux(single=0)
+    """FluxPipeline.load_lora_weights(our kohya file: transformer + CLIP-L) on a small random Flux (double blocks:
+    diffusers' converter hard-codes Flux.1's 3072/12288 split of linear1, checked at full size above) and CLIP ==
+    our peft models (max abs diff <= 1e-5; 0.0 seen)."""
+    base, clip = tiny_flux(single=0), tiny_clip()
     model = bundle("flux", copy.deepcopy(base))
     lw = trained_split_lora(model)
+    model.text_encoder = copy.deepcopy(clip)
+    L.inject(model.text_encoder, L.te_target_modules(model.text_encoder), 4, 2.0)
+    for _, m in L.lora_layers(model.text_encoder):
+        torch.nn.init.normal_(m.lora_B[L.DEFAULT_ADAPTER].weight)
+    lw.modules.update({k: v for k, v in L.extract(model).modules.items() if k[0] == "te1"})
     sd = L.to_kohya_state_dict(lw, "flux")
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in sd)
     pipe = _flux_pipe(copy.deepcopy(base))
-    pipe.load_lora_weights(dict(sd), adapter_name="ours")
-    ours = copy.deepcopy(base)
-    L.apply(bundle("flux", ours), L.from_state_dict(sd, bundle("flux", base)), "ours")
+    pipe.text_encoder = copy.deepcopy(clip)
+    pipe.load_lora_weights({k: v.clone() for k, v in sd.items()}, adapter_name="ours")  # diffusers scales in place
+    ours = bundle("flux", copy.deepcopy(base))
+    ours.text_encoder = copy.deepcopy(clip)
+    L.apply(ours, L.from_state_dict(sd, ours), "ours")
     x = forward_inputs("flux")
+    ids = torch.randint(2, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b, plain = pipe.transformer(**x).sample, ours(**x).sample, base(**x).sample
-    assert float((a - b).abs().max()) <= 1e-5
-    assert float((a - plain).abs().max()) > 1e-2  # the LoRA does something
+        a, b, plain = pipe.transformer(**x).sample, ours.unet(**x).sample, base(**x).sample
+        ta, tb, tplain = (te(ids).last_hidden_state for te in (pipe.text_encoder, ours.text_encoder, clip))
+    assert float((a - b).abs().max()) <= 1e-5 and float((ta - tb).abs().max()) <= 1e-5
+    assert float((a - plain).abs().max()) > 1e-2 and float((ta - tplain).abs().max()) > 1e-2  # the LoRA acts
 
 
 def test_sd3_pipeline_load_lora_weights_applies_our_weights_as_we_do():
@@ -476,3 +499,36 @@ def test_comfyui_key_map_matches_every_name_we_write(key):
         if n.startswith("lora_unet_"):
             shape = weights[keymap[n]]
             assert (sd[f"{n}.lora_up.weight"].shape[0], sd[f"{n}.lora_down.weight"].shape[1]) == shape[:2], n
+
+
+def test_sd3_text_encoders_round_trip_through_kohya_and_diffusers_keys():
+    """CLIP-L (te1), CLIP-G (te2) and T5 (te3, sd-scripts' train_t5xxl) LoRAs of an SD3 model: written with
+    lora_te1_/lora_te2_/lora_te3_ names, read back from the kohya file and from diffusers' text_encoder{,_2,_3} keys."""
+    torch.manual_seed(0)
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, vocab_size=100, projection_dim=32,
+                                                        max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                                        pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=100,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    model = bundle("sd3", tiny_sd3())
+    model.text_encoder, model.text_encoder_2, model.text_encoder_3 = tiny_clip(), clip_g, t5
+    g = torch.Generator().manual_seed(2)
+    for te, targets in ((model.text_encoder, L.te_target_modules(model.text_encoder)),
+                        (clip_g, L.te_target_modules(clip_g)), (t5, F.t5_target_modules(t5))):
+        L.inject(te, targets, 4, 4.0)
+        for _, m in L.lora_layers(te):
+            with torch.no_grad():
+                m.lora_B[L.DEFAULT_ADAPTER].weight.copy_(torch.randn(m.lora_B[L.DEFAULT_ADAPTER].weight.shape, generator=g))
+    assert len(F.t5_target_modules(t5)) == 2 * 7
+    lw = L.extract(model)
+    assert {c for c, _ in lw.modules} == {"te1", "te2", "te3"}
+    sd = L.to_kohya_state_dict(lw, "sd3")
+    names = names_by_component(sd)
+    assert len(names["te1"]) == len(names["te2"]) == 12 and len(names["te3"]) == 14
+    assert "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_1" in names["te3"]
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj" in names["te2"]
+    assert max_delta_diff(lw, L.from_state_dict(sd, model)) <= 1e-6
+    diff = F.to_diffusers_state_dict(lw.modules, "sd3")
+    assert {k.split(".")[0] for k in diff} == {"text_encoder", "text_encoder_2", "text_encoder_3"}
+    assert max_delta_diff(lw, L.from_state_dict(diff, model)) <= 1e-6

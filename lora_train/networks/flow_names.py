@@ -435,6 +435,8 @@ _META = {
     "sd35-medium": ("5-medium", "stable-diffusion-3-5-medium/lora", IMPL_DIFFUSERS),
     "sd35-large": ("5-large", "stable-diffusion-3-5-large/lora", IMPL_DIFFUSERS),
 }
+# sd-scripts' --network_module for each family (ss_network_module)
+NETWORK_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
 # training settings sd-scripts records for each family (flux_train_network.update_metadata /
 # sd3_train_network.update_metadata), by the name of sd-scripts' argument
 TRAINING_KEYS = {
@@ -451,18 +453,21 @@ def metadata_for(kind: str, variant: Optional[str], training: Optional[Mapping[s
     modelspec.architecture "flux-1-dev/lora"; flux-schnell -> "flux1", "flux-1-schnell/lora"; sd3-medium ->
     "medium", "stable-diffusion-3-medium/lora"; sd35-medium -> "5-medium", "stable-diffusion-3-5-medium/lora";
     sd35-large -> "5-large", "stable-diffusion-3-5-large/lora". A Flux model of unknown variant gets sd-scripts'
-    "flux-1/lora". `training` {sd-scripts argument name: value} adds `ss_<name>` for the keys sd-scripts records for
+    "flux-1/lora", an SD3 one of unknown variant (None) "stable-diffusion-3/lora" (sd-scripts' ARCH_SD3 stem); a
+    variant of the other family is an error. ss_network_module is sd-scripts' module for the family (networks.lora_flux / networks.lora_sd3). `training` {sd-scripts argument name: value} adds `ss_<name>` for the keys sd-scripts records for
     that family (TRAINING_KEYS; e.g. timestep_sampling, discrete_flow_shift, guidance_scale); others are ignored.
     """
     _check_kind(kind)
     if variant in _META and variant in VARIANTS[kind]:
         version, arch, impl = _META[variant]
-    elif kind == "flux":
+    elif variant is None and kind == "flux":
         version, arch, impl = "flux1", "flux-1/lora", IMPL_FLUX
+    elif variant is None:
+        version, arch, impl = "sd3", "stable-diffusion-3/lora", IMPL_DIFFUSERS
     else:
         raise FlowNameError(f"unknown {kind} variant {variant!r}: expected one of {', '.join(VARIANTS[kind])}.")
     meta = {"ss_base_model_version": version, "modelspec.architecture": arch, "modelspec.implementation": impl,
-            "ss_v2": "False"}
+            "ss_v2": "False", "ss_network_module": NETWORK_MODULE[kind]}
     if kind == "flux":
         meta["ss_model_type"] = "flux"
     for k, v in (training or {}).items():

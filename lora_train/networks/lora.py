@@ -363,8 +363,9 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
 
 def _te_model_path(model, comp: str, path: str) -> str:
     """Map a text-encoder path with or without `text_model.` to the one the loaded model uses."""
-    te = dict(_components(model)).get(comp) if comp == "te3" or getattr(model, "kind", None) in \
-        flow_names.FLOW_KINDS else model.text_encoder_2 if comp == "te2" else model.text_encoder
+    te = dict(_components(model)).get(comp)  # Flux / SD3: te1, te2 (CLIP-G), te3 (T5)
+    if te is None and getattr(model, "kind", None) not in flow_names.FLOW_KINDS:
+        te = model.text_encoder_2 if comp == "te2" else model.text_encoder
     if te is None:
         return path
     present = {n for n, _ in te.named_modules()}
