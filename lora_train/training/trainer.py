@@ -582,8 +582,8 @@ class Trainer:
             m.unet.to(self.device)
         elif base_dtype:
             m.unet.to(self.device, dtype=base_dtype)
-        else:
-            m.unet.to(self.device)
+        else:  # CPU: fp32 (a Flux / SD3 file may load in bf16)
+            m.unet.to(self.device, dtype=torch.float32)
         if cfg.train_text_encoder and base_dtype:
             for _, te in conditioning.Conditioner(m).text_encoders:
                 te.to(self.device, dtype=base_dtype)
