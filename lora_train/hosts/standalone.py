@@ -46,7 +46,7 @@ class StandaloneHost(Host):
 
     def base_model(self, spec: Optional[str] = None) -> BaseModel:
         return load_base_model(spec or self.base_spec, self.prediction_type, allow_pickle=self.allow_pickle,
-                               files=self.files)
+                               **({"files": self.files} if self.files else {}))  # Flux / SD3 component files
 
     def refresh_loras(self) -> None:
         self._gen = None  # the Generator caches files by (size, mtime); a new run gets a fresh one

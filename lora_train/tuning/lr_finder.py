@@ -294,8 +294,9 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
     ds = dataset if dataset is not None else load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word,
                                                           cfg.caption_extension)
     if model is None:
+        files = {k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl") if getattr(cfg, k)}
         model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle,
-                                files={k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl") if getattr(cfg, k)})
+                                **({"files": files} if files else {}))  # Flux / SD3 component files
     if flow_train.is_flow(model):  # Flux / SD3: the run's conditioning and timestep options
         flow_train.configure(model, cfg)
     pred_type = model.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
