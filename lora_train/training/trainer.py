@@ -582,8 +582,10 @@ class Trainer:
             m.unet.to(self.device)
         elif base_dtype:
             m.unet.to(self.device, dtype=base_dtype)
-        else:  # CPU: fp32 (a Flux / SD3 file may load in bf16)
-            m.unet.to(self.device, dtype=torch.float32)
+        else:
+            m.unet.to(self.device)
+            if next(m.unet.parameters()).dtype != torch.float32:  # CPU: fp32 (a Flux / SD3 file may load in bf16)
+                m.unet.to(dtype=torch.float32)
         if cfg.train_text_encoder and base_dtype:
             for _, te in conditioning.Conditioner(m).text_encoders:
                 te.to(self.device, dtype=base_dtype)
