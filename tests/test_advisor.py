@@ -204,7 +204,7 @@ def test_every_setting_has_a_one_line_reason_and_config_dict_loads():
 
 
 def test_bad_inputs_are_rejected():
-    for kw in (dict(image_count=0), dict(image_count=10, task="portrait"), dict(image_count=10, base="sd3"),
+    for kw in (dict(image_count=0), dict(image_count=10, task="portrait"), dict(image_count=10, base="pixart"),
                dict(image_count=10, accumulation_scaling="cubic"), dict(image_count=10, batch_size=0)):
         with pytest.raises(ValueError):
             suggest(**kw)

@@ -199,3 +199,18 @@ def test_full_size_layouts_on_meta(variant):
     assert {k: tuple(v.shape) for k, v in conv.items()} == expected
     if not variant.startswith("flux"):
         assert variant_of(model) == variant
+
+
+def test_cli_trains_split_flux_files(flux_files, tmp_path):
+    """`python -m lora_train train` with base_model = the BFL transformer file and ae / clip_l / t5xxl keys."""
+    from conftest import small_cfg
+    from lora_train.cli.main import main
+    from lora_train.data.demo import write_demo_dataset
+
+    m, f = flux_files
+    data = write_demo_dataset(str(tmp_path / "data"), n=4, size=64)
+    cfg = small_cfg(data, tmp_path / "out", base_model=f["fp8"], ae=f["ae"], clip_l=f["clip_l"],
+                    t5xxl=f["t5_fp8"], max_train_steps=1, fp8_base=True)
+    cfg.save(str(tmp_path / "c.yaml"))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    assert (tmp_path / "out" / "t.safetensors").is_file()

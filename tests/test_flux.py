@@ -237,3 +237,14 @@ def test_standalone_ab_grid(trained):
     imgs = [np.asarray(c.image, dtype=np.float32) for c in grid.cells]
     assert len(imgs) == 2 and imgs[0].shape == (64, 64, 3)
     assert np.abs(imgs[0] - imgs[1]).mean() > 0.5  # the LoRA changes the picture
+
+
+def test_lr_finder_on_tiny_flux(data, tmp_path):
+    """The LR range test runs the same flow loss and timestep sampling as the run."""
+    import math
+
+    from lora_train.tuning.lr_finder import lr_range_test
+
+    cfg = small_cfg(data, tmp_path, base_model="tiny-flux")
+    res = lr_range_test(cfg, steps=6, lr_min=1e-5, lr_max=1e-2)
+    assert len(res.losses) == 6 and all(math.isfinite(x) for x in res.losses)

@@ -16,8 +16,9 @@ class StandaloneHost(Host):
     name = "standalone"
 
     def __init__(self, base_model: str = "tiny", lora_dir: str = "loras", roots: Optional[Sequence[str]] = None,
-                 prediction_type: str = "auto", allow_pickle: bool = False):
+                 prediction_type: str = "auto", allow_pickle: bool = False, files: Optional[Dict[str, str]] = None):
         self.base_spec = base_model or "tiny"
+        self.files = dict(files or {})  # Flux / SD3 component files (ae, clip_l, clip_g, t5xxl) of a single file
         self.prediction_type, self.allow_pickle = prediction_type, allow_pickle  # as the config asks (CLI)
         self._lora_dir = os.path.abspath(lora_dir)
         self._roots = [os.path.abspath(r) for r in roots] if roots is not None else None
@@ -39,10 +40,13 @@ class StandaloneHost(Host):
     def for_config(cls, cfg) -> "StandaloneHost":
         """The CLI's host: the config's base model (with its prediction type and pickle opt-in) and its output
         folder as the LoRA folder."""
-        return cls(cfg.base_model, cfg.output_dir, prediction_type=cfg.prediction_type, allow_pickle=cfg.allow_pickle)
+        files = {k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl") if getattr(cfg, k, "")}
+        return cls(cfg.base_model, cfg.output_dir, prediction_type=cfg.prediction_type, allow_pickle=cfg.allow_pickle,
+                   files=files)
 
     def base_model(self, spec: Optional[str] = None) -> BaseModel:
-        return load_base_model(spec or self.base_spec, self.prediction_type, allow_pickle=self.allow_pickle)
+        return load_base_model(spec or self.base_spec, self.prediction_type, allow_pickle=self.allow_pickle,
+                               **({"files": self.files} if self.files else {}))  # Flux / SD3 component files
 
     def refresh_loras(self) -> None:
         self._gen = None  # the Generator caches files by (size, mtime); a new run gets a fresh one

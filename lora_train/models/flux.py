@@ -36,6 +36,13 @@ TINY_CLIP_L = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, 
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                relative_attention_num_buckets=32, relative_attention_max_distance=128, vocab_size=32128,
                dropout_rate=0.0)
+#: the released transformers' diffusers configs (black-forest-labs/FLUX.1-dev, -schnell: transformer/config.json)
+FULL_TRANSFORMER = {
+    "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                     axes_dims_rope=(16, 56, 56)),
+}
+FULL_TRANSFORMER["flux-schnell"] = dict(FULL_TRANSFORMER["flux-dev"], guidance_embeds=False)
 #: FlowMatchEulerDiscreteScheduler configs of the real repos (scheduler/scheduler_config.json)
 SCHEDULER_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                      base_image_seq_len=256, max_image_seq_len=4096)

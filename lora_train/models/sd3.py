@@ -26,6 +26,18 @@ TINY_SD3_CLIP_L = dict(hidden_size=24, intermediate_size=48, num_attention_heads
                        max_position_embeddings=77, projection_dim=24, hidden_act="quick_gelu")
 TINY_SD3_CLIP_G = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                        max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+#: the released transformers' diffusers configs (stabilityai/stable-diffusion-3-medium-diffusers,
+#: stable-diffusion-3.5-medium, stable-diffusion-3.5-large: transformer/config.json)
+_SD3_COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+                   joint_attention_dim=4096, pooled_projection_dim=2048)
+FULL_TRANSFORMER = {
+    "sd3-medium": dict(_SD3_COMMON, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                       pos_embed_max_size=192),
+    "sd35-medium": dict(_SD3_COMMON, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+    "sd35-large": dict(_SD3_COMMON, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                       pos_embed_max_size=192, qk_norm="rms_norm"),
+}
 #: FlowMatchEulerDiscreteScheduler of the SD3 / SD3.5 repos
 SCHEDULER_SD3 = dict(num_train_timesteps=1000, shift=3.0)
 

@@ -236,9 +236,9 @@ class Trainer:
         for w in self.dataset.warnings:
             self.emit("warning", message=w)
         if self.model is None:
+            files = {k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl") if getattr(cfg, k)}
             self.model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle,
-                                         files={k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl")
-                                                if getattr(cfg, k)})
+                                         **({"files": files} if files else {}))  # Flux / SD3 component files
         elif cfg.prediction_type != "auto" and not flow_train.is_flow(self.model):
             self.model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
         if flow_train.is_flow(self.model):  # Flux / SD3: conditioning and timestep options into model.extra
@@ -585,6 +585,8 @@ class Trainer:
             m.unet.to(self.device, dtype=base_dtype)
         else:
             m.unet.to(self.device)
+            if next(m.unet.parameters()).dtype != torch.float32:  # CPU: fp32 (a Flux / SD3 file may load in bf16)
+                m.unet.to(dtype=torch.float32)
         if cfg.train_text_encoder and base_dtype:
             for _, te in conditioning.Conditioner(m).text_encoders:
                 te.to(self.device, dtype=base_dtype)

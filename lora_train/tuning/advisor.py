@@ -18,10 +18,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..config import TrainConfig
+from . import flow_advice
 
 # ----------------------------------------------------------------------------- the rules, as data
 TASKS = ("style", "character", "face", "object", "concept", "other")
-BASES = ("sd1", "sd2", "sdxl")
+BASES = ("sd1", "sd2", "sdxl", "flux", "sd3")  # flux / sd3: tuning/flow_advice.py
 SCALINGS = ("sqrt", "linear")
 DETAILS = ("simple", "normal", "demanding")
 
@@ -69,7 +70,7 @@ def vram_tier(vram_gb: float) -> Tuple[str, Tuple[int, int]]:
 
 VRAM_ASSUMED_UNKNOWN = 8.0  # VRAM unknown (no CUDA here, nothing passed): plan for the smallest tier
 
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024, "sd3": 1024}
 #: total images seen (epochs x images x repeats) aimed at, and the epoch bounds, by dataset size.
 TARGET_VIEWS_SMALL = 2000
 TARGET_VIEWS = 1500
@@ -225,7 +226,7 @@ def vram_batch_range(vram_gb: float, base: str = "sd1", resolution: Optional[int
     res = resolution or NATIVE_RESOLUTION[base]
     tier, (lo, hi) = vram_tier(vram_gb)
     tier += " tier"
-    halve = base == "sdxl" or res >= 768
+    halve = base in ("sdxl", "flux", "sd3") or res >= 768
     if halve:
         lo, hi = max(1, lo // 2), max(1, hi // 2)
         why = "SDXL" if base == "sdxl" else f"{res} px"
@@ -425,6 +426,13 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     s.add("gradient_checkpointing", checkpointing, ckpt_reason)
     s.add("cache_latents", True, "each image is VAE-encoded once instead of every step (the encoder is frozen)")
     s.add("cache_text_embeddings", True, "the text encoder is frozen, so each caption is encoded once")
+    if base in flow_advice.FLOW_BASES:  # Flux / SD3.5: their own lr, rank, sampling and memory tiers
+        flow_advice.apply(s, base, plan_vram, vram_text, image_count, task, detail, resolution is not None)
+        batches_per_epoch = math.ceil(samples / s.value("batch_size"))
+        steps_per_epoch = math.ceil(batches_per_epoch / accum)
+        total = steps_per_epoch * epochs
+        s.add("epochs", epochs, f"{epochs_reason}: {steps_per_epoch} steps/epoch, {total} steps in all")
+        s.add("lr_warmup_steps", *_warmup_for(total))
     s.total_steps, s.steps_per_epoch = total, steps_per_epoch
     return s
 

@@ -37,6 +37,7 @@ from ..models import conditioning
 from ..models.loading import load_base_model
 from ..networks import lora as lora_mod
 from ..plots import line_plot
+from ..training import flow as flow_train
 from ..training import loss as loss_mod
 from ..training.optim import describe, make_optimizer
 from ..training.trainer import resolve_device
@@ -293,7 +294,11 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
     ds = dataset if dataset is not None else load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word,
                                                           cfg.caption_extension)
     if model is None:
-        model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle)
+        files = {k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl") if getattr(cfg, k)}
+        model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle,
+                                **({"files": files} if files else {}))  # Flux / SD3 component files
+    if flow_train.is_flow(model):  # Flux / SD3: the run's conditioning and timestep options
+        flow_train.configure(model, cfg)
     pred_type = model.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
     device = resolve_device(cfg.device)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
@@ -333,7 +338,7 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
                 if _device_of(vae) != device:
                     vae.to(device)
                 px = ds.load_pixels(i).unsqueeze(0).to(device, dtype=next(vae.parameters()).dtype)
-                lat_cache[i] = (vae.encode(px).latent_dist.mean * model.vae_scale)[0].float().cpu()
+                lat_cache[i] = ((vae.encode(px).latent_dist.mean - model.vae_shift) * model.vae_scale)[0].float().cpu()
             return lat_cache[i]
 
         @torch.no_grad()
@@ -352,7 +357,7 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
             cond = conditioning.map_cond(conditioning.stack([text(ds.items[i].caption) for i in idx]),
                                          lambda x: x.to(device))
             tids = (conditioning.time_ids_for_items(ds, idx, cfg.resolution)
-                    if getattr(model, "text_encoder_2", None) is not None else None)
+                    if conditioning.is_sdxl(model) else None)
             return loss_mod.diffusion_loss(model, lat, cond, noise.to(device), t.to(device), unet=unet,
                                            prediction_type=pred_type, min_snr_gamma=cfg.min_snr_gamma,
                                            time_ids=tids, resolution=cfg.resolution,
@@ -384,7 +389,7 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
             te.requires_grad_(False)
         with warnings.catch_warnings():  # "already found a peft_config": a second adapter is what we want
             warnings.simplefilter("ignore")
-            lora_mod.inject(unet, lora_mod.unet_target_modules(unet), cfg.lora_rank, cfg.alpha, adapter)
+            lora_mod.inject(unet, lora_mod.denoiser_target_modules(model), cfg.lora_rank, cfg.alpha, adapter)
         lora_mod.activate(unet, adapter)
         unet.requires_grad_(False)
         params = lora_mod.lora_parameters(unet, adapter)
@@ -413,7 +418,10 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
                 idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
                 shape = (len(idx),) + tuple(latent(idx[0]).shape)
                 noise = loss_mod.offset_noise(torch.randn(shape, generator=gen), cfg.noise_offset, gen)
-                t = torch.randint(0, T, (len(idx),), generator=gen)
+                if flow_train.is_flow(model):  # Flux / SD3: the run's timestep sampling (sigma x 1000)
+                    t = flow_train.sample_timesteps(model, cfg, len(idx), shape[-2:], gen)
+                else:
+                    t = torch.randint(0, T, (len(idx),), generator=gen)
                 loss = unet_loss(idx, noise, t)
                 (loss / cfg.gradient_accumulation_steps).backward()
                 train_losses.append(float(loss.detach()))

@@ -1,0 +1,26 @@
+"""The advisor knows Flux.1 and SD3.5 (issue #16): lr, rank, resolution, timestep sampling, VRAM tiers, with reasons."""
+import pytest
+
+from lora_train.config import TrainConfig
+from lora_train.tuning.advisor import suggest
+
+
+@pytest.mark.parametrize("vram,fp8,swap,res", [(80, False, 0, 1024), (24, True, 0, 1024), (16, True, 36, 1024),
+                                               (12, True, 36, 512), (8, True, 50, 512)])
+def test_flux_tiers(vram, fp8, swap, res):
+    s = suggest(30, task="character", base="flux", vram_gb=vram)
+    assert (s.fp8_base, s.blocks_to_swap, s.resolution) == (fp8, swap, res)
+    assert s.gradient_checkpointing and s.batch_size == 1 and s.mixed_precision == "bf16"
+    assert s.lora_rank == 16 and 1e-4 <= s.learning_rate <= 4e-4
+    assert s.timestep_sampling == "shift" and s.discrete_flow_shift == pytest.approx(3.1582)
+    assert "GB" in s.reason("fp8_base") and "sd-scripts" in s.reason("timestep_sampling")
+    TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-flux"))  # a valid config
+
+
+def test_sd3_advice():
+    s = suggest(80, task="style", base="sd3", vram_gb=12)
+    assert s.learning_rate == pytest.approx(1e-4) and s.resolution == 1024 and not s.fp8_base
+    assert s.timestep_sampling == "sigma" and s.weighting_scheme == "logit_normal"
+    assert any("Large" in n for n in s.notes)
+    assert suggest(80, base="sd3", vram_gb=8).fp8_base
+    assert s.total_steps == s.steps_per_epoch * s.epochs and s.steps_per_epoch == 80  # batch 1
