@@ -11,7 +11,7 @@ already cached and off the GPU as the Trainer does):
     python bench/flow_bench.py --model sd35-medium --dry-run    # size math only (meta device, any machine)
 
 Each case runs the real code paths: the transformer built from the released config (models/flux.py,
-models/sd3.py FULL_TRANSFORMER), peft LoRA on flow_target_modules, training/memory.py (fp8_base, BlockSwap),
+models/sd3.py FULL_TRANSFORMER), peft LoRA on flow_names.target_modules, training/memory.py (fp8_base, BlockSwap),
 training/flow.py's loss with the run's timestep sampling, AdamW on the LoRA weights. Conditioning tensors have the
 cached shapes (Flux: T5 512 x 4096 + pooled 768; SD3: 77 + 256 tokens x 4096 + pooled 2048). --dry-run builds the
 model on the meta device and reports parameter counts and the weight / optimizer bytes each option implies.
@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from lora_train.models import flow  # noqa: E402
+from lora_train.networks import flow_names  # noqa: E402
 from lora_train.models.flux import FULL_TRANSFORMER as FLUX_FULL  # noqa: E402
 from lora_train.models.sd3 import FULL_TRANSFORMER as SD3_FULL  # noqa: E402
 from lora_train.training import flow as ft  # noqa: E402
@@ -67,7 +68,7 @@ def build(model: str, device: str):
 
 def size_math(kind: str, tr, rank: int, fp8: bool, swap: int) -> Dict[str, Any]:
     """Parameter counts and the weight / optimizer bytes each option implies (no activations)."""
-    targets = set(flow.flow_target_modules(kind, tr))
+    targets = set(flow_names.target_modules(kind, tr))
     named = dict(tr.named_modules())
     lora = sum(rank * (named[t].in_features + named[t].out_features) for t in targets)
     total = sum(p.numel() for p in tr.parameters())
@@ -94,7 +95,7 @@ def run(a) -> Dict[str, Any]:
     dev = torch.device(a.device)
     dtype = torch.bfloat16
     tr.to(dtype)
-    L.inject(tr, flow.flow_target_modules(kind, tr), a.rank, float(a.rank))
+    L.inject(tr, flow_names.target_modules(kind, tr), a.rank, float(a.rank))
     params = L.lora_parameters(tr)
     for p in params:
         p.data = p.data.float()

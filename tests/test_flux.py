@@ -11,6 +11,7 @@ from lora_train.models import conditioning, flow
 from lora_train.models.base import ModelError
 from lora_train.models.flux import build_tiny_flux, save_flux_folder
 from lora_train.models.loading import load_base_model
+from lora_train.networks import flow_names
 from lora_train.networks import lora as L
 from lora_train.training import flow as ft
 from lora_train.training.memory import BlockSwap, apply_fp8_base
@@ -45,7 +46,7 @@ def test_tiny_flux_layout():
     cond = encode_prompts(m, ["a red circle", "lrtdemo"], torch.device("cpu"))
     assert set(cond) == {"hidden", "pooled", "mask"} and cond["hidden"].shape == (2, 32, 32)
     assert [c for c, _ in conditioning.Conditioner(m).text_encoders] == ["te1"]  # T5 is never trained
-    targets = flow.flow_target_modules("flux", m.unet)
+    targets = flow_names.target_modules("flux", m.unet)
     assert "transformer_blocks.0.attn.add_q_proj" in targets and "single_transformer_blocks.1.proj_mlp" in targets
     assert "transformer_blocks.0.norm1.linear" in targets and not any(t.startswith(("x_embedder", "proj_out"))
                                                                      for t in targets)
@@ -80,7 +81,7 @@ def test_training_files_and_metadata(trained):
     assert res.steps == 60 and not res.nan_stopped
     sd = load_file(res.lora_path)
     modules = {k.split(".")[0] for k in sd}
-    assert len(modules) == len(flow.flow_target_modules("flux", tr.model.unet))
+    assert modules == {flow_names.kohya_name("unet", t, "flux") for t in flow_names.target_modules("flux", tr.model.unet)}
     with safe_open(res.lora_path, "pt") as fh:
         meta = fh.metadata()
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"

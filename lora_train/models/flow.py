@@ -56,25 +56,6 @@ def t5_tokenizer(max_length: int = 512):
     return tok
 
 
-# ----------------------------------------------------------------------------- LoRA targets
-def flow_target_modules(kind: str, transformer: nn.Module) -> List[str]:
-    """Module paths of the LoRA targets in a Flux / SD3 transformer: every nn.Linear inside
-    `transformer_blocks.*` (and Flux's `single_transformer_blocks.*`): attention q/k/v/out, add_*_proj / to_add_out,
-    ff / ff_context, the modulation norm*.linear, proj_mlp / proj_out of single blocks.
-
-    (The one place the names helper's export layout reads the trained module list from.)"""
-    if kind not in FLOW_KINDS:
-        raise ValueError(f"flow_target_modules: kind {kind!r} is not a flow-matching family ({FLOW_KINDS}).")
-    roots = ("transformer_blocks.", "single_transformer_blocks.") if kind == "flux" else ("transformer_blocks.",)
-    names = []
-    for name, m in transformer.named_modules():
-        if not name.startswith(roots) or ".lora_" in name or "base_layer" in name:
-            continue
-        if isinstance(getattr(m, "base_layer", m), nn.Linear):
-            names.append(name)
-    return names
-
-
 def text_encoder_components(model) -> List[tuple]:
     """[(component, encoder)] of the text encoders a LoRA may train: CLIP-L (te1) for Flux, CLIP-L and CLIP-G
     (te1, te2) for SD3; T5 is never trained."""

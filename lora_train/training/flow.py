@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..config import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES  # noqa: F401  (the allowed values, with the config)
 from ..models import flow
+from ..networks import flow_names
 
 FLUX_SHIFT = 3.1582
 SD3_SHIFT = 3.0
@@ -159,22 +160,14 @@ def flow_matching_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Ten
 
 
 # ----------------------------------------------------------------------------- metadata
-BASE_MODEL_VERSION = {"flux-dev": "flux1", "flux-schnell": "flux1", "sd3-medium": "sd3", "sd35-medium": "sd3",
-                      "sd35-large": "sd3"}
-ARCHITECTURE = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora",
-                "sd3-medium": "stable-diffusion-3-medium/lora", "sd35-medium": "stable-diffusion-3.5-medium/lora",
-                "sd35-large": "stable-diffusion-3.5-large/lora"}
-IMPLEMENTATION = {"flux": "https://github.com/black-forest-labs/flux",
-                  "sd3": "https://github.com/Stability-AI/sd3.5"}
-
-
 def metadata(model, cfg) -> Dict[str, str]:
-    """The ss_* / modelspec.* entries of a flow run (they replace the UNet families' values)."""
+    """The ss_* / modelspec.* entries of a flow run (they replace the UNet families' values): the family's version,
+    architecture and network module as sd-scripts writes them (networks/flow_names.metadata_for), and the timestep
+    options the run resolved."""
     v = flow.variant(model)
     opts = model.extra.get("flow_options") or resolve(cfg, model)
-    meta = {
-        "ss_base_model_version": BASE_MODEL_VERSION[v],
-        "ss_v2": "False",
+    meta = flow_names.metadata_for(model.kind, v)
+    meta.update({
         "ss_prediction_type": "flow",
         "ss_timestep_sampling": opts["timestep_sampling"],
         "ss_discrete_flow_shift": f"{opts['discrete_flow_shift']:g}",
@@ -186,10 +179,8 @@ def metadata(model, cfg) -> Dict[str, str]:
         "ss_t5xxl_max_token_length": str(flow.t5_max_length(model)),
         "ss_apply_t5_attn_mask": str(bool(model.extra.get("apply_t5_attn_mask", False))),
         "ss_fp8_base": str(bool(getattr(cfg, "fp8_base", False))),
-        "modelspec.architecture": ARCHITECTURE[v],
-        "modelspec.implementation": IMPLEMENTATION[model.kind],
         "modelspec.prediction_type": "flow",
-    }
+    })
     if v == "flux-dev":  # schnell has no guidance input
         meta["ss_guidance_scale"] = f"{float(model.extra.get('guidance_scale', 1.0)):g}"
     return meta

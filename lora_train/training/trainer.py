@@ -27,7 +27,6 @@ from ..io_utils import atomic_write_text, follow_umask, next_free_name, save_ima
 from ..models import conditioning
 from ..models.base import BaseModel
 from ..models.loading import load_base_model
-from ..networks import flow_names
 from ..networks import lora as lora_mod
 from ..plots import loss_plot
 from ..sampler import sample_in_training
@@ -931,9 +930,6 @@ class Trainer:
             meta.update(flow_train.metadata(m, cfg))
         if cfg.trigger_word:
             meta["modelspec.trigger_phrase"] = cfg.trigger_word
-        if m.kind in flow_names.FLOW_KINDS:  # Flux / SD3: the family's keys as sd-scripts writes them
-            meta.update(flow_names.metadata_for(m.kind, m.extra.get("variant"), {
-                k: getattr(cfg, k) for k in flow_names.TRAINING_KEYS[m.kind] if hasattr(cfg, k)}))
         return meta
 
     def _sample(self, step: int, epoch: int) -> None:
