@@ -249,3 +249,11 @@ def test_lr_finder_on_tiny_flux(data, tmp_path):
     cfg = small_cfg(data, tmp_path, base_model="tiny-flux")
     res = lr_range_test(cfg, steps=6, lr_min=1e-5, lr_max=1e-2)
     assert len(res.losses) == 6 and all(math.isfinite(x) for x in res.losses)
+
+
+def test_cli_tiny_model_folder(tmp_path):
+    from lora_train.cli.main import main
+
+    assert main(["tiny-model", str(tmp_path / "f"), "--family", "tiny-flux-schnell"]) == 0
+    m = load_base_model(str(tmp_path / "f"))
+    assert m.kind == "flux" and m.extra["variant"] == "flux-schnell"

@@ -101,9 +101,11 @@ def test_learning(trained):
 def test_train_text_encoders(data, tmp_path):
     """train_text_encoder trains CLIP-L and CLIP-G (te1, te2), never T5; the file holds both; validation loss."""
     cfg = small_cfg(data, tmp_path, base_model="tiny-sd3", epochs=1, train_text_encoder=True,
-                    learning_rate=5e-3, validation_split=0.25)
-    tr = Trainer(cfg)
+                    learning_rate=5e-3, validation_split=0.25, min_snr_gamma=5.0)
+    events = []
+    tr = Trainer(cfg, callback=events.append)
     res = tr.run()
+    assert any("min_snr_gamma does not apply" in e.get("message", "") for e in events)
     assert len(res.val_losses) == 1 and 0 < res.val_losses[0] < 10  # the fixed-noise flow loss of 2 held-out images
     keys = set(safe_open(res.lora_path, "pt").keys())
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)

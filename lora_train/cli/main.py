@@ -118,7 +118,12 @@ def cmd_tiny_model(args, extra: List[str]) -> int:
     if os.path.exists(os.path.join(args.dir, "model_index.json")) and not args.overwrite:
         print(f"error: '{args.dir}' already holds a model; pass --overwrite or choose another folder", file=sys.stderr)
         return 2
-    save_diffusers_folder(build_tiny("v_prediction" if args.v else "epsilon"), args.dir)
+    if getattr(args, "family", "sd1") != "sd1":  # tiny-flux / tiny-flux-schnell / tiny-sd3 as their pipelines' folders
+        from ..models.flow_loading import save_tiny_flow_folder
+
+        save_tiny_flow_folder(args.family, args.dir)
+    else:
+        save_diffusers_folder(build_tiny("v_prediction" if args.v else "epsilon"), args.dir)
     print(f"wrote the tiny demo model to {args.dir}")
     return 0
 
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     tm = sub.add_parser("tiny-model", help="write the tiny demo model as a diffusers folder")
     tm.add_argument("dir")
     tm.add_argument("--v", action="store_true", help="v-prediction variant")
+    tm.add_argument("--family", default="sd1", choices=("sd1", "tiny-flux", "tiny-flux-schnell", "tiny-sd3"),
+                    help="sd1 (default), or a flow-matching demo model (FluxPipeline / StableDiffusion3Pipeline folder)")
     tm.add_argument("--overwrite", action="store_true")
     _load_extensions(sub)
     return p

@@ -67,3 +67,11 @@ def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseMo
     from .flow_single_file import load_flow_single_file
 
     return load_flow_single_file(path, files or {})
+
+
+def save_tiny_flow_folder(spec: str, folder: str) -> str:
+    """Write `tiny-flux`, `tiny-flux-schnell` or `tiny-sd3` as its diffusers pipeline folder."""
+    model = load_flow_model(spec)
+    if model.kind == "flux":
+        return flux_mod.save_flux_folder(model, folder)
+    return sd3_mod.save_sd3_folder(model, folder)

@@ -242,6 +242,10 @@ class Trainer:
             self.model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
         if flow_train.is_flow(self.model):  # Flux / SD3: conditioning and timestep options into model.extra
             flow_train.configure(self.model, cfg)
+            if cfg.min_snr_gamma:
+                self.emit("warning", message="min_snr_gamma does not apply to flow matching (Flux / SD3) and is "
+                                             "ignored; weighting_scheme (logit_normal, sigma_sqrt, cosmap) is the "
+                                             "flow-matching weighting.")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
     def _seed_all(self, seed: int) -> torch.Generator:
