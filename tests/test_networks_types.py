@@ -374,3 +374,36 @@ def test_sdxl_loha_with_conv_round_trip_and_host_rules(tmp_path):
         L.set_strength(tr.model.unet, s)
         _host_check(tr.model, sd, load_base_model("tiny-sdxl"), s)
     L.set_strength(tr.model.unet, 1.0)
+
+
+# ----------------------------------------------------------------------------- the A/B grid and generation
+def test_grid_and_prompt_tags_with_every_type(runs, tmp_path):
+    """build_grid / `<lora:name:w>` (what the tab's Test section and the ComfyUI sweep call) with LyCORIS types:
+    the base column is the plain model, each strength equals the file applied at that strength, and two types
+    combine in one prompt."""
+    import shutil
+
+    import numpy as np
+
+    from lora_train.sampler import GenParams, Generator, build_grid, run_pipeline
+
+    d = tmp_path / "loras"
+    d.mkdir()
+    for name in ("loha", "dora", "lokr"):
+        shutil.copy(runs[name][1].lora_path, d / f"{name}.safetensors")
+    gen = Generator(build_tiny(), lora_dirs=[str(d)])
+    kw = dict(steps=2, cfg_scale=3.0, width=64, height=64, seed=3)
+    res = build_grid(gen, GenParams(prompt="lrtdemo, a red circle <lora:loha:1>", **kw), "loha", [0.5, 1.0], seeds=[3])
+    plain = Generator(build_tiny())(GenParams(prompt="lrtdemo, a red circle", **kw))
+    cells = {c.col: np.asarray(c.image) for c in res.cells}
+    assert np.array_equal(cells[0], np.asarray(plain))
+    for col, s in ((1, 0.5), (2, 1.0)):
+        ref_model = build_tiny()
+        L.apply(ref_model, L.load_file(str(d / "loha.safetensors"), ref_model), "r", s)
+        from lora_train.sampler import make_pipeline
+        ref = run_pipeline(make_pipeline(ref_model), GenParams(prompt="lrtdemo, a red circle", **kw))
+        assert np.abs(cells[col].astype(int) - np.asarray(ref).astype(int)).max() <= 1, s
+    both = gen(GenParams(prompt="lrtdemo, a red circle <lora:dora:0.7> <lora:lokr:0.6>", **kw))
+    only = gen(GenParams(prompt="lrtdemo, a red circle <lora:dora:0.7>", **kw))
+    assert not np.array_equal(np.asarray(both), np.asarray(only))
+    assert np.array_equal(np.asarray(gen(GenParams(prompt="lrtdemo, a red circle", **kw))), np.asarray(plain))
