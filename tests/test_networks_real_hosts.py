@@ -145,7 +145,9 @@ import json, logging, os, sys
 webui = sys.argv[1]
 job = json.loads(sys.argv[2])
 os.chdir(webui)
-sys.argv = ["webui.py", "--skip-torch-cuda-test", "--data-dir", job["data"]]
+# as the WebUI runs on a CPU (--no-half --precision full); with fp16 (a GPU's default) it rounds the LoRA tensors
+# to fp16 itself (devices.dtype in network_lora.create_module), whoever made the file
+sys.argv = ["webui.py", "--skip-torch-cuda-test", "--no-half", "--precision", "full", "--data-dir", job["data"]]
 sys.path[:0] = [webui, os.path.join(webui, "extensions-builtin", "Lora")]
 import modules.paths
 from modules import shared_init
@@ -220,11 +222,11 @@ def _compare(ours_path, host_path, host):
     assert ours.keys() == theirs.keys()
     worst = {}
     for k, d in ours.items():
-        rel = float((theirs[k].reshape(d.shape) - d).norm() / d.norm())
+        rel = float((theirs[k].reshape(d.shape) - d).norm() / d.norm())  # noqa
         t = k.split("|")[0]
         worst[t] = max(worst.get(t, 0.0), rel)
-        assert rel <= 1e-4, (host, k, rel)
     print(host, "worst relative error per type:", json.dumps(worst))
+    assert max(worst.values()) <= 1e-4, worst
     del L
 
 
