@@ -407,3 +407,17 @@ def test_grid_and_prompt_tags_with_every_type(runs, tmp_path):
     only = gen(GenParams(prompt="lrtdemo, a red circle <lora:dora:0.7>", **kw))
     assert not np.array_equal(np.asarray(both), np.asarray(only))
     assert np.array_equal(np.asarray(gen(GenParams(prompt="lrtdemo, a red circle", **kw))), np.asarray(plain))
+
+
+def test_tab_fields_make_the_config():
+    from lora_train.ui import logic
+
+    assert logic.SETTING_KEYS[-len(logic.NETWORK_KEYS):] == logic.NETWORK_KEYS
+    cfg = TrainConfig(network_type="lokr", factor=8, full_matrix=True, conv_rank=4, conv_alpha=2.0,
+                      loraplus_lr_ratio=16.0, rank_dropout=0.1)
+    vals = logic.network_settings(cfg)
+    assert TrainConfig(**logic.network_config(vals)).validate().to_dict() == cfg.to_dict()
+    assert logic.network_config({}) == logic.network_config(logic.network_settings(TrainConfig()))
+    assert logic.network_config({"conv_alpha": 0, "loraplus_lr_ratio": 0})["loraplus_lr_ratio"] is None
+    with pytest.raises(logic.UserError, match="rank dropout"):
+        logic.network_config({"rank_dropout": "x"})
