@@ -421,3 +421,30 @@ def test_tab_fields_make_the_config():
     assert logic.network_config({"conv_alpha": 0, "loraplus_lr_ratio": 0})["loraplus_lr_ratio"] is None
     with pytest.raises(logic.UserError, match="rank dropout"):
         logic.network_config({"rank_dropout": "x"})
+
+
+# ----------------------------------------------------------------------------- the advisor
+def test_advisor_knows_the_types():
+    from lora_train.tuning.advisor import check_config, suggest
+
+    plain = suggest(20, task="style", base="sd1", vram_gb=12)
+    assert plain.network_type == "lora" and "locon" in plain.reason("network_type")
+    assert "conv_rank" not in plain.settings
+    lokr = suggest(20, task="style", base="sd1", vram_gb=12, network_type="lokr")
+    assert lokr.factor == 8 and 4e-4 <= lokr.learning_rate <= 1e-3 and "LyCORIS" in lokr.reason("learning_rate")
+    assert lokr.conv_rank > 0 and "texture" in lokr.reason("conv_rank")
+    dora = suggest(20, task="character", base="sd1", vram_gb=12, network_type="dora")
+    assert dora.learning_rate == pytest.approx(suggest(20, task="character", vram_gb=12).learning_rate / 2)
+    assert "conv_rank" not in dora.settings and "magnitude" in dora.reason("learning_rate")
+    loha = suggest(20, task="face", base="sd1", vram_gb=12, detail="demanding", network_type="loha")
+    assert loha.lora_rank <= 16 and "dim^2" in loha.reason("lora_rank")
+    locon = suggest(20, task="style", vram_gb=12, network_type="locon")
+    assert locon.conv_rank == 8 and locon.conv_alpha == 4.0
+    for s in (lokr, dora, loha, locon):
+        TrainConfig.from_dict(s.to_config_dict())  # every suggested value is a valid config
+    warn = lambda **kw: " ".join(check_config(TrainConfig(base_model="tiny", **kw)))  # noqa: E731
+    assert "dim^2" in warn(network_type="loha", lora_rank=64)
+    assert "barely learn" in warn(network_type="lokr", learning_rate=5e-5)
+    assert "half the LoRA lr" in warn(network_type="dora", learning_rate=1e-3)
+    assert "LoRA+ uses 16" in warn(loraplus_lr_ratio=64)
+    assert warn(network_type="lokr", learning_rate=5e-4) == ""

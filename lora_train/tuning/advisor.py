@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..config import TrainConfig
+from .network_advice import check_network, network_advice
 
 # ----------------------------------------------------------------------------- the rules, as data
 TASKS = ("style", "character", "face", "object", "concept", "other")
@@ -268,7 +269,8 @@ def _warmup_for(total_steps: int) -> Tuple[int, str]:
 def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: Optional[float] = None,
             batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1,
             accumulation_scaling: str = "sqrt", detail: str = "normal", resolution: Optional[int] = None,
-            samples_per_epoch: Optional[int] = None, vram_field: str = "--vram GB") -> Suggestion:
+            samples_per_epoch: Optional[int] = None, vram_field: str = "--vram GB",
+            network_type: str = "lora") -> Suggestion:
     """Settings for a first run, each with its reason.
 
     image_count: distinct training images; samples_per_epoch: images x kohya repeats (default image_count).
@@ -278,6 +280,7 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     gradient_accumulation_steps / accumulation_scaling: effective batch = batch x steps, lr rescaled by sqrt
     (default) or linearly.  detail: simple | normal | demanding (faces, logos: rank 16).
     vram_field: how the front end lets the user give the VRAM, named in the note when it is unknown.
+    network_type: lora | locon | loha | lokr | dora (tuning/network_advice.py: its rank, lr, factor, convs).
     """
     _check_choice("task", task, TASKS)
     _check_choice("base", base, BASES)
@@ -425,6 +428,8 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     s.add("gradient_checkpointing", checkpointing, ckpt_reason)
     s.add("cache_latents", True, "each image is VAE-encoded once instead of every step (the encoder is frozen)")
     s.add("cache_text_embeddings", True, "the text encoder is frozen, so each caption is encoded once")
+    for key, value, reason in network_advice(network_type, task, lr, rank):
+        s.add(key, value, reason)
     s.total_steps, s.steps_per_epoch = total, steps_per_epoch
     return s
 
@@ -471,6 +476,7 @@ def check_config(cfg, samples_per_epoch: Optional[int] = None) -> List[str]:
     if total is not None and cfg.lr_scheduler != "constant" and cfg.lr_warmup_steps >= total:
         out.append(f"lr_warmup_steps {cfg.lr_warmup_steps} >= the {total} total steps: the learning rate never "
                    f"reaches {cfg.learning_rate:.3g}; use about 10% of the steps.")
+    out += check_network(cfg)
     return out
 
 
