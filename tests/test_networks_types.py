@@ -448,3 +448,21 @@ def test_advisor_knows_the_types():
     assert "half the LoRA lr" in warn(network_type="dora", learning_rate=1e-3)
     assert "LoRA+ uses 16" in warn(loraplus_lr_ratio=64)
     assert warn(network_type="lokr", learning_rate=5e-4) == ""
+
+
+def test_resume_of_a_delta_type_is_bitwise_identical(data, tmp_path):
+    """Stop and resume a DoRA run with rank / module dropout (its RNG included): the same file as straight through."""
+    kw = dict(network_type="dora", conv_rank=2, rank_dropout=0.2, module_dropout=0.1, max_train_steps=4,
+              loraplus_lr_ratio=4.0)
+    straight = Trainer(small_cfg(data, tmp_path / "a", **kw)).run()
+    cfg = small_cfg(data, tmp_path / "b", **kw)
+    box = {}
+
+    def stop(ev):
+        if ev["kind"] == "step" and ev["step"] == 2:
+            box["t"].stop()
+    box["t"] = Trainer(cfg, callback=stop)
+    assert box["t"].run().steps == 2
+    res = Trainer(cfg, resume_from=str(tmp_path / "b")).run()
+    a, b = load_file(straight.lora_path), load_file(res.lora_path)
+    assert res.steps == 4 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
