@@ -128,7 +128,7 @@ SLOW = {
     "test_train.py": None, "test_train_policy.py": None, "test_ui_browser.py": None,
     "test_cache.py": ("test_module_identity_diffusers_vae",),
     "test_networks_types.py": ("test_training_lowers", "test_file_layout", "test_import_reproduces", "test_host_rules_apply",
-                               "test_loraplus_groups", "test_sdxl_", "test_grid_", "test_resume_"),
+                               "test_loraplus_groups", "test_sdxl_", "test_grid_", "test_resume_", "test_sd2_"),
     "test_checkpoints.py": ("test_bundled_path_offline", "test_full_size_layout_on_meta", "test_host_state_dict",
                             "test_single_file_round_trip", "test_diffusers_own_loader", "test_pickle_needs_opt_in",
                             "test_config_folder_and_load_base_model"),

@@ -466,3 +466,26 @@ def test_resume_of_a_delta_type_is_bitwise_identical(data, tmp_path):
     res = Trainer(cfg, resume_from=str(tmp_path / "b")).run()
     a, b = load_file(straight.lora_path), load_file(res.lora_path)
     assert res.steps == 4 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sd2_lokr_with_the_text_encoder_round_trip(data, tmp_path):
+    from lora_train.models.loading import load_base_model
+
+    cfg = small_cfg(data, tmp_path / "x", base_model="tiny-sd2", network_type="lokr", factor=4, conv_rank=2,
+                    train_text_encoder=True, text_encoder_lr=2e-3, max_train_steps=3, learning_rate=4e-3)
+    tr = Trainer(cfg)
+    res = tr.run()
+    sd = load_file(res.lora_path)
+    mods = {k.split(".")[0] for k in sd}
+    assert any(m.startswith("lora_te_text_model_encoder_layers_") for m in mods)
+    assert {k.split(".", 1)[1] for k in sd} <= LAYOUT["lokr"] | LAYOUT["lokr_full"]
+    caps = [it.caption for it in tr.dataset.items]
+    lat = torch.stack(list(tr._cache_latents()))
+    with torch.no_grad():
+        ref = _unet_out(tr.model, lat, encode_prompts(tr.model, caps, torch.device("cpu")))
+        ours = load_base_model("tiny-sd2")
+        assert L.apply(ours, L.load_file(res.lora_path, ours), "x", 1.0) == []
+        got = _unet_out(ours, lat, encode_prompts(ours, caps, torch.device("cpu")))
+    assert (got - ref).abs().max() <= 1e-5
+    with safe_open(res.lora_path, "pt") as fh:
+        assert fh.metadata()["ss_v2"] == "True"
