@@ -19,6 +19,9 @@ PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 CACHE_MODES = ("memory", "disk")
 TIMESTEP_SAMPLINGS = ("auto", "sigma", "uniform", "sigmoid", "shift", "flux_shift")  # flow models (training/flow.py)
 WEIGHTING_SCHEMES = ("auto", "none", "uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")  # networks/network.py
+NETWORK_DROPOUTS = {"lora": ("dropout",), "locon": ("dropout",), "loha": ("rank_dropout", "module_dropout"),
+                    "lokr": ("rank_dropout", "module_dropout"), "dora": ("rank_dropout", "module_dropout")}
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,15 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: Optional[float] = None  # default: = lora_rank
     train_text_encoder: bool = False
+    network_type: str = "lora"  # lora | locon | loha | lokr | dora (networks/network.py)
+    conv_rank: int = 0  # > 0: also the 3x3 convs of the UNet's ResNet blocks (kohya conv_dim); locon: 0 -> lora_rank
+    conv_alpha: Optional[float] = None  # default: = conv_rank
+    factor: int = -1  # LoKr: Kronecker factor (-1: automatic, as LyCORIS)
+    full_matrix: bool = False  # LoKr: full matrices instead of a low-rank w2
+    dropout: float = 0.0  # lora / locon: dropout of the adapter's input
+    rank_dropout: float = 0.0  # loha / lokr / dora: drop rows of the weight delta while training
+    module_dropout: float = 0.0  # loha / lokr / dora: skip a module's delta while training
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+: up/B matrices at ratio x lr (e.g. 16); empty or 1: off
     # optimisation
     learning_rate: float = 2e-4
     text_encoder_lr: Optional[float] = None  # default: = learning_rate / 2
@@ -183,6 +195,9 @@ class TrainConfig:
         return TrainConfig.from_dict(data)
 
     # --------------------------------------------------------------- validation
+    def _validate_network(self, need) -> None:
+        _network_checks(self, need)
+
     def validate(self) -> "TrainConfig":
         def need(cond: bool, key: str, allowed: str, todo: str) -> None:
             if not cond:
@@ -202,6 +217,7 @@ class TrainConfig:
             need(isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
                  and 0 < self.lora_alpha <= 4096, "lora_alpha", "a number in (0, 4096]",
                  "Leave it empty to use alpha = rank (scale 1.0), or use rank/2.")
+        self._validate_network(need)
         need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1024, "batch_size", "an integer 1..1024",
              "Use 1-2 on 8 GB cards, 4 on 12-16 GB.")
         need(isinstance(self.gradient_accumulation_steps, int) and 1 <= self.gradient_accumulation_steps <= 1024,
@@ -306,6 +322,33 @@ class TrainConfig:
         need(isinstance(self.base_model, str) and self.base_model.strip() != "", "base_model",
              "'tiny', a diffusers folder or a checkpoint file", "Point it at your model.")
         return self
+
+
+def _network_checks(cfg: "TrainConfig", need) -> None:
+    need(cfg.network_type in NETWORK_TYPES, "network_type", ", ".join(NETWORK_TYPES),
+         "lora is the default; locon adds the ResNet convolutions (styles, textures); loha / lokr are smaller "
+         "LyCORIS types; dora often learns better at a lower lr.")
+    need(isinstance(cfg.conv_rank, int) and 0 <= cfg.conv_rank <= 1024, "conv_rank", "an integer 0..1024 (0: off)",
+         "Use 4-8 (LoCon), or 0 to train only the attention layers.")
+    if cfg.conv_alpha is not None:
+        need(isinstance(cfg.conv_alpha, (int, float)) and math.isfinite(cfg.conv_alpha) and 0 < cfg.conv_alpha <= 4096,
+             "conv_alpha", "a number in (0, 4096] or empty", "Leave it empty for conv_alpha = conv_rank.")
+    need(isinstance(cfg.factor, int) and (cfg.factor == -1 or cfg.factor >= 1), "factor", "-1 or an integer >= 1",
+         "-1 picks the factor automatically; 4-16 are usual for LoKr.")
+    allowed = NETWORK_DROPOUTS.get(cfg.network_type, ())
+    for k in ("dropout", "rank_dropout", "module_dropout"):
+        v = getattr(cfg, k)
+        need(isinstance(v, (int, float)) and 0 <= v < 1, k, "a number in [0, 1)", "0.1 is a usual value; 0 is off.")
+        if v and k not in allowed:
+            raise ConfigError(k, f"{k} = {v!r} does not apply to network_type {cfg.network_type}: it has "
+                                 f"{', '.join(allowed) or 'none'}. Set {k} to 0.")
+    if cfg.full_matrix and cfg.network_type != "lokr":
+        raise ConfigError("full_matrix", f"full_matrix is a LoKr option (network_type is {cfg.network_type}): "
+                                         f"set it to false or use network_type lokr.")
+    if cfg.loraplus_lr_ratio is not None:
+        need(isinstance(cfg.loraplus_lr_ratio, (int, float)) and math.isfinite(cfg.loraplus_lr_ratio)
+             and 0 < cfg.loraplus_lr_ratio <= 1000, "loraplus_lr_ratio", "a number in (0, 1000] or empty",
+             "16 is the LoRA+ paper's value; leave it empty to train every matrix at the same lr.")
 
 
 def unknown_key_message(key: str, valid: List[str]) -> str:

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
+from .networks import delta as delta_mod
 from .networks import lora as lora_mod
 from .models import flow
 from .models.base import BaseModel
@@ -181,6 +182,9 @@ class Generator:
                 for a in active:
                     w = weights[a][1] if comp == "unet" else weights[a][0]
                     layer.scaling[a] = float(w) * float(layer.lora_alpha[a]) / float(layer.r[a])
+            delta_mod.set_active(mod, list(weights))  # LoHa / LoKr / DoRA layers (networks/delta.py)
+            for a, (te_w, unet_w) in weights.items():
+                delta_mod.set_strength(mod, unet_w if comp == "unet" else te_w, a)
             mod.requires_grad_(False)
 
     def pipeline(self, sampler: str):
@@ -361,6 +365,7 @@ def sample_in_training(model: BaseModel, adapter: str, prompts: Sequence[str], s
                 for m in mods:
                     for _, layer in lora_mod.lora_layers(m, adapter):
                         layer.set_adapter([adapter] if w else [])
+                    delta_mod.set_active(m, [adapter] if w else [])
                 p = GenParams(prompt=text, negative_prompt=negative, seed=seed, steps=steps, cfg_scale=cfg_scale,
                               width=size, height=size)
                 row.append(run_pipeline(pipe, p))
@@ -370,6 +375,7 @@ def sample_in_training(model: BaseModel, adapter: str, prompts: Sequence[str], s
         for m in mods:
             for _, layer in lora_mod.lora_layers(m, adapter):
                 layer.set_adapter([adapter])
+            delta_mod.set_active(m, [adapter])
             for p in lora_mod.lora_parameters(m, adapter):
                 p.requires_grad_(True)
         model.unet.train(was_training)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Sequence, Tuple
 
 from lora_train.tuning.advisor import BASES, DETAILS, TASKS
-from lora_train.config import OPTIMIZERS, PRECISIONS as CONFIG_PRECISIONS, SCHEDULERS, TrainConfig
+from lora_train.config import NETWORK_TYPES, OPTIMIZERS, PRECISIONS as CONFIG_PRECISIONS, SCHEDULERS, TrainConfig
 from lora_train.prompt import parse_floats, parse_ints
 
 from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image, save_preview
@@ -322,6 +322,27 @@ def _advice_lines(res, cfg) -> List[str]:
     return out
 
 
+#: the Train node's network type inputs (optional: workflows saved before them keep working)
+NETWORK_INPUTS = {
+    "network_type": (list(NETWORK_TYPES), {"default": "lora", "tooltip": "lora; locon (+ ResNet convs: styles, "
+                                                                        "textures); loha / lokr (LyCORIS, small files); "
+                                                                        "dora (often better at a lower lr)."}),
+    "conv_rank": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "Rank of the ResNet 3x3 convolutions "
+                                                                         "(0: off; locon: 0 = rank)."}),
+    "conv_alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 1.0,
+                             "tooltip": "Alpha of the convolutions; 0 = same as conv_rank."}),
+    "factor": ("INT", {"default": -1, "min": -1, "max": 1024, "tooltip": "LoKr Kronecker factor (-1: automatic)."}),
+    "full_matrix": ("BOOLEAN", {"default": False, "tooltip": "LoKr: full matrices instead of a low-rank w2."}),
+    "dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip": "lora / locon: input dropout."}),
+    "rank_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
+                               "tooltip": "loha / lokr / dora: drop rows of the weight delta while training."}),
+    "module_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
+                                 "tooltip": "loha / lokr / dora: skip a module while training."}),
+    "loraplus_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 1.0,
+                                    "tooltip": "LoRA+: the up/B matrices train at ratio x lr (e.g. 16); 0: off."}),
+}
+
+
 class LoraTrainTrain:
     DESCRIPTION = ("Train a LoRA on the MODEL / CLIP / VAE of the graph, inside ComfyUI (no subprocess). Saves a "
                    "new file in the loras folder (never overwrites: my_lora_v2, ...), with kohya metadata.")
@@ -358,7 +379,7 @@ class LoraTrainTrain:
                                             "tooltip": "Also save name-00000N files every N epochs (0 = final only); "
                                                        "the sweep can compare them."}),
             "mixed_precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "auto: bf16/fp16 on CUDA, fp32 on CPU."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": NETWORK_INPUTS, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE", "STRING")
     RETURN_NAMES = ("lora_name", "lora_path", "loss_plot", "report")
@@ -375,7 +396,9 @@ class LoraTrainTrain:
 
     def train(self, model, clip, vae, dataset, lora_name, learning_rate, rank, alpha, batch_size,
               gradient_accumulation, epochs, max_steps, lr_scheduler, warmup_steps, optimizer, train_text_encoder,
-              training_seed, save_every_n_epochs, mixed_precision="auto", unique_id=None):
+              training_seed, save_every_n_epochs, mixed_precision="auto", unique_id=None, network_type="lora",
+              conv_rank=0, conv_alpha=0.0, factor=-1, full_matrix=False, dropout=0.0, rank_dropout=0.0,
+              module_dropout=0.0, loraplus_lr_ratio=0.0):
         from lora_train.config import TrainConfig
         from lora_train.plots import loss_plot
         from lora_train.run import train_for_host
@@ -392,7 +415,12 @@ class LoraTrainTrain:
             gradient_accumulation_steps=int(gradient_accumulation), epochs=int(epochs),
             max_train_steps=int(max_steps) if max_steps and max_steps > 0 else None, seed=int(training_seed),
             mixed_precision=precision, device=device, save_every_n_epochs=int(save_every_n_epochs),
-            save_state_every_n_epochs=0, save_state_every_n_steps=0).validate()
+            save_state_every_n_epochs=0, save_state_every_n_steps=0, network_type=network_type,
+            conv_rank=int(conv_rank), conv_alpha=float(conv_alpha) if conv_alpha and conv_alpha > 0 else None,
+            factor=int(factor), full_matrix=bool(full_matrix), dropout=float(dropout), rank_dropout=float(rank_dropout),
+            module_dropout=float(module_dropout),
+            loraplus_lr_ratio=float(loraplus_lr_ratio) if loraplus_lr_ratio and loraplus_lr_ratio > 0 else None
+        ).validate()
         ds = dataset.load()
         holder: Dict[str, Any] = {}
         stopped_by_user = [False]

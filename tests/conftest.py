@@ -131,6 +131,8 @@ SLOW = {
     # issue #16 (Flux / SD3): the training runs, the CLI runs, the full-size layouts on meta
     "test_flux.py": None, "test_sd3.py": None, "test_flow_bench.py": None,
     "test_flow_single_file.py": ("test_full_size_layouts_on_meta", "test_cli_trains_split_flux_files"),
+    "test_networks_types.py": ("test_training_lowers", "test_file_layout", "test_import_reproduces", "test_host_rules_apply",
+                               "test_loraplus_groups", "test_sdxl_", "test_grid_", "test_resume_", "test_sd2_"),
     "test_checkpoints.py": ("test_bundled_path_offline", "test_full_size_layout_on_meta", "test_host_state_dict",
                             "test_single_file_round_trip", "test_diffusers_own_loader", "test_pickle_needs_opt_in",
                             "test_config_folder_and_load_base_model"),

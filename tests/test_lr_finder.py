@@ -188,3 +188,14 @@ def test_existing_adapters_optimizer_and_stop(setup):
     assert_rng_equal(before_rng, rng_snapshot())
     assert all(torch.equal(opt_before[k], opt.state[params[0]][k]) for k in opt_before)
     assert [n for n, _ in L.lora_layers(model.unet, "user")] and not list(L.lora_layers(model.unet, "lr_finder"))
+
+
+@pytest.mark.parametrize("network_type", ["lokr", "dora"])
+def test_range_test_with_the_runs_network_type(setup, network_type):
+    """The finder trains the network the run will train (issue 17) and takes it out again."""
+    cfg, model, _ = setup
+    cfg = cfg.replace(network_type=network_type, loraplus_lr_ratio=4.0)
+    before = model_snapshot(model)
+    res = lr_range_test(cfg, model=model, lr_min=1e-5, lr_max=1e-1, steps=8, probe_samples=2)
+    assert_same_model(before, model_snapshot(model))
+    assert len(res.lrs) >= 2 and all(math.isfinite(v) for v in res.losses[:-1])

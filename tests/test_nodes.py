@@ -420,6 +420,25 @@ def test_train_node_never_overwrites(comfy, trained, graph):
         assert hashlib.sha256(fh.read()).hexdigest() == before
 
 
+def test_train_node_network_types(comfy, trained, graph):
+    """The optional network inputs (issue 17): a LoHa with ResNet convs, loaded by ComfyUI's (fake) loader."""
+    from safetensors import safe_open
+
+    opt = trained["cls"].INPUT_TYPES()["optional"]
+    assert opt["network_type"][0] == ["lora", "locon", "loha", "lokr", "dora"]
+    kw = dict(TRAIN_KW, epochs=1, max_steps=1, save_every_n_epochs=0, train_text_encoder=False)
+    out = run_node(trained["cls"]().train, *graph, trained["ref"], "my_loha", network_type="loha", conv_rank=2,
+                   loraplus_lr_ratio=4.0, **kw)
+    name, path, _plot, _report = check_returns(trained["cls"], out)
+    with safe_open(path, framework="pt") as fh:
+        meta, keys = fh.metadata(), list(fh.keys())
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {"algo": "loha", "conv_dim": "2", "conv_alpha": "2",
+                                                   "loraplus_lr_ratio": "4"}
+    assert any(k.endswith(".hada_w1_a") for k in keys) and any("_resnets_" in k for k in keys)
+    # (the fake loader reads lora_down/lora_up only; the real ComfyUI's LoHa loader: tests/test_networks_real_hosts.py)
+
+
 @pytest.mark.parametrize("race", [False, True])
 def test_train_node_stops_on_interrupt_and_keeps_what_it_trained(comfy, trained, graph, monkeypatch, race):
     """Cancel during step 2. race=True: the flag is set between our check and the next progress call, so

@@ -70,7 +70,7 @@ def cmd_suggest(args, extra: List[str]) -> int:
         raise ValueError("say how many images: --images DIR (the dataset folder) or --count N.")
     s = suggest(count, task=args.task, base=args.base, vram_gb=args.vram, batch_size=args.batch,
                 gradient_accumulation_steps=args.accumulation, accumulation_scaling=args.scaling,
-                detail=args.detail, samples_per_epoch=samples)
+                detail=args.detail, samples_per_epoch=samples, network_type=args.network_type)
     where = f" in {images_dir}" if images_dir else ""
     rep = f", {samples} samples per epoch with repeats" if samples and samples != count else ""
     print(f"{count} images{where}{rep}; task {args.task} ({args.detail} detail), base {args.base}")
@@ -182,6 +182,7 @@ def cmd_lr_find(args, extra: List[str]) -> int:
 
 # ----------------------------------------------------------------------------- registration
 def add_commands(sub) -> Dict[str, object]:
+    from ..config import NETWORK_TYPES
     from ..tuning.advisor import BASES, DETAILS, SCALINGS, TASKS
 
     p = sub.add_parser("suggest", help="settings advisor: lr, rank, batch, epochs... each with its reason")
@@ -192,6 +193,8 @@ def add_commands(sub) -> Dict[str, object]:
     p.add_argument("--detail", choices=DETAILS, default="normal",
                    help="simple (flat style), normal, demanding (faces, logos: rank 16)")
     p.add_argument("--base", choices=BASES, default="sd1", help="base model kind")
+    p.add_argument("--network-type", "--network_type", dest="network_type", choices=NETWORK_TYPES, default="lora",
+                   help="lora | locon | loha | lokr | dora: the advice for that type (rank, lr, factor, convs)")
     p.add_argument("--vram", type=float, default=None, help="GPU memory in GB (default: detected; CPU: unknown)")
     p.add_argument("--batch", type=int, default=None, help="a batch size you insist on")
     p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")

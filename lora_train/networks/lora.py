@@ -16,6 +16,9 @@ import torch
 from torch import nn
 from ..io_utils import save_safetensors
 from . import flow_names
+from . import delta as delta_mod
+from .layouts import NetEntry, detect as detect_type, entry_from_group, state_dict_entries
+from .locon import resnet_target_modules
 from .sdxl_names import diffusers_to_sgm_path
 
 UNET_TARGET_PARENTS = ("Transformer2DModel", "SpatialTransformer")
@@ -106,9 +109,11 @@ class LoraWeights:
 
     modules: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     metadata: Dict[str, str] = field(default_factory=dict)
+    #: modules of the weight-delta types (LoHa, LoKr, DoRA; networks/layouts.py), same keys as `modules`
+    extra: Dict[Tuple[str, str], NetEntry] = field(default_factory=dict)
 
     def components(self) -> List[str]:
-        return sorted({c for c, _ in self.modules})
+        return sorted({c for c, _ in self.modules} | {c for c, _ in self.extra})
 
     def rank(self) -> int:
         return max((d.shape[0] for d, _, _ in self.modules.values()), default=0)
@@ -126,6 +131,17 @@ def _components(model) -> List[Tuple[str, nn.Module]]:
     return out
 
 
+def conv_name_map(model) -> Dict[str, Tuple[str, str]]:
+    """kohya module name -> ("unet", path) of the UNet's ResNet-block layers (LoCon / conv_rank targets)."""
+    out: Dict[str, Tuple[str, str]] = {}
+    for path, _ in resnet_target_modules(model.unet):
+        try:
+            out[kohya_name("unet", path, model.kind)] = ("unet", path)
+        except (ValueError, KeyError):
+            continue
+    return out
+
+
 def name_map(model) -> Dict[str, Tuple[str, str]]:
     """kohya module name -> (component, module path) for every default target of the model (a fused Flux / SD3
     module -> its first part; flow_names.import_groups has all parts)."""
@@ -140,12 +156,15 @@ def name_map(model) -> Dict[str, Tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- peft injection
 def inject(module: nn.Module, targets: List[str], rank: int, alpha: float, adapter: str = DEFAULT_ADAPTER,
-           rank_pattern: Optional[Dict[str, int]] = None) -> nn.Module:
-    """Add a peft LoRA adapter to `targets` (exact module paths). Works with peft 0.10 .. current."""
+           rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None,
+           dropout: float = 0.0) -> nn.Module:
+    """Add a peft LoRA adapter to `targets` (exact module paths; Linear, 1x1 and 3x3 Conv2d). Works with
+    peft 0.10 .. current."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
-                     init_lora_weights=True, rank_pattern=dict(rank_pattern or {}))
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=float(dropout),
+                     init_lora_weights=True, rank_pattern=dict(rank_pattern or {}),
+                     alpha_pattern=dict(alpha_pattern or {}))
     inject_adapter_in_model(cfg, module, adapter_name=adapter)
     return module
 
@@ -161,13 +180,14 @@ def lora_parameters(module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> List[n
     params = []
     for _, m in lora_layers(module, adapter):
         params += list(m.lora_A[adapter].parameters()) + list(m.lora_B[adapter].parameters())
-    return params
+    return params + delta_mod.parameters(module, adapter)
 
 
 def set_strength(module: nn.Module, strength: float, adapter: str = DEFAULT_ADAPTER) -> None:
     """Scale the adapter's output: effective scale = strength * alpha / rank."""
     for _, m in lora_layers(module, adapter):
         m.scaling[adapter] = float(strength) * float(m.lora_alpha[adapter]) / float(m.r[adapter])
+    delta_mod.set_strength(module, strength, adapter)
 
 
 def activate(module: nn.Module, adapter: str) -> None:
@@ -176,6 +196,7 @@ def activate(module: nn.Module, adapter: str) -> None:
         names = list(getattr(m, "active_adapters", []) or [])
         if adapter not in names:
             m.set_adapter(names + [adapter])
+    delta_mod.activate(module, adapter)
 
 
 def remove_adapter(module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> None:
@@ -194,6 +215,7 @@ def remove_adapter(module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> None:
         act = getattr(m, "_active_adapter", None)
         if act == adapter or (isinstance(act, list) and adapter in act):
             m._active_adapter = [a for a in ([act] if isinstance(act, str) else act) if a != adapter]
+    delta_mod.remove(module, adapter)
 
 
 def extract(model, adapter: str = DEFAULT_ADAPTER) -> LoraWeights:
@@ -204,6 +226,8 @@ def extract(model, adapter: str = DEFAULT_ADAPTER) -> LoraWeights:
             down = m.lora_A[adapter].weight.detach().float().cpu().clone()
             up = m.lora_B[adapter].weight.detach().float().cpu().clone()
             lw.modules[(comp, path)] = (down, up, float(m.lora_alpha[adapter]))
+        for path, dm in delta_mod.modules(mod, adapter):
+            lw.extra[(comp, path)] = NetEntry(dm.TYPE, dm.tensors())
     return lw
 
 
@@ -251,9 +275,34 @@ def apply(model, lw: LoraWeights, adapter: str, strength: float = 1.0, strict: b
         activate(mod, adapter)
         set_strength(mod, strength, adapter)
         mod.requires_grad_(False)
+    unmatched += _apply_extra(model, lw, adapter, strength, label)
     if strict and unmatched:
         raise LoraFormatError(f"{len(unmatched)} LoRA modules do not exist in this base model (first: "
                               f"{unmatched[0]}): the LoRA was trained for another model kind.")
+    return unmatched
+
+
+def _apply_extra(model, lw: LoraWeights, adapter: str, strength: float, label) -> List[str]:
+    """Attach the weight-delta modules of `lw` (LoHa, LoKr, DoRA) as adapter `adapter`; the names not matched."""
+    comps = dict(_components(model))
+    unmatched: List[str] = []
+    for (comp, path), entry in sorted(lw.extra.items()):
+        named = dict(comps[comp].named_modules()) if comp in comps else {}
+        layer = named.get(path)
+        if layer is None:
+            unmatched.append(label(comp, path))
+            continue
+        base = getattr(layer, "base_layer", layer)
+        dm = entry.module()
+        w = delta_mod.base_weight(base)
+        try:
+            with torch.no_grad():
+                dm.delta(w.float().cpu())
+        except RuntimeError as exc:
+            raise LoraFormatError(f"{entry.type} module {label(comp, path)} does not fit the model's weight "
+                                  f"{tuple(w.shape)} ({exc}): the LoRA was trained for another base model.") from None
+        dm.requires_grad_(False)
+        delta_mod.add(base, adapter, dm, strength)
     return unmatched
 
 
@@ -269,6 +318,8 @@ def to_kohya_state_dict(lw: LoraWeights, kind: str = "sd1", dtype: torch.dtype =
         sd[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         sd[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         sd[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    for (comp, path), entry in sorted(lw.extra.items()):
+        sd.update(state_dict_entries(kohya_name(comp, path, kind), entry, dtype))
     return sd
 
 
@@ -300,12 +351,23 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")) for k in keys):
         rev = name_map(model)
         fused = flow_names.import_groups(model) if flow else {}
+        rev.update({n: v for n, v in conv_name_map(model).items() if n not in rev})
         groups: Dict[str, Dict[str, torch.Tensor]] = {}
         for k, v in sd.items():
             base, _, rest = k.partition(".")
             groups.setdefault(base, {})[rest] = v
         unknown = []
         for name, g in groups.items():
+            typ = detect_type(g)
+            if typ is not None:  # LoHa, LoKr, DoRA (networks/layouts.py)
+                if name not in rev:
+                    unknown.append(name)
+                    continue
+                try:
+                    lw.extra[rev[name]] = entry_from_group(typ, g)
+                except (ValueError, KeyError) as exc:
+                    raise LoraFormatError(f"LoRA module {name} ({typ}): {exc}.") from None
+                continue
             if "lora_down.weight" not in g or "lora_up.weight" not in g:
                 continue  # e.g. LoCon/LyCORIS extras or dora scales we do not read
             if name not in rev and name not in fused:

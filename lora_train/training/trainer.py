@@ -28,6 +28,7 @@ from ..models import conditioning
 from ..models.base import BaseModel
 from ..models.loading import load_base_model
 from ..networks import lora as lora_mod
+from ..networks import network
 from ..plots import loss_plot
 from ..sampler import sample_in_training
 from ..tuning.advisor import Diagnoser
@@ -321,9 +322,8 @@ class Trainer:
             mods.append(("te2", self.model.text_encoder_2))
         for prefix, mod in mods:
             for n, p in mod.named_parameters():
-                if ".lora_A." in n or ".lora_B." in n:
-                    if lora_mod.DEFAULT_ADAPTER in n:
-                        out[f"{prefix}.{n}"] = p
+                if network.is_trainable_name(n, lora_mod.DEFAULT_ADAPTER):
+                    out[f"{prefix}.{n}"] = p
         return out
 
     def _snapshot(self) -> Dict[str, Any]:
@@ -571,12 +571,16 @@ class Trainer:
         cfg, m = self.cfg, self.model
         torch.manual_seed(cfg.seed)
         adapter = lora_mod.DEFAULT_ADAPTER
-        lora_mod.inject(m.unet, lora_mod.denoiser_target_modules(m), cfg.lora_rank, cfg.alpha, adapter)
-        params = [{"params": lora_mod.lora_parameters(m.unet, adapter), "lr": cfg.learning_rate}]
+        spec = network.NetworkSpec.from_config(cfg)  # the network type, its targets and LoRA+ groups
+        if flow_train.is_flow(m) and (spec.type != "lora" or spec.conv_rank):
+            raise ValueError(f"network_type {spec.type!r} (conv_rank {spec.conv_rank}) is not available for "
+                             f"{m.kind} models yet: their files fuse q/k/v as sd-scripts does, written for plain "
+                             f"LoRA only. Use network_type: lora (LoRA+ via loraplus_lr_ratio works).")
+        params = network.build(m.unet, "unet", spec, cfg.learning_rate, adapter)
+        n_unet = len(params)
         if cfg.train_text_encoder:
             for _, te in conditioning.Conditioner(m).text_encoders:  # Flux / SD3: the CLIP encoders, never T5
-                lora_mod.inject(te, lora_mod.te_target_modules(te), cfg.lora_rank, cfg.alpha, adapter)
-                params.append({"params": lora_mod.lora_parameters(te, adapter), "lr": cfg.te_lr})
+                params += network.build(te, "te", spec, cfg.te_lr, adapter)
         base_dtype = self.weight_dtype if self.device.type != "cpu" else None
         if cfg.fp8_base:  # cast in CPU memory first: a 12 B transformer never sits on the GPU in 16 bits
             m.unet.to(dtype=base_dtype or torch.float32)
@@ -596,7 +600,7 @@ class Trainer:
         self.in_dtype = base_dtype or torch.float32
         self.param_groups = params
         self.trainable = [p for g in params for p in g["params"]]
-        self.te_trainable = [p for g in params[1:] for p in g["params"]]
+        self.te_trainable = [p for g in params[n_unet:] for p in g["params"]]
         for p in self.trainable:  # LoRA weights always train in fp32
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -875,10 +879,9 @@ class Trainer:
         now = time.time()
         res = f"({cfg.resolution}, {cfg.resolution})"
         meta = {
-            "ss_network_module": "networks.lora",
             "ss_network_dim": str(cfg.lora_rank),
             "ss_network_alpha": f"{cfg.alpha:g}",
-            "ss_network_args": json.dumps({}),
+            **network.metadata(network.NetworkSpec.from_config(cfg)),  # ss_network_module, ss_network_args
             "ss_learning_rate": f"{cfg.learning_rate:g}",
             "ss_unet_lr": f"{cfg.learning_rate:g}",
             "ss_text_encoder_lr": f"{cfg.te_lr:g}" if cfg.train_text_encoder else "0",
@@ -960,11 +963,11 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return True
         lw = lora_mod.extract(self.model)
-        for (_, _), (d, u, _) in lw.modules.items():
-            if not (torch.isfinite(d).all() and torch.isfinite(u).all()):
-                raise FloatingPointError(f"non-finite LoRA weights at step {step}; nothing written to {path}. "
-                                         f"Halve learning_rate and add warmup.")
-        if step > 0 and lw.modules and all(not bool(u.any()) for (_, _), (_, u, _) in lw.modules.items()):
+        finite, nonzero = network.check_finite_and_nonzero(lw)
+        if not finite:
+            raise FloatingPointError(f"non-finite LoRA weights at step {step}; nothing written to {path}. "
+                                     f"Halve learning_rate and add warmup.")
+        if step > 0 and (lw.modules or lw.extra) and not nonzero:
             if not final:
                 self.emit("warning", message=f"step {step}: every lora_up weight is still zero (warm-up); "
                                              f"checkpoint '{path}' skipped.")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..config import TrainConfig
 from . import flow_advice
+from .network_advice import check_network, network_advice
 
 # ----------------------------------------------------------------------------- the rules, as data
 TASKS = ("style", "character", "face", "object", "concept", "other")
@@ -269,7 +270,8 @@ def _warmup_for(total_steps: int) -> Tuple[int, str]:
 def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: Optional[float] = None,
             batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1,
             accumulation_scaling: str = "sqrt", detail: str = "normal", resolution: Optional[int] = None,
-            samples_per_epoch: Optional[int] = None, vram_field: str = "--vram GB") -> Suggestion:
+            samples_per_epoch: Optional[int] = None, vram_field: str = "--vram GB",
+            network_type: str = "lora") -> Suggestion:
     """Settings for a first run, each with its reason.
 
     image_count: distinct training images; samples_per_epoch: images x kohya repeats (default image_count).
@@ -279,6 +281,7 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     gradient_accumulation_steps / accumulation_scaling: effective batch = batch x steps, lr rescaled by sqrt
     (default) or linearly.  detail: simple | normal | demanding (faces, logos: rank 16).
     vram_field: how the front end lets the user give the VRAM, named in the note when it is unknown.
+    network_type: lora | locon | loha | lokr | dora (tuning/network_advice.py: its rank, lr, factor, convs).
     """
     _check_choice("task", task, TASKS)
     _check_choice("base", base, BASES)
@@ -433,6 +436,8 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
         total = steps_per_epoch * epochs
         s.add("epochs", epochs, f"{epochs_reason}: {steps_per_epoch} steps/epoch, {total} steps in all")
         s.add("lr_warmup_steps", *_warmup_for(total))
+    for key, value, reason in network_advice(network_type, task, lr, rank):
+        s.add(key, value, reason)
     s.total_steps, s.steps_per_epoch = total, steps_per_epoch
     return s
 
@@ -479,6 +484,7 @@ def check_config(cfg, samples_per_epoch: Optional[int] = None) -> List[str]:
     if total is not None and cfg.lr_scheduler != "constant" and cfg.lr_warmup_steps >= total:
         out.append(f"lr_warmup_steps {cfg.lr_warmup_steps} >= the {total} total steps: the learning rate never "
                    f"reaches {cfg.learning_rate:.3g}; use about 10% of the steps.")
+    out += check_network(cfg)
     return out
 
 

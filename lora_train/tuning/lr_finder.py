@@ -36,6 +36,7 @@ from ..io_utils import save_image
 from ..models import conditioning
 from ..models.loading import load_base_model
 from ..networks import lora as lora_mod
+from ..networks import network
 from ..plots import line_plot
 from ..training import flow as flow_train
 from ..training import loss as loss_mod
@@ -389,7 +390,7 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
             te.requires_grad_(False)
         with warnings.catch_warnings():  # "already found a peft_config": a second adapter is what we want
             warnings.simplefilter("ignore")
-            lora_mod.inject(unet, lora_mod.denoiser_target_modules(model), cfg.lora_rank, cfg.alpha, adapter)
+            network.inject(unet, "unet", network.NetworkSpec.from_config(cfg), adapter)  # the run's type
         lora_mod.activate(unet, adapter)
         unet.requires_grad_(False)
         params = lora_mod.lora_parameters(unet, adapter)
@@ -397,7 +398,9 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
             p.data = p.data.to(device).float()
             p.requires_grad_(True)
         # the optimizer the run will use (the trainer's factory, configured optimizer and arguments)
-        opt = make_optimizer(cfg.optimizer, [{"params": params, "lr": lr_min}], device, cfg.weight_decay,
+        groups = network.param_groups(unet, params, lr_min, network.NetworkSpec.from_config(cfg), adapter)
+        ratios = [g["lr"] / lr_min for g in groups]  # LoRA+: the up/B group keeps its ratio during the sweep
+        opt = make_optimizer(cfg.optimizer, groups, device, cfg.weight_decay,
                              (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.optimizer_args)
         opt_desc = describe(opt)
         unet.train()
@@ -409,8 +412,8 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
             if stop_event is not None and stop_event.is_set():
                 stopped, reason = True, "stopped by the user"
                 break
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for g, ratio in zip(opt.param_groups, ratios):
+                g["lr"] = lr * ratio
             train_losses = []
             for _ in range(cfg.gradient_accumulation_steps):
                 if len(order) < cfg.batch_size:

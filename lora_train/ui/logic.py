@@ -19,6 +19,10 @@ from . import jobs
 SETTING_KEYS = ["base_model", "model_type", "output_name", "learning_rate", "lora_rank", "lora_alpha", "batch_size",
                 "gradient_accumulation_steps", "epochs", "max_train_steps", "lr_scheduler", "lr_warmup_steps",
                 "optimizer", "resolution", "train_text_encoder", "mixed_precision", "seed", "save_every_n_epochs"]
+#: the network type fields (issue 17), after the others
+NETWORK_KEYS = ["network_type", "conv_rank", "conv_alpha", "factor", "full_matrix", "dropout", "rank_dropout",
+                "module_dropout", "loraplus_lr_ratio"]
+SETTING_KEYS += NETWORK_KEYS
 MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl")
 TASKS = ("style", "character", "face", "object", "concept", "other")
 #: suggestion keys the tab has a field for
@@ -103,7 +107,38 @@ def default_settings(host) -> Dict[str, Any]:
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "epochs": cfg.epochs,
             "max_train_steps": 0, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps,
             "optimizer": cfg.optimizer, "resolution": 64 if tiny else 512, "train_text_encoder": False,
-            "mixed_precision": "no", "seed": cfg.seed, "save_every_n_epochs": cfg.save_every_n_epochs}
+            "mixed_precision": "no", "seed": cfg.seed, "save_every_n_epochs": cfg.save_every_n_epochs,
+            **network_settings(cfg)}
+
+
+def network_settings(cfg: TrainConfig) -> Dict[str, Any]:
+    """The network fields' values of a config (0 in the tab means "empty": conv_alpha = conv_rank, no LoRA+)."""
+    return {"network_type": cfg.network_type, "conv_rank": cfg.conv_rank, "conv_alpha": float(cfg.conv_alpha or 0),
+            "factor": cfg.factor, "full_matrix": cfg.full_matrix, "dropout": cfg.dropout,
+            "rank_dropout": cfg.rank_dropout, "module_dropout": cfg.module_dropout,
+            "loraplus_lr_ratio": float(cfg.loraplus_lr_ratio or 0)}
+
+
+def network_config(values: Dict[str, Any]) -> Dict[str, Any]:
+    """TrainConfig keys from the tab's network fields (missing fields: the defaults)."""
+    d = TrainConfig()
+    get = lambda k, default: default if values.get(k) in (None, "") else values.get(k)  # noqa: E731
+
+    def num(k: str, name: str) -> float:
+        v = get(k, 0)
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} '{v}' is not a number.") from None
+        if not math.isfinite(f) or f < 0:
+            raise UserError(f"{name} {v} is not valid: use a number >= 0 (0: off).")
+        return f
+
+    return {"network_type": get("network_type", d.network_type), "conv_rank": _int(get("conv_rank", 0), "conv rank", 0),
+            "conv_alpha": num("conv_alpha", "conv alpha") or None, "factor": _int(get("factor", d.factor), "LoKr factor", -1),
+            "full_matrix": bool(get("full_matrix", False)), "dropout": num("dropout", "dropout"),
+            "rank_dropout": num("rank_dropout", "rank dropout"), "module_dropout": num("module_dropout", "module dropout"),
+            "loraplus_lr_ratio": num("loraplus_lr_ratio", "LoRA+ ratio") or None}
 
 
 def _loaded_path(host) -> str:
@@ -333,6 +368,7 @@ def build_config(host, values: Dict[str, Any], folder: str, trigger: str, name_o
              train_text_encoder=bool(values.get("train_text_encoder")),
              mixed_precision=values.get("mixed_precision") or "no", seed=_int(values.get("seed") or 0, "seed", 0),
              save_every_n_epochs=_int(values.get("save_every_n_epochs") or 0, "save every N epochs", 0))
+    d.update(network_config(values))
     try:
         cfg = TrainConfig.from_dict(d)
     except ConfigError as exc:

@@ -7,7 +7,7 @@ No `from __future__ import annotations` here: gradio reads the `gr.SelectData` a
 
 import gradio as gr
 
-from ...config import OPTIMIZERS, SCHEDULERS
+from ...config import NETWORK_TYPES, OPTIMIZERS, SCHEDULERS
 from .. import logic
 from ..compat import make, on, update
 from .common import err as _err, keep
@@ -63,6 +63,27 @@ def layout(c) -> None:
         S["save_every_n_epochs"] = make(gr.Number, value=defaults["save_every_n_epochs"], precision=0,
                                         label="Save every N epochs (0: final only)",
                                         elem_id="lora_train_save_every")
+    with make(gr.Accordion, "Network type: LoCon, LoHa, LoKr, DoRA, LoRA+", open=False):
+        with gr.Row():
+            S["network_type"] = make(gr.Dropdown, choices=list(NETWORK_TYPES), value=defaults["network_type"],
+                                     label="Network type", elem_id="lora_train_network_type")
+            S["conv_rank"] = make(gr.Number, value=defaults["conv_rank"], precision=0,
+                                  label="Conv rank (ResNet 3x3; 0: off, LoCon: = rank)", elem_id="lora_train_conv_rank")
+            S["conv_alpha"] = make(gr.Number, value=defaults["conv_alpha"], label="Conv alpha (0: = conv rank)",
+                                   elem_id="lora_train_conv_alpha")
+            S["loraplus_lr_ratio"] = make(gr.Number, value=defaults["loraplus_lr_ratio"],
+                                          label="LoRA+ ratio (up/B lr x ratio; 0: off)", elem_id="lora_train_loraplus")
+        with gr.Row():
+            S["factor"] = make(gr.Number, value=defaults["factor"], precision=0, label="LoKr factor (-1: auto)",
+                               elem_id="lora_train_lokr_factor")
+            S["full_matrix"] = make(gr.Checkbox, value=defaults["full_matrix"], label="LoKr full matrix",
+                                    elem_id="lora_train_lokr_full")
+            S["dropout"] = make(gr.Number, value=defaults["dropout"], label="Dropout (lora, locon)",
+                                elem_id="lora_train_dropout")
+            S["rank_dropout"] = make(gr.Number, value=defaults["rank_dropout"], label="Rank dropout (loha, lokr, dora)",
+                                     elem_id="lora_train_rank_dropout")
+            S["module_dropout"] = make(gr.Number, value=defaults["module_dropout"],
+                                       label="Module dropout (loha, lokr, dora)", elem_id="lora_train_module_dropout")
     with gr.Row():
         task = make(gr.Dropdown, choices=list(logic.TASKS), value="style", label="What you train",
                     elem_id="lora_train_task")
