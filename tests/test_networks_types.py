@@ -5,7 +5,6 @@ reproduces the trained model's output; the hosts' delta rules (tests/host_rules.
 and ComfyUI's source) give the trained model's weight delta at strength 1.0 and 0.5.
 """
 import json
-import os
 import re
 
 import pytest

@@ -20,15 +20,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import NETWORK_DROPOUTS, NETWORK_TYPES  # noqa: F401 (the names, kept in config)
 from . import delta as delta_mod
 from . import lora as lora_mod
-from .dora import LoraDelta
-from .loha import LoHa
-from .lokr import LoKr
+from .layouts import DELTA_TYPES
 from .locon import resnet_target_modules
 
-_DELTA_CLASSES = {"loha": LoHa, "lokr": LoKr, "dora": LoraDelta}
 
 
 @dataclass
@@ -84,7 +80,7 @@ def inject(module: nn.Module, component: str, spec: NetworkSpec, adapter: str = 
         lora_mod.inject(module, [p for p, *_ in tg], spec.rank, spec.alpha, adapter, rank_pattern=pattern,
                         alpha_pattern=apattern, dropout=spec.dropout)
         return lora_mod.lora_parameters(module, adapter)
-    cls = _DELTA_CLASSES[spec.type]
+    cls = DELTA_TYPES[spec.type]
     named = dict(module.named_modules())
     opts: Dict[str, Any] = {"rank_dropout": spec.rank_dropout, "module_dropout": spec.module_dropout}
     if spec.type == "lokr":
