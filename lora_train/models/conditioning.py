@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import text_chunks
+
 Cond = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
 
@@ -37,6 +39,8 @@ def _tokens(tokenizer, captions: Sequence[str]) -> torch.Tensor:
 def encode(model, captions: Sequence[str], device: Optional[torch.device] = None) -> Cond:
     """Text conditioning of `captions` (see the module docstring); runs with grad when the encoders train."""
     captions = list(captions)
+    if text_chunks.active(model):  # kohya clip_skip / max_token_length 150-225 (models/text_chunks.py)
+        return text_chunks.encode_with_options(model, captions, device)
     dev = device if device is not None else next(model.text_encoder.parameters()).device
     if not is_sdxl(model):
         return model.text_encoder(_tokens(model.tokenizer, captions).to(dev))[0]

@@ -21,16 +21,19 @@ import torch
 from .. import __version__
 from ..config import TrainConfig
 from ..data.buckets import BucketBatchSampler
+from ..data import caption_aug
 from ..data.cache import CachingStopped, LatentCache, TextEmbeddingCache, module_identity
 from ..data.dataset import ImageDataset, load_dataset
 from ..io_utils import atomic_write_text, follow_umask, next_free_name, save_image
 from ..models import conditioning
 from ..models.base import BaseModel
 from ..models.loading import load_base_model
+from ..models import text_chunks
 from ..networks import lora as lora_mod
 from ..plots import loss_plot
 from ..sampler import sample_in_training
 from ..tuning.advisor import Diagnoser
+from . import kohya_extras
 from . import loss as loss_mod
 from .events import TrainEvent
 from .optim import describe, make_optimizer
@@ -236,6 +239,8 @@ class Trainer:
             self.model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle)
         elif cfg.prediction_type != "auto":
             self.model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+        for w in text_chunks.configure(self.model, cfg.clip_skip, cfg.max_token_length):  # kohya text options
+            self.emit("warning", message=w)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
     def _seed_all(self, seed: int) -> torch.Generator:
@@ -283,7 +288,8 @@ class Trainer:
         {"hidden", "pooled"}), encoded once (memory or disk)."""
         caps = sorted({it.caption for it in self.dataset.items} | set(extra))
         if getattr(self, "_te_id", None) is None:
-            self._te_id = "+".join(module_identity(te, extra=f"conditioning.encode/{self.model.kind}")
+            self._te_id = "+".join(module_identity(te, extra=f"conditioning.encode/{self.model.kind}"
+                                                   f"/{text_chunks.options(self.model)}")
                                    for te in self.model.text_encoders)
         cache = TextEmbeddingCache(self._cache_folder(self.cfg.text_cache, "text"), self._te_id)
         store = cache.get_or_encode(caps, lambda chunk: conditioning.map_cond(
@@ -534,7 +540,8 @@ class Trainer:
             with acc.main_process_first():  # with a disk cache, the other processes then read what it wrote
                 self.latents = self._cache_latents()
                 self.latents_flip = self._cache_latents(flip=True) if cfg.flip_aug else None
-                self.text_cache = None if cfg.train_text_encoder else self._cache_text(dropout_caps)
+                self.text_cache = None if cfg.train_text_encoder or caption_aug.varies(cfg) \
+                    else self._cache_text(dropout_caps)  # shuffled / dropped tags: encoded every step
         except CachingStopped as exc:
             self.emit("warning", message=f"stopped while caching: {exc}")
             res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=None, epoch_files=[],
@@ -695,7 +702,7 @@ class Trainer:
         shape = (n,) + tuple(latents[batch[0]].shape)
         noise = loss_mod.offset_noise(torch.randn(shape, generator=gen), cfg.noise_offset, gen)
         t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
-        caps = [ds.items[i].caption for i in batch]
+        caps = caption_aug.augment([ds.items[i].caption for i in batch], cfg)  # kohya shuffle / keep / tag dropout
         if cfg.caption_dropout_rate > 0:
             drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
             caps = ["" if d else c for c, d in zip(caps, drop)]
@@ -903,6 +910,7 @@ class Trainer:
             "modelspec.prediction_type": "v" if m.prediction_type == "v_prediction" else "epsilon",  # ModelSpec
             "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        meta.update(kohya_extras.metadata(cfg, self))  # the kohya options (issue 18)
         if cfg.trigger_word:
             meta["modelspec.trigger_phrase"] = cfg.trigger_word
         return meta
