@@ -233,6 +233,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.dataset is None:
             self.dataset = load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word, cfg.caption_extension)
+        kohya_extras.after_dataset(self)  # num_repeats, reg images (reg_data_dir)
         for w in self.dataset.warnings:
             self.emit("warning", message=w)
         if self.model is None:
@@ -389,6 +390,7 @@ class Trainer:
                 "python_rng": [snap["python_rng"][0], list(snap["python_rng"][1]), snap["python_rng"][2]],
                 "config": self.cfg.to_dict(),
             }
+            kohya_extras.save_state_extra(self, tmp)  # EMA weights
             with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as fh:
                 json.dump(meta, fh)
             follow_umask(tmp)  # readable by a host running as another user, like every file we write
@@ -445,6 +447,7 @@ class Trainer:
             raise ValueError(f"the state in '{d}' does not fit this config (different LoRA modules, e.g. "
                              f"{sorted(missing)[0]}): resume with the config it was saved with.")
         self._restore(snap)
+        kohya_extras.load_state_extra(self, d)  # EMA weights
         self.last_good = snap
         self.emit("resumed", path=d, step=self.pos["step"], epoch=self.pos["epoch"])
 
@@ -555,6 +558,7 @@ class Trainer:
                 for te in m.text_encoders:
                     te.to("cpu")
         self.train_idx, self.val_idx = self._split()
+        kohya_extras.after_split(self)  # reg images train only, loss masks, TensorBoard / wandb
         self.val_groups: Dict[Tuple[int, ...], List[int]] = {}
         for i in self.val_idx:  # validation images batched by latent size (buckets)
             self.val_groups.setdefault(tuple(self.latents[i].shape), []).append(i)
@@ -573,6 +577,7 @@ class Trainer:
             for te in m.text_encoders:
                 lora_mod.inject(te, lora_mod.te_target_modules(te), cfg.lora_rank, cfg.alpha, adapter)
                 params.append({"params": lora_mod.lora_parameters(te, adapter), "lr": cfg.te_lr})
+        params = kohya_extras.shape_network(self, params)  # block dims / lr, network_weights, EMA
         base_dtype = self.weight_dtype if self.device.type != "cpu" else None
         m.unet.to(self.device, dtype=base_dtype) if base_dtype else m.unet.to(self.device)
         if cfg.train_text_encoder and base_dtype:
@@ -581,7 +586,7 @@ class Trainer:
         self.in_dtype = base_dtype or torch.float32
         self.param_groups = params
         self.trainable = [p for g in params for p in g["params"]]
-        self.te_trainable = [p for g in params[1:] for p in g["params"]]
+        self.te_trainable = [p for g in params[1:] if "unet_block" not in g for p in g["params"]]
         for p in self.trainable:  # LoRA weights always train in fp32
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -702,6 +707,7 @@ class Trainer:
         shape = (n,) + tuple(latents[batch[0]].shape)
         noise = loss_mod.offset_noise(torch.randn(shape, generator=gen), cfg.noise_offset, gen)
         t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+        noise, in_noise = kohya_extras.noises(cfg, noise, gen)  # multires / input perturbation noise
         caps = caption_aug.augment([ds.items[i].caption for i in batch], cfg)  # kohya shuffle / keep / tag dropout
         if cfg.caption_dropout_rate > 0:
             drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
@@ -717,7 +723,9 @@ class Trainer:
         tids = conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips) if m.text_encoder_2 is not None else None
         loss = loss_mod.diffusion_loss(m, lat, cond, noise, t, unet=self.train_unet, min_snr_gamma=cfg.min_snr_gamma,
                                        time_ids=tids, resolution=cfg.resolution, in_dtype=self.in_dtype,
-                                       snr_timesteps=t_cpu, autocast=acc.autocast)  # min-SNR from the CPU copy
+                                       snr_timesteps=t_cpu, autocast=acc.autocast,  # min-SNR from the CPU copy
+                                       **kohya_extras.loss_kwargs(self, idx, flips, t_cpu, None if in_noise is None
+                                                                  else self._to_device(in_noise[lo:hi]), lat.shape))
         if self.loss_hook is not None:
             loss = self.loss_hook(self.pos["step"] + 1, loss)
         if loss.requires_grad:  # a non-finite loss makes non-finite gradients: caught by the step, not applied
@@ -751,7 +759,9 @@ class Trainer:
                 self.nan_stop = self.stopped = True
             return None
         step_lr = float(optimizer.param_groups[0]["lr"])  # the lr this update uses (before the schedule moves)
+        self.last_lrs, self.last_grad_norm = [float(g["lr"]) for g in optimizer.param_groups], norm_v  # tracking
         optimizer.step()
+        kohya_extras.after_optimizer_step(self)  # EMA
         self.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return step_loss, step_lr
@@ -938,7 +948,7 @@ class Trainer:
         checkpoint with a warning before it."""
         if not self.accelerator.is_main_process:
             return True
-        lw = lora_mod.extract(self.model)
+        lw = kohya_extras.extract_for_save(self)  # the EMA copy when ema_decay is set
         for (_, _), (d, u, _) in lw.modules.items():
             if not (torch.isfinite(d).all() and torch.isfinite(u).all()):
                 raise FloatingPointError(f"non-finite LoRA weights at step {step}; nothing written to {path}. "
