@@ -12,13 +12,14 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import PRECISIONS, ConfigError, TrainConfig  # noqa: F401  (PRECISIONS: the tab's choices)
-from . import jobs
+from . import advanced, jobs
 
 # ----------------------------------------------------------------------------- settings fields
 #: the Settings fields of the tab, in the order the handlers receive them: (key, default)
 SETTING_KEYS = ["base_model", "model_type", "output_name", "learning_rate", "lora_rank", "lora_alpha", "batch_size",
                 "gradient_accumulation_steps", "epochs", "max_train_steps", "lr_scheduler", "lr_warmup_steps",
                 "optimizer", "resolution", "train_text_encoder", "mixed_precision", "seed", "save_every_n_epochs"]
+SETTING_KEYS += advanced.TAB_KEYS  # Advanced (kohya options) and the loaded kohya config (ui/advanced.py)
 MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl")
 TASKS = ("style", "character", "face", "object", "concept", "other")
 #: suggestion keys the tab has a field for
@@ -103,7 +104,8 @@ def default_settings(host) -> Dict[str, Any]:
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "epochs": cfg.epochs,
             "max_train_steps": 0, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps,
             "optimizer": cfg.optimizer, "resolution": 64 if tiny else 512, "train_text_encoder": False,
-            "mixed_precision": "no", "seed": cfg.seed, "save_every_n_epochs": cfg.save_every_n_epochs}
+            "mixed_precision": "no", "seed": cfg.seed, "save_every_n_epochs": cfg.save_every_n_epochs,
+            **advanced.default_values()}
 
 
 def _loaded_path(host) -> str:
@@ -333,6 +335,10 @@ def build_config(host, values: Dict[str, Any], folder: str, trigger: str, name_o
              train_text_encoder=bool(values.get("train_text_encoder")),
              mixed_precision=values.get("mixed_precision") or "no", seed=_int(values.get("seed") or 0, "seed", 0),
              save_every_n_epochs=_int(values.get("save_every_n_epochs") or 0, "save every N epochs", 0))
+    try:
+        d = {**advanced.kohya_base(values), **d, **advanced.config_values(values)}  # kohya file, then the fields
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     try:
         cfg = TrainConfig.from_dict(d)
     except ConfigError as exc:
