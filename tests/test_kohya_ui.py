@@ -57,3 +57,20 @@ def test_tab_has_the_advanced_section(tmp_path):
     by_key = dict(zip(logic.SETTING_KEYS, out))
     val = by_key["lora_rank"]
     assert (val.get("value") if isinstance(val, dict) else getattr(val, "value", val)) == 16
+
+
+def test_node_config_merges_file_dataset_and_widgets():
+    from lora_train.config import TrainConfig
+    from lora_train.kohya.toml_config import node_config
+
+    node_kw = dict(train_data_dir="/d", output_name="n", lora_rank=4, learning_rate=1e-3)
+    ds_base = {"shuffle_caption": True, "keep_tokens": 1, "caption_tag_dropout_rate": 0.1}
+    opts = dict(kohya_config=os.path.join(CORPUS, "sd_trainer_lora.toml"), clip_skip=0, max_token_length="75",
+                shuffle_caption=False, keep_tokens=0, loss_type="huber", ema_decay=0.0, network_weights="")
+    cfg = TrainConfig.from_dict(node_config(node_kw, ds_base, opts))
+    assert (cfg.train_data_dir, cfg.output_name, cfg.lora_rank, cfg.learning_rate) == ("/d", "n", 4, 1e-3)  # widgets
+    assert cfg.clip_skip == 2 and cfg.max_token_length == 225 and cfg.min_snr_gamma == 5.0  # from the file
+    assert cfg.shuffle_caption is True and cfg.keep_tokens == 1  # file / dataset; widgets at default do not reset
+    assert cfg.caption_tag_dropout_rate == 0.1 and cfg.loss_type == "huber"  # a widget off its default wins
+    cfg = TrainConfig.from_dict(node_config(node_kw, {}, dict(clip_skip=2, max_token_length="150")))
+    assert (cfg.clip_skip, cfg.max_token_length) == (2, 150)

@@ -661,3 +661,37 @@ def export_config(config_path: str, out_path: Optional[str] = None) -> str:
     return text
 
 
+
+
+# ------------------------------------------------------------------------------------------------ front doors
+#: keys a front door decides itself (its folder, run name and folder), never taken from a loaded kohya file
+FRONT_DOOR_OWNED = ("train_data_dir", "output_dir", "output_name", "overwrite")
+
+
+def base_from_file(path: str) -> Dict[str, Any]:
+    """Our keys a kohya file maps to, minus FRONT_DOOR_OWNED: the base a tab / node config starts from."""
+    data = load_kohya(path).data
+    return {k: v for k, v in data.items() if k not in FRONT_DOOR_OWNED}
+
+
+def node_config(node_kw: Dict[str, Any], dataset_base: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
+    """A ComfyUI Train node's config: the Dataset node's kohya keys, then its own kohya_config file, then the node's
+    widgets (`node_kw`), then the node's optional kohya widgets that are not at their default (0 / empty = take
+    it from the file, or off)."""
+    options = dict(options)
+    path = str(options.pop("kohya_config", "") or "").strip()
+    d = dict(dataset_base or {})
+    if path:
+        d.update(base_from_file(path))
+    d.update(node_kw)
+    defaults = TrainConfig()
+    for k, v in options.items():
+        if k not in TrainConfig.keys() or v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        if k == "clip_skip":
+            if int(v) > 1:
+                d[k] = int(v)
+            continue
+        if str(v) != str(getattr(defaults, k)):
+            d[k] = v
+    return d

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, ConfigError, TrainConfig
-from ..kohya.toml_config import load_kohya
+from ..kohya.toml_config import FRONT_DOOR_OWNED, base_from_file, load_kohya
 
 #: (key, kind, label, choices): kind number | int | bool | text | choice
 FIELDS: List[Tuple[str, str, str, Sequence[str]]] = [
@@ -46,8 +46,7 @@ FIELDS: List[Tuple[str, str, str, Sequence[str]]] = [
 KEYS = [f[0] for f in FIELDS]
 #: the tab's setting keys this module adds (the hidden kohya file path first)
 TAB_KEYS = ["kohya_config"] + KEYS
-#: keys the tab itself decides (folder, run name and folder), never taken from a loaded file
-TAB_OWNED = ("train_data_dir", "output_dir", "output_name", "overwrite")
+TAB_OWNED = FRONT_DOOR_OWNED  # the tab decides its folder, run name and run folder
 
 
 def default_values() -> Dict[str, Any]:
@@ -99,10 +98,9 @@ def kohya_base(values: Dict[str, Any]) -> Dict[str, Any]:
     if not path:
         return {}
     try:
-        data = load_kohya(path).data
+        return base_from_file(path)
     except ConfigError as exc:
         raise ValueError(f"kohya config '{path}': {exc}") from None
-    return {k: v for k, v in data.items() if k not in TAB_OWNED}
 
 
 def load_for_tab(path: str, setting_keys: Sequence[str]) -> Tuple[Dict[str, Any], Optional[str], str]:
