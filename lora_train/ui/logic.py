@@ -25,7 +25,7 @@ TASKS = ("style", "character", "face", "object", "concept", "other")
 #: suggestion keys the tab has a field for
 SUGGEST_FIELDS = ("learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps", "epochs",
                   "lr_scheduler", "lr_warmup_steps", "resolution", "train_text_encoder", "mixed_precision",
-                  "save_every_n_epochs")
+                  "save_every_n_epochs", "clip_skip", "shuffle_caption", "keep_tokens")
 #: the tab's VRAM field, as the advisor's note names it
 VRAM_FIELD = "the 'VRAM GB for the advice' field (Settings)"
 
@@ -275,7 +275,8 @@ def suggest_settings(host, folder: str, task: str, model_type: str, base_value: 
         vram = _float(vram_gb, "VRAM (GB)")
     accum = _int(accumulation or 1, "gradient accumulation", 1)
     s = suggest(images, task=task, base=kind, vram_gb=vram, gradient_accumulation_steps=accum,
-                resolution=res, samples_per_epoch=samples, vram_field=VRAM_FIELD)
+                resolution=res, samples_per_epoch=samples, vram_field=VRAM_FIELD,
+                model_name=os.path.basename(str(base_value or _loaded_path(host) or "")))
     values = {k: s.value(k) for k in SUGGEST_FIELDS if k in s.settings}
     if tiny:
         values["resolution"] = 64
