@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import tomlkit
 
 try:
-    import tomllib  # Python 3.11+
+    import tomllib  # novermin  (Python 3.11+; 3.10 uses tomli below)
 except ImportError:  # Python 3.10: the same parser, as the tomli package (requirements.txt)
     import tomli as tomllib
 
