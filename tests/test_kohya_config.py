@@ -165,3 +165,8 @@ def test_cli_dry_run_and_export(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lora_train", "train", corpus("lycoris.toml"), "--dry-run"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and "lycoris.kohya" in r.stderr
+
+
+def test_kohya_ss_gui_toml_maps_like_its_json():
+    a, b = load_kohya(corpus("kohya_ss_gui.toml")), load_kohya(corpus("kohya_ss_gui.json"))
+    assert a.config.to_dict() == b.config.to_dict() and a.warnings == b.warnings
