@@ -1,5 +1,6 @@
 """The kohya training options on the tiny model: loss types and Huber schedule, masked loss, noise options, reg images
 at kohya's ratio with prior_loss_weight, network_weights, block-wise lr and dims, EMA (saved, resumed), TensorBoard."""
+import json
 import math
 import os
 
@@ -209,7 +210,7 @@ def test_reg_images_drawn_at_kohya_ratio_and_weighted(data, tmp_path):
     assert len(regs) == 3 and sum(ds.items[i].repeats for i in regs) == 8  # as many reg samples as training ones
     assert not set(regs) & set(tr.val_idx)  # reg images are never validation images
     assert all(ds.items[i].caption == "shape" for i in regs)  # no caption files: the class of 1_shape
-    assert tr.sampler is not None and tr.batches_per_epoch == math.ceil((6 + 8) / 2)
+    assert tr.batches_per_epoch == math.ceil((8 - len(tr.val_idx) + 8) / 2)  # training + reg samples
     from lora_train.training import kohya_extras
 
     t = torch.tensor([10, 10])
@@ -217,6 +218,8 @@ def test_reg_images_drawn_at_kohya_ratio_and_weighted(data, tmp_path):
     assert w.tolist() == [1.0, 0.25]
     meta = tr.metadata(1, 1)
     assert meta["ss_num_reg_images"] == "3" and meta["ss_prior_loss_weight"] == "0.25"
+    assert meta["ss_num_train_images"] == str(8 - len(tr.val_idx))  # validation images out; reg samples apart
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"shape": {"n_repeats": 3, "img_count": 3}}
     # the weight scales each sample's loss
     m = tr.model
     g = torch.Generator().manual_seed(0)

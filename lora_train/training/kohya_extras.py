@@ -58,6 +58,11 @@ def metadata(cfg, trainer) -> Dict[str, str]:
         "ss_multires_noise_discount": f"{cfg.multires_noise_discount:g}",
         "ss_ip_noise_gamma": _num(cfg.ip_noise_gamma),
     }
+    ds = getattr(trainer, "dataset", None)
+    if reg and ds is not None:  # kohya counts training and reg samples apart
+        train_idx = set(getattr(trainer, "train_idx", range(len(ds.items))))
+        meta["ss_num_train_images"] = str(sum(it.repeats for i, it in enumerate(ds.items)
+                                              if not it.is_reg and i in train_idx))
     if cfg.keep_tokens_separator:
         meta["ss_keep_tokens_separator"] = cfg.keep_tokens_separator
     args = network_args(cfg)
