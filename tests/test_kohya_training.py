@@ -357,3 +357,34 @@ def test_tensorboard_events_readable_by_tensorboard(data, tmp_path):
     assert [e.step for e in cur] == list(range(1, res.steps + 1))
     assert [e.value for e in cur] == pytest.approx(res.losses, rel=1e-6)
     assert acc.Scalars("lr/te")[-1].value == pytest.approx(tr.last_lrs[1])
+
+
+def test_wandb_logging_through_its_api(data, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, values, step=None):
+            calls["log"].append((step, dict(values)))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kw):
+        calls["init"].append(kw)
+        return Run()
+
+    import importlib.machinery
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init, fake.Image = init, (lambda arr: ("image", arr.shape))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = small_cfg(data, tmp_path / "o", max_train_steps=2, log_with="wandb", log_prefix="proj")
+    tr, res = _run(cfg)
+    assert calls["init"][0]["project"] == "proj" and calls["init"][0]["config"]["log_with"] == "wandb"
+    steps = [s for s, v in calls["log"] if "loss/current" in v]
+    assert steps == [1, 2] and calls["finish"] == 1
+    assert not os.path.isdir(tmp_path / "o" / "logs" / "events")  # no TensorBoard writer for log_with wandb
