@@ -120,3 +120,28 @@ def test_training_with_clip_skip_long_captions_and_shuffle(demo_data, tmp_path):
     meta = tr.metadata(1, 2)
     assert meta["ss_clip_skip"] == "2" and meta["ss_max_token_length"] == "150"
     assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "1"
+
+
+def test_training_samples_use_the_trained_text_conditioning(demo_data, tmp_path, monkeypatch):
+    from lora_train import sampler
+    from lora_train.training.trainer import Trainer
+
+    seen = []
+    real = sampler.run_pipeline
+
+    def spy(pipe, p, prompt_text=None, **kw):
+        seen.append(kw)
+        return real(pipe, p, prompt_text, **kw)
+
+    monkeypatch.setattr(sampler, "run_pipeline", spy)
+    cfg = small_cfg(demo_data, tmp_path / "o", clip_skip=2, max_token_length=150, max_train_steps=1,
+                    sample_every_n_steps=1, sample_prompts=["lrtdemo"], sample_steps=1)
+    tr = Trainer(cfg)
+    tr.run()
+    assert len(seen) == 2  # base and LoRA row of the one prompt
+    for kw in seen:
+        assert kw["prompt_embeds"].shape == kw["negative_prompt_embeds"].shape == (1, 154, 32)
+    text_chunks.configure(tr.model, 2, 150)
+    with torch.no_grad():
+        want = conditioning.encode(tr.model, ["lrtdemo"])
+    assert torch.allclose(seen[0]["prompt_embeds"], want, atol=1e-6)

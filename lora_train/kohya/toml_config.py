@@ -22,13 +22,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import tomlkit
-
-try:
-    import tomllib  # novermin  (Python 3.11+; 3.10 uses tomli below)
-except ImportError:  # Python 3.10: the same parser, as the tomli package (requirements.txt)
-    import tomli as tomllib
-
 from ..config import OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig
 from ..data.folder import REPEAT_RE
 from ..io_utils import atomic_write_text
@@ -103,6 +96,20 @@ DATASET_KEYS = {"resolution": "resolution", "batch_size": "batch_size", "enable_
 
 
 # ------------------------------------------------------------------------------------------------ reading files
+def _toml_parser():
+    """tomllib (Python 3.11+) or tomli (3.10): imported when a TOML is read, so that a host without tomli (a
+    WebUI on Python 3.10) loads the trainer and only a kohya TOML needs it."""
+    try:
+        import tomllib  # novermin  (Python 3.11+; 3.10 uses tomli below)
+    except ImportError:
+        try:
+            import tomli as tomllib  # Python 3.10: the same parser as a package (requirements.txt)
+        except ImportError:
+            raise KohyaConfigError("config", "reading a kohya .toml on Python 3.10 needs the 'tomli' package: "
+                                   "`pip install tomli` (or give a kohya_ss .json).") from None
+    return tomllib
+
+
 def read_file(path: str) -> Dict[str, Any]:
     """A kohya .toml or kohya_ss .json as a dict (with a clear error for bad syntax)."""
     if not os.path.isfile(path):
@@ -114,6 +121,7 @@ def read_file(path: str) -> Dict[str, Any]:
             except json.JSONDecodeError as exc:
                 raise KohyaConfigError("config", f"'{path}' is not valid JSON: {exc}") from exc
     else:
+        tomllib = _toml_parser()
         with open(path, "rb") as fh:
             try:
                 data = tomllib.load(fh)
@@ -638,6 +646,11 @@ def to_kohya_dict(cfg: TrainConfig) -> Dict[str, Dict[str, Any]]:
 
 
 def to_kohya_toml(cfg: TrainConfig) -> str:
+    try:
+        import tomlkit  # optional: only export-config writes TOML (requirements.txt); hosts may lack it
+    except ImportError:
+        raise KohyaConfigError("export", "writing a kohya TOML needs the 'tomlkit' package: `pip install "
+                               "tomlkit`.") from None
     doc = tomlkit.document()
     doc.add(tomlkit.comment("kohya sd-scripts training arguments (train_network.py --config_file), written by "
                             "lora_train export-config --kohya"))
