@@ -388,3 +388,23 @@ def test_wandb_logging_through_its_api(data, tmp_path, monkeypatch):
     steps = [s for s, v in calls["log"] if "loss/current" in v]
     assert steps == [1, 2] and calls["finish"] == 1
     assert not os.path.isdir(tmp_path / "o" / "logs" / "events")  # no TensorBoard writer for log_with wandb
+
+
+def test_sdxl_block_weights_and_long_captions(data, tmp_path):
+    from lora_train.models.tiny import build_tiny_sdxl
+
+    cfg = small_cfg(data, tmp_path / "o", max_train_steps=1, learning_rate=1e-3, down_lr_weight="0,0,0,1,1,1,1,1,1",
+                    up_lr_weight="sine", max_token_length=150)
+    tr = Trainer(cfg, model=build_tiny_sdxl())
+    tr.run()
+    lrw = blocks.lr_weights(True, "0,0,0,1,1,1,1,1,1", "", "sine", 0.0)
+    assert len(lrw) == 23
+    found = set()
+    for path, layer in L.lora_layers(tr.model.unet):
+        b = blocks.block_index(L.kohya_name("unet", path, "sdxl"), True)
+        assert b not in (1, 2, 3), path  # lr weight 0: no module (SGM input_blocks 0-2)
+        p = layer.lora_A[L.DEFAULT_ADAPTER].weight
+        group = next(g for g in tr.optimizer.param_groups if any(q is p for q in g["params"]))
+        assert group["initial_lr"] == pytest.approx(1e-3 * lrw[b])
+        found.add(b)
+    assert any(13 <= b <= 21 for b in found) and any(10 <= b <= 12 for b in found)
