@@ -57,6 +57,11 @@ def test_tab_has_the_advanced_section(tmp_path):
     by_key = dict(zip(logic.SETTING_KEYS, out))
     val = by_key["lora_rank"]
     assert (val.get("value") if isinstance(val, dict) else getattr(val, "value", val)) == 16
+    up = _fn(blocks, "do_upload_kohya")(os.path.join(CORPUS, "kohya_ss_gui.json"))  # a dropped file: its path
+    assert len(up) == len(logic.SETTING_KEYS) + 3
+    last = up[-1]
+    assert (last.get("value") if isinstance(last, dict) else getattr(last, "value", last)).endswith(".json")
+    assert "lora_train_kohya_file" in ids
 
 
 def test_node_config_merges_file_dataset_and_widgets():

@@ -19,6 +19,8 @@ def layout(c) -> None:
             path = make(gr.Textbox, value="", label="Load kohya config (.toml / kohya_ss .json path)",
                         elem_id="lora_train_kohya_path")
             load_btn = make(gr.Button, "Load kohya config", elem_id="lora_train_kohya_load")
+            upload = make(gr.File, label="... or drop the file here", file_types=[".toml", ".json"],
+                          elem_id="lora_train_kohya_file")
         msg = make(gr.Markdown, "", elem_id="lora_train_kohya_msg")
         S["kohya_config"] = make(gr.Textbox, value="", visible=False, elem_id="lora_train_kohya_config")
         fields = list(advanced.FIELDS)
@@ -35,7 +37,7 @@ def layout(c) -> None:
                                       elem_id=eid)
                     else:
                         S[key] = make(gr.Textbox, value=d[key], label=label, elem_id=eid)
-    keep(c, {"kohya_path": path, "kohya_load": load_btn, "kohya_msg": msg})
+    keep(c, {"kohya_path": path, "kohya_load": load_btn, "kohya_msg": msg, "kohya_file": upload})
 
 
 def wire(c, blocks) -> None:
@@ -51,3 +53,12 @@ def wire(c, blocks) -> None:
             update(value=folder) if folder else update(), md)
 
     on(c.kohya_load.click, do_load_kohya, [c.kohya_path], outputs)
+
+    def do_upload_kohya(f):
+        # gradio 4+ gives the uploaded file's path, gradio 3.41 a tempfile wrapper with .name; None when cleared
+        path = getattr(f, "name", f) if f is not None else ""
+        if not path:
+            return (update(),) * (len(keys) + 3)
+        return do_load_kohya(str(path)) + (update(value=str(path)),)
+
+    on(c.kohya_file.change, do_upload_kohya, [c.kohya_file], outputs + [c.kohya_path])
