@@ -136,6 +136,38 @@ class TrainConfig:
     apply_t5_attn_mask: bool = False
     fp8_base: bool = False  # frozen transformer Linear weights stored as float8_e4m3fn (LoRA stays fp32)
     blocks_to_swap: int = 0  # the last N transformer blocks' frozen weights live in CPU memory, moved in turn
+    # kohya options (issue 18), with kohya's names and meanings; logic in lora_train/kohya/
+    clip_skip: Optional[int] = None  # SD1/SD2: hidden state of layer -clip_skip + final layer norm (2 for anime SD1.5)
+    max_token_length: int = 75  # 75 / 150 / 225: captions in 75-token chunks, each with BOS/EOS (as the WebUIs)
+    shuffle_caption: bool = False
+    keep_tokens: int = 0  # shuffle_caption / tag dropout keep the first N comma-separated tags
+    keep_tokens_separator: str = ""  # e.g. "|||": the tags before it are kept (instead of keep_tokens)
+    caption_tag_dropout_rate: float = 0.0
+    num_repeats: int = 1  # repeats of the images directly in train_data_dir (kohya N_name subfolders keep their N)
+    reg_data_dir: str = ""  # regularization images (kohya N_class folders), repeated to the train count
+    prior_loss_weight: float = 1.0
+    masked_loss: bool = False  # weight the loss per latent pixel by a mask (alpha_mask or mask_dir)
+    alpha_mask: bool = False  # the mask is the image's alpha channel
+    mask_dir: str = ""  # a folder of same-name grayscale masks (white = trained); kohya's conditioning_data_dir
+    loss_type: str = "l2"  # l1 | l2 | huber | smooth_l1
+    huber_schedule: str = "snr"  # constant | exponential | snr
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    network_weights: str = ""  # start from this LoRA file (ours or kohya's layout)
+    dim_from_weights: bool = False  # take the rank (and alpha) from network_weights
+    down_lr_weight: str = ""  # block-wise lr factors: 12 (SD1) / 9 (SDXL) numbers "a,b,..." or a preset "sine+.5"
+    mid_lr_weight: str = ""
+    up_lr_weight: str = ""
+    block_lr_zero_threshold: float = 0.0
+    block_dims: str = ""  # rank per block: 25 numbers (SD1) / 23 (SDXL), 0 = no LoRA in that block
+    block_alphas: str = ""
+    ema_decay: float = 0.0  # EMA of the LoRA weights (e.g. 0.999; 0: off); the saved files are the EMA copy
+    log_with: str = ""  # tensorboard | wandb | all | "" (off)
+    logging_dir: str = ""  # default <output_dir>/logs
+    log_prefix: str = ""
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -321,6 +353,7 @@ class TrainConfig:
              "an integer 0..100", "0 keeps every block on the GPU; 8-20 for Flux on 10-12 GB cards.")
         need(isinstance(self.base_model, str) and self.base_model.strip() != "", "base_model",
              "'tiny', a diffusers folder or a checkpoint file", "Point it at your model.")
+        validate_kohya_options(self, need)
         return self
 
 
@@ -349,6 +382,52 @@ def _network_checks(cfg: "TrainConfig", need) -> None:
         need(isinstance(cfg.loraplus_lr_ratio, (int, float)) and math.isfinite(cfg.loraplus_lr_ratio)
              and 0 < cfg.loraplus_lr_ratio <= 1000, "loraplus_lr_ratio", "a number in (0, 1000] or empty",
              "16 is the LoRA+ paper's value; leave it empty to train every matrix at the same lr.")
+LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+LOG_WITH = ("", "tensorboard", "wandb", "all")
+
+
+def validate_kohya_options(cfg: "TrainConfig", need) -> None:
+    """The kohya options' ranges (issue 18); block-wise lists are checked where the model kind is known."""
+    if cfg.clip_skip is not None:
+        need(isinstance(cfg.clip_skip, int) and 1 <= cfg.clip_skip <= 12, "clip_skip", "an integer 1..12 or empty",
+             "Use 2 for anime SD1.5 models (NovelAI-derived), else leave it empty (= 1).")
+    need(cfg.max_token_length in (75, 150, 225), "max_token_length", "75, 150 or 225",
+         "Use 225 for long tag captions, else 75.")
+    need(isinstance(cfg.num_repeats, int) and 1 <= cfg.num_repeats <= 10000, "num_repeats", "an integer >= 1",
+         "kohya's usual 10 for 10-20 images, 1 for a few hundred.")
+    need(isinstance(cfg.keep_tokens, int) and 0 <= cfg.keep_tokens <= 1000, "keep_tokens", "an integer >= 0",
+         "Use 1 to keep the trigger word first while shuffling.")
+    for k in ("caption_tag_dropout_rate",):
+        need(isinstance(getattr(cfg, k), (int, float)) and 0 <= getattr(cfg, k) < 1, k, "a number in [0, 1)",
+             "0.1 drops one tag in ten; 0 turns it off.")
+    need(isinstance(cfg.prior_loss_weight, (int, float)) and 0 <= cfg.prior_loss_weight <= 100, "prior_loss_weight",
+         "a number in [0, 100]", "1.0 is kohya's default.")
+    need(cfg.loss_type in LOSS_TYPES, "loss_type", ", ".join(LOSS_TYPES), "l2 is the usual loss; huber is robust "
+         "to outliers.")
+    need(cfg.huber_schedule in HUBER_SCHEDULES, "huber_schedule", ", ".join(HUBER_SCHEDULES), "snr is kohya's default.")
+    need(isinstance(cfg.huber_c, (int, float)) and 0 < cfg.huber_c <= 10, "huber_c", "a number in (0, 10]",
+         "0.1 is kohya's default.")
+    need(isinstance(cfg.huber_scale, (int, float)) and 0 < cfg.huber_scale <= 100, "huber_scale", "a number in (0, 100]",
+         "1.0 is kohya's default.")
+    need(isinstance(cfg.multires_noise_iterations, int) and 0 <= cfg.multires_noise_iterations <= 20,
+         "multires_noise_iterations", "an integer 0..20 (0: off)", "6-10 is usual.")
+    need(isinstance(cfg.multires_noise_discount, (int, float)) and 0 <= cfg.multires_noise_discount <= 1,
+         "multires_noise_discount", "a number in [0, 1]", "0.3 is kohya's default; 0.1 is common.")
+    need(isinstance(cfg.ip_noise_gamma, (int, float)) and 0 <= cfg.ip_noise_gamma <= 1, "ip_noise_gamma",
+         "a number in [0, 1]", "0.1 is the published value; 0 turns it off.")
+    need(isinstance(cfg.block_lr_zero_threshold, (int, float)) and 0 <= cfg.block_lr_zero_threshold <= 1,
+         "block_lr_zero_threshold", "a number in [0, 1]", "0 keeps every block.")
+    need(isinstance(cfg.ema_decay, (int, float)) and (cfg.ema_decay == 0 or 0.5 <= cfg.ema_decay < 1), "ema_decay",
+         "0 (off) or a number in [0.5, 1)", "0.999 is usual for long runs, 0.99 for short ones.")
+    need(cfg.log_with in LOG_WITH, "log_with", "tensorboard, wandb, all or empty", "Use tensorboard.")
+    need(not cfg.masked_loss or cfg.alpha_mask or bool(cfg.mask_dir), "masked_loss",
+         "masked_loss with alpha_mask: true or a mask_dir", "Set alpha_mask: true (the images' alpha channel) or "
+         "mask_dir to a folder of same-name grayscale masks.")
+    need(not cfg.dim_from_weights or bool(cfg.network_weights), "dim_from_weights",
+         "true only with network_weights", "Set network_weights to the LoRA file to start from.")
+    need(bool(cfg.block_dims) or not cfg.block_alphas, "block_alphas", "block_alphas only with block_dims",
+         "Give block_dims too (one rank per block).")
 
 
 def unknown_key_message(key: str, valid: List[str]) -> str:

@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageDraw
@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 from .networks import delta as delta_mod
 from .networks import lora as lora_mod
-from .models import flow
+from .models import conditioning, flow, text_chunks
 from .models.base import BaseModel
 from .plots import _font
 from .prompt import LoraLibrary, LoraTag, parse_prompt, with_strength
@@ -121,12 +121,13 @@ def make_pipeline(model: BaseModel, sampler: str = "DDIM"):
 
 
 @torch.no_grad()
-def run_pipeline(pipe, p: GenParams, prompt_text: Optional[str] = None) -> Image.Image:
+def run_pipeline(pipe, p: GenParams, prompt_text: Optional[str] = None, **pipe_kwargs: Any) -> Image.Image:
     gen = torch.Generator(device="cpu").manual_seed(int(p.seed))
-    out = pipe(prompt=prompt_text if prompt_text is not None else p.prompt,
-               negative_prompt=p.negative_prompt or None, num_inference_steps=p.steps,
+    embeds = "prompt_embeds" in pipe_kwargs  # text conditioning given (kohya clip_skip / long prompts)
+    out = pipe(prompt=None if embeds else prompt_text if prompt_text is not None else p.prompt,
+               negative_prompt=None if embeds else p.negative_prompt or None, num_inference_steps=p.steps,
                guidance_scale=p.cfg_scale, width=p.width, height=p.height, generator=gen, output_type="pil",
-               **getattr(pipe, "_lora_train_call_kwargs", {}))
+               **{**getattr(pipe, "_lora_train_call_kwargs", {}), **pipe_kwargs})
     return out.images[0]
 
 
@@ -355,6 +356,8 @@ def sample_in_training(model: BaseModel, adapter: str, prompts: Sequence[str], s
     pipe = make_pipeline(model)
     mods = [model.unet] + list(model.text_encoders)
     rows, labels = [], []
+    # kohya clip_skip / long prompts (models/text_chunks.py): SD1/SD2 samples get the trained text conditioning
+    own_text = text_chunks.active(model) and model.text_encoder_2 is None
     was_training = model.unet.training
     model.unet.eval()
     try:
@@ -368,7 +371,12 @@ def sample_in_training(model: BaseModel, adapter: str, prompts: Sequence[str], s
                     delta_mod.set_active(m, [adapter] if w else [])
                 p = GenParams(prompt=text, negative_prompt=negative, seed=seed, steps=steps, cfg_scale=cfg_scale,
                               width=size, height=size)
-                row.append(run_pipeline(pipe, p))
+                pipe_kwargs = {}
+                if own_text:
+                    dev = next(model.unet.parameters()).device
+                    pipe_kwargs = {"prompt_embeds": conditioning.encode(model, [text], dev),
+                                   "negative_prompt_embeds": conditioning.encode(model, [negative or ""], dev)}
+                row.append(run_pipeline(pipe, p, **pipe_kwargs))
             rows.append(row)
             labels.append(text[:40])
     finally:

@@ -106,6 +106,7 @@ class DatasetRef:
     captions: Dict[str, str] = field(default_factory=dict)
     image_count: int = 0
     fingerprint: str = ""
+    kohya: Dict[str, Any] = field(default_factory=dict)  # config keys from a kohya dataset/training TOML
 
     def load(self):
         from lora_train.data.dataset import _with_trigger, load_dataset
@@ -144,6 +145,10 @@ class LoraTrainDatasetFromFolder:
             "repeats": ("INT", {"default": 1, "min": 1, "max": 100,
                                 "tooltip": "How many times each image is seen per epoch (multiplies the N of kohya "
                                            "N_name subfolders)."}),
+        }, "optional": {
+            "kohya_config": ("STRING", {"default": "", "tooltip": "Optional kohya dataset_config / training TOML "
+                                        "(or kohya_ss .json): an empty folder, trigger word and repeats 1 are taken "
+                                        "from it, and its caption / reg / loss options go to the Train node."}),
         }}
 
     RETURN_TYPES = (DATASET_TYPE, "STRING")
@@ -165,17 +170,28 @@ class LoraTrainDatasetFromFolder:
         return os.path.abspath(folder)
 
     @classmethod
-    def IS_CHANGED(cls, folder="", trigger_word="", resolution=512, repeats=1, **_):
+    def IS_CHANGED(cls, folder="", trigger_word="", resolution=512, repeats=1, kohya_config="", **_):
         try:
             path = cls.resolve_folder(folder)
         except Exception:  # noqa: BLE001 - validation reports it
             path = str(folder)
-        return _values_hash(fp=folder_fingerprint(path), t=trigger_word, r=resolution, n=repeats)
+        return _values_hash(fp=folder_fingerprint(path), t=trigger_word, r=resolution, n=repeats, k=kohya_config)
 
-    def load(self, folder, trigger_word, resolution, repeats):
+    def load(self, folder, trigger_word, resolution, repeats, kohya_config=""):
+        kohya: Dict[str, Any] = {}
+        if str(kohya_config or "").strip():  # kohya TOML: fills what the widgets leave empty
+            from lora_train.kohya.toml_config import load_kohya
+
+            imp = load_kohya(str(kohya_config).strip())
+            kohya = {k: v for k, v in imp.data.items() if k not in ("train_data_dir", "output_dir", "output_name")}
+            folder = folder if str(folder or "").strip() else imp.config.train_data_dir
+            trigger_word = trigger_word if str(trigger_word or "").strip() else imp.config.trigger_word
+            repeats = repeats if int(repeats) != 1 else kohya.pop("num_repeats", 1)
+            for w in imp.warnings:
+                log.warning("lora_train: %s", w)
         path = self.resolve_folder(folder)
         ref = DatasetRef(folder=path, resolution=int(resolution), trigger_word=str(trigger_word or "").strip(),
-                         repeats=int(repeats), fingerprint=folder_fingerprint(path))
+                         repeats=int(repeats), fingerprint=folder_fingerprint(path), kohya=kohya)
         ds = ref.load()
         ref.image_count = ds.image_count
         summary = (f"{ds.image_count} images, {len(ds)} samples per epoch (repeats applied), "
@@ -340,6 +356,28 @@ NETWORK_INPUTS = {
                                  "tooltip": "loha / lokr / dora: skip a module while training."}),
     "loraplus_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 1.0,
                                     "tooltip": "LoRA+: the up/B matrices train at ratio x lr (e.g. 16); 0: off."}),
+#: the Train node's optional kohya options (kohya names; 0 / empty = from kohya_config, or off)
+KOHYA_TRAIN_OPTIONS = {
+    "kohya_config": ("STRING", {"default": "", "tooltip": "Optional kohya training TOML (or kohya_ss .json): keys "
+                                "without a widget here (e.g. min_snr_gamma, block weights) are taken from it; the "
+                                "widgets win."}),
+    "clip_skip": ("INT", {"default": 0, "min": 0, "max": 12, "tooltip": "SD1/SD2: 2 for anime SD1.5 models (as "
+                          "kohya / the WebUI's CLIP skip); 0 or 1: off."}),
+    "max_token_length": (["75", "150", "225"], {"default": "75", "tooltip": "Long captions: 75-token chunks, "
+                                                "each with BOS/EOS, as the WebUIs encode prompts."}),
+    "shuffle_caption": ("BOOLEAN", {"default": False, "tooltip": "Shuffle the comma-separated tags every step."}),
+    "keep_tokens": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Tags kept in front when shuffling."}),
+    "caption_tag_dropout_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
+                                           "tooltip": "Drop each (not kept) tag with this probability."}),
+    "reg_data_dir": ("STRING", {"default": "", "tooltip": "Regularization images (kohya N_class folders)."}),
+    "prior_loss_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                    "tooltip": "Loss weight of the reg images."}),
+    "loss_type": (["l2", "l1", "huber", "smooth_l1"], {"default": "l2", "tooltip": "kohya loss type (huber: "
+                  "huber_schedule snr, huber_c 0.1 unless kohya_config says otherwise)."}),
+    "network_weights": ("STRING", {"default": "", "tooltip": "Start from this LoRA file (same rank, or "
+                                   "dim_from_weights in kohya_config)."}),
+    "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9999, "step": 0.0001,
+                            "tooltip": "EMA of the LoRA weights (e.g. 0.999); the saved file is the EMA copy."}),
 }
 
 
@@ -379,7 +417,7 @@ class LoraTrainTrain:
                                             "tooltip": "Also save name-00000N files every N epochs (0 = final only); "
                                                        "the sweep can compare them."}),
             "mixed_precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "auto: bf16/fp16 on CUDA, fp32 on CPU."}),
-        }, "optional": NETWORK_INPUTS, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": {**NETWORK_INPUTS, **KOHYA_TRAIN_OPTIONS}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE", "STRING")
     RETURN_NAMES = ("lora_name", "lora_path", "loss_plot", "report")
@@ -398,14 +436,18 @@ class LoraTrainTrain:
               gradient_accumulation, epochs, max_steps, lr_scheduler, warmup_steps, optimizer, train_text_encoder,
               training_seed, save_every_n_epochs, mixed_precision="auto", unique_id=None, network_type="lora",
               conv_rank=0, conv_alpha=0.0, factor=-1, full_matrix=False, dropout=0.0, rank_dropout=0.0,
-              module_dropout=0.0, loraplus_lr_ratio=0.0):
+              module_dropout=0.0, loraplus_lr_ratio=0.0, kohya_config="", clip_skip=0,
+              max_token_length="75", shuffle_caption=False, keep_tokens=0, caption_tag_dropout_rate=0.0,
+              reg_data_dir="", prior_loss_weight=1.0, loss_type="l2", network_weights="", ema_decay=0.0):
         from lora_train.config import TrainConfig
         from lora_train.plots import loss_plot
         from lora_train.run import train_for_host
 
         host = ComfyUIHost(model, clip, vae, node_id=unique_id)
         device, precision = _device_and_precision(mixed_precision)
-        cfg = TrainConfig(
+        from lora_train.kohya.toml_config import node_config
+
+        node_kw = dict(
             train_data_dir=dataset.folder, caption_extension=dataset.caption_extension,
             trigger_word=dataset.trigger_word, resolution=dataset.resolution, base_model="comfyui",
             output_name=clean_lora_name(lora_name), lora_rank=int(rank),
@@ -419,8 +461,13 @@ class LoraTrainTrain:
             conv_rank=int(conv_rank), conv_alpha=float(conv_alpha) if conv_alpha and conv_alpha > 0 else None,
             factor=int(factor), full_matrix=bool(full_matrix), dropout=float(dropout), rank_dropout=float(rank_dropout),
             module_dropout=float(module_dropout),
-            loraplus_lr_ratio=float(loraplus_lr_ratio) if loraplus_lr_ratio and loraplus_lr_ratio > 0 else None
-        ).validate()
+            loraplus_lr_ratio=float(loraplus_lr_ratio) if loraplus_lr_ratio and loraplus_lr_ratio > 0 else None)
+        kohya_options = dict(kohya_config=kohya_config, clip_skip=clip_skip, max_token_length=max_token_length,
+                             shuffle_caption=shuffle_caption, keep_tokens=keep_tokens,
+                             caption_tag_dropout_rate=caption_tag_dropout_rate, reg_data_dir=reg_data_dir,
+                             prior_loss_weight=prior_loss_weight, loss_type=loss_type,
+                             network_weights=network_weights, ema_decay=ema_decay)
+        cfg = TrainConfig.from_dict(node_config(node_kw, getattr(dataset, "kohya", {}), kohya_options))
         ds = dataset.load()
         holder: Dict[str, Any] = {}
         stopped_by_user = [False]

@@ -141,6 +141,11 @@ SLOW = {
     "test_webui_host.py": ("test_training_job_end_to_end", "test_restore_on_training_error",
                            "test_interrupt_button", "test_one_job_at_a_time", "test_host_module_imports",
                            "test_javascript", "test_base_model_from_the_loaded_weights"),
+    "test_kohya_training.py": ("test_training_", "test_reg_images_drawn", "test_network_weights", "test_block_",
+                               "test_ema_", "test_tensorboard_", "test_wandb_", "test_sdxl_block_weights"),
+    "test_kohya_text.py": ("test_training_",),
+    "test_kohya_config.py": ("test_cli_",),
+    "test_kohya_ui.py": ("test_tab_has",),
     "test_webui_tab.py": ("test_tab_builds_under_host_gradio", "test_tab_current_gradio", "test_training_job",
                           "test_host_interrupt", "test_lr_finder_holds", "test_failed_job"),
 }

@@ -52,9 +52,16 @@ def cmd_train(args, extra: List[str]) -> int:
     from ..hosts.standalone import StandaloneHost
     from ..run import train_for_host
 
+    from ..kohya.toml_config import load_any
+
     overrides = parse_overrides(extra)
-    cfg = TrainConfig.load(args.config, overrides)
-    offer = rescale_offer(TrainConfig.load(args.config), cfg, overrides)
+    cfg, notes = load_any(args.config, overrides)  # our YAML, or a kohya .toml / kohya_ss .json
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    if getattr(args, "dry_run", False):
+        print(cfg.to_yaml(), end="")
+        return 0
+    offer = rescale_offer(load_any(args.config)[0], cfg, overrides)
     if offer:
         print(offer)
     # the one train-and-publish path; the CLI keeps the name and folder the config chose (never overwritten);
@@ -167,10 +174,13 @@ def cmd_demo(args, extra: List[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_train", description="LoRA trainer for Stable Diffusion")
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a LoRA from a YAML config; any key can be overridden as --key value")
+    t = sub.add_parser("train", help="train a LoRA from a YAML config (or a kohya .toml / kohya_ss .json); any key "
+                                     "can be overridden as --key value")
     t.add_argument("config")
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a run from its last saved state (the run's output_dir, or one state/step-N folder)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resulting config (e.g. of a kohya .toml) and exit without training")
     d = sub.add_parser("demo", help="procedural images -> caption -> train the tiny model on CPU -> strength grid")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--epochs", type=int, default=40)
@@ -192,7 +202,8 @@ COMMANDS = {"train": cmd_train, "demo": cmd_demo, "tiny-model": cmd_tiny_model}
 
 # Feature modules add their own subcommands: each exposes `add_commands(subparsers) -> {name: func}`,
 # func(args, extra) -> exit code.
-EXTENSIONS = ["lora_train.cli.sample", "lora_train.cli.tuning", "lora_train.cli.caption", "lora_train.cli.ui"]
+EXTENSIONS = ["lora_train.cli.sample", "lora_train.cli.tuning", "lora_train.cli.caption", "lora_train.cli.ui",
+              "lora_train.cli.kohya"]
 
 
 def _load_extensions(sub) -> None:

@@ -57,6 +57,7 @@ class Item:
     height: int = 0
     content_hash: str = ""       # sha256 of the file bytes; "" = not computed yet
     frames: int = 1
+    is_reg: bool = False         # a regularization image (reg_data_dir; data/reg_images.py)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import flow
+from . import text_chunks
 
 Cond = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
@@ -43,6 +44,8 @@ def encode(model, captions: Sequence[str], device: Optional[torch.device] = None
     captions = list(captions)
     if flow.is_flow(model):  # Flux / SD3: {"hidden", "pooled"(, "mask")}, models/flow.py
         return flow.encode(model, captions, device)
+    if text_chunks.active(model):  # kohya clip_skip / max_token_length 150-225 (models/text_chunks.py)
+        return text_chunks.encode_with_options(model, captions, device)
     dev = device if device is not None else next(model.text_encoder.parameters()).device
     if not is_sdxl(model):
         return model.text_encoder(_tokens(model.tokenizer, captions).to(dev))[0]

@@ -50,7 +50,9 @@ def diffusion_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor,
                    unet=None, prediction_type: Optional[str] = None, min_snr_gamma: Optional[float] = None,
                    time_ids: Optional[torch.Tensor] = None, resolution: Optional[int] = None,
                    in_dtype: Optional[torch.dtype] = None, snr_timesteps: Optional[torch.Tensor] = None,
-                   autocast: Callable[[], Any] = contextlib.nullcontext, reduction: str = "mean") -> torch.Tensor:
+                   autocast: Callable[[], Any] = contextlib.nullcontext, reduction: str = "mean",
+                   input_noise: Optional[torch.Tensor] = None, elementwise: Optional[Callable] = None,
+                   mask: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Denoising loss of `model` (a BaseModel: its noise scheduler, and `unet` or model.unet for the forward).
 
     latents, noise: (N, C, H, W) on the device the UNet runs on; timesteps: (N,) there too; cond: the text
@@ -58,20 +60,31 @@ def diffusion_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor,
     size for SDXL's default time ids. prediction_type: default the model's. in_dtype: the UNet's input dtype
     (default the latents'). snr_timesteps: a CPU copy of the timesteps for the min-SNR weights (no device sync).
     autocast: a context factory for the forward (accelerate's, or torch.autocast). reduction: "mean" (a scalar),
-    or "none" (the (N,) per-sample losses, float32)."""
+    or "none" (the (N,) per-sample losses, float32).
+    kohya options (training/noise.py, training/kohya_extras.py): input_noise makes the noisy latents instead of
+    `noise` (ip_noise_gamma; the target stays `noise`); elementwise(pred, target) replaces the per-element MSE
+    (loss_type); mask (N, 1, h, w) weights the per-element loss per latent pixel (masked_loss); weights (N,) weight
+    the per-sample losses (prior_loss_weight of reg images)."""
     if flow_train.is_flow(model):  # Flux / SD3: flow matching (training/flow.py); timesteps = sigma x 1000
         return flow_train.flow_matching_loss(model, latents, cond, noise, timesteps, unet=unet, in_dtype=in_dtype,
-                                             autocast=autocast, reduction=reduction)
+                                             autocast=autocast, reduction=reduction, input_noise=input_noise,
+                                             elementwise=elementwise, mask=mask, weights=weights)
     unet = model.unet if unet is None else unet
     sched = model.noise_scheduler
     ptype = prediction_type or model.prediction_type
-    noisy = sched.add_noise(latents, noise, timesteps)
+    noisy = sched.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     target = noise if ptype == "epsilon" else sched.get_velocity(latents, noise, timesteps)
     dtype = in_dtype or latents.dtype
     with autocast():
         ehs, added = conditioning.unet_inputs(model, cond, time_ids, dtype, latents.device, resolution)
         pred = unet(noisy.to(dtype), timesteps, ehs, added_cond_kwargs=added).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    per_element = (F.mse_loss(pred.float(), target.float(), reduction="none") if elementwise is None
+                   else elementwise(pred.float(), target.float()))
+    if mask is not None:
+        per_element = per_element * mask.to(per_element.device, per_element.dtype)
+    loss = per_element.mean(dim=[1, 2, 3])
+    if weights is not None:
+        loss = loss * weights.to(loss.device, loss.dtype)
     if min_snr_gamma:
         ts = snr_timesteps if snr_timesteps is not None else timesteps
         loss = loss * min_snr_weights(sched, ts, min_snr_gamma, ptype).to(loss.device)

@@ -21,18 +21,21 @@ import torch
 from .. import __version__
 from ..config import TrainConfig
 from ..data.buckets import BucketBatchSampler
+from ..data import caption_aug
 from ..data.cache import CachingStopped, LatentCache, TextEmbeddingCache, module_identity
 from ..data.dataset import ImageDataset, load_dataset
 from ..io_utils import atomic_write_text, follow_umask, next_free_name, save_image
 from ..models import conditioning
 from ..models.base import BaseModel
 from ..models.loading import load_base_model
+from ..models import text_chunks
 from ..networks import lora as lora_mod
 from ..networks import network
 from ..plots import loss_plot
 from ..sampler import sample_in_training
 from ..tuning.advisor import Diagnoser
 from . import flow as flow_train
+from . import kohya_extras
 from . import loss as loss_mod
 from .memory import BlockSwap, apply_fp8_base
 from .events import TrainEvent
@@ -233,6 +236,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.dataset is None:
             self.dataset = load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word, cfg.caption_extension)
+        kohya_extras.after_dataset(self)  # num_repeats, reg images (reg_data_dir)
         for w in self.dataset.warnings:
             self.emit("warning", message=w)
         if self.model is None:
@@ -247,6 +251,8 @@ class Trainer:
                 self.emit("warning", message="min_snr_gamma does not apply to flow matching (Flux / SD3) and is "
                                              "ignored; weighting_scheme (logit_normal, sigma_sqrt, cosmap) is the "
                                              "flow-matching weighting.")
+        for w in text_chunks.configure(self.model, cfg.clip_skip, cfg.max_token_length):  # kohya text options
+            self.emit("warning", message=w)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
     def _seed_all(self, seed: int) -> torch.Generator:
@@ -295,6 +301,7 @@ class Trainer:
         caps = sorted({it.caption for it in self.dataset.items} | set(extra))
         if getattr(self, "_te_id", None) is None:
             self._te_id = "+".join(module_identity(te, extra=f"conditioning.encode/{self.model.kind}"
+                                                   f"/{text_chunks.options(self.model)}"
                                                    + flow_train.flow.encode_tag(self.model))
                                    for te in self.model.text_encoders)
         cache = TextEmbeddingCache(self._cache_folder(self.cfg.text_cache, "text"), self._te_id)
@@ -394,6 +401,7 @@ class Trainer:
                 "python_rng": [snap["python_rng"][0], list(snap["python_rng"][1]), snap["python_rng"][2]],
                 "config": self.cfg.to_dict(),
             }
+            kohya_extras.save_state_extra(self, tmp)  # EMA weights
             with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as fh:
                 json.dump(meta, fh)
             follow_umask(tmp)  # readable by a host running as another user, like every file we write
@@ -450,6 +458,7 @@ class Trainer:
             raise ValueError(f"the state in '{d}' does not fit this config (different LoRA modules, e.g. "
                              f"{sorted(missing)[0]}): resume with the config it was saved with.")
         self._restore(snap)
+        kohya_extras.load_state_extra(self, d)  # EMA weights
         self.last_good = snap
         self.emit("resumed", path=d, step=self.pos["step"], epoch=self.pos["epoch"])
 
@@ -545,7 +554,8 @@ class Trainer:
             with acc.main_process_first():  # with a disk cache, the other processes then read what it wrote
                 self.latents = self._cache_latents()
                 self.latents_flip = self._cache_latents(flip=True) if cfg.flip_aug else None
-                self.text_cache = None if cfg.train_text_encoder else self._cache_text(dropout_caps)
+                self.text_cache = None if cfg.train_text_encoder or caption_aug.varies(cfg) \
+                    else self._cache_text(dropout_caps)  # shuffled / dropped tags: encoded every step
         except CachingStopped as exc:
             self.emit("warning", message=f"stopped while caching: {exc}")
             res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=None, epoch_files=[],
@@ -559,6 +569,7 @@ class Trainer:
                 for te in m.text_encoders:
                     te.to("cpu")
         self.train_idx, self.val_idx = self._split()
+        kohya_extras.after_split(self)  # reg images train only, loss masks, TensorBoard / wandb
         self.val_groups: Dict[Tuple[int, ...], List[int]] = {}
         for i in self.val_idx:  # validation images batched by latent size (buckets)
             self.val_groups.setdefault(tuple(self.latents[i].shape), []).append(i)
@@ -581,6 +592,7 @@ class Trainer:
         if cfg.train_text_encoder:
             for _, te in conditioning.Conditioner(m).text_encoders:  # Flux / SD3: the CLIP encoders, never T5
                 params += network.build(te, "te", spec, cfg.te_lr, adapter)
+        params = kohya_extras.shape_network(self, params)  # block dims / lr, network_weights, EMA
         base_dtype = self.weight_dtype if self.device.type != "cpu" else None
         if cfg.fp8_base:  # cast in CPU memory first: a 12 B transformer never sits on the GPU in 16 bits
             m.unet.to(dtype=base_dtype or torch.float32)
@@ -600,7 +612,7 @@ class Trainer:
         self.in_dtype = base_dtype or torch.float32
         self.param_groups = params
         self.trainable = [p for g in params for p in g["params"]]
-        self.te_trainable = [p for g in params[n_unet:] for p in g["params"]]
+        self.te_trainable = [p for g in params[n_unet:] if "unet_block" not in g for p in g["params"]]
         for p in self.trainable:  # LoRA weights always train in fp32
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -726,7 +738,8 @@ class Trainer:
             t = flow_train.sample_timesteps(m, cfg, n, shape[-2:], gen)
         else:
             t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
-        caps = [ds.items[i].caption for i in batch]
+        noise, in_noise = kohya_extras.noises(cfg, noise, gen)  # multires / input perturbation noise
+        caps = caption_aug.augment([ds.items[i].caption for i in batch], cfg)  # kohya shuffle / keep / tag dropout
         if cfg.caption_dropout_rate > 0:
             drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
             caps = ["" if d else c for c, d in zip(caps, drop)]
@@ -741,7 +754,9 @@ class Trainer:
         tids = conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips) if conditioning.is_sdxl(m) else None
         loss = loss_mod.diffusion_loss(m, lat, cond, noise, t, unet=self.train_unet, min_snr_gamma=cfg.min_snr_gamma,
                                        time_ids=tids, resolution=cfg.resolution, in_dtype=self.in_dtype,
-                                       snr_timesteps=t_cpu, autocast=acc.autocast)  # min-SNR from the CPU copy
+                                       snr_timesteps=t_cpu, autocast=acc.autocast,  # min-SNR from the CPU copy
+                                       **kohya_extras.loss_kwargs(self, idx, flips, t_cpu, None if in_noise is None
+                                                                  else self._to_device(in_noise[lo:hi]), lat.shape))
         if self.loss_hook is not None:
             loss = self.loss_hook(self.pos["step"] + 1, loss)
         if loss.requires_grad:  # a non-finite loss makes non-finite gradients: caught by the step, not applied
@@ -775,7 +790,9 @@ class Trainer:
                 self.nan_stop = self.stopped = True
             return None
         step_lr = float(optimizer.param_groups[0]["lr"])  # the lr this update uses (before the schedule moves)
+        self.last_lrs, self.last_grad_norm = [float(g["lr"]) for g in optimizer.param_groups], norm_v  # tracking
         optimizer.step()
+        kohya_extras.after_optimizer_step(self)  # EMA
         self.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return step_loss, step_lr
@@ -935,6 +952,7 @@ class Trainer:
         }
         if flow_train.is_flow(m):  # Flux / SD3: base model version, architecture, timestep options
             meta.update(flow_train.metadata(m, cfg))
+        meta.update(kohya_extras.metadata(cfg, self))  # the kohya options (issue 18)
         if cfg.trigger_word:
             meta["modelspec.trigger_phrase"] = cfg.trigger_word
         return meta
@@ -962,7 +980,7 @@ class Trainer:
         checkpoint with a warning before it."""
         if not self.accelerator.is_main_process:
             return True
-        lw = lora_mod.extract(self.model)
+        lw = kohya_extras.extract_for_save(self)  # the EMA copy when ema_decay is set
         finite, nonzero = network.check_finite_and_nonzero(lw)
         if not finite:
             raise FloatingPointError(f"non-finite LoRA weights at step {step}; nothing written to {path}. "

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..config import TrainConfig
 from . import flow_advice
 from .network_advice import check_network, network_advice
+from . import kohya_advice
 
 # ----------------------------------------------------------------------------- the rules, as data
 TASKS = ("style", "character", "face", "object", "concept", "other")
@@ -271,7 +272,8 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
             batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1,
             accumulation_scaling: str = "sqrt", detail: str = "normal", resolution: Optional[int] = None,
             samples_per_epoch: Optional[int] = None, vram_field: str = "--vram GB",
-            network_type: str = "lora") -> Suggestion:
+            network_type: str = "lora", model_name: str = "", captions: Optional[Sequence[str]] = None,
+            tokenizer: Any = None) -> Suggestion:
     """Settings for a first run, each with its reason.
 
     image_count: distinct training images; samples_per_epoch: images x kohya repeats (default image_count).
@@ -282,6 +284,8 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     (default) or linearly.  detail: simple | normal | demanding (faces, logos: rank 16).
     vram_field: how the front end lets the user give the VRAM, named in the note when it is unknown.
     network_type: lora | locon | loha | lokr | dora (tuning/network_advice.py: its rank, lr, factor, convs).
+    model_name / captions / tokenizer: for the kohya options (tuning/kohya_advice.py: clip_skip 2 for anime SD1.5
+    models, reg images for few character images, caption shuffling for tags, long captions).
     """
     _check_choice("task", task, TASKS)
     _check_choice("base", base, BASES)
@@ -439,6 +443,7 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     for key, value, reason in network_advice(network_type, task, lr, rank):
         s.add(key, value, reason)
     s.total_steps, s.steps_per_epoch = total, steps_per_epoch
+    kohya_advice.add_suggestions(s, image_count, task, base, model_name, captions, tokenizer)
     return s
 
 
@@ -481,6 +486,7 @@ def check_config(cfg, samples_per_epoch: Optional[int] = None) -> List[str]:
                 out.append(f"batch_size {cfg.batch_size} is larger than the {samples} samples per epoch: every "
                            f"step sees the whole set; lower batch_size.")
             total = math.ceil(math.ceil(samples / cfg.batch_size) / cfg.gradient_accumulation_steps) * cfg.epochs
+    out += kohya_advice.check(cfg, total)
     if total is not None and cfg.lr_scheduler != "constant" and cfg.lr_warmup_steps >= total:
         out.append(f"lr_warmup_steps {cfg.lr_warmup_steps} >= the {total} total steps: the learning rate never "
                    f"reaches {cfg.learning_rate:.3g}; use about 10% of the steps.")
@@ -580,6 +586,7 @@ class Diagnoser:
                  plateau_unknown_steps: int = 300, plateau_min_steps: int = 80, plateau_gain: float = 0.05,
                  overfit_points: int = 3, overfit_rise: float = 0.05,
                  confirm: Optional[Dict[str, int]] = None):
+        self.cfg = cfg  # the kohya options the overfitting advice names (kohya_advice.overfitting_hint)
         self.learning_rate = learning_rate if learning_rate is not None else getattr(cfg, "learning_rate", None)
         self.batch_size = batch_size if batch_size is not None else getattr(cfg, "batch_size", None)
         self.lr_warmup_steps = (lr_warmup_steps if lr_warmup_steps is not None
@@ -830,7 +837,8 @@ class Diagnoser:
             knob = "max_train_steps"
             sugg = f"set max_train_steps to {s_min}: validation was lowest there"
         msg = (f"validation loss rose from {v_min:.4g} (step {s_min}) to {latest:.4g} while the training loss fell "
-               f"({tb:.4g} -> {ta:.4g}): the LoRA is memorising the training images")
+               f"({tb:.4g} -> {ta:.4g}): the LoRA is memorising the training images"
+               f"{kohya_advice.overfitting_hint(self.cfg)}")
         self._fire(out, Finding("overfitting", "warning", msg,
                                 {"step": step, "val_min": v_min, "val_min_step": s_min, "val_latest": latest,
                                  "train_before": tb, "train_after": ta}, sugg, knob, step))

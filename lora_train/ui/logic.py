@@ -12,7 +12,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import PRECISIONS, ConfigError, TrainConfig  # noqa: F401  (PRECISIONS: the tab's choices)
-from . import jobs
+from . import advanced, jobs
 
 # ----------------------------------------------------------------------------- settings fields
 #: the Settings fields of the tab, in the order the handlers receive them: (key, default)
@@ -23,12 +23,13 @@ SETTING_KEYS = ["base_model", "model_type", "output_name", "learning_rate", "lor
 NETWORK_KEYS = ["network_type", "conv_rank", "conv_alpha", "factor", "full_matrix", "dropout", "rank_dropout",
                 "module_dropout", "loraplus_lr_ratio"]
 SETTING_KEYS += NETWORK_KEYS
+SETTING_KEYS += advanced.TAB_KEYS  # Advanced (kohya options) and the loaded kohya config (ui/advanced.py)
 MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl")
 TASKS = ("style", "character", "face", "object", "concept", "other")
 #: suggestion keys the tab has a field for
 SUGGEST_FIELDS = ("learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps", "epochs",
                   "lr_scheduler", "lr_warmup_steps", "resolution", "train_text_encoder", "mixed_precision",
-                  "save_every_n_epochs")
+                  "save_every_n_epochs", "clip_skip", "shuffle_caption", "keep_tokens")
 #: the tab's VRAM field, as the advisor's note names it
 VRAM_FIELD = "the 'VRAM GB for the advice' field (Settings)"
 
@@ -108,7 +109,7 @@ def default_settings(host) -> Dict[str, Any]:
             "max_train_steps": 0, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps,
             "optimizer": cfg.optimizer, "resolution": 64 if tiny else 512, "train_text_encoder": False,
             "mixed_precision": "no", "seed": cfg.seed, "save_every_n_epochs": cfg.save_every_n_epochs,
-            **network_settings(cfg)}
+            **network_settings(cfg), **advanced.default_values()}
 
 
 def network_settings(cfg: TrainConfig) -> Dict[str, Any]:
@@ -308,7 +309,8 @@ def suggest_settings(host, folder: str, task: str, model_type: str, base_value: 
         vram = _float(vram_gb, "VRAM (GB)")
     accum = _int(accumulation or 1, "gradient accumulation", 1)
     s = suggest(images, task=task, base=kind, vram_gb=vram, gradient_accumulation_steps=accum,
-                resolution=res, samples_per_epoch=samples, vram_field=VRAM_FIELD)
+                resolution=res, samples_per_epoch=samples, vram_field=VRAM_FIELD,
+                model_name=os.path.basename(str(base_value or _loaded_path(host) or "")))
     values = {k: s.value(k) for k in SUGGEST_FIELDS if k in s.settings}
     if tiny:
         values["resolution"] = 64
@@ -369,6 +371,10 @@ def build_config(host, values: Dict[str, Any], folder: str, trigger: str, name_o
              mixed_precision=values.get("mixed_precision") or "no", seed=_int(values.get("seed") or 0, "seed", 0),
              save_every_n_epochs=_int(values.get("save_every_n_epochs") or 0, "save every N epochs", 0))
     d.update(network_config(values))
+    try:
+        d = {**advanced.kohya_base(values), **d, **advanced.config_values(values)}  # kohya file, then the fields
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     try:
         cfg = TrainConfig.from_dict(d)
     except ConfigError as exc:

@@ -10,6 +10,7 @@ import gradio as gr
 from ...config import NETWORK_TYPES, OPTIMIZERS, SCHEDULERS
 from .. import logic
 from ..compat import make, on, update
+from . import advanced
 from .common import err as _err, keep
 
 
@@ -103,6 +104,7 @@ def layout(c) -> None:
                                       "as it was.", elem_id="lora_train_finder_md")
         finder_plot = make(gr.Image, label="LR finder", type="pil", interactive=False,
                            elem_id="lora_train_finder_plot")
+    advanced.layout(c)  # Advanced (kohya options), sections/advanced.py
     keep(c, {"finder_apply": finder_apply, "finder_btn": finder_btn, "finder_md": finder_md, "finder_plot": finder_plot, "finder_steps": finder_steps, "rescale_btn": rescale_btn, "rescale_md": rescale_md, "suggest_btn": suggest_btn, "suggest_md": suggest_md, "task": task, "vram": vram})
 
 
@@ -177,3 +179,4 @@ def wire(c, blocks) -> None:
 
     on(finder_apply.click, do_finder_apply, [finder_lr_state, S["batch_size"], S["gradient_accumulation_steps"]],
        [S["learning_rate"], basis_state])
+    advanced.wire(c, blocks)

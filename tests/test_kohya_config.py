@@ -1,0 +1,172 @@
+"""kohya configs (sd-scripts TOML, SD-Trainer sections, kohya_ss GUI JSON, dataset_config) -> TrainConfig; one warning
+listing the keys not used; errors where ignoring a key would change what is trained; export-config round trip."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lora_train.config import TrainConfig
+from lora_train.kohya.toml_config import (KohyaConfigError, from_kohya, load_kohya, read_file, to_kohya_toml)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(HERE, "data", "kohya")
+ROOT = os.path.dirname(HERE)
+
+
+def corpus(name):
+    return os.path.join(CORPUS, name)
+
+
+def test_sd_trainer_sections():
+    imp = load_kohya(corpus("sd_trainer_lora.toml"))
+    c = imp.config
+    assert c.base_model == "./sd-models/animefull-final-pruned.safetensors"
+    assert c.prediction_type == "epsilon"  # v_parameterization = false
+    assert (c.train_data_dir, c.reg_data_dir) == ("./train/aki", "")
+    assert c.resolution == 624  # 512x768 -> the same area, a multiple of 8 (and a note says so)
+    assert (c.enable_bucket, c.min_bucket_reso, c.max_bucket_reso, c.bucket_no_upscale) == (True, 256, 1024, True)
+    assert (c.lora_rank, c.lora_alpha, c.train_text_encoder) == (32, 16.0, True)
+    assert (c.optimizer, c.learning_rate, c.text_encoder_lr) == ("AdamW8bit", 1e-4, 1e-5)
+    assert (c.weight_decay, c.adam_beta1, c.adam_beta2) == (0.05, 0.9, 0.99)
+    assert (c.lr_scheduler, c.lr_warmup_steps, c.lr_scheduler_num_cycles) == ("cosine_with_restarts", 0, 1)
+    assert (c.batch_size, c.epochs, c.seed, c.mixed_precision) == (2, 10, 1337, "fp16")
+    assert (c.clip_skip, c.max_token_length, c.shuffle_caption, c.keep_tokens) == (2, 225, True, 1)
+    assert (c.min_snr_gamma, c.multires_noise_iterations, c.multires_noise_discount) == (5.0, 6, 0.3)
+    assert (c.output_name, c.output_dir, c.save_every_n_epochs) == ("aki", "./output", 2)
+    assert (c.log_with, c.logging_dir, c.log_prefix) == ("tensorboard", "./logs", "aki")
+    # one warning lists the keys not used (only those not at kohya's default): random_crop, save_precision
+    not_used = imp.warnings[0]
+    assert "not used" in not_used and "random_crop=True" in not_used and "save_precision='fp16'" in not_used
+    for quiet in ("xformers", "lowram", "color_aug", "sample_sampler", "lowvram", "model_train_type"):
+        assert quiet not in not_used
+    assert any("512x768 is not square" in w for w in imp.warnings)
+
+
+def test_kohya_ss_gui_json():
+    imp = load_kohya(corpus("kohya_ss_gui.json"))
+    c = imp.config
+    assert c.base_model == "/models/sd-v1-5.safetensors" and c.prediction_type == "epsilon"
+    assert (c.train_data_dir, c.reg_data_dir, c.prior_loss_weight) == ("/data/img", "/data/reg", 1.0)
+    assert c.resolution == 768 and c.caption_extension == ".caption"
+    assert (c.lora_rank, c.lora_alpha) == (16, 8.0)
+    assert (c.learning_rate, c.text_encoder_lr, c.train_text_encoder) == (1e-4, 5e-5, True)
+    assert c.optimizer == "Prodigy" and c.optimizer_args == {"decouple": True, "d_coef": 2}
+    assert (c.max_train_steps, c.lr_warmup_steps) == (1600, 160)  # lr_warmup 10 (%) of 1600 steps
+    assert (c.epochs, c.batch_size, c.gradient_accumulation_steps) == (8, 1, 2)
+    assert (c.latent_cache, c.flip_aug, c.caption_dropout_rate, c.noise_offset) == ("disk", True, 0.05, 0.05)
+    assert c.clip_skip is None and c.max_token_length == 75 and c.seed == 1234 and c.mixed_precision == "bf16"
+    assert (c.log_with, c.logging_dir) == ("tensorboard", "/data/logs")  # a logging_dir alone: TensorBoard
+    assert c.gradient_checkpointing is True
+    not_used = imp.warnings[0]
+    assert "scale_weight_norms=1" in not_used and "save_precision='fp16'" in not_used
+    for quiet in ("wandb_api_key", "xformers", "max_timestep", "factor", "conv_alpha", "use_cp", "model_list"):
+        assert quiet not in not_used
+
+
+def test_dataset_config_with_reg_subset():
+    imp = load_kohya(corpus("dataset_config.toml"))
+    c = imp.config
+    assert c.train_data_dir == "img/mychar" and c.num_repeats == 10
+    assert c.reg_data_dir == "reg/girl"
+    assert (c.resolution, c.batch_size, c.enable_bucket, c.min_bucket_reso, c.max_bucket_reso) == (512, 4, True,
+                                                                                                   320, 960)
+    assert (c.shuffle_caption, c.keep_tokens, c.keep_tokens_separator, c.caption_tag_dropout_rate) == (True, 1, "|||",
+                                                                                                       0.1)
+    assert c.flip_aug is True and c.trigger_word == "mychar girl"
+    assert any("class_tokens 'mychar girl'" in w for w in imp.warnings)
+    assert not any("not used" in w for w in imp.warnings)
+
+
+def test_training_args_with_dataset_config_file():
+    imp = load_kohya(corpus("train_with_dataset.toml"))
+    c = imp.config
+    assert len(imp.sources) == 2 and imp.sources[1].endswith("dataset_config.toml")
+    assert c.train_data_dir == "img/mychar" and c.reg_data_dir == "reg/girl" and c.batch_size == 4
+    assert (c.lora_rank, c.lora_alpha, c.train_text_encoder) == (8, 4.0, False)
+    assert (c.network_weights, c.dim_from_weights) == ("/loras/start.safetensors", True)
+    assert (c.down_lr_weight, c.mid_lr_weight, c.up_lr_weight) == ("sine+.5", "2", "0,0,0,0,0,0,1,1,1,1,1,1")
+    assert c.block_lr_zero_threshold == 0.1
+    assert (c.max_train_steps, c.lr_warmup_steps) == (2000, 200)  # 0.1 = 10% of the steps (sd-scripts)
+    assert (c.loss_type, c.huber_schedule, c.huber_c) == ("huber", "exponential", 0.2)
+    assert (c.masked_loss, c.alpha_mask, c.ip_noise_gamma, c.clip_skip) == (True, True, 0.1, 2)
+    assert (c.log_with, c.logging_dir) == ("tensorboard", "logs")
+    assert "min_timestep=100" in imp.warnings[0]
+
+
+@pytest.mark.parametrize("name, key, words", [
+    ("lycoris.toml", "network_module", "lycoris.kohya"),
+    ("locon_gui.json", "conv_dim", "LoCon"),
+    ("dadapt.toml", "optimizer_type", "DAdaptAdam"),
+])
+def test_keys_that_would_change_the_result_are_errors(name, key, words):
+    with pytest.raises(KohyaConfigError) as ei:
+        load_kohya(corpus(name))
+    assert ei.value.key == key and words in str(ei.value)
+
+
+def test_more_errors():
+    with pytest.raises(KohyaConfigError, match="fine-tuning"):
+        from_kohya({"datasets": [{"subsets": [{"image_dir": "a", "metadata_file": "m.json"}]}]})
+    with pytest.raises(KohyaConfigError, match="N_name"):
+        from_kohya({"datasets": [{"subsets": [{"image_dir": "a/x", "num_repeats": 2}, {"image_dir": "b/y"}]}]})
+    with pytest.raises(KohyaConfigError, match="several"):
+        from_kohya({"datasets": [{"resolution": 512, "subsets": [{"image_dir": "a"}]},
+                                 {"resolution": 768, "subsets": [{"image_dir": "b"}]}]})
+    with pytest.raises(KohyaConfigError, match="lr_scheduler"):
+        from_kohya({"lr_scheduler": "warmup_stable_decay"})
+    with pytest.raises(KohyaConfigError, match="max_token_length"):  # our validation, named as from kohya
+        from_kohya({"max_token_length": 300})
+    # kohya N_name folders under one parent are one train_data_dir
+    imp = from_kohya({"datasets": [{"subsets": [{"image_dir": "p/10_a", "num_repeats": 10},
+                                                {"image_dir": "p/3_b", "num_repeats": 3}]}]})
+    assert imp.config.train_data_dir == "p" and imp.config.num_repeats == 1
+    # v_parameterization -> v prediction
+    assert from_kohya({"v2": True, "v_parameterization": True}).config.prediction_type == "v_prediction"
+
+
+def test_export_round_trip(tmp_path):
+    cfg = TrainConfig(train_data_dir="/d", base_model="/m.safetensors", lora_rank=12, lora_alpha=6, learning_rate=3e-4,
+                      text_encoder_lr=1e-4, train_text_encoder=True, optimizer="Lion", weight_decay=0.02,
+                      lr_scheduler="polynomial", lr_warmup_steps=50, lr_scheduler_power=2.0, batch_size=3, epochs=7,
+                      seed=9, clip_skip=2, max_token_length=150, shuffle_caption=True, keep_tokens=2,
+                      caption_tag_dropout_rate=0.1, reg_data_dir="/r", prior_loss_weight=0.5, loss_type="smooth_l1",
+                      huber_schedule="constant", huber_c=0.3, multires_noise_iterations=8,
+                      multires_noise_discount=0.2, ip_noise_gamma=0.05, down_lr_weight="1,1,1,1,1,1,1,1,1,1,1,0.5",
+                      block_dims="4," * 24 + "4", ema_decay=0.99, log_with="tensorboard", logging_dir="/l",
+                      log_prefix="x", output_name="rt", output_dir="/o", prediction_type="v_prediction",
+                      optimizer_args={"decouple": True})
+    text = to_kohya_toml(cfg)
+    path = tmp_path / "rt.toml"
+    path.write_text(text)
+    data = read_file(str(path))
+    assert data["additional_network_arguments"]["network_module"] == "networks.lora"
+    back = load_kohya(str(path))
+    assert back.warnings == []
+    assert back.config.to_dict() == cfg.to_dict()
+
+
+def test_cli_dry_run_and_export(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "lora_train", "train", corpus("sd_trainer_lora.toml"), "--dry-run",
+                        "--seed", "7"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed["clip_skip"] == 2 and printed["lora_rank"] == 32 and printed["seed"] == 7
+    assert "random_crop=True" in r.stderr
+    run_yaml = tmp_path / "run.yaml"
+    TrainConfig.from_dict(printed).save(str(run_yaml))
+    out = tmp_path / "run.toml"
+    r = subprocess.run([sys.executable, "-m", "lora_train", "export-config", "--kohya", str(run_yaml), "--out",
+                        str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert load_kohya(str(out)).config.to_dict() == TrainConfig.from_dict(printed).to_dict()
+    r = subprocess.run([sys.executable, "-m", "lora_train", "train", corpus("lycoris.toml"), "--dry-run"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and "lycoris.kohya" in r.stderr
+
+
+def test_kohya_ss_gui_toml_maps_like_its_json():
+    a, b = load_kohya(corpus("kohya_ss_gui.toml")), load_kohya(corpus("kohya_ss_gui.json"))
+    assert a.config.to_dict() == b.config.to_dict() and a.warnings == b.warnings
