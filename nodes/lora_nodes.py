@@ -356,6 +356,8 @@ NETWORK_INPUTS = {
                                  "tooltip": "loha / lokr / dora: skip a module while training."}),
     "loraplus_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 1.0,
                                     "tooltip": "LoRA+: the up/B matrices train at ratio x lr (e.g. 16); 0: off."}),
+}
+
 #: the Train node's optional kohya options (kohya names; 0 / empty = from kohya_config, or off)
 KOHYA_TRAIN_OPTIONS = {
     "kohya_config": ("STRING", {"default": "", "tooltip": "Optional kohya training TOML (or kohya_ss .json): keys "

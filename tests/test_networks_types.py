@@ -411,7 +411,8 @@ def test_grid_and_prompt_tags_with_every_type(runs, tmp_path):
 def test_tab_fields_make_the_config():
     from lora_train.ui import logic
 
-    assert logic.SETTING_KEYS[-len(logic.NETWORK_KEYS):] == logic.NETWORK_KEYS
+    at = logic.SETTING_KEYS.index(logic.NETWORK_KEYS[0])  # every network field is a tab setting, in one run
+    assert logic.SETTING_KEYS[at:at + len(logic.NETWORK_KEYS)] == logic.NETWORK_KEYS
     cfg = TrainConfig(network_type="lokr", factor=8, full_matrix=True, conv_rank=4, conv_alpha=2.0,
                       loraplus_lr_ratio=16.0, rank_dropout=0.1)
     vals = logic.network_settings(cfg)
