@@ -14,6 +14,7 @@ from lora_train.models.loading import load_base_model
 from lora_train.networks import flow_names
 from lora_train.networks import lora as L
 from lora_train.training import flow as ft
+from lora_train.training.loss import diffusion_loss as L_loss
 from lora_train.training.memory import BlockSwap, apply_fp8_base
 from lora_train.training.trainer import Trainer, encode_prompts, fixed_noise_loss, list_states
 
@@ -257,3 +258,27 @@ def test_cli_tiny_model_folder(tmp_path):
     assert main(["tiny-model", str(tmp_path / "f"), "--family", "tiny-flux-schnell"]) == 0
     m = load_base_model(str(tmp_path / "f"))
     assert m.kind == "flux" and m.extra["variant"] == "flux-schnell"
+
+
+def test_kohya_loss_options_on_flux(tmp_path, demo_data):
+    """loss_type huber (snr schedule: noise / signal = s / (1 - s) for flow matching), prior weights and input noise
+    reach the flow-matching loss; block-wise options are refused for Flux with a message."""
+    from lora_train.training import noise as noise_mod
+
+    m = load_base_model("tiny-flux")
+    c = noise_mod.huber_c_for("huber", "snr", 0.1, 1.0, torch.tensor([0.0, 500.0, 990.0]), m.noise_scheduler)
+    assert c[0] == pytest.approx(1.0) and c[0] > c[1] > c[2] >= 0.1
+    lat = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = encode_prompts(m, ["a", "b"], torch.device("cpu"))
+    ft.configure(m, small_cfg(demo_data, tmp_path, base_model="tiny-flux"))
+    t = torch.tensor([300.0, 700.0])
+    plain = L_loss(m, lat, cond, noise, t, reduction="none")
+    weighted = L_loss(m, lat, cond, noise, t, reduction="none", weights=torch.tensor([1.0, 0.5]))
+    assert torch.allclose(weighted, plain * torch.tensor([1.0, 0.5]))
+    big = lambda p, q: noise_mod.elementwise_loss(p, q, "huber", torch.full((2,), 100.0))  # noqa: E731  (~ MSE)
+    assert torch.allclose(L_loss(m, lat, cond, noise, t, reduction="none", elementwise=big), plain, rtol=2e-2)
+    assert not torch.allclose(L_loss(m, lat, cond, noise, t, reduction="none", input_noise=noise * 1.1), plain)
+    cfg = small_cfg(demo_data, tmp_path / "b", base_model="tiny-flux", down_lr_weight="1,1,1,1,1,1,1,1,1,1,1,0")
+    with pytest.raises(ValueError, match="plain LoRA on SD1"):
+        Trainer(cfg).run()

@@ -135,20 +135,30 @@ def sample_timesteps(model, cfg, n: int, latent_hw, generator: Optional[torch.Ge
 # ----------------------------------------------------------------------------- the loss
 def flow_matching_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor, timesteps: torch.Tensor, *,
                        unet=None, in_dtype: Optional[torch.dtype] = None,
-                       autocast: Callable[[], Any] = contextlib.nullcontext, reduction: str = "mean") -> torch.Tensor:
+                       autocast: Callable[[], Any] = contextlib.nullcontext, reduction: str = "mean",
+                       input_noise: Optional[torch.Tensor] = None, elementwise: Optional[Callable] = None,
+                       mask: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Flow-matching loss (module docstring) of a Flux / SD3 BaseModel; timesteps in [0, 1000] (sigma x 1000).
-    Called through loss.diffusion_loss, with its arguments and reductions."""
+    Called through loss.diffusion_loss, with its arguments and reductions, and its kohya options: input_noise
+    (ip_noise_gamma: the noisy latents, the target keeps `noise`), elementwise (loss_type), mask (masked_loss),
+    weights (per-sample, prior_loss_weight)."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     transformer = model.unet if unet is None else unet
     sigmas = (timesteps.float() / 1000.0).to(latents.device)
     s = sigmas.view(-1, 1, 1, 1)
-    noisy = (1.0 - s) * latents.float() + s * noise.float()
+    noisy = (1.0 - s) * latents.float() + s * (noise if input_noise is None else input_noise).float()
     target = noise.float() - latents.float()
     dtype = in_dtype or latents.dtype
     with autocast():
         pred = flow.predict(model, transformer, noisy.to(dtype), sigmas * 1000.0, cond)
-    loss = F.mse_loss(pred.float(), target, reduction="none").mean(dim=[1, 2, 3])
+    per_element = (F.mse_loss(pred.float(), target, reduction="none") if elementwise is None
+                   else elementwise(pred.float(), target))
+    if mask is not None:
+        per_element = per_element * mask.to(per_element.device, per_element.dtype)
+    loss = per_element.mean(dim=[1, 2, 3])
+    if weights is not None:
+        loss = loss * weights.to(loss.device, loss.dtype)
     ws = (model.extra.get("flow_options") or {}).get("weighting_scheme", "none")
     if ws in ("sigma_sqrt", "cosmap"):
         loss = loss * compute_loss_weighting_for_sd3(ws, sigmas).float().to(loss.device)

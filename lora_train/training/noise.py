@@ -34,8 +34,12 @@ def huber_c_for(loss_type: str, schedule: str, huber_c: float, huber_scale: floa
         alpha = -math.log(huber_c) / noise_scheduler.config.num_train_timesteps
         return torch.exp(-alpha * t.float()) * huber_scale
     if schedule == "snr":
-        ac = torch.index_select(noise_scheduler.alphas_cumprod.detach().cpu().float(), 0, t.long())
-        sigmas = ((1.0 - ac) / ac) ** 0.5
+        if getattr(noise_scheduler, "alphas_cumprod", None) is None:  # flow matching (Flux / SD3): t = sigma x 1000,
+            s = (t.float() / 1000.0).clamp(0.0, 0.999)  # x_t = (1 - s) x0 + s noise: noise / signal = s / (1 - s)
+            sigmas = s / (1.0 - s)
+        else:
+            ac = torch.index_select(noise_scheduler.alphas_cumprod.detach().cpu().float(), 0, t.long())
+            sigmas = ((1.0 - ac) / ac) ** 0.5
         return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
     if schedule == "constant":
         return torch.full((t.shape[0],), huber_c * huber_scale)
