@@ -358,6 +358,10 @@ class LoraTrainTrain:
                                             "tooltip": "Also save name-00000N files every N epochs (0 = final only); "
                                                        "the sweep can compare them."}),
             "mixed_precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "auto: bf16/fp16 on CUDA, fp32 on CPU."}),
+        }, "optional": {
+            "fp8_base": (["auto", "on", "off"], {"default": "auto", "tooltip": "Flux / SD3.5: store the frozen "
+                         "transformer weights in fp8 while training. auto: on for >= 4 B parameter models on a GPU "
+                         "(Flux.1, SD3.5 Large). SD1 / SDXL: ignored."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE", "STRING")
@@ -375,13 +379,14 @@ class LoraTrainTrain:
 
     def train(self, model, clip, vae, dataset, lora_name, learning_rate, rank, alpha, batch_size,
               gradient_accumulation, epochs, max_steps, lr_scheduler, warmup_steps, optimizer, train_text_encoder,
-              training_seed, save_every_n_epochs, mixed_precision="auto", unique_id=None):
+              training_seed, save_every_n_epochs, mixed_precision="auto", unique_id=None, fp8_base="auto"):
         from lora_train.config import TrainConfig
         from lora_train.plots import loss_plot
         from lora_train.run import train_for_host
 
         host = ComfyUIHost(model, clip, vae, node_id=unique_id)
         device, precision = _device_and_precision(mixed_precision)
+        plan = host.memory_plan(device, fp8_base)  # Flux / SD3 only (hosts/comfyui_flow.py); None for UNets
         cfg = TrainConfig(
             train_data_dir=dataset.folder, caption_extension=dataset.caption_extension,
             trigger_word=dataset.trigger_word, resolution=dataset.resolution, base_model="comfyui",
@@ -392,7 +397,8 @@ class LoraTrainTrain:
             gradient_accumulation_steps=int(gradient_accumulation), epochs=int(epochs),
             max_train_steps=int(max_steps) if max_steps and max_steps > 0 else None, seed=int(training_seed),
             mixed_precision=precision, device=device, save_every_n_epochs=int(save_every_n_epochs),
-            save_state_every_n_epochs=0, save_state_every_n_steps=0).validate()
+            save_state_every_n_epochs=0, save_state_every_n_steps=0,
+            **({"fp8_base": plan.fp8_base} if plan else {})).validate()
         ds = dataset.load()
         holder: Dict[str, Any] = {}
         stopped_by_user = [False]
@@ -449,6 +455,8 @@ class LoraTrainTrain:
         if res.message:
             lines.append(res.message)
         lines.extend(run.warnings)
+        if plan:
+            lines.append(plan.text)
         lines.extend(_advice_lines(res, cfg))
         lines.append(f"run folder (config, loss log): {res.output_dir}")
         report = "\n".join(lines)
