@@ -58,6 +58,48 @@ def detect_family(path: str) -> Optional[str]:
     return family_of_keys(shapes)
 
 
+def component_kind(path: str) -> Optional[str]:
+    """"ae", "t5xxl" or "clip" (CLIP-L or CLIP-G: `component_files` tells them apart by width) for a separate
+    component file, from its .safetensors header; None when it is none of them (or unreadable)."""
+    try:
+        shapes, _ = read_safetensors_header(os.path.expanduser(str(path)))
+    except (ModelError, OSError):
+        return None
+    keys = list(shapes)
+    if any(k.endswith("encoder.conv_in.weight") for k in keys) and any("decoder." in k for k in keys):
+        return "ae"
+    if any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.weight") for k in keys):
+        return "t5xxl"
+    if any(k.endswith("embeddings.token_embedding.weight") for k in keys):
+        return "clip"
+    return None
+
+
+def _clip_width(path: str) -> int:
+    shapes, _ = read_safetensors_header(os.path.expanduser(str(path)))
+    return max((s[-1] for k, s in shapes.items() if k.endswith("embeddings.token_embedding.weight")), default=0)
+
+
+def component_files(paths, family: Optional[str] = None) -> Dict[str, str]:
+    """{"ae" / "clip_l" / "clip_g" / "t5xxl": path} of a list of separate component files in any order (Forge's
+    "VAE / Text Encoder" picks, `shared.opts.forge_additional_modules`). Two CLIP files: the wider one is CLIP-G
+    (1280 vs 768); one: CLIP-L, unless it is 1280 wide in an SD3 set. Files of other kinds are left out."""
+    out: Dict[str, str] = {}
+    clips = []
+    for p in paths or []:
+        kind = component_kind(p)
+        if kind == "clip":
+            clips.append(str(p))
+        elif kind is not None and kind not in out:
+            out[kind] = str(p)
+    if len(clips) >= 2:
+        clips.sort(key=_clip_width)
+        out["clip_l"], out["clip_g"] = clips[0], clips[-1]
+    elif clips:
+        out["clip_g" if family == "sd3" and _clip_width(clips[0]) == 1280 else "clip_l"] = clips[0]
+    return out
+
+
 # ----------------------------------------------------------------------------- reading
 def _dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a stored tensor is loaded as: float8 -> bfloat16 (computed in 16 bits; fp8_base re-stores the

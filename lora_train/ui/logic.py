@@ -19,7 +19,7 @@ from . import jobs
 SETTING_KEYS = ["base_model", "model_type", "output_name", "learning_rate", "lora_rank", "lora_alpha", "batch_size",
                 "gradient_accumulation_steps", "epochs", "max_train_steps", "lr_scheduler", "lr_warmup_steps",
                 "optimizer", "resolution", "train_text_encoder", "mixed_precision", "seed", "save_every_n_epochs"]
-MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl")
+MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl", "flux", "sd3")
 TASKS = ("style", "character", "face", "object", "concept", "other")
 #: suggestion keys the tab has a field for
 SUGGEST_FIELDS = ("learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps", "epochs",
@@ -84,9 +84,18 @@ def resolve_base(host, value: str) -> Tuple[Optional[str], str]:
 
 
 def guess_model_type(model_type: str, base_value: str) -> str:
-    if model_type in ("sd1", "sd2", "sdxl"):
+    if model_type in ("sd1", "sd2", "sdxl", "flux", "sd3"):
         return model_type
+    from ..models.flow_loading import family_of_spec  # lazy: torch / diffusers (Flux / SD3 from the weights)
+
+    family = family_of_spec(base_value)
+    if family:
+        return family
     name = (base_value or "").lower()
+    if "flux" in name:
+        return "flux"
+    if re.search(r"(^|[^a-z])sd_?3", name):
+        return "sd3"
     if "xl" in name or "pony" in name or "illustrious" in name:
         return "sdxl"
     if re.search(r"(^|[^0-9])(v?2[-_.]?[01]|768)([^0-9]|$)", name):
@@ -104,6 +113,15 @@ def default_settings(host) -> Dict[str, Any]:
             "max_train_steps": 0, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps,
             "optimizer": cfg.optimizer, "resolution": 64 if tiny else 512, "train_text_encoder": False,
             "mixed_precision": "no", "seed": cfg.seed, "save_every_n_epochs": cfg.save_every_n_epochs}
+
+
+def _checkpoint_path(host, value: str) -> str:
+    """The file a base-model field names as the host shows it (a title with a hash, a name), else the value."""
+    try:
+        found = host.find_checkpoint(value) if (value or "").strip() else None
+    except Exception:
+        found = None
+    return found[0] if found else (value or "")
 
 
 def _loaded_path(host) -> str:
@@ -264,7 +282,7 @@ def suggest_settings(host, folder: str, task: str, model_type: str, base_value: 
         raise UserError("set the dataset folder first (Dataset section): the advice depends on how many images "
                         "there are.")
     real = dataset_folder(host, folder)
-    kind = guess_model_type(model_type, base_value or _loaded_path(host))
+    kind = guess_model_type(model_type, _checkpoint_path(host, base_value) or _loaded_path(host))
     tiny = is_tiny(base_value) or (not base_value and is_tiny(_loaded_path(host)))
     res = 64 if tiny else None
     images, samples = count_images(real, res or 512, trigger)
