@@ -336,6 +336,8 @@ def t5_from(sd: Dict[str, torch.Tensor]):
     sd = {k: v for k, v in sd.items() if not k.startswith("decoder.")}
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    if "encoder.embed_tokens.weight" not in sd and "shared.weight" in sd:  # ComfyUI's T5 (and files saved from it)
+        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]  # hold only `shared`; the encoder's is the same table
     try:
         vocab, d_model = sd["shared.weight"].shape
         rel = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]

@@ -169,6 +169,7 @@ def load_flow_parts(unet_sd, clip_sd, vae_sd, family="flux"):
     `clip_l.transformer.*` / `clip_g.transformer.*` / `t5xxl.transformer.*` keys (plus each encoder's `logit_scale`
     and a CLIP `text_projection`, as sd1_clip.SDClipModel has them), the VAE's LDM keys. Returns (MODEL, CLIP, VAE)."""
     clip_sd = dict(clip_sd)
+    clip_sd.pop("t5xxl.transformer.encoder.embed_tokens.weight", None)  # comfy's T5 has only `shared`
     for enc in ("clip_l", "clip_g", "t5xxl"):
         emb = clip_sd.get(f"{enc}.transformer.text_model.embeddings.token_embedding.weight")
         if emb is not None and f"{enc}.transformer.text_projection.weight" not in clip_sd:
