@@ -125,3 +125,18 @@ def test_forge_flux_tab_trains_and_publishes(forge_flux, demo_data):
 
     assert processing.last["loras"] == [("fluxstyle", 0.8)]
     assert processing.last["unet"] != 0.0
+
+
+def test_component_files_tell_sd3_clips_apart(tmp_path):
+    """SD3.5 in Forge: clip_l, clip_g and t5xxl picked in any order; the wider CLIP is CLIP-G; other files are left out."""
+    from lora_train.models.flow_single_file import component_files, component_kind
+    from lora_train.models.sd3 import build_tiny_sd3
+
+    m = build_tiny_sd3()
+    g = _save(hf_state(m.text_encoder_2), tmp_path / "clip_g.safetensors")
+    l_ = _save(hf_state(m.text_encoder), tmp_path / "clip_l.safetensors")
+    t5 = _save(hf_state(m.text_encoder_3), tmp_path / "t5xxl.safetensors")
+    other = _save({"lora_unet_x.lora_up.weight": torch.zeros(1, 1)}, tmp_path / "lora.safetensors")
+    assert component_files([g, t5, other, l_], "sd3") == {"clip_l": l_, "clip_g": g, "t5xxl": t5}
+    assert component_files([l_], "sd3") == {"clip_l": l_} and component_kind(other) is None
+    assert component_kind(str(tmp_path / "missing.safetensors")) is None
