@@ -383,6 +383,13 @@ KOHYA_TRAIN_OPTIONS = {
 }
 
 
+#: the Train node's Flux / SD3 memory option (optional input)
+FLOW_TRAIN_OPTIONS = {
+    "fp8_base": (["auto", "on", "off"], {"default": "auto", "tooltip": "Flux / SD3.5: store the frozen "
+                 "transformer weights in fp8 while training. auto: on for >= 4 B parameter models on a GPU "
+                 "(Flux.1, SD3.5 Large). SD1 / SDXL: ignored."}),
+}
+
 class LoraTrainTrain:
     DESCRIPTION = ("Train a LoRA on the MODEL / CLIP / VAE of the graph, inside ComfyUI (no subprocess). Saves a "
                    "new file in the loras folder (never overwrites: my_lora_v2, ...), with kohya metadata.")
@@ -419,7 +426,8 @@ class LoraTrainTrain:
                                             "tooltip": "Also save name-00000N files every N epochs (0 = final only); "
                                                        "the sweep can compare them."}),
             "mixed_precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "auto: bf16/fp16 on CUDA, fp32 on CPU."}),
-        }, "optional": {**NETWORK_INPUTS, **KOHYA_TRAIN_OPTIONS}, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": {**NETWORK_INPUTS, **KOHYA_TRAIN_OPTIONS, **FLOW_TRAIN_OPTIONS},
+            "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE", "STRING")
     RETURN_NAMES = ("lora_name", "lora_path", "loss_plot", "report")
@@ -440,13 +448,15 @@ class LoraTrainTrain:
               conv_rank=0, conv_alpha=0.0, factor=-1, full_matrix=False, dropout=0.0, rank_dropout=0.0,
               module_dropout=0.0, loraplus_lr_ratio=0.0, kohya_config="", clip_skip=0,
               max_token_length="75", shuffle_caption=False, keep_tokens=0, caption_tag_dropout_rate=0.0,
-              reg_data_dir="", prior_loss_weight=1.0, loss_type="l2", network_weights="", ema_decay=0.0):
+              reg_data_dir="", prior_loss_weight=1.0, loss_type="l2", network_weights="", ema_decay=0.0,
+              fp8_base="auto"):
         from lora_train.config import TrainConfig
         from lora_train.plots import loss_plot
         from lora_train.run import train_for_host
 
         host = ComfyUIHost(model, clip, vae, node_id=unique_id)
         device, precision = _device_and_precision(mixed_precision)
+        plan = host.memory_plan(device, fp8_base)  # Flux / SD3 only (hosts/comfyui_flow.py); None for UNets
         from lora_train.kohya.toml_config import node_config
 
         node_kw = dict(
@@ -463,7 +473,8 @@ class LoraTrainTrain:
             conv_rank=int(conv_rank), conv_alpha=float(conv_alpha) if conv_alpha and conv_alpha > 0 else None,
             factor=int(factor), full_matrix=bool(full_matrix), dropout=float(dropout), rank_dropout=float(rank_dropout),
             module_dropout=float(module_dropout),
-            loraplus_lr_ratio=float(loraplus_lr_ratio) if loraplus_lr_ratio and loraplus_lr_ratio > 0 else None)
+            loraplus_lr_ratio=float(loraplus_lr_ratio) if loraplus_lr_ratio and loraplus_lr_ratio > 0 else None,
+            **({"fp8_base": plan.fp8_base} if plan else {}))
         kohya_options = dict(kohya_config=kohya_config, clip_skip=clip_skip, max_token_length=max_token_length,
                              shuffle_caption=shuffle_caption, keep_tokens=keep_tokens,
                              caption_tag_dropout_rate=caption_tag_dropout_rate, reg_data_dir=reg_data_dir,
@@ -526,6 +537,8 @@ class LoraTrainTrain:
         if res.message:
             lines.append(res.message)
         lines.extend(run.warnings)
+        if plan:
+            lines.append(plan.text)
         lines.extend(_advice_lines(res, cfg))
         lines.append(f"run folder (config, loss log): {res.output_dir}")
         report = "\n".join(lines)

@@ -114,3 +114,38 @@ def test_comfyui_applies_our_lora_to_a_small_real_model(kind, config, modules, t
     assert res["probe_modules"] == modules and res["probe_max_abs_diff"] <= 1e-3
     assert res["output_change"] > 1e-3 * max(res["output_scale"], 1.0)
     assert res["unpatched_again_diff"] <= 1e-5
+
+
+def test_train_node_in_real_comfyui_on_a_flux_graph(tmp_path):
+    """Our Train node inside a real ComfyUI on a Flux graph ComfyUI built (tests/comfyui_flow_train_check.py): a small
+    Flux-architecture model (hidden 3072, 1 double + 1 single block) trained 2 steps at 64 px; the LoRA in loras/ is
+    applied by ComfyUI's loader with 0 keys not loaded and changes the output; the sweep runs through ComfyUI's
+    sampler."""
+    from lora_train.data.demo import write_demo_dataset
+
+    unet = small_model("flux")
+    model_file = str(tmp_path / "flux_small.safetensors")
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in unet.state_dict().items()}, model_file)
+    dims = (unet.config.joint_attention_dim, unet.config.pooled_projection_dim)
+    del unet
+    data = write_demo_dataset(str(tmp_path / "data"), n=2, size=64)
+    sp, out = tmp_path / "train_spec.json", tmp_path / "train_out.json"
+    sp.write_text(json.dumps({"model": model_file, "context_dim": dims[0], "pooled_dim": dims[1], "data": data,
+                              "base": str(tmp_path / "comfy_base")}))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(PYTHONPATH=COMFY, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    check = os.path.join(os.path.dirname(CHECK), "comfyui_flow_train_check.py")
+    r = subprocess.run([PY, check, str(sp), str(out)], cwd=COMFY, env=env, capture_output=True, text=True,
+                       timeout=3600)
+    print(r.stdout[-6000:], r.stderr[-6000:])
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["model_config"] == "Flux"
+    assert res["lora_name"] == "flux_real.safetensors"
+    assert res["lora_path"] == str(tmp_path / "comfy_base" / "loras" / "flux_real.safetensors")
+    assert "memory plan: Flux.1 transformer" in res["report"] and "2 steps" in res["report"]
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in res["lora_modules"]
+    assert "lora_unet_single_blocks_0_linear1" in res["lora_modules"]
+    assert res["not_loaded"] == [] and res["model_patches"] == len(res["lora_modules"])
+    assert res["output_change"] > 0.0
+    assert res["sweep_cells"] == [2, 64, 64, 3] and res["sweep_lora_changes"] > 0.0

@@ -29,6 +29,8 @@ import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from .base import Host, HostError
+from .comfyui_flow import (LATENT_CHANNELS, family_of_state_dict, flow_base_model_from_state_dict, graph_family,
+                           memory_plan)
 
 log = logging.getLogger("lora_train.comfyui")
 RUNS_SUBFOLDER = "lora_train"  # run folders (config, loss log, plot, resumable state) under ComfyUI's output dir
@@ -90,9 +92,9 @@ def graph_state_dict(model: Any, clip: Any, vae: Any) -> Dict[str, Any]:
     else:
         sd = sd1_parts_to_ldm(inner.state_dict(), clip_sd, vae_sd)
     sd = _tensors(sd)
-    if UNET_KEY not in sd:
-        raise HostError("the MODEL input is not a Stable Diffusion UNet (no input_blocks): this trainer takes "
-                        "SD1.x / SD2.x / SDXL checkpoints.")
+    if UNET_KEY not in sd and family_of_state_dict(sd) is None:  # Flux / SD3: hosts/comfyui_flow.py
+        raise HostError("the MODEL input is not a Stable Diffusion UNet (no input_blocks) nor a Flux.1 / SD3 "
+                        "transformer: this trainer takes SD1.x / SD2.x / SDXL, Flux.1 and SD3 / SD3.5 models.")
     return sd
 
 
@@ -125,6 +127,8 @@ def base_model_from_graph(model: Any, clip: Any, vae: Any, name: str = ""):
 
     with torch.inference_mode(False):
         sd = graph_state_dict(model, clip, vae)
+        if family_of_state_dict(sd) is not None:  # Flux / SD3: 16-bit copies, see comfyui_flow's memory plan
+            return flow_base_model_from_state_dict(sd, name or graph_model_name(model))
         # ComfyUI runs nodes under torch.inference_mode(): the weights it loaded there are inference tensors,
         # which autograd refuses to save for backward. The float32 cast below makes normal tensors of the
         # others (fp16/bf16 weights); the ones already float32 (or not floating) are copied here.
@@ -260,6 +264,10 @@ class ComfyUIHost(Host):
             raise HostError("no MODEL connected: connect the MODEL, CLIP and VAE of a checkpoint loader.")
         return base_model_from_graph(self.model, self.clip, self.vae)
 
+    def memory_plan(self, device: str, fp8_base: str = "auto"):
+        """The Train node's memory plan for a Flux / SD3 MODEL (hosts/comfyui_flow.py); None for UNet models."""
+        return memory_plan(self.model, device, fp8_base) if self.model is not None else None
+
     def free_memory(self) -> None:
         """Unload every model ComfyUI holds on the GPU (their weights return to the offload device)."""
         import comfy.model_management as mm
@@ -336,7 +344,8 @@ class ComfyUIHost(Host):
                 f = int(self.vae.spacial_compression_encode())
             except (TypeError, ValueError):
                 f = 8
-        return {"samples": torch.zeros([1, 4, max(1, height // f), max(1, width // f)])}
+        channels = LATENT_CHANNELS.get(graph_family(self.model), 4)  # Flux / SD3 latents have 16 channels
+        return {"samples": torch.zeros([1, channels, max(1, height // f), max(1, width // f)])}
 
     def generate(self, params):
         """One image through ComfyUI's LoRA loader, CLIP text encode, nodes.common_ksampler and VAE decode."""

@@ -37,6 +37,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from .base import Host, HostError
 from ..models.single_file import from_original_state_dict, load_single_file
 from ..models.loading import load_base_model
+from ..models.base import ModelError
+from ..models.flow_single_file import component_files, detect_family
 
 log = logging.getLogger("lora_train")
 
@@ -442,6 +444,30 @@ class ForgeHost(WebUIHost):
             return super()._loaded_base_model()
         # a LoRA is patched into the weights, or not an SD1 engine: the checkpoint file is the clean source
         return self._load_file(self._model().sd_checkpoint_info.filename)
+
+    def additional_modules(self) -> List[str]:
+        """The "VAE / Text Encoder" files Forge loaded with its checkpoint (model_data.forge_loading_parameters'
+        additional_modules, else the top bar's shared.opts.forge_additional_modules)."""
+        params = getattr(_sd_models().model_data, "forge_loading_parameters", None) or {}
+        mods = params.get("additional_modules")
+        if mods is None:
+            mods = getattr(_shared().opts, "forge_additional_modules", None)
+        return [str(m) for m in (mods or []) if m and os.path.isfile(str(m))]
+
+    def _load_file(self, path: str):
+        """Flux / SD3 checkpoints in Forge are often the transformer alone, with the VAE and text encoders picked in
+        Forge's top bar: those files become the ae / clip_l / clip_g / t5xxl component files."""
+        family = detect_family(path) if os.path.isfile(path) else None
+        if family is None:
+            return super()._load_file(path)
+        files = component_files(self.additional_modules(), family)
+        try:
+            return load_base_model(path, files=files)
+        except ModelError as exc:
+            if "but not" not in str(exc):
+                raise
+            raise HostError(f"{exc} In Forge: pick them in the 'VAE / Text Encoder' list at the top of the page "
+                            f"(files in models/VAE and models/text_encoder), then train again.") from None
 
     def unmerge_loras(self) -> None:
         return None  # Forge patches a clone and resets to forge_objects_original on the next load_networks

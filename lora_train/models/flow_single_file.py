@@ -58,6 +58,48 @@ def detect_family(path: str) -> Optional[str]:
     return family_of_keys(shapes)
 
 
+def component_kind(path: str) -> Optional[str]:
+    """"ae", "t5xxl" or "clip" (CLIP-L or CLIP-G: `component_files` tells them apart by width) for a separate
+    component file, from its .safetensors header; None when it is none of them (or unreadable)."""
+    try:
+        shapes, _ = read_safetensors_header(os.path.expanduser(str(path)))
+    except (ModelError, OSError):
+        return None
+    keys = list(shapes)
+    if any(k.endswith("encoder.conv_in.weight") for k in keys) and any("decoder." in k for k in keys):
+        return "ae"
+    if any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.weight") for k in keys):
+        return "t5xxl"
+    if any(k.endswith("embeddings.token_embedding.weight") for k in keys):
+        return "clip"
+    return None
+
+
+def _clip_width(path: str) -> int:
+    shapes, _ = read_safetensors_header(os.path.expanduser(str(path)))
+    return max((s[-1] for k, s in shapes.items() if k.endswith("embeddings.token_embedding.weight")), default=0)
+
+
+def component_files(paths, family: Optional[str] = None) -> Dict[str, str]:
+    """{"ae" / "clip_l" / "clip_g" / "t5xxl": path} of a list of separate component files in any order (Forge's
+    "VAE / Text Encoder" picks, `shared.opts.forge_additional_modules`). Two CLIP files: the wider one is CLIP-G
+    (1280 vs 768); one: CLIP-L, unless it is 1280 wide in an SD3 set. Files of other kinds are left out."""
+    out: Dict[str, str] = {}
+    clips = []
+    for p in paths or []:
+        kind = component_kind(p)
+        if kind == "clip":
+            clips.append(str(p))
+        elif kind is not None and kind not in out:
+            out[kind] = str(p)
+    if len(clips) >= 2:
+        clips.sort(key=_clip_width)
+        out["clip_l"], out["clip_g"] = clips[0], clips[-1]
+    elif clips:
+        out["clip_g" if family == "sd3" and _clip_width(clips[0]) == 1280 else "clip_l"] = clips[0]
+    return out
+
+
 # ----------------------------------------------------------------------------- reading
 def _dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a stored tensor is loaded as: float8 -> bfloat16 (computed in 16 bits; fp8_base re-stores the
@@ -81,10 +123,15 @@ def read_file(path: str, what: str) -> Dict[str, torch.Tensor]:
         for k in fh.keys():
             t = fh.get_tensor(k)
             out[k] = t.to(_dtype(t)) if t.is_floating_point() else t
-    if "scaled_fp8" in out or any(k.endswith(".scale_weight") for k in out):
-        raise ModelError(f"'{path}' is a 'scaled fp8' file (ComfyUI's *_fp8_scaled): its weights need per-layer "
-                         f"scales this trainer does not apply. Use the fp16 or plain fp8_e4m3fn release.")
+    check_not_scaled_fp8(out, f"'{path}' is")
     return out
+
+
+def check_not_scaled_fp8(sd, what: str) -> None:
+    """ComfyUI's "scaled fp8" weights (per-layer `scale_weight`) are refused: this trainer does not apply the scales."""
+    if "scaled_fp8" in sd or any(k.endswith(".scale_weight") for k in sd):
+        raise ModelError(f"{what} a 'scaled fp8' model (ComfyUI's *_fp8_scaled): its weights need per-layer "
+                         f"scales this trainer does not apply. Use the fp16 or plain fp8_e4m3fn release.")
 
 
 def _sub(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
@@ -251,7 +298,7 @@ def clip_from(sd: Dict[str, torch.Tensor], which: str):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     sd = {("text_model." + k if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k): v
-          for k, v in sd.items()}
+          for k, v in sd.items() if k != "logit_scale"}  # logit_scale: ComfyUI's CLIP objects carry it, unused here
     try:
         vocab, hidden = sd["text_model.embeddings.token_embedding.weight"].shape
         n = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
@@ -289,6 +336,8 @@ def t5_from(sd: Dict[str, torch.Tensor]):
     sd = {k: v for k, v in sd.items() if not k.startswith("decoder.")}
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    if "encoder.embed_tokens.weight" not in sd and "shared.weight" in sd:  # ComfyUI's T5 (and files saved from it)
+        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]  # hold only `shared`; the encoder's is the same table
     try:
         vocab, d_model = sd["shared.weight"].shape
         rel = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
@@ -329,14 +378,28 @@ def _component(main: Dict[str, torch.Tensor], files: Dict[str, str], key: str, p
 
 def load_flow_single_file(path: str, files: Dict[str, str]) -> BaseModel:
     """A Flux / SD3 single file plus its separate component files (module docstring)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     path = os.path.expanduser(path)
     family = detect_family(path)
     if family is None:
         raise ModelError(f"'{path}' is neither a Flux.1 nor an SD3 / SD3.5 transformer file.")
     main = read_file(path, "base model")
     name = os.path.splitext(os.path.basename(path))[0]
+    return flow_model_from_state_dict(main, files, name=name, path=os.path.abspath(path))
+
+
+def flow_model_from_state_dict(main: Dict[str, torch.Tensor], files: Optional[Dict[str, str]] = None, *,
+                               name: str = "", path: str = "") -> BaseModel:
+    """A Flux / SD3 `BaseModel` from weights in the single-file layouts (BFL / MMDiT transformer, optionally under
+    `model.diffusion_model.`, with `vae.` / `first_stage_model.` and `text_encoders.*.transformer.` parts inside, as a
+    ComfyUI graph's MODEL / CLIP / VAE give them through `state_dict_for_saving`) plus separate component `files`.
+    Tensors are used as given (no copies unless a layout or dtype conversion needs one)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    files = files or {}
+    family = family_of_keys(main)
+    if family is None:
+        raise ModelError(f"'{name or 'the model'}' holds neither a Flux.1 nor an SD3 / SD3.5 transformer.")
+    path = path or name
     if family == "flux":
         tr = flux_transformer(main)
         variant = "flux-dev" if tr.config.guidance_embeds else "flux-schnell"
@@ -347,7 +410,10 @@ def load_flow_single_file(path: str, files: Dict[str, str]) -> BaseModel:
             vae = vae_from({k: v for k, v in main.items() if k.startswith(VAE_PREFIXES)}, family)
         else:
             vae = vae_from(_component(main, files, "ae", "", family, found), family)
-        te = clip_from(_component(main, files, "clip_l", TE_PREFIXES["clip_l"], family, found), "clip_l")
+        # Flux takes CLIP-L's pooler_output (a CLIPTextModel): a text_projection in the file is not used
+        clip_l = {k: v for k, v in _component(main, files, "clip_l", TE_PREFIXES["clip_l"], family, found).items()
+                  if not k.startswith("text_projection")}
+        te = clip_from(clip_l, "clip_l")
         t5 = t5_from(_component(main, files, "t5xxl", TE_PREFIXES["t5xxl"], family, found))
         sched = FlowMatchEulerDiscreteScheduler(**(SCHEDULER_DEV if variant == "flux-dev" else SCHEDULER_SCHNELL))
         small = tr.config.num_layers < 8
@@ -355,7 +421,7 @@ def load_flow_single_file(path: str, files: Dict[str, str]) -> BaseModel:
         if small:
             extra["t5_default_length"] = 32
         return BaseModel(unet=tr, vae=vae, text_encoder=te, tokenizer=flow.clip_tokenizer(), noise_scheduler=sched,
-                         kind="flux", name=name, path=os.path.abspath(path), text_encoder_2=t5,
+                         kind="flux", name=name, path=path, text_encoder_2=t5,
                          tokenizer_2=flow.t5_tokenizer(flow.T5_MAX_LENGTH[variant]),
                          native_resolution=64 if small else 1024, extra=extra)
     from .sd3 import variant_of
@@ -377,6 +443,6 @@ def load_flow_single_file(path: str, files: Dict[str, str]) -> BaseModel:
         extra["t5_default_length"] = 32
     return BaseModel(unet=tr, vae=vae, text_encoder=te1, tokenizer=flow.clip_tokenizer(),
                      noise_scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_SD3), kind="sd3", name=name,
-                     path=os.path.abspath(path), text_encoder_2=te2, tokenizer_2=flow.clip_tokenizer(pad_token="!"),
+                     path=path, text_encoder_2=te2, tokenizer_2=flow.clip_tokenizer(pad_token="!"),
                      text_encoder_3=t5, tokenizer_3=flow.t5_tokenizer(256) if t5 is not None else None,
                      native_resolution=64 if small else 1024, extra=extra)

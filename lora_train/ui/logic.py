@@ -24,7 +24,7 @@ NETWORK_KEYS = ["network_type", "conv_rank", "conv_alpha", "factor", "full_matri
                 "module_dropout", "loraplus_lr_ratio"]
 SETTING_KEYS += NETWORK_KEYS
 SETTING_KEYS += advanced.TAB_KEYS  # Advanced (kohya options) and the loaded kohya config (ui/advanced.py)
-MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl")
+MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl", "flux", "sd3")
 TASKS = ("style", "character", "face", "object", "concept", "other")
 #: suggestion keys the tab has a field for
 SUGGEST_FIELDS = ("learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps", "epochs",
@@ -89,9 +89,18 @@ def resolve_base(host, value: str) -> Tuple[Optional[str], str]:
 
 
 def guess_model_type(model_type: str, base_value: str) -> str:
-    if model_type in ("sd1", "sd2", "sdxl"):
+    if model_type in ("sd1", "sd2", "sdxl", "flux", "sd3"):
         return model_type
+    from ..models.flow_loading import family_of_spec  # lazy: torch / diffusers (Flux / SD3 from the weights)
+
+    family = family_of_spec(base_value)
+    if family:
+        return family
     name = (base_value or "").lower()
+    if "flux" in name:
+        return "flux"
+    if re.search(r"(^|[^a-z])sd_?3", name):
+        return "sd3"
     if "xl" in name or "pony" in name or "illustrious" in name:
         return "sdxl"
     if re.search(r"(^|[^0-9])(v?2[-_.]?[01]|768)([^0-9]|$)", name):
@@ -140,6 +149,15 @@ def network_config(values: Dict[str, Any]) -> Dict[str, Any]:
             "full_matrix": bool(get("full_matrix", False)), "dropout": num("dropout", "dropout"),
             "rank_dropout": num("rank_dropout", "rank dropout"), "module_dropout": num("module_dropout", "module dropout"),
             "loraplus_lr_ratio": num("loraplus_lr_ratio", "LoRA+ ratio") or None}
+
+
+def _checkpoint_path(host, value: str) -> str:
+    """The file a base-model field names as the host shows it (a title with a hash, a name), else the value."""
+    try:
+        found = host.find_checkpoint(value) if (value or "").strip() else None
+    except Exception:
+        found = None
+    return found[0] if found else (value or "")
 
 
 def _loaded_path(host) -> str:
@@ -300,7 +318,7 @@ def suggest_settings(host, folder: str, task: str, model_type: str, base_value: 
         raise UserError("set the dataset folder first (Dataset section): the advice depends on how many images "
                         "there are.")
     real = dataset_folder(host, folder)
-    kind = guess_model_type(model_type, base_value or _loaded_path(host))
+    kind = guess_model_type(model_type, _checkpoint_path(host, base_value) or _loaded_path(host))
     tiny = is_tiny(base_value) or (not base_value and is_tiny(_loaded_path(host)))
     res = 64 if tiny else None
     images, samples = count_images(real, res or 512, trigger)

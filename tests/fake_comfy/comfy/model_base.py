@@ -57,3 +57,45 @@ class BaseModelWithoutSaving(BaseModel):
         if name == "state_dict_for_saving":
             raise AttributeError(name)
         return super().__getattribute__(name)
+
+
+# ----------------------------------------------------------------------------- Flux / SD3 (issue #16)
+class _LatentFormat:
+    def __init__(self, channels):
+        self.latent_channels = channels
+        self.latent_dimensions = 2
+
+
+class Flux:
+    """Stands for comfy.supported_models.Flux: vae_key_prefix ["vae."], text_encoder_key_prefix ["text_encoders."]."""
+    vae_prefix = "vae."
+
+
+class FluxSchnell(Flux):
+    pass
+
+
+class SD3:
+    """Stands for comfy.supported_models.SD3 (and SD35*): vae_key_prefix ["first_stage_model."] (BASE's default)."""
+    vae_prefix = "first_stage_model."
+
+
+class FlowModel(BaseModel):
+    """comfy.model_base.Flux / SD3 as far as the glue sees them: the BFL / MMDiT keys as `diffusion_model`, a 16-channel
+    latent_format, and BASE.process_*_for_saving of ComfyUI 0.8.0 (unet under `model.diffusion_model.`, the CLIP
+    object's keys under `text_encoders.`, the VAE's under the config's vae prefix)."""
+
+    def __init__(self, unet_sd, config):
+        self.model_config = config
+        self.diffusion_model = _Weights(unet_sd)
+        self.v_prediction = False
+        self.sigmas = torch.linspace(0.0, 1.0, 1000)
+        self.latent_format = _LatentFormat(16)
+
+    def state_dict_for_saving(self, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
+        out = utils.state_dict_prefix_replace(self.diffusion_model.state_dict(), {"": "model.diffusion_model."})
+        if clip_state_dict is not None:
+            out.update(utils.state_dict_prefix_replace(dict(clip_state_dict), {"": "text_encoders."}))
+        if vae_state_dict is not None:
+            out.update(utils.state_dict_prefix_replace(dict(vae_state_dict), {"": self.model_config.vae_prefix}))
+        return out

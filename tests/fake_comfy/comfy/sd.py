@@ -11,7 +11,7 @@ import logging
 import torch
 
 from . import utils
-from .model_base import BaseModel, BaseModelWithoutSaving
+from .model_base import SD3, BaseModel, BaseModelWithoutSaving, FlowModel, Flux, FluxSchnell
 from .model_patcher import ModelPatcher
 
 
@@ -31,7 +31,8 @@ class CLIP:
         self.patcher = ModelPatcher(self.cond_stage_model, lora_key_map)
         self.layer_idx = None
         emb = clip_sd.get("clip_l.transformer.text_model.embeddings.token_embedding.weight")
-        self.hidden = int(emb.shape[1]) if emb is not None else 768
+        t5 = clip_sd.get("t5xxl.transformer.shared.weight")
+        self.hidden = int(t5.shape[1]) if t5 is not None else int(emb.shape[1]) if emb is not None else 768
 
     def clone(self):
         n = CLIP(no_init=True)
@@ -140,3 +141,44 @@ def load_state_dict_guess_config(sd, output_vae=True, output_clip=True, unet_lor
     clip = CLIP(clip_sd, clip_lora_key_map(clip_sd)) if output_clip else None
     vae = VAE(vae_sd) if output_vae else None
     return (model, clip, vae, None)
+
+
+# ----------------------------------------------------------------------------- Flux / SD3 (issue #16)
+def flow_clip_lora_key_map(clip_sd):
+    """comfy.lora.model_lora_keys_clip for clip_l (lora_te_ / lora_te1_) and clip_g (lora_te2_, when clip_l is there)."""
+    out = {}
+    for k in clip_sd:
+        for enc, prefixes in (("clip_l", ("lora_te_", "lora_te1_")), ("clip_g", ("lora_te2_",))):
+            if k.startswith(enc + ".transformer.text_model.encoder.layers.") and k.endswith(".weight") \
+                    and (".self_attn." in k or ".mlp." in k):
+                name = k[len(enc + ".transformer."):-len(".weight")].replace(".", "_")
+                for p in prefixes:
+                    out[p + name] = k
+    return out
+
+
+def unet_lora_key_map_generic(unet_sd):
+    """comfy.lora.model_lora_keys_unet's rule for every model: `lora_unet_` + the key with `_` for `.`."""
+    return {"lora_unet_" + k[:-len(".weight")].replace(".", "_"): "diffusion_model." + k
+            for k in unet_sd if k.endswith(".weight")}
+
+
+def load_flow_parts(unet_sd, clip_sd, vae_sd, family="flux"):
+    """What ComfyUI's UNETLoader + DualCLIPLoader (Flux: clip_l + t5xxl; TripleCLIPLoader for SD3) + VAELoader hand
+    over, as the real ones hold them in memory: the BFL / MMDiT keys in the diffusion model, the CLIP object's
+    `clip_l.transformer.*` / `clip_g.transformer.*` / `t5xxl.transformer.*` keys (plus each encoder's `logit_scale`
+    and a CLIP `text_projection`, as sd1_clip.SDClipModel has them), the VAE's LDM keys. Returns (MODEL, CLIP, VAE)."""
+    clip_sd = dict(clip_sd)
+    clip_sd.pop("t5xxl.transformer.encoder.embed_tokens.weight", None)  # comfy's T5 has only `shared`
+    for enc in ("clip_l", "clip_g", "t5xxl"):
+        emb = clip_sd.get(f"{enc}.transformer.text_model.embeddings.token_embedding.weight")
+        if emb is not None and f"{enc}.transformer.text_projection.weight" not in clip_sd:
+            clip_sd[f"{enc}.transformer.text_projection.weight"] = torch.eye(emb.shape[1])
+        if any(k.startswith(enc + ".") for k in clip_sd):
+            clip_sd[f"{enc}.logit_scale"] = torch.tensor(4.6055)
+    if family == "flux":
+        config = Flux() if any(k.startswith("guidance_in.") for k in unet_sd) else FluxSchnell()
+    else:
+        config = SD3()
+    model = ModelPatcher(FlowModel(unet_sd, config), unet_lora_key_map_generic(unet_sd))
+    return model, CLIP(clip_sd, flow_clip_lora_key_map(clip_sd)), VAE(vae_sd)

@@ -216,3 +216,23 @@ class FakeForgeEngine:
 
     def te_value(self):
         return float(self.forge_objects.clip.lora_delta)
+
+
+class FakeForgeFluxEngine(FakeForgeEngine):
+    """backend.diffusion_engine.flux.Flux's surface: not a WebUI legacy model (is_sd1 / is_sd2 / is_sdxl / is_sd3
+    False), forge_objects.unet.model.diffusion_model holding the BFL transformer keys as Forge loads a
+    transformer-only checkpoint (the VAE and text encoders come from shared.opts.forge_additional_modules)."""
+
+    def _build(self, bfl_sd, info, is_sd1):
+        unet_model = nn.Module()
+        unet_model.add_module("diffusion_model", module_tree(bfl_sd))
+        unet_model.storage_dtype = torch.bfloat16
+        te = nn.Module()
+        te.add_module("probe", nn.Linear(1, 1, bias=False))
+        self.forge_objects = ForgeObjects(_Patcher(unet_model), _Clip(te), _Vae(nn.Module()))
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
+        self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = False
+        self.sd_checkpoint_info = info
+        self.filename = info.filename
