@@ -489,3 +489,15 @@ def test_sd2_lokr_with_the_text_encoder_round_trip(data, tmp_path):
     assert (got - ref).abs().max() <= 1e-5
     with safe_open(res.lora_path, "pt") as fh:
         assert fh.metadata()["ss_v2"] == "True"
+
+
+def test_tab_suggest_passes_the_network_type(tmp_path, demo_data):
+    """The tab's Suggest advises for the network type chosen in the tab (LoKr: its own lr range and factor)."""
+    from lora_train.hosts.standalone import StandaloneHost
+    from lora_train.ui import logic
+
+    host = StandaloneHost("tiny", str(tmp_path / "loras"))
+    plain, md_plain = logic.suggest_settings(host, demo_data, "style", "auto", "tiny", "", 1, 64)
+    lokr, md_lokr = logic.suggest_settings(host, demo_data, "style", "auto", "tiny", "", 1, 64, "", "lokr")
+    assert "lokr" in md_lokr and "Kronecker" in md_lokr and "Kronecker" not in md_plain
+    assert lokr["learning_rate"] >= 4e-4 > plain["learning_rate"]

@@ -310,8 +310,9 @@ def count_images(folder: str, resolution: int, trigger: str) -> Tuple[int, int]:
 
 
 def suggest_settings(host, folder: str, task: str, model_type: str, base_value: str, vram_gb: Any,
-                     accumulation: Any, resolution: Any, trigger: str = "") -> Tuple[Dict[str, Any], str]:
-    """Advisor values for the tab's fields and a markdown table of the reasons."""
+                     accumulation: Any, resolution: Any, trigger: str = "", network_type: str = "lora"
+                     ) -> Tuple[Dict[str, Any], str]:
+    """Advisor values for the tab's fields and a markdown table of the reasons (for the chosen network type)."""
     from ..tuning.advisor import suggest
 
     if not (folder or "").strip():
@@ -328,7 +329,7 @@ def suggest_settings(host, folder: str, task: str, model_type: str, base_value: 
     accum = _int(accumulation or 1, "gradient accumulation", 1)
     s = suggest(images, task=task, base=kind, vram_gb=vram, gradient_accumulation_steps=accum,
                 resolution=res, samples_per_epoch=samples, vram_field=VRAM_FIELD,
-                model_name=os.path.basename(str(base_value or _loaded_path(host) or "")))
+                network_type=network_type or "lora", model_name=os.path.basename(str(base_value or _loaded_path(host) or "")))
     values = {k: s.value(k) for k in SUGGEST_FIELDS if k in s.settings}
     if tiny:
         values["resolution"] = 64

@@ -118,7 +118,8 @@ def wire(c, blocks) -> None:
         v = values_of(vals)
         try:
             values, md = logic.suggest_settings(host, path, task_v, v["model_type"], v["base_model"], vram_v,
-                                                v["gradient_accumulation_steps"], v["resolution"], trig)
+                                                v["gradient_accumulation_steps"], v["resolution"], trig,
+                                                v.get("network_type") or "lora")
         except Exception as exc:
             return (update(),) * (len(logic.SUGGEST_FIELDS) + 1) + (_err(exc), update(), update(),
                                                                      update(visible=False))
