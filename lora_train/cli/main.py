@@ -48,6 +48,14 @@ class TqdmRenderer:
 
 
 def cmd_train(args, extra: List[str]) -> int:
+    if isinstance(args.config, list):  # `train a.yaml b.yaml ...`: a queue, one run after another (cli/queue.py)
+        if len(args.config) > 1:
+            from .queue import run_queue
+
+            if args.resume:
+                raise ValueError("--resume takes one config: resume that run alone, then queue the others.")
+            return run_queue(args.config, extra, cmd_train)
+        args.config = args.config[0]
     from ..tuning.advisor import Finding, format_findings
     from ..hosts.standalone import StandaloneHost
     from ..run import train_for_host
@@ -163,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_train", description="LoRA trainer for Stable Diffusion")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a LoRA from a YAML config; any key can be overridden as --key value")
-    t.add_argument("config")
+    t.add_argument("config", nargs="+", help="one config, or several to run in order (a queue)")
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a run from its last saved state (the run's output_dir, or one state/step-N folder)")
     d = sub.add_parser("demo", help="procedural images -> caption -> train the tiny model on CPU -> strength grid")
@@ -185,7 +193,8 @@ COMMANDS = {"train": cmd_train, "demo": cmd_demo, "tiny-model": cmd_tiny_model}
 
 # Feature modules add their own subcommands: each exposes `add_commands(subparsers) -> {name: func}`,
 # func(args, extra) -> exit code.
-EXTENSIONS = ["lora_train.cli.sample", "lora_train.cli.tuning", "lora_train.cli.caption", "lora_train.cli.ui"]
+EXTENSIONS = ["lora_train.cli.sample", "lora_train.cli.tuning", "lora_train.cli.caption", "lora_train.cli.ui",
+              "lora_train.cli.auto"]
 
 
 def _load_extensions(sub) -> None:
@@ -206,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.cmd != "train":
+    if extra and args.cmd not in ("train", "auto"):  # both take --key value config overrides
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.cmd](args, extra)
