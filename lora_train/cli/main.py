@@ -134,7 +134,8 @@ def cmd_tiny_model(args, extra: List[str]) -> int:
 def cmd_demo(args, extra: List[str]) -> int:
     from ..data.demo import DEMO_TRIGGER, write_demo_dataset
     from ..io_utils import next_free_name
-    from ..models.tiny import build_tiny
+    from ..metrics import learning_figure
+    from ..models.tiny_pixel import DEMO_MODEL, build_tiny_pixel, cache_dir, is_cached
     from ..hosts.standalone import StandaloneHost
     from ..run import train_for_host
     from ..sampler import GenParams, Generator, build_grid
@@ -144,6 +145,10 @@ def cmd_demo(args, extra: List[str]) -> int:
     data = os.path.join(out, "dataset")
     from ..captions import caption_folder, make_captioner
 
+    if not is_cached():
+        print(f"[0/4] first run: training the demo base model briefly (generic coloured shapes; about a minute or "
+              f"two on 2 cores, then cached in {cache_dir()})")
+        build_tiny_pixel(progress=_pretrain_progress())
     write_demo_dataset(data, n=8, size=64, captions=False)
     rep = caption_folder(data, make_captioner("template", template="{trigger}, {words}", trigger=DEMO_TRIGGER),
                          mode="skip")
@@ -151,20 +156,47 @@ def cmd_demo(args, extra: List[str]) -> int:
     print(f"[1/4] dataset: {data} (8 procedural images)")
     print(f"[2/4] captions (template backend, trigger word '{DEMO_TRIGGER}'): {rep.summary()}; e.g. '{example}'")
     name = next_free_name(out, "demo_lora")
-    cfg = TrainConfig(train_data_dir=data, base_model="tiny", output_dir=out, output_name=name, resolution=64,
+    cfg = TrainConfig(train_data_dir=data, base_model=DEMO_MODEL, output_dir=out, output_name=name, resolution=64,
                       lora_rank=8, learning_rate=args.lr, batch_size=2, epochs=args.epochs, lr_scheduler="cosine",
                       lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10)
     cfg.validate()
-    res = train_for_host(StandaloneHost("tiny", out), cfg, "tiny", callback=TqdmRenderer(), rename=False).result
+    res = train_for_host(StandaloneHost(DEMO_MODEL, out), cfg, DEMO_MODEL, callback=TqdmRenderer(),
+                         rename=False).result
     print(f"[3/4] trained {res.steps} steps in {res.seconds:.1f}s -> {res.lora_path}")
-    gen = Generator(build_tiny(), lora_dirs=[out])
+    gen = Generator(build_tiny_pixel(), lora_dirs=[out])
     base = GenParams(prompt=f"{DEMO_TRIGGER}, a red circle on a blue background <lora:{name}:1>", steps=args.sample_steps,
                      cfg_scale=1.0, width=64, height=64)
-    grid = build_grid(gen, base, name, [0.5, 1.0], [1, 2], cell_size=128)
+    seeds = list(range(1, args.seeds + 1))
+    grid = build_grid(gen, base, name, [0.5, 1.0], seeds, cell_size=128)
     grid_path = grid.save(os.path.join(out, "grids"), name)[0]
-    print(f"[4/4] grid (strength 0 / 0.5 / 1.0): {grid_path}")
+    print(f"[4/4] grid (strength 0 / 0.5 / 1.0; rows: seeds {', '.join(map(str, seeds))}): {grid_path}")
+    from PIL import Image
+
+    train_imgs = []
+    for f in sorted(os.listdir(data)):
+        if f.endswith(".png"):
+            with Image.open(os.path.join(data, f)) as im:
+                train_imgs.append(im.convert("RGB"))
+    fig = learning_figure(train_imgs, grid.cells, grid.col_labels, seeds)
     print(f"loss curve: {res.loss_png}; done in {time.time() - t0:.1f}s")
+    print(f"learning figure: {fig.summary()}")
     return 0
+
+
+def _pretrain_progress():
+    from tqdm.auto import tqdm
+
+    bar = {}
+
+    def cb(step, total, loss):
+        if "b" not in bar:
+            bar["b"] = tqdm(total=total, desc="demo base model", unit="step", mininterval=0.5)
+        bar["b"].n = step
+        bar["b"].set_postfix(loss=f"{loss:.4f}", refresh=True)
+        if step == total:
+            bar["b"].close()
+
+    return cb
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="high on purpose: the tiny random model needs it; real models start at 1e-4..2e-4")
     d.add_argument("--seed", type=int, default=42)
     d.add_argument("--sample-steps", type=int, default=20)
+    d.add_argument("--seeds", type=int, default=3, help="grid rows (seeds 1..N) the learning figure is measured on")
     tm = sub.add_parser("tiny-model", help="write the tiny demo model as a diffusers folder")
     tm.add_argument("dir")
     tm.add_argument("--v", action="store_true", help="v-prediction variant")

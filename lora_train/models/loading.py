@@ -9,9 +9,10 @@ from .diffusers_folder import load_diffusers_folder
 from .single_file import load_single_file
 from . import tiny as tiny_variants
 from .tiny import build_tiny
+from .tiny_pixel import build_tiny_pixel
 
 
-TINY_SPECS = ("tiny", "tiny-v", "tiny-sd2", "tiny-sd2-eps", "tiny-sdxl")
+TINY_SPECS = ("tiny", "tiny-v", "tiny-sd2", "tiny-sd2-eps", "tiny-sdxl", "tiny-pixel")
 
 
 def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False) -> BaseModel:
@@ -22,6 +23,8 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     if spec in TINY_SPECS:
         if spec == "tiny-sdxl":
             model = tiny_variants.build_tiny_sdxl()
+        elif spec == "tiny-pixel":  # the demo's model: pixels-as-latents VAE (models/pixel_vae.py)
+            model = build_tiny_pixel()
         elif spec.startswith("tiny-sd2"):
             model = tiny_variants.build_tiny_sd2(v_prediction=spec == "tiny-sd2")
         else:
