@@ -160,7 +160,7 @@ def folder_hash(folder):
 # ============================================================================= contract
 def test_every_node_contract(comfy):
     maps, names = comfy.pack.NODE_CLASS_MAPPINGS, comfy.pack.NODE_DISPLAY_NAME_MAPPINGS
-    assert len(maps) == 7 and set(names) == set(maps)
+    assert len(maps) == 8 and set(names) == set(maps)
     assert comfy.pack.WEB_DIRECTORY
     for node_id, cls in maps.items():
         assert cls.__name__ == node_id and "[unavailable]" not in names[node_id]

@@ -292,6 +292,8 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
     USED_NAMES.add(name)
     trigger = opts.trigger if opts.trigger is not None else name
     spec = opts.base if opts.base else None
+    loaded = host.loaded_checkpoint() if spec is None else None
+    is_tiny = (spec or (loaded[1] if loaded else "")) in TINY_SPECS  # the demo models: 64 px, CFG 1
     fam, fam_why = (opts.family, "your choice") if opts.family else family_of(spec, host)
     choices.append(Choice("check", "images", chk.images, f"{chk.images} images, {chk.samples} samples per epoch "
                                                          f"with repeats; {len(chk.uncaptioned)} without a caption"))
@@ -345,7 +347,7 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
     }
     if spec is not None:
         auto_extra["base_model"] = (spec, "the base model given")
-    if spec in TINY_SPECS:
+    if is_tiny:
         auto_extra["resolution"] = (64, "the tiny demo model's native resolution")
     for key, (value, reason) in auto_extra.items():
         _decide(choices, key, value, reason if key not in values or values[key] == value
@@ -401,11 +403,10 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
     say(f"[6/7] published {published[0]} (+ {len(published) - 1} epoch files)")
 
     # 7. grid: base / chosen / last at several strengths
-    tiny = (spec or "") in TINY_SPECS
     common = _common_caption(chk.rows)
     prompt = opts.prompt or (common if trigger in common else f"{trigger}, {common}".strip(", "))
     steps = opts.sample_steps or 20
-    cfg_scale = opts.cfg_scale if opts.cfg_scale is not None else (1.0 if tiny else 7.0)
+    cfg_scale = opts.cfg_scale if opts.cfg_scale is not None else (1.0 if is_tiny else 7.0)
     base = GenParams(prompt=f"{prompt} <lora:{name}:1>", steps=steps, cfg_scale=cfg_scale, width=cfg.resolution,
                      height=cfg.resolution)
     rows = [(f"chosen (epoch {ec.chosen})", name)]
