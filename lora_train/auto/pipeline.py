@@ -33,7 +33,7 @@ from ..metrics import colour_histogram, histogram_distance
 from ..models.loading import TINY_SPECS
 from ..run import train_for_host
 from ..sampler import GenParams, build_grid
-from ..tuning.advisor import TASKS, format_findings, Finding, suggest
+from ..tuning.advisor import TASKS, detect_vram_gb, suggest
 from . import choose as choose_mod
 
 MIN_IMAGES = 3           # at least 2 to train on and 1 held out to choose the epoch by
@@ -252,11 +252,8 @@ class _RunFolderHost(Host):
     def base_model(self, spec=None):
         return self.inner.base_model(spec)
 
-    def free_memory(self):
-        return self.inner.free_memory()
-
-    def restore_memory(self):
-        return self.inner.restore_memory()
+    def memory_freed(self):
+        return self.inner.memory_freed()  # the host's own (ComfyUI's also turns autograd back on)
 
     def interrupted(self):
         return self.inner.interrupted()
@@ -347,11 +344,16 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
     }
     if spec is not None:
         auto_extra["base_model"] = (spec, "the base model given")
+    if detect_vram_gb() is None:  # training runs on the CPU here: GPU memory savers only cost time
+        if values.get("mixed_precision", "no") != "no":
+            auto_extra["mixed_precision"] = ("no", "no CUDA GPU here: fp32 (mixed precision needs a GPU)")
+        if values.get("gradient_checkpointing"):
+            auto_extra["gradient_checkpointing"] = (False, "no CUDA GPU here: no GPU memory to save")
     if is_tiny:
         auto_extra["resolution"] = (64, "the tiny demo model's native resolution")
     for key, (value, reason) in auto_extra.items():
         _decide(choices, key, value, reason if key not in values or values[key] == value
-                else f"{reason} (the advisor's {values[key]!r} is for a full-size model)")
+                else f"{reason} (the advisor said {values[key]!r})")
         values[key] = value
     for key, value in ov.items():  # the user's flags win
         values[key] = value

@@ -158,7 +158,8 @@ def cmd_demo(args, extra: List[str]) -> int:
     name = next_free_name(out, "demo_lora")
     cfg = TrainConfig(train_data_dir=data, base_model=DEMO_MODEL, output_dir=out, output_name=name, resolution=64,
                       lora_rank=8, learning_rate=args.lr, batch_size=2, epochs=args.epochs, lr_scheduler="cosine",
-                      lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10)
+                      lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10,
+                      noise_offset=args.noise_offset)
     cfg.validate()
     res = train_for_host(StandaloneHost(DEMO_MODEL, out), cfg, DEMO_MODEL, callback=TqdmRenderer(),
                          rename=False).result
@@ -209,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="procedural images -> caption -> train the tiny model on CPU -> strength grid")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--epochs", type=int, default=40)
-    d.add_argument("--lr", type=float, default=2e-3,
-                   help="high on purpose: the tiny random model needs it; real models start at 1e-4..2e-4")
+    d.add_argument("--lr", type=float, default=1e-2,
+                   help="high on purpose: the tiny model needs it in 160 steps; real models start at 1e-4..2e-4")
+    d.add_argument("--noise-offset", type=float, default=0.2,
+                   help="noise offset: lets the short run learn the overall colour (what the figure measures)")
     d.add_argument("--seed", type=int, default=42)
     d.add_argument("--sample-steps", type=int, default=20)
     d.add_argument("--seeds", type=int, default=3, help="grid rows (seeds 1..N) the learning figure is measured on")
