@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from .base import BaseModel
-from .pixel_vae import PixelVAE
 from .tiny import TINY_RESOLUTION, TINY_SEED, _TINY_WORDS, _calibrate_vae_scale, build_tiny
 from ..data.demo import procedural_images
 from ..io_utils import save_safetensors
@@ -82,6 +81,8 @@ def build_tiny_pixel(prediction_type: str = "epsilon", seed: int = TINY_SEED, pr
     """The demo model (see the module docstring). progress(step, total, loss) is called while the UNet is trained
     on first use."""
     from safetensors.torch import load_file  # light, but only needed here
+
+    from .pixel_vae import PixelVAE  # subclasses diffusers' ModelMixin: diffusers loads only when a model is built
 
     model = build_tiny(prediction_type, seed)
     vae = PixelVAE(sample_size=TINY_RESOLUTION)
