@@ -19,6 +19,7 @@ from lora_train.config import NETWORK_TYPES, OPTIMIZERS, PRECISIONS as CONFIG_PR
 from lora_train.prompt import parse_floats, parse_ints
 
 from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image, save_preview
+from .auto_node import LoraTrainAuto
 from .names import CATEGORY, DATASET_TYPE, NODE_NAMES
 
 log = logging.getLogger("lora_train.comfyui")
@@ -697,5 +698,6 @@ NODE_CLASS_MAPPINGS = {
     "LoraTrainApplyLora": LoraTrainApplyLora,
     "LoraTrainPromptWithTags": LoraTrainPromptWithTags,
     "LoraTrainStrengthSweep": LoraTrainStrengthSweep,
+    "LoraTrainAuto": LoraTrainAuto,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {k: NODE_NAMES[k] for k in NODE_CLASS_MAPPINGS}

@@ -11,4 +11,5 @@ NODE_NAMES = {
     "LoraTrainApplyLora": "Apply LoRA (LoRA Train)",
     "LoraTrainPromptWithTags": "Prompt with LoRA tags (LoRA Train)",
     "LoraTrainStrengthSweep": "LoRA strength sweep (LoRA Train)",
+    "LoraTrainAuto": "Auto LoRA (LoRA Train)",
 }

@@ -160,7 +160,7 @@ def folder_hash(folder):
 # ============================================================================= contract
 def test_every_node_contract(comfy):
     maps, names = comfy.pack.NODE_CLASS_MAPPINGS, comfy.pack.NODE_DISPLAY_NAME_MAPPINGS
-    assert len(maps) == 7 and set(names) == set(maps)
+    assert len(maps) == 8 and set(names) == set(maps)
     assert comfy.pack.WEB_DIRECTORY
     for node_id, cls in maps.items():
         assert cls.__name__ == node_id and "[unavailable]" not in names[node_id]
@@ -234,7 +234,7 @@ assert not bad, bad
 for m in [m for m in sys.modules if m.startswith('lora_train') or m.startswith('diffusers') or m.startswith('peft')]:
     del sys.modules[m]
 m = load()
-assert len(m.NODE_CLASS_MAPPINGS) == 7
+assert len(m.NODE_CLASS_MAPPINGS) == 8
 assert not [x for x in m.NODE_CLASS_MAPPINGS if 'unavailable' in m.NODE_DISPLAY_NAME_MAPPINGS[x]]
 bad = [x for x in sys.modules if x.split('.')[0] in ('comfy', 'folder_paths', 'nodes', 'diffusers', 'peft',
        'accelerate', 'transformers') or x in ('lora_train.training.trainer', 'lora_train.sampler')]
@@ -251,7 +251,7 @@ import logging
 logging.basicConfig(level=logging.ERROR)
 sys.modules[{block!r}] = None
 m = load()
-assert len(m.NODE_CLASS_MAPPINGS) == 7
+assert len(m.NODE_CLASS_MAPPINGS) == 8
 for k, cls in m.NODE_CLASS_MAPPINGS.items():
     assert cls.CATEGORY == 'LoRA Train' and cls.INPUT_TYPES() == {{'required': {{}}, 'optional': {{}}}}
     assert 'unavailable' in m.NODE_DISPLAY_NAME_MAPPINGS[k]

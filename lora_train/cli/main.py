@@ -48,6 +48,14 @@ class TqdmRenderer:
 
 
 def cmd_train(args, extra: List[str]) -> int:
+    if isinstance(args.config, list):  # `train a.yaml b.yaml ...`: a queue, one run after another (cli/queue.py)
+        if len(args.config) > 1:
+            from .queue import run_queue
+
+            if args.resume:
+                raise ValueError("--resume takes one config: resume that run alone, then queue the others.")
+            return run_queue(args.config, extra, cmd_train)
+        args.config = args.config[0]
     from ..tuning.advisor import Finding, format_findings
     from ..hosts.standalone import StandaloneHost
     from ..run import train_for_host
@@ -138,7 +146,8 @@ def cmd_tiny_model(args, extra: List[str]) -> int:
 def cmd_demo(args, extra: List[str]) -> int:
     from ..data.demo import DEMO_TRIGGER, write_demo_dataset
     from ..io_utils import next_free_name
-    from ..models.tiny import build_tiny
+    from ..metrics import learning_figure
+    from ..models.tiny_pixel import DEMO_MODEL, build_tiny_pixel, cache_dir, is_cached
     from ..hosts.standalone import StandaloneHost
     from ..run import train_for_host
     from ..sampler import GenParams, Generator, build_grid
@@ -148,6 +157,10 @@ def cmd_demo(args, extra: List[str]) -> int:
     data = os.path.join(out, "dataset")
     from ..captions import caption_folder, make_captioner
 
+    if not is_cached():
+        print(f"[0/4] first run: training the demo base model briefly (generic coloured shapes; about a minute or "
+              f"two on 2 cores, then cached in {cache_dir()})")
+        build_tiny_pixel(progress=_pretrain_progress())
     write_demo_dataset(data, n=8, size=64, captions=False)
     rep = caption_folder(data, make_captioner("template", template="{trigger}, {words}", trigger=DEMO_TRIGGER),
                          mode="skip")
@@ -155,20 +168,48 @@ def cmd_demo(args, extra: List[str]) -> int:
     print(f"[1/4] dataset: {data} (8 procedural images)")
     print(f"[2/4] captions (template backend, trigger word '{DEMO_TRIGGER}'): {rep.summary()}; e.g. '{example}'")
     name = next_free_name(out, "demo_lora")
-    cfg = TrainConfig(train_data_dir=data, base_model="tiny", output_dir=out, output_name=name, resolution=64,
+    cfg = TrainConfig(train_data_dir=data, base_model=DEMO_MODEL, output_dir=out, output_name=name, resolution=64,
                       lora_rank=8, learning_rate=args.lr, batch_size=2, epochs=args.epochs, lr_scheduler="cosine",
-                      lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10)
+                      lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10,
+                      noise_offset=args.noise_offset)
     cfg.validate()
-    res = train_for_host(StandaloneHost("tiny", out), cfg, "tiny", callback=TqdmRenderer(), rename=False).result
+    res = train_for_host(StandaloneHost(DEMO_MODEL, out), cfg, DEMO_MODEL, callback=TqdmRenderer(),
+                         rename=False).result
     print(f"[3/4] trained {res.steps} steps in {res.seconds:.1f}s -> {res.lora_path}")
-    gen = Generator(build_tiny(), lora_dirs=[out])
+    gen = Generator(build_tiny_pixel(), lora_dirs=[out])
     base = GenParams(prompt=f"{DEMO_TRIGGER}, a red circle on a blue background <lora:{name}:1>", steps=args.sample_steps,
                      cfg_scale=1.0, width=64, height=64)
-    grid = build_grid(gen, base, name, [0.5, 1.0], [1, 2], cell_size=128)
+    seeds = list(range(1, args.seeds + 1))
+    grid = build_grid(gen, base, name, [0.5, 1.0], seeds, cell_size=128)
     grid_path = grid.save(os.path.join(out, "grids"), name)[0]
-    print(f"[4/4] grid (strength 0 / 0.5 / 1.0): {grid_path}")
+    print(f"[4/4] grid (strength 0 / 0.5 / 1.0; rows: seeds {', '.join(map(str, seeds))}): {grid_path}")
+    from PIL import Image
+
+    train_imgs = []
+    for f in sorted(os.listdir(data)):
+        if f.endswith(".png"):
+            with Image.open(os.path.join(data, f)) as im:
+                train_imgs.append(im.convert("RGB"))
+    fig = learning_figure(train_imgs, grid.cells, grid.col_labels, seeds)
     print(f"loss curve: {res.loss_png}; done in {time.time() - t0:.1f}s")
+    print(f"learning figure: {fig.summary()}")
     return 0
+
+
+def _pretrain_progress():
+    from tqdm.auto import tqdm
+
+    bar = {}
+
+    def cb(step, total, loss):
+        if "b" not in bar:
+            bar["b"] = tqdm(total=total, desc="demo base model", unit="step", mininterval=0.5)
+        bar["b"].n = step
+        bar["b"].set_postfix(loss=f"{loss:.4f}", refresh=True)
+        if step == total:
+            bar["b"].close()
+
+    return cb
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a LoRA from a YAML config (or a kohya .toml / kohya_ss .json); any key "
                                      "can be overridden as --key value")
-    t.add_argument("config")
+    t.add_argument("config", nargs="+", help="one config, or several to run in order (a queue)")
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a run from its last saved state (the run's output_dir, or one state/step-N folder)")
     t.add_argument("--dry-run", action="store_true",
@@ -184,10 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="procedural images -> caption -> train the tiny model on CPU -> strength grid")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--epochs", type=int, default=40)
-    d.add_argument("--lr", type=float, default=2e-3,
-                   help="high on purpose: the tiny random model needs it; real models start at 1e-4..2e-4")
+    d.add_argument("--lr", type=float, default=1e-2,
+                   help="high on purpose: the tiny model needs it in 160 steps; real models start at 1e-4..2e-4")
+    d.add_argument("--noise-offset", type=float, default=0.2,
+                   help="noise offset: lets the short run learn the overall colour (what the figure measures)")
     d.add_argument("--seed", type=int, default=42)
     d.add_argument("--sample-steps", type=int, default=20)
+    d.add_argument("--seeds", type=int, default=3, help="grid rows (seeds 1..N) the learning figure is measured on")
     tm = sub.add_parser("tiny-model", help="write the tiny demo model as a diffusers folder")
     tm.add_argument("dir")
     tm.add_argument("--v", action="store_true", help="v-prediction variant")
@@ -203,7 +247,7 @@ COMMANDS = {"train": cmd_train, "demo": cmd_demo, "tiny-model": cmd_tiny_model}
 # Feature modules add their own subcommands: each exposes `add_commands(subparsers) -> {name: func}`,
 # func(args, extra) -> exit code.
 EXTENSIONS = ["lora_train.cli.sample", "lora_train.cli.tuning", "lora_train.cli.caption", "lora_train.cli.ui",
-              "lora_train.cli.kohya"]
+              "lora_train.cli.kohya", "lora_train.cli.auto"]
 
 
 def _load_extensions(sub) -> None:
@@ -224,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.cmd != "train":
+    if extra and args.cmd not in ("train", "auto"):  # both take --key value config overrides
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.cmd](args, extra)

@@ -10,9 +10,10 @@ from .single_file import load_single_file
 from . import tiny as tiny_variants
 from .tiny import build_tiny
 from . import flow_loading
+from .tiny_pixel import build_tiny_pixel
 
 
-TINY_SPECS = ("tiny", "tiny-v", "tiny-sd2", "tiny-sd2-eps", "tiny-sdxl") + flow_loading.TINY_FLOW_SPECS
+TINY_SPECS = ("tiny", "tiny-v", "tiny-sd2", "tiny-sd2-eps", "tiny-sdxl", "tiny-pixel") + flow_loading.TINY_FLOW_SPECS
 
 
 def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False,
@@ -28,6 +29,8 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     if spec in TINY_SPECS:
         if spec == "tiny-sdxl":
             model = tiny_variants.build_tiny_sdxl()
+        elif spec == "tiny-pixel":  # the demo's model: pixels-as-latents VAE (models/pixel_vae.py)
+            model = build_tiny_pixel()
         elif spec.startswith("tiny-sd2"):
             model = tiny_variants.build_tiny_sd2(v_prediction=spec == "tiny-sd2")
         else:

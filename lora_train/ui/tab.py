@@ -13,10 +13,10 @@ from typing import Any, Dict
 import gradio as gr
 
 from . import logic
-from .sections import dataset, settings, test, train
+from .sections import auto, dataset, settings, test, train
 from .sections.common import keep_out_of_ui_config
 
-SECTIONS = (("Dataset", dataset), ("Settings", settings), ("Train", train), ("Test", test))
+SECTIONS = (("Dataset", dataset), ("Settings", settings), ("Train", train), ("Test", test), ("Auto & queue", auto))
 
 
 def build_tab(host) -> "gr.Blocks":

@@ -1,0 +1,457 @@
+"""Auto mode: one call from an image folder to a published LoRA with a report.
+
+    check the folder (refuse before any work where training cannot work)
+    -> caption the images that have none (host interrogator, else a local captioning model already on disk,
+       else template + trigger)
+    -> settings from the advisor (each with its reason; optionally an LR range test first)
+    -> train with a held-out validation split and epoch files (the one path: run.train_for_host, into the run
+       folder)
+    -> choose the epoch by validation loss (auto/choose.py says how ties and noise are handled), name the runner-up
+    -> publish the chosen epoch under NAME into the host's LoRA folder (every epoch also as NAME-00000E)
+    -> A/B grid: base / chosen / last epoch at several strengths (host.generate: the host's own sampler)
+    -> report.md in the run folder (auto/report.py)
+
+Every automatic choice can be overridden: `overrides` holds TrainConfig keys (the same `--key value` flags and
+fields as a normal run); a key given there wins and the report says "your choice".
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+from ..captions import caption_folder, make_captioner
+from ..config import TrainConfig
+from ..data.folder import FolderError, scan_folder
+from ..hosts.base import USED_NAMES, Host
+from ..io_utils import atomic_copy
+from ..metrics import colour_histogram, histogram_distance
+from ..models.loading import TINY_SPECS
+from ..run import train_for_host
+from ..sampler import GenParams, build_grid
+from ..tuning.advisor import TASKS, detect_vram_gb, suggest
+from . import choose as choose_mod
+
+MIN_IMAGES = 3           # at least 2 to train on and 1 held out to choose the epoch by
+MIN_SIDE = 64            # pixels: smaller images carry too little to learn from
+VAL_FRACTION = 0.15      # held out for the validation loss (at least one image)
+DEFAULT_STRENGTHS = (0.5, 0.75, 1.0)
+DEFAULT_SEEDS = (1, 2)
+
+
+class AutoRefused(ValueError):
+    """The folder cannot train; the message says why and what to do. Raised before anything is written."""
+
+
+@dataclass
+class Choice:
+    """One automatic decision: what, the value, why, and whether the user set it."""
+
+    step: str
+    key: str
+    value: Any
+    reason: str
+    user: bool = False
+
+
+@dataclass
+class AutoOptions:
+    folder: str
+    name: str
+    task: str = "style"
+    base: Optional[str] = None          # base model spec (None: the host's loaded model)
+    family: Optional[str] = None        # sd1 | sd2 | sdxl (None: from the base model)
+    vram: Optional[float] = None
+    trigger: Optional[str] = None       # default: the name
+    captioner: str = "auto"             # auto | template | host | transformers | wd14
+    lr_find: bool = False               # an LR range test before training (costs about 100 steps)
+    tolerance: Optional[float] = None   # epoch choice tie tolerance; None = the noise sigma
+    strengths: Sequence[float] = DEFAULT_STRENGTHS
+    seeds: Sequence[int] = DEFAULT_SEEDS
+    prompt: Optional[str] = None        # grid prompt (default: the trigger and the commonest caption)
+    sample_steps: Optional[int] = None
+    cfg_scale: Optional[float] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)   # TrainConfig keys: the user's choices win
+    rename: bool = True                 # take a free name (NAME_v2 ...) when NAME is taken; False: refuse
+
+
+@dataclass
+class AutoResult:
+    name: str
+    run_dir: str
+    lora_path: str                      # the published chosen epoch, NAME.safetensors in the LoRA folder
+    published: List[str]
+    chosen_epoch: int
+    runner_up: Optional[int]
+    last_epoch: int
+    epoch_choice: choose_mod.EpochChoice
+    choices: List[Choice]
+    config: TrainConfig
+    grid_path: Optional[str]
+    report_path: str
+    report: str
+    tag: str
+    strength: float
+    captions_written: List[str]
+    captions_kept: List[str]
+    findings: List[Dict[str, Any]]
+    warnings: List[str]
+    train_result: Any = None
+
+
+# ----------------------------------------------------------------------------- 1. check
+@dataclass
+class FolderCheck:
+    rows: list
+    images: int
+    samples: int
+    uncaptioned: List[str]
+    warnings: List[str]
+
+
+def check_folder(folder: str, min_images: int = MIN_IMAGES) -> FolderCheck:
+    """Read the folder as the trainer will (data/folder.scan_folder) and open every image. Raises AutoRefused
+    (nothing written) when training cannot work: no folder, too few images, unreadable or tiny images."""
+    try:
+        scan = scan_folder(folder)
+    except FolderError as exc:
+        raise AutoRefused(f"cannot train: {exc} Give the folder that holds the training images.") from exc
+    if scan.meta_problems:
+        raise AutoRefused("cannot train: the metadata file is not usable: " + "; ".join(scan.meta_problems))
+    rows = scan.rows
+    if len(rows) < min_images:
+        raise AutoRefused(f"cannot train: '{folder}' holds {len(rows)} image(s); auto mode needs at least "
+                          f"{min_images} (some to train on and one held out to choose the epoch by). Add images "
+                          f"(15-50 is a good start for a style or a character).")
+    bad: List[str] = [f"{os.path.basename(p)} ({why})" for p, why in scan.broken]
+    small: List[str] = []
+    for r in rows:
+        try:
+            with Image.open(r.path) as im:
+                im.verify()
+            with Image.open(r.path) as im:
+                w, h = im.size
+        except Exception as exc:  # any decoder error means the trainer could not read it either
+            bad.append(f"{os.path.basename(r.path)} ({type(exc).__name__})")
+            continue
+        if min(w, h) < MIN_SIDE:
+            small.append(f"{os.path.basename(r.path)} ({w}x{h})")
+    if bad:
+        raise AutoRefused(f"cannot train: {len(bad)} image(s) cannot be read: {', '.join(bad[:5])}"
+                          f"{' ...' if len(bad) > 5 else ''}. Re-save or remove them.")
+    if small:
+        raise AutoRefused(f"cannot train: {len(small)} image(s) are under {MIN_SIDE} px on a side: "
+                          f"{', '.join(small[:5])}. Use larger images or remove these.")
+    warnings = list(scan.notes)
+    if scan.unused_dirs:
+        warnings.append(f"subfolders not read (not kohya N_name): {', '.join(scan.unused_dirs)}")
+    if len(rows) < 10:
+        warnings.append(f"only {len(rows)} images: expect a LoRA that copies them closely; 15-50 is a better start.")
+    return FolderCheck(rows=rows, images=len(rows), samples=sum(r.repeats for r in rows),
+                       uncaptioned=[r.path for r in rows if not r.caption], warnings=warnings)
+
+
+# ----------------------------------------------------------------------------- helpers
+def family_of(spec: Optional[str], host: Optional[Host] = None) -> Tuple[str, str]:
+    """(sd1 | sd2 | sdxl, how it was told) from a base-model spec without loading the weights."""
+    import json
+
+    s = (spec or "").strip()
+    if not s and host is not None and host.loaded_checkpoint():
+        s = host.loaded_checkpoint()[1]
+    if s in TINY_SPECS:
+        fam = "sdxl" if "sdxl" in s else ("sd2" if "sd2" in s else "sd1")
+        return fam, f"the tiny demo model '{s}'"
+    if os.path.isdir(s) and os.path.isfile(os.path.join(s, "model_index.json")):
+        with open(os.path.join(s, "model_index.json"), encoding="utf-8") as fh:
+            idx = json.load(fh)
+        if "text_encoder_2" in idx or "XL" in str(idx.get("_class_name", "")):
+            return "sdxl", "model_index.json has two text encoders"
+        try:
+            with open(os.path.join(s, "unet", "config.json"), encoding="utf-8") as fh:
+                if json.load(fh).get("cross_attention_dim") == 1024:
+                    return "sd2", "the UNet's cross-attention width is 1024 (OpenCLIP-H)"
+        except OSError:
+            pass
+        return "sd1", "a diffusers SD folder with one text encoder"
+    if os.path.isfile(s) and s.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(s, "pt") as f:
+            keys = list(f.keys())
+        if any(k.startswith("conditioner.embedders.1") for k in keys):
+            return "sdxl", "the checkpoint has SDXL's second text encoder"
+        if any(k.startswith("cond_stage_model.model.") for k in keys):
+            return "sd2", "the checkpoint has an OpenCLIP text encoder"
+        return "sd1", "the checkpoint has a CLIP-L text encoder"
+    return "sd1", "not recognised without loading it: assumed SD1.x (set --family / the family field)"
+
+
+def pick_captioner(host: Optional[Host], choice: str, trigger: str):
+    """(captioner, name, reason): the host's interrogator, else a local captioning model already on disk, else
+    template + trigger (never a download)."""
+    if choice not in ("auto", "", None):
+        if choice == "host":
+            fns = host.captioners() if host is not None else {}
+            if not fns:
+                raise AutoRefused("captioner 'host': this host has no interrogator; use auto or template.")
+            name, fn = next(iter(fns.items()))
+            return make_captioner("host", fn=fn, name=name), f"host ({name})", "your choice"
+        if choice == "template":
+            return (make_captioner("template", template="{trigger}, {words}", trigger=trigger),
+                    "template", "your choice: '{trigger}, {words}' (file name words after the trigger)")
+        return make_captioner(choice), choice, "your choice"
+    fns = host.captioners() if host is not None else {}
+    if fns:
+        name, fn = next(iter(fns.items()))
+        return make_captioner("host", fn=fn, name=name), f"host ({name})", "the host's own interrogator is the best one here"
+    try:
+        from ..captions.backends import DEFAULT_TRANSFORMERS_MODEL, _cached_file  # a local model only if cached
+
+        if _cached_file(DEFAULT_TRANSFORMERS_MODEL, "config.json"):
+            return (make_captioner("transformers"), f"transformers ({DEFAULT_TRANSFORMERS_MODEL})",
+                    "no host interrogator; a local captioning model is on disk")
+    except (ImportError, Exception):
+        pass
+    return (make_captioner("template", template="{trigger}, {words}", trigger=trigger), "template",
+            "no host interrogator and no captioning model on disk (nothing is downloaded): the trigger word and "
+            "the words of each file name")
+
+
+def _decide(choices: List[Choice], key: str, value: Any, reason: str, user: bool = False) -> None:
+    """Record a settings choice, replacing an earlier one of the same key."""
+    for c in choices:
+        if c.step == "settings" and c.key == key:
+            c.value, c.reason, c.user = value, reason, user
+            return
+    choices.append(Choice("settings", key, value, reason, user))
+
+
+def _common_caption(rows) -> str:
+    from collections import Counter
+
+    caps = [r.caption for r in rows if r.caption]
+    return Counter(caps).most_common(1)[0][0] if caps else ""
+
+
+class _RunFolderHost(Host):
+    """The host, except that a run publishes into its run folder: auto mode publishes only the chosen epoch
+    under NAME (and the epochs as NAME-00000E) itself."""
+
+    def __init__(self, inner: Host, folder: str):
+        self.inner, self.folder = inner, folder
+        self.name = inner.name
+
+    def lora_dirs(self) -> List[str]:
+        return [self.folder]
+
+    def base_model(self, spec=None):
+        return self.inner.base_model(spec)
+
+    def memory_freed(self):
+        return self.inner.memory_freed()  # the host's own (ComfyUI's also turns autograd back on)
+
+    def interrupted(self):
+        return self.inner.interrupted()
+
+    def progress(self, done, total, text=""):
+        return self.inner.progress(done, total, text)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], None]] = None,
+             stop_event: Optional[threading.Event] = None, log: Optional[Callable[[str], None]] = None) -> AutoResult:
+    """Run every step (module docstring). `callback` gets the trainer's events; `log(text)` one line per step."""
+    say = log or (lambda s: None)
+    choices: List[Choice] = []
+    ov = dict(opts.overrides or {})
+    unknown = [k for k in ov if k not in TrainConfig.keys()]
+    if unknown:
+        TrainConfig.from_dict({k: ov[k] for k in unknown})  # raises the ConfigError that names the nearest key
+    if opts.task not in TASKS:
+        raise AutoRefused(f"task '{opts.task}' is not known: use one of {', '.join(TASKS)}.")
+
+    # 1. check (nothing written before this passes)
+    folder = os.path.abspath(opts.folder)
+    chk = check_folder(folder)
+    name = (opts.name or "").strip()
+    if not name or any(c in name for c in "/\\:<>\"|?*"):
+        raise AutoRefused(f"name '{opts.name}' is not usable as a file name: use letters, digits, _ and -.")
+    if host.name_taken(name):
+        if not opts.rename:
+            raise AutoRefused(f"a LoRA or run named '{name}' exists already in {host.output_dir()} (or its run "
+                              f"folder): choose another --name (files are never overwritten).")
+        name = host.free_name(name)
+    USED_NAMES.add(name)
+    trigger = opts.trigger if opts.trigger is not None else name
+    spec = opts.base if opts.base else None
+    loaded = host.loaded_checkpoint() if spec is None else None
+    is_tiny = (spec or (loaded[1] if loaded else "")) in TINY_SPECS  # the demo models: 64 px, CFG 1
+    fam, fam_why = (opts.family, "your choice") if opts.family else family_of(spec, host)
+    choices.append(Choice("check", "images", chk.images, f"{chk.images} images, {chk.samples} samples per epoch "
+                                                         f"with repeats; {len(chk.uncaptioned)} without a caption"))
+    choices.append(Choice("check", "base family", fam, fam_why, user=bool(opts.family)))
+    choices.append(Choice("check", "LoRA name", name, "your name" + (" (free)" if name == opts.name else
+                                                                      f" was taken: next free name")))
+    say(f"[1/7] checked {folder}: {chk.images} images, {len(chk.uncaptioned)} without a caption")
+    for w in chk.warnings:
+        say(f"  warning: {w}")
+
+    run_dir = os.path.join(host.runs_dir(), name)
+    os.makedirs(run_dir, exist_ok=True)
+
+    # 2. captions (only the images that have none)
+    written: List[str] = []
+    if chk.uncaptioned:
+        cap, cap_name, cap_why = pick_captioner(host, opts.captioner, trigger)
+        rep = caption_folder(folder, cap, mode="skip", trigger=trigger if cap_name != "template" else None)
+        written = list(rep.written)
+        if rep.failed:
+            raise AutoRefused("captioning failed for: " + ", ".join(f"{os.path.basename(p)} ({w})"
+                                                                    for p, w in rep.failed[:5]))
+        choices.append(Choice("caption", "captioner", cap_name, cap_why, user=opts.captioner not in ("auto", "")))
+        chk = check_folder(folder)
+    kept = [r.path for r in chk.rows if r.path not in set(written)]
+    choices.append(Choice("caption", "captions", f"{len(written)} written, {len(kept)} kept",
+                          "only images without a caption are captioned; existing captions are never touched"))
+    choices.append(Choice("caption", "trigger_word", trigger, "your choice" if opts.trigger else
+                          "the LoRA name: the word that calls it in a prompt", user=opts.trigger is not None))
+    say(f"[2/7] captions: {len(written)} written, {len(kept)} kept")
+
+    # 3. settings
+    val_n = max(1, int(round(chk.images * VAL_FRACTION)))
+    split = min(0.49, (val_n + 0.5) / chk.images)  # the trainer rounds n * split: this gives val_n images
+    train_images = chk.images - val_n
+    sugg = suggest(max(1, train_images), task=opts.task, base=fam, vram_gb=opts.vram,
+                   samples_per_epoch=max(1, round(chk.samples * train_images / chk.images)))
+    values: Dict[str, Any] = {}
+    for key, value, reason in sugg.rows():
+        if key in TrainConfig.keys():
+            values[key] = value
+            choices.append(Choice("settings", key, value, reason + ("; an epoch file each time: the validation loss "
+                                                                    "chooses among them" if key ==
+                                                                    "save_every_n_epochs" else "")))
+    auto_extra = {
+        "validation_split": (split, f"{val_n} of {chk.images} images held out: their loss chooses the epoch"),
+        "trigger_word": (trigger, "as captioned"),
+        "output_name": (name, "the LoRA name"),
+        "output_dir": (run_dir, "the run folder (never the LoRA folder)"),
+        "train_data_dir": (folder, "the checked folder"),
+    }
+    if spec is not None:
+        auto_extra["base_model"] = (spec, "the base model given")
+    if detect_vram_gb() is None:  # training runs on the CPU here: GPU memory savers only cost time
+        if values.get("mixed_precision", "no") != "no":
+            auto_extra["mixed_precision"] = ("no", "no CUDA GPU here: fp32 (mixed precision needs a GPU)")
+        if values.get("gradient_checkpointing"):
+            auto_extra["gradient_checkpointing"] = (False, "no CUDA GPU here: no GPU memory to save")
+    if is_tiny:
+        auto_extra["resolution"] = (64, "the tiny demo model's native resolution")
+    for key, (value, reason) in auto_extra.items():
+        _decide(choices, key, value, reason if key not in values or values[key] == value
+                else f"{reason} (the advisor said {values[key]!r})")
+        values[key] = value
+    for key, value in ov.items():  # the user's flags win
+        values[key] = value
+        _decide(choices, key, value, "your choice", user=True)
+    cfg = TrainConfig.from_dict(values)
+
+    if opts.lr_find and "learning_rate" not in ov:
+        from ..tuning.lr_finder import lr_range_test
+
+        say("[3/7] LR range test ...")
+        with host.memory_freed():
+            res = lr_range_test(cfg, model=host.base_model(spec), steps=100, stop_event=stop_event)
+        res.save_plot(os.path.join(run_dir, f"{name}_lr_find.png"), overwrite=True)
+        cfg = cfg.replace(learning_rate=float(f"{res.suggested_lr:.3g}"))
+        for c in choices:
+            if c.key == "learning_rate":
+                c.value, c.reason = cfg.learning_rate, f"LR range test: {res.summary()}"
+    say(f"[3/7] settings: lr {cfg.learning_rate:g}, rank {cfg.lora_rank}, batch {cfg.batch_size}, "
+        f"{cfg.epochs} epochs, {val_n} validation image(s)")
+
+    # 4. train (the one path), publishing into the run folder
+    run = train_for_host(_RunFolderHost(host, run_dir), cfg, spec, callback=callback, stop_event=stop_event,
+                         rename=False)
+    res = run.result
+    if res.lora_path is None:
+        raise RuntimeError(f"training ended without a LoRA: {res.message or 'no step was finished'}")
+    say(f"[4/7] trained {res.steps} steps, {res.epochs_done} epochs in {res.seconds:.0f}s")
+
+    # 5. choose the epoch
+    losses = choose_mod.read_val_losses(res.loss_csv)
+    by_epoch = choose_mod.files_by_epoch(res.epoch_files, res.lora_path, name, res.epochs_done)
+    ec = choose_mod.choose_epoch(losses, list(by_epoch), opts.tolerance)
+    choices.append(Choice("choose", "epoch", ec.chosen, ec.why + ". Rule: " + choose_mod.RULE,
+                          user=opts.tolerance is not None))
+    say(f"[5/7] chose epoch {ec.chosen}: {ec.why}")
+
+    # 6. publish: the chosen epoch as NAME, every epoch file as NAME-00000E
+    lora_dir = host.output_dir()
+    os.makedirs(lora_dir, exist_ok=True)
+    published = [atomic_copy(by_epoch[ec.chosen], os.path.join(lora_dir, f"{name}.safetensors"))]
+    last = max(by_epoch)
+    for e, path in sorted(by_epoch.items()):
+        published.append(atomic_copy(path, os.path.join(lora_dir, f"{name}-{e:06d}.safetensors")))
+    warnings = list(run.warnings)
+    try:
+        host.refresh_loras()
+    except Exception as exc:  # the files are there; the user can refresh by hand
+        warnings.append(f"the host's LoRA list could not be refreshed ({exc}): use its refresh button.")
+    say(f"[6/7] published {published[0]} (+ {len(published) - 1} epoch files)")
+
+    # 7. grid: base / chosen / last at several strengths
+    common = _common_caption(chk.rows)
+    prompt = opts.prompt or (common if trigger in common else f"{trigger}, {common}".strip(", "))
+    steps = opts.sample_steps or 20
+    cfg_scale = opts.cfg_scale if opts.cfg_scale is not None else (1.0 if is_tiny else 7.0)
+    base = GenParams(prompt=f"{prompt} <lora:{name}:1>", steps=steps, cfg_scale=cfg_scale, width=cfg.resolution,
+                     height=cfg.resolution)
+    rows = [(f"chosen (epoch {ec.chosen})", name)]
+    if last != ec.chosen:
+        rows.append((f"last (epoch {last})", f"{name}-{last:06d}"))
+    grid_path, strength, strength_why = None, 1.0, "no grid"
+    try:
+        grid = build_grid(host.generate, base, name, list(opts.strengths), list(opts.seeds), epochs=rows,
+                          cell_size=max(128, min(cfg.resolution, 256)))
+        grid_path = grid.save(os.path.join(run_dir, "grids"), f"{name}_auto")[0]
+        strength, strength_why = suggest_strength(chk.rows, grid, len(opts.seeds))
+    except NotImplementedError:
+        warnings.append("this host cannot generate images here: no grid")
+    choices.append(Choice("grid", "strength", strength, strength_why))
+    say(f"[7/7] grid: {grid_path}")
+
+    from .report import write_report
+
+    result = AutoResult(name=name, run_dir=run_dir, lora_path=published[0], published=published,
+                        chosen_epoch=ec.chosen, runner_up=ec.runner_up, last_epoch=last, epoch_choice=ec,
+                        choices=choices, config=cfg, grid_path=grid_path, report_path="", report="",
+                        tag=f"<lora:{name}:{strength:g}>", strength=strength, captions_written=written,
+                        captions_kept=kept, findings=list(res.findings), warnings=warnings + chk.warnings,
+                        train_result=res)
+    result.report_path, result.report = write_report(result, folder)
+    return result
+
+
+def suggest_strength(rows, grid, n_seeds: int) -> Tuple[float, str]:
+    """The strength whose chosen-epoch images are closest in colour to the training images (colour-histogram
+    distance, metrics.py); a tie goes to the lower strength."""
+    train = []
+    for r in rows[:32]:
+        with Image.open(r.path) as im:
+            train.append(im.convert("RGB").resize((64, 64)))
+    ref = colour_histogram(train)
+    dists = []
+    for c in range(1, grid.cols):
+        imgs = [cell.image for cell in grid.cells if cell.col == c and cell.row < n_seeds]
+        dists.append((histogram_distance(colour_histogram(imgs), ref), c))
+    base_d = histogram_distance(colour_histogram([cell.image for cell in grid.cells
+                                                  if cell.col == 0 and cell.row < n_seeds]), ref)
+    d, c = min(dists, key=lambda t: (round(t[0], 3), t[1]))
+    s = float(grid.col_labels[c])
+    return s, (f"of the strengths tried, {s:g} brings the chosen epoch's pictures closest in colour to the training "
+               f"images (colour-histogram distance {d:.3f}; base {base_d:.3f})")
