@@ -49,7 +49,7 @@ def check(spec_path, out_path):
 
     spec = json.load(open(spec_path))
     import huggingface_guess
-    from backend import loader, memory_management
+    from backend import loader
     from backend.modules.k_model import KModel
     from backend.modules.k_prediction import PredictionFlux
     from backend.patcher import lora as forge_lora
