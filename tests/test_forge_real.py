@@ -17,6 +17,11 @@ What it checks:
   /sdapi/v1/txt2img with `<lora:name:0.8>` applies it (the UNet's 192 and the text encoder's 72 modules, no
   "[LORA] ... unmatched keys") and changes the image; a file rewritten under the same name gives the old
   image after Forge's own refresh (it caches by file name) and the new one after our tab's "Refresh list".
+SDXL (FORGE_MODELS=sd15,sdxl, default both, one Forge at a time): a random full-size SDXL fp16 file (cached in the
+checkout's models/Stable-diffusion/), Forge with $FORGE_SDXL_ARGS (fp8 storage: see SDXL_ARGS), the tab trains the
+UNet only at 64 px with mixed precision bf16 (on a CPU: bf16 storage, fp32 compute), Forge applies all 722 UNet
+modules and the image changes; the rewritten-file steps run with SD1.5 only (memory). A watchdog kills Forge when
+the machine's available memory falls under $LORA_TRAIN_MIN_AVAILABLE_GB (3).
 Set LORA_TRAIN_REAL_KEEP=1 to keep the data directory and log for inspection.
 """
 import base64
