@@ -129,8 +129,9 @@ def forge(request):
     os.symlink(ROOT, os.path.join(data, "extensions", "lora_train"))
     # no live previews: with SDXL Forge would download its "Approx NN" preview model (vaeapprox-sdxl.pt) on the
     # first generation (offline here: HTTP 500); SD1.5's model.pt ships with the checkout
-    with open(os.path.join(data, "config.json"), "w") as fh:
-        json.dump({"live_previews_enable": False}, fh)
+    if model == "sdxl":
+        with open(os.path.join(data, "config.json"), "w") as fh:
+            json.dump({"live_previews_enable": False}, fh)
     os.symlink(ckpt, os.path.join(data, "models", "Stable-diffusion", ckpt_name))
     from lora_train.data.demo import write_demo_dataset
 
