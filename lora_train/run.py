@@ -18,7 +18,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .config import TrainConfig
 from .hosts.base import USED_NAMES, Host
 from .io_utils import atomic_path
-from .training.trainer import Trainer, TrainResult
+from .models.single_file import unet_dtype
+from .training import cpu_bf16
+from .training.trainer import Trainer, TrainResult, resolve_device
 
 
 @dataclasses.dataclass
@@ -78,7 +80,8 @@ def train_for_host(host: Host, cfg: TrainConfig, spec: Optional[str] = None, *,
         cfg = name_run(host, cfg)
     USED_NAMES.add(cfg.output_name)
     with host.memory_freed():
-        model = host.base_model(spec)
+        with unet_dtype(cpu_bf16.unet_load_dtype(cfg.mixed_precision, resolve_device(cfg.device))):
+            model = host.base_model(spec)  # CPU + bf16: the UNet loads in bf16 (training/cpu_bf16.py)
         trainer = Trainer(cfg, model=model, dataset=dataset, callback=callback, stop_event=stop_event,
                           resume_from=resume_from)
         if on_trainer is not None:

@@ -60,3 +60,53 @@ print("wrote", {path!r})
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                    timeout=1800)
     return path
+SDXL_NAME = "lora_train_sdxl_random_fp16.safetensors"
+
+
+def sdxl_checkpoint(path):
+    """SDXL base architecture (2.6 B UNet, CLIP-L + OpenCLIP-bigG) with random weights, original layout, fp16
+    (6.9 GB). Built in fp16 and written tensor by tensor, so it needs ~7 GB of memory, not the ~14 GB of fp32."""
+    if os.path.isfile(path):
+        return path
+    code = f"""
+import json, math, os, struct
+import torch
+from lora_train.models.single_file import meta_model, to_original_state_dict
+m = meta_model("sdxl_base")
+g = torch.Generator().manual_seed(0)
+for mod in (m.unet, m.vae, m.text_encoder, m.text_encoder_2):
+    mod.to_empty(device="cpu")
+    mod.to(torch.float16)
+    with torch.no_grad():
+        for n, p in mod.named_parameters():
+            if p.dim() > 1:  # variance-keeping random weights (fan-in), so activations stay finite in fp16
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif n.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for n, b in mod.named_buffers():  # position ids etc. come from the config, not random
+            if n.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+sd = to_original_state_dict(m)
+names = {{torch.float16: "F16", torch.float32: "F32", torch.int64: "I64", torch.bfloat16: "BF16"}}
+header, off = {{"__metadata__": {{"format": "pt"}}}}, 0
+for k, v in sd.items():
+    n = v.numel() * v.element_size()
+    header[k] = {{"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + n]}}
+    off += n
+hb = json.dumps(header).encode()
+hb += b" " * (-len(hb) % 8)
+tmp = {path!r} + ".tmp"
+with open(tmp, "wb") as fh:  # the safetensors layout, one tensor at a time (no second copy in memory)
+    fh.write(struct.pack("<Q", len(hb)))
+    fh.write(hb)
+    for k, v in sd.items():
+        fh.write(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+os.replace(tmp, {path!r})
+print("wrote", {path!r}, len(sd), "tensors")
+"""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                   timeout=3600)
+    return path

@@ -17,10 +17,16 @@ What it checks:
   /sdapi/v1/txt2img with `<lora:name:0.8>` applies it (the UNet's 192 and the text encoder's 72 modules, no
   "[LORA] ... unmatched keys") and changes the image; a file rewritten under the same name gives the old
   image after Forge's own refresh (it caches by file name) and the new one after our tab's "Refresh list".
+SDXL (FORGE_MODELS=sd15,sdxl, default both, one Forge at a time): a random full-size SDXL fp16 file (cached in the
+checkout's models/Stable-diffusion/), Forge with $FORGE_SDXL_ARGS (fp8 storage: see SDXL_ARGS), the tab trains the
+UNet only at 64 px with mixed precision bf16 (on a CPU: bf16 storage, fp32 compute), Forge applies all 722 UNet
+modules and the image changes; the rewritten-file steps run with SD1.5 only (memory). A watchdog kills Forge when
+the machine's available memory falls under $LORA_TRAIN_MIN_AVAILABLE_GB (3).
 Set LORA_TRAIN_REAL_KEEP=1 to keep the data directory and log for inspection.
 """
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -36,12 +42,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORGE = os.environ.get("FORGE_DIR", "")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from real_hosts import CHROMIUM, CHROMIUM_ARGS as ARGS, SD15_NAME  # noqa: E402  (shared by the real-host tests)
+from real_hosts import CHROMIUM, CHROMIUM_ARGS as ARGS, SD15_NAME, SDXL_NAME  # noqa: E402  (shared by the real-host tests)
 from real_hosts import free_port as _free_port, http_json as _http, sd15_checkpoint as _sd15_checkpoint  # noqa: E402
+from real_hosts import sdxl_checkpoint as _sdxl_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.frontend,
               pytest.mark.skipif(not FORGE, reason="set FORGE_DIR to a Forge checkout with its venv to run")]
 NAME = "forge_real"
+#: the checkpoints Forge runs (one Forge at a time): $FORGE_MODELS, default both
+MODELS = [m for m in os.environ.get("FORGE_MODELS", "sd15,sdxl").split(",") if m]
+#: SDXL on a CPU: Forge stores its UNet and text encoders in fp8 (computes in fp32; with --unet-in-bf16 Forge's
+#: 9 GB plus our 8.8 GB left < 3 GB available on a 23 GB machine shared with others); the tab trains with mixed
+#: precision bf16, which on a CPU stores our copy's frozen UNet in bf16 (training/cpu_bf16.py): 5 GB, not 10 GB
+SDXL_ARGS = os.environ.get("FORGE_SDXL_ARGS", "--unet-in-fp8-e4m3fn --clip-in-fp8-e4m3fn").split()
+MIN_AVAILABLE_GB = float(os.environ.get("LORA_TRAIN_MIN_AVAILABLE_GB", "3"))
 TIMEOUT_MS = 120_000  # page steps; the training itself gets TRAIN_TIMEOUT_MS
 TRAIN_TIMEOUT_MS = 1_800_000
 
@@ -72,19 +86,53 @@ def _write_lora(path, tensors, meta):
     os.replace(tmp, path)
 
 
-@pytest.fixture(scope="module")
-def forge():
+def _available_gb():
+    with open("/proc/meminfo") as fh:
+        for ln in fh:
+            if ln.startswith("MemAvailable:"):
+                return int(ln.split()[1]) / 2 ** 20
+    return float("inf")
+
+
+def _watch_memory(proc, state):
+    """Kills Forge when the machine's available memory falls under MIN_AVAILABLE_GB (shared machines); records
+    the lowest value seen."""
+    while proc.poll() is None:
+        gb = _available_gb()
+        state["min_gb"] = min(state.get("min_gb", gb), gb)
+        if gb < MIN_AVAILABLE_GB:
+            state["killed"] = f"available memory {gb:.1f} GB < {MIN_AVAILABLE_GB} GB: Forge killed"
+            say(state["killed"])
+            proc.kill()
+            return
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def forge(request):
+    import threading
+
+    model = request.param
+    assert model in ("sd15", "sdxl"), f"FORGE_MODELS: sd15 and/or sdxl, not {model!r}"
     py = _python()
     assert os.path.isfile(os.path.join(FORGE, "launch.py")) and os.path.isdir(os.path.join(FORGE, "backend")), \
         f"{FORGE} is not a Forge checkout"
     t0 = time.time()
-    ckpt = _sd15_checkpoint(os.path.join(FORGE, "models", "Stable-diffusion", SD15_NAME))
-    say(f"SD1.5-architecture random checkpoint: {ckpt} ({os.path.getsize(ckpt) / 1e9:.2f} GB, {time.time() - t0:.0f} s)")
+    ckpt_name = SD15_NAME if model == "sd15" else SDXL_NAME
+    ckpt = (_sd15_checkpoint if model == "sd15" else _sdxl_checkpoint)(
+        os.path.join(FORGE, "models", "Stable-diffusion", ckpt_name))
+    say(f"{model}-architecture random checkpoint: {ckpt} ({os.path.getsize(ckpt) / 1e9:.2f} GB, "
+        f"{time.time() - t0:.0f} s)")
     data = tempfile.mkdtemp(prefix="forge_data_")
     for d in ("extensions", "models/Stable-diffusion", "models/Lora"):
         os.makedirs(os.path.join(data, d), exist_ok=True)
     os.symlink(ROOT, os.path.join(data, "extensions", "lora_train"))
-    os.symlink(ckpt, os.path.join(data, "models", "Stable-diffusion", SD15_NAME))
+    # no live previews: with SDXL Forge would download its "Approx NN" preview model (vaeapprox-sdxl.pt) on the
+    # first generation (offline here: HTTP 500); SD1.5's model.pt ships with the checkout
+    if model == "sdxl":
+        with open(os.path.join(data, "config.json"), "w") as fh:
+            json.dump({"live_previews_enable": False}, fh)
+    os.symlink(ckpt, os.path.join(data, "models", "Stable-diffusion", ckpt_name))
     from lora_train.data.demo import write_demo_dataset
 
     dataset = write_demo_dataset(os.path.join(data, "lora_train_dataset"), n=2, size=64)
@@ -112,9 +160,11 @@ def forge():
     log = open(log_path, "w")
     cmd = [py, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--always-cpu", "--no-half",
            "--use-cpu", "all", "--api", "--server-name", "127.0.0.1", "--port", str(port), "--data-dir", data,
-           "--no-download-sd-model"] + os.environ.get("FORGE_ARGS", "").split()
+           "--no-download-sd-model"] + (SDXL_ARGS if model == "sdxl" else []) + os.environ.get("FORGE_ARGS", "").split()
     say("starting:", " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=FORGE, stdout=log, stderr=subprocess.STDOUT, env=env)
+    mem = {}
+    threading.Thread(target=_watch_memory, args=(proc, mem), daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while True:
@@ -139,6 +189,7 @@ def forge():
 
     s = Srv()
     s.url, s.port, s.data, s.log_path, s.proc, s.py = url, port, data, log_path, proc, py
+    s.model, s.mem = model, mem
     s.dataset, s.ckpt, s.changed, s.install_out = dataset, ckpt, changed, install_out
     s.lora_dir = os.path.join(data, "models", "Lora")
     s.log = lambda: open(log_path, encoding="utf-8", errors="replace").read()
@@ -149,6 +200,7 @@ def forge():
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+    say(f"lowest available memory while Forge ran: {mem.get('min_gb', float('nan')):.1f} GB")
     if os.environ.get("LORA_TRAIN_REAL_KEEP"):
         say("kept", data)
     else:
@@ -228,7 +280,15 @@ def test_real_forge_tab_trains_and_forge_applies_the_lora(forge):
                                ("#lora_train_alpha input", "4")):
                 tab.locator(sel).fill(value)
                 tab.locator(sel).press("Tab")
-            tab.locator("#lora_train_te input").check()
+            if s.model == "sd15":
+                tab.locator("#lora_train_te input").check()
+            else:  # SDXL on a CPU: UNet only, its frozen weights stored in bf16 (training/cpu_bf16.py)
+                tab.locator("#lora_train_te input").uncheck()
+                prec = tab.locator("#lora_train_precision input")
+                prec.click()
+                prec.fill("bf16")
+                prec.press("Enter")
+                expect(prec).to_have_value("bf16")
 
             # ---- Train
             tab.get_by_role("tab", name="Train", exact=True).click()
@@ -242,7 +302,8 @@ def test_real_forge_tab_trains_and_forge_applies_the_lora(forge):
             say(f"training from the tab: {time.time() - t0:.0f} s: {status_text}")
             expect(tab.locator("#lora_train_diagnosis")).to_contain_text("Diagnosis")
             say(tab.locator("#lora_train_diagnosis").inner_text())
-            assert f"{NAME}: done" in status_text and "step 2/2" in status_text, status_text + s.log()[-4000:]
+            assert f"{NAME}: done" in status_text and "step 2/2" in status_text, \
+                status_text + s.log()[-4000:] + str(s.mem)
 
             lora = os.path.join(s.lora_dir, NAME + ".safetensors")
             assert os.path.isfile(lora), os.listdir(s.lora_dir)
@@ -251,10 +312,13 @@ def test_real_forge_tab_trains_and_forge_applies_the_lora(forge):
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
                 meta = fh.metadata()
             n_unet = sum(k.startswith("lora_unet_") and k.endswith(".alpha") for k in tensors)
-            n_te = sum(k.startswith("lora_te_") and k.endswith(".alpha") for k in tensors)
+            n_te = sum(k.startswith("lora_te") and k.endswith(".alpha") for k in tensors)
             say(f"published {lora}: {len(tensors)} tensors, unet modules {n_unet}, te modules {n_te}, "
                 f"ss_steps={meta.get('ss_steps')}, ss_sd_model_name={meta.get('ss_sd_model_name')}")
-            assert (n_unet, n_te) == (192, 72)
+            if s.model == "sd15":
+                assert (n_unet, n_te) == (192, 72)
+            else:
+                assert n_unet > 0 and n_te == 0, (n_unet, n_te)
             ups = [v for k, v in tensors.items() if "lora_up" in k]
             assert any(float(v.abs().max()) > 0 for v in ups), "all lora_up are zero"
 
@@ -285,14 +349,22 @@ def test_real_forge_tab_trains_and_forge_applies_the_lora(forge):
             say("log:\n  " + "\n  ".join(lines))
             bad = [ln for ln in lines if "unmatched" in ln or "mismatch" in ln.lower()]
             assert not bad, bad
-            assert any(re.search(rf"Loaded .*{NAME}\.safetensors for KModel-UNet with 192 keys .*\(skipped 0 keys\)",
-                                 ln) for ln in lines), lines
-            assert any(re.search(rf"Loaded .*{NAME}\.safetensors for KModel-CLIP with 72 keys .*\(skipped 0 keys\)",
-                                 ln) for ln in lines), lines
+            assert any(re.search(rf"Loaded .*{NAME}\.safetensors for KModel-UNet with {n_unet} keys .*\(skipped 0 "
+                                 rf"keys\)", ln) for ln in lines), lines
+            if n_te:
+                assert any(re.search(rf"Loaded .*{NAME}\.safetensors for KModel-CLIP with {n_te} keys .*\(skipped 0 "
+                                     rf"keys\)", ln) for ln in lines), lines
             d_lora = _diff(a_img, base_img)
             say(f"mean |LoRA 0.8 - no LoRA| = {d_lora:.3f} (0-255)")
             assert d_lora > 0.5, "the LoRA did not change the image"
 
+            if s.model == "sdxl":
+                # each further LoRA generation keeps more of Forge's SDXL memory (its LoRA state-dict cache, the
+                # patched clones): on the 23 GB test machine the stale/invalidation steps below went under 3 GB
+                # available. They do not depend on the architecture and run with SD1.5.
+                say("SDXL: the rewritten-file / invalidation steps run with SD1.5 only (memory)")
+                assert not soft, soft
+                return
             # ---- a file rewritten under the same name: Forge caches by file name
             other = {k: (v * -3.0 if "lora_up" in k else v) for k, v in tensors.items()}
             _write_lora(os.path.join(s.lora_dir, NAME + "_ref.safetensors"), other, meta)

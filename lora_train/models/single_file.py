@@ -25,6 +25,7 @@ converters below, which also handle transformers 5 (CLIPTextModel without the `t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import re
@@ -38,6 +39,21 @@ import torch
 from .base import BaseModel, ModelError
 from ..io_utils import atomic_path
 from ..networks.sdxl_names import diffusers_to_sgm_path, unet_layout
+
+#: within `unet_dtype(d)`, single-file loads build the UNet in `d` instead of the load's dtype (training.cpu_bf16)
+_UNET_DTYPE: contextvars.ContextVar = contextvars.ContextVar("lora_train_unet_dtype", default=None)
+
+
+@contextlib.contextmanager
+def unet_dtype(dtype: Optional[torch.dtype]):
+    """`with unet_dtype(torch.bfloat16): load...`: the UNet of the checkpoints loaded inside (load_single_file,
+    from_original_state_dict) is built in `dtype`, never as an fp32 copy (None: no change)."""
+    token = _UNET_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _UNET_DTYPE.reset(token)
+
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TOKENIZER_DIR = os.path.join(CONFIG_DIR, "clip_tokenizer")
@@ -719,7 +735,7 @@ def from_original_state_dict(state_dict: Mapping[str, torch.Tensor], kind: Optio
     from diffusers import DDPMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = _build_unet(spec, state_dict, dtype)
+    unet = _build_unet(spec, state_dict, _UNET_DTYPE.get() or dtype)
     vae = _build_vae(spec, state_dict, dtype)
     te2 = None
     if info.kind == "sdxl":
@@ -817,9 +833,10 @@ def load_single_file(path: str, allow_pickle: bool = False, prediction_type: str
                 probe[SD2_V_HEURISTIC_KEY] = fh.get_tensor(SD2_V_HEURISTIC_KEY)
             info = detect_checkpoint(probe, prediction_type, metadata=metadata, name=os.path.basename(path))
             sd = {}
+            udt = _UNET_DTYPE.get() or dtype
             for k in shapes:
-                if _wanted(k) or k in ("v_pred", "ztsnr"):
-                    sd[k] = _cast(fh.get_tensor(k), dtype)  # cast per tensor: peak memory ~ one model copy
+                if _wanted(k) or k in ("v_pred", "ztsnr"):  # cast per tensor: peak memory ~ one model copy
+                    sd[k] = _cast(fh.get_tensor(k), udt if k.startswith(UNET_PREFIX) else dtype)
     else:
         raise ModelError(f"'{path}' has an unknown extension {ext!r}: {SUPPORTED}.")
     del info  # detection runs again on the loaded tensors (same answer: the heuristic tensor is among them)

@@ -37,6 +37,7 @@ from ..tuning.advisor import Diagnoser
 from . import flow as flow_train
 from . import kohya_extras
 from . import loss as loss_mod
+from . import cpu_bf16
 from .memory import BlockSwap, apply_fp8_base
 from .events import TrainEvent
 from .optim import describe, make_optimizer
@@ -229,7 +230,8 @@ class Trainer:
         from accelerate import Accelerator
 
         self.device = resolve_device(cfg.device)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=self.device.type == "cpu")
+        self.accelerator = Accelerator(mixed_precision=cpu_bf16.accelerate_precision(cfg.mixed_precision, self.device),
+                                       cpu=self.device.type == "cpu")  # CPU + bf16: fp32 compute (training/cpu_bf16.py)
         self.device = self.accelerator.device
         if self.resume_from is None:
             check_outputs_free(cfg)  # every process checks before any process writes
@@ -602,6 +604,12 @@ class Trainer:
             m.unet.to(self.device)
         elif base_dtype:
             m.unet.to(self.device, dtype=base_dtype)
+        elif cpu_bf16.applies(cfg.mixed_precision, self.device):  # frozen weights stored bf16, computed fp32
+            n16 = cpu_bf16.store_frozen_bf16(m.unet)
+            if not cfg.gradient_checkpointing:
+                m.unet.enable_gradient_checkpointing()  # else autograd keeps each upcast weight: the fp32 copy again
+            self.emit("info", message=f"bf16 on the CPU: {n16} frozen layers stored in bf16, computed in fp32 "
+                                      f"(gradient checkpointing on).")
         else:
             m.unet.to(self.device)
             if next(m.unet.parameters()).dtype != torch.float32:  # CPU: fp32 (a Flux / SD3 file may load in bf16)
