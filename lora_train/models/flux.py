@@ -19,6 +19,7 @@ import torch
 
 from .base import BaseModel, ModelError
 from . import flow
+from .tiny import seeded  # noqa: F401  (sd3.py takes it from here too)
 
 TINY_RESOLUTION = 64
 TINY_SEED = 4321
@@ -48,15 +49,6 @@ SCHEDULER_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=T
                      base_image_seq_len=256, max_image_seq_len=4096)
 SCHEDULER_SCHNELL = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-
-
-def seeded(seed: int, fn):
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return fn()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def clip_config(**kw):

@@ -190,7 +190,8 @@ def _text_config(vocab: int, **kw):
                           **kw)
 
 
-def _seeded(seed: int, fn):
+def seeded(seed: int, fn):
+    """fn() with the global torch RNG seeded to `seed`, the RNG state restored after (tiny models' weights)."""
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -211,9 +212,9 @@ def build_tiny_sd2(v_prediction: bool = True, seed: int = TINY_SEED + 100) -> Ba
     from transformers import CLIPTextModel
 
     tokenizer, vocab = _tokenizer(pad_token="!")
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**TINY_SD2_UNET))
-    vae = _seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE))
-    te = _seeded(seed + 2, lambda: CLIPTextModel(_text_config(vocab, **TINY_SD2_TEXT)))
+    unet = seeded(seed, lambda: UNet2DConditionModel(**TINY_SD2_UNET))
+    vae = seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE))
+    te = seeded(seed + 2, lambda: CLIPTextModel(_text_config(vocab, **TINY_SD2_TEXT)))
     _finish(vae, unet, te)
     sched = DDPMScheduler(**_tiny_scheduler_config("v_prediction" if v_prediction else "epsilon"))
     return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=tokenizer, noise_scheduler=sched, kind="sd2",
@@ -228,10 +229,10 @@ def build_tiny_sdxl(seed: int = TINY_SEED + 200, prediction_type: str = "epsilon
 
     tokenizer, vocab = _tokenizer()
     tokenizer_2, _ = _tokenizer(pad_token="!")
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**TINY_SDXL_UNET))
-    vae = _seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE))
-    te1 = _seeded(seed + 2, lambda: CLIPTextModel(_text_config(vocab, **TINY_SDXL_TEXT_1)))
-    te2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(_text_config(vocab, **TINY_SDXL_TEXT_2)))
+    unet = seeded(seed, lambda: UNet2DConditionModel(**TINY_SDXL_UNET))
+    vae = seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE))
+    te1 = seeded(seed + 2, lambda: CLIPTextModel(_text_config(vocab, **TINY_SDXL_TEXT_1)))
+    te2 = seeded(seed + 3, lambda: CLIPTextModelWithProjection(_text_config(vocab, **TINY_SDXL_TEXT_2)))
     _finish(vae, unet, te1, te2)
     sched = DDPMScheduler(**_tiny_scheduler_config(prediction_type))
     return BaseModel(unet=unet, vae=vae, text_encoder=te1, tokenizer=tokenizer, noise_scheduler=sched, kind="sdxl",

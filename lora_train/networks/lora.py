@@ -262,16 +262,11 @@ def apply(model, lw: LoraWeights, adapter: str, strength: float = 1.0, strict: b
         inject(mod, list(ok), base_rank, float(base_rank), adapter, rank_pattern=pattern)
         named = dict(mod.named_modules())
         for p, (down, up, alpha) in ok.items():
-            m = named[p]
-            a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
-            if tuple(a.shape) != tuple(down.shape) or tuple(b.shape) != tuple(up.shape):
+            if not set_pair(named[p], adapter, down, up, alpha):
+                a, b = named[p].lora_A[adapter].weight, named[p].lora_B[adapter].weight
                 raise LoraFormatError(f"LoRA module {label(comp, p)} has shapes {tuple(down.shape)}/"
                                       f"{tuple(up.shape)} but the model needs {tuple(a.shape)}/{tuple(b.shape)}: "
                                       f"the LoRA was trained for another base model.")
-            with torch.no_grad():
-                a.copy_(down.to(a.dtype))
-                b.copy_(up.to(b.dtype))
-            m.lora_alpha[adapter] = float(alpha)
         activate(mod, adapter)
         set_strength(mod, strength, adapter)
         mod.requires_grad_(False)
@@ -280,6 +275,20 @@ def apply(model, lw: LoraWeights, adapter: str, strength: float = 1.0, strict: b
         raise LoraFormatError(f"{len(unmatched)} LoRA modules do not exist in this base model (first: "
                               f"{unmatched[0]}): the LoRA was trained for another model kind.")
     return unmatched
+
+
+def set_pair(layer: nn.Module, adapter: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> bool:
+    """Copy one module's (down, up, alpha) into an injected peft LoRA layer (scale = alpha / rank). False, with
+    nothing copied, when the shapes differ from the layer's."""
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if tuple(a.shape) != tuple(down.shape) or tuple(b.shape) != tuple(up.shape):
+        return False
+    with torch.no_grad():
+        a.copy_(down.to(a.dtype))
+        b.copy_(up.to(b.dtype))
+    layer.lora_alpha[adapter] = float(alpha)
+    layer.scaling[adapter] = float(alpha) / float(layer.r[adapter])
+    return True
 
 
 def _apply_extra(model, lw: LoraWeights, adapter: str, strength: float, label) -> List[str]:

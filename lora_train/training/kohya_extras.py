@@ -258,16 +258,11 @@ def _load_start(tr, start) -> None:
         if layer is None or adapter not in getattr(layer, "lora_A", {}):
             dropped.append(lora_mod.kohya_name(comp, path, tr.model.kind))
             continue
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        if tuple(a.shape) != tuple(down.shape) or tuple(b.shape) != tuple(up.shape):
+        if not lora_mod.set_pair(layer, adapter, down, up, alpha):
             raise ValueError(f"network_weights '{tr.cfg.network_weights}': module {lora_mod.kohya_name(comp, path, tr.model.kind)} "
-                             f"has rank {down.shape[0]} but this run's LoRA has rank {a.shape[0]} there: set "
-                             f"dim_from_weights: true (or lora_rank {down.shape[0]}).")
-        with torch.no_grad():
-            a.copy_(down.to(a.dtype))
-            b.copy_(up.to(b.dtype))
-        layer.lora_alpha[adapter] = float(alpha)
-        layer.scaling[adapter] = float(alpha) / float(layer.r[adapter])
+                             f"has rank {down.shape[0]} but this run's LoRA has rank "
+                             f"{layer.lora_A[adapter].weight.shape[0]} there: set dim_from_weights: true (or lora_rank "
+                             f"{down.shape[0]}).")
         loaded += 1
     if not loaded:
         raise ValueError(f"network_weights '{tr.cfg.network_weights}': none of its modules is in this run's LoRA "
