@@ -1,16 +1,20 @@
 """The demo shows learning: the strength-1 column of its grid is closer in colour to the training images than the
-base column, pooled over 3 seeds (colour-histogram distance, lora_train/metrics.py).
+base column on EVERY one of 3 seeds, and pooled (colour-histogram distance, lora_train/metrics.py).
 
-Measured on this machine (CPU, demo defaults: 160 steps, lr 1e-2, noise offset 0.2): base 0.928, strength 0.5
-0.908, strength 1 0.874 (margin 0.054); per seed 0.998 -> 0.992, 0.908 -> 0.734, 0.879 -> 0.896, so the margin
-holds pooled but not on every single seed (seed 3 is 0.018 worse)."""
+Measured on this machine (CPU, demo defaults: 160 steps, lr 3e-2, noise offset 0.5): base 0.928, strength 0.5
+0.861, strength 1 0.753 (pooled margin 0.176); per seed (base -> strength 1) 0.998 -> 0.840, 0.908 -> 0.656,
+0.879 -> 0.762, i.e. margins 0.158, 0.252, 0.117. The previous defaults (lr 1e-2, noise offset 0.2) gave margins
+0.006, 0.174, -0.018 (one seed worse than the base); lr 3e-2 with noise offset 0.35 gave a worst seed of 0.018, so
+the margin depends on these knobs: the thresholds below hold for the defaults."""
 import re
 
 from lora_train.cli.main import main
 
 #: how much closer (total-variation distance of 27-bin RGB histograms, 0..1) the strength-1 column must be than the
-#: base column, pooled over the 3 seeds
-MARGIN_POOLED = 0.03
+#: base column on each of the 3 seeds (worst measured: 0.117) ...
+MARGIN_PER_SEED = 0.10
+#: ... and pooled over the 3 seeds (measured: 0.176)
+MARGIN_POOLED = 0.12
 
 
 def test_demo_learning_figure_beats_the_base_on_three_seeds(tmp_path, capsys):
@@ -22,8 +26,8 @@ def test_demo_learning_figure_beats_the_base_on_three_seeds(tmp_path, capsys):
     pooled, worst = float(m.group(1)), float(m.group(2))
     print(line)
     assert "3 seeds" in line
+    assert worst >= MARGIN_PER_SEED, line  # every seed: strength 1 clearly closer to the training colours
     assert pooled >= MARGIN_POOLED, line
-    assert worst > -0.05, line  # no seed moves clearly away from the training colours
 
 
 def test_pixel_vae_is_nearly_invertible():
