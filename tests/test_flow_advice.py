@@ -24,3 +24,15 @@ def test_sd3_advice():
     assert any("Large" in n for n in s.notes)
     assert suggest(80, base="sd3", vram_gb=8).fp8_base
     assert s.total_steps == s.steps_per_epoch * s.epochs and s.steps_per_epoch == 80  # batch 1
+
+
+def test_flow_training_says_when_training_utils_cannot_import(monkeypatch):
+    """AUTOMATIC1111's transformers 4.30.2 breaks `diffusers.training_utils`: a Flux / SD3 run says where to train."""
+    import sys
+
+    import pytest
+    from lora_train.training import flow
+
+    monkeypatch.setitem(sys.modules, "diffusers.training_utils", None)  # import -> ImportError
+    with pytest.raises(RuntimeError, match="Train Flux / SD3 in Forge, ComfyUI"):
+        flow._training_utils()

@@ -109,7 +109,7 @@ def sample_sigmas(opts: Dict[str, Any], n: int, latent_hw, generator: Optional[t
         return s
     if ts != "sigma":
         raise ValueError(f"timestep_sampling {ts!r} is not known: use one of {', '.join(TIMESTEP_SAMPLINGS)}.")
-    from diffusers.training_utils import compute_density_for_timestep_sampling
+    compute_density_for_timestep_sampling = _training_utils().compute_density_for_timestep_sampling
 
     ws = opts["weighting_scheme"]
     state = torch.random.get_rng_state()
@@ -133,6 +133,21 @@ def sample_timesteps(model, cfg, n: int, latent_hw, generator: Optional[torch.Ge
 
 
 # ----------------------------------------------------------------------------- the loss
+def _training_utils():
+    """diffusers.training_utils (timestep densities, SD3 loss weights), or a clear error where it cannot be imported:
+    diffusers 0.31 beside AUTOMATIC1111's transformers 4.30.2 fails on `transformers.integrations.deepspeed`."""
+    try:
+        from diffusers import training_utils  # lazy: it imports transformers' integrations
+    except (ImportError, AttributeError, RuntimeError) as exc:  # diffusers wraps import errors in RuntimeError
+        import transformers
+
+        raise RuntimeError(f"Flux / SD3 training needs diffusers.training_utils, which does not import beside "
+                           f"transformers {transformers.__version__} ({exc}): AUTOMATIC1111's pinned transformers is "
+                           f"too old for these models. Train Flux / SD3 in Forge, ComfyUI or `python -m lora_train` "
+                           f"(transformers >= 4.44).") from None
+    return training_utils
+
+
 def flow_matching_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor, timesteps: torch.Tensor, *,
                        unet=None, in_dtype: Optional[torch.dtype] = None,
                        autocast: Callable[[], Any] = contextlib.nullcontext, reduction: str = "mean",
@@ -142,7 +157,7 @@ def flow_matching_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Ten
     Called through loss.diffusion_loss, with its arguments and reductions, and its kohya options: input_noise
     (ip_noise_gamma: the noisy latents, the target keeps `noise`), elementwise (loss_type), mask (masked_loss),
     weights (per-sample, prior_loss_weight)."""
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
+    compute_loss_weighting_for_sd3 = _training_utils().compute_loss_weighting_for_sd3
 
     transformer = model.unet if unet is None else unet
     sigmas = (timesteps.float() / 1000.0).to(latents.device)
