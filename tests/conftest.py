@@ -155,11 +155,12 @@ SLOW = {
 }
 
 
-#: the Flux / SD3 training tests need diffusers.training_utils, which does not import beside AUTOMATIC1111's
-#: transformers 4.30.2 (the WebUI-versions run); there the product says so (training/flow._training_utils) and these
-#: tests are skipped, with the reason. Forge (transformers 4.46), ComfyUI and the current releases run them.
+#: the Flux / SD3 tests need diffusers.training_utils, which does not import beside AUTOMATIC1111's transformers
+#: 4.30.2 (the WebUI-versions run; AUTOMATIC1111 runs no Flux / SD3), and diffusers' newer Flux / SD3 LoRA converters
+#: (test_flow_names compares with them); there the product says so (training/flow._training_utils) and these tests
+#: are skipped, with the reason. Forge (transformers 4.46), ComfyUI and the current releases run them.
 FLOW_TRAINING = ("test_flux.py", "test_sd3.py", "test_flow_loss.py", "test_flow_bench.py", "test_webui_flow.py",
-                 "test_nodes_flow.py", "test_flow_single_file.py")
+                 "test_nodes_flow.py", "test_flow_single_file.py", "test_flow_names.py")
 
 
 def _flow_training_importable() -> bool:
@@ -180,5 +181,5 @@ def pytest_collection_modifyitems(config, items):
         if base in FLOW_TRAINING:
             flow_ok = _flow_training_importable() if flow_ok is None else flow_ok
             if not flow_ok:
-                item.add_marker(pytest.mark.skip(reason="Flux / SD3 training needs diffusers.training_utils, which "
-                                                        "does not import beside transformers 4.30.2 (WebUI versions)"))
+                item.add_marker(pytest.mark.skip(reason="Flux / SD3 tests need diffusers.training_utils (and its newer "
+                                                        "LoRA converters): not at the WebUI versions (transformers 4.30.2)"))
