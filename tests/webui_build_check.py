@@ -28,6 +28,9 @@ class DuckHost:
     def output_dir(self):
         return self._dir
 
+    def runs_dir(self):  # as hosts.base.Host: beside the LoRA folder (the presets folder is found from it)
+        return os.path.join(os.path.dirname(os.path.abspath(self._dir)), "lora_train_runs")
+
     def refresh_loras(self):
         return None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import presets
-from ..auto.pipeline import AutoOptions, run_auto
 from . import jobs, logic
 
 #: fields whose value, when it differs from the tab's default, overrides the auto choice of the same key
@@ -37,6 +36,10 @@ def start_auto(host, folder: str, values: Dict[str, Any], task: str, vram: Any, 
                lr_find: bool = False) -> jobs.Job:
     """Claim the job slot and run the auto pipeline in a background thread; the job's `result` is the
     AutoResult (its `report` is the Markdown the tab shows)."""
+    # lazy: the auto pipeline imports torch and the captioners; the tab itself builds without them (the WebUIs'
+    # gradio venvs of the tab-build tests have no torch)
+    from ..auto.pipeline import AutoOptions, run_auto
+
     if not (folder or "").strip():
         raise logic.UserError("set the dataset folder first (Dataset section).")
     real = logic.dataset_folder(host, folder)
