@@ -97,3 +97,21 @@ def test_one_place_for_each_concept():
                 elif not pat and (f"\ndef {k}(" in text or f"\n    def {k}(" in text or f"\n{k} = " in text):
                     found[k].append(f)
     assert {k: len(v) for k, v in found.items()} == wanted, found
+
+
+def test_tab_sections_keep_distinct_names():
+    """Each section keeps its components on the tab's shared namespace (`keep(c, {...})`): a name kept by two
+    sections makes one section's events drive the other's component (the Auto section's grid once hid the Test grid)."""
+    import glob
+    import re
+
+    seen = {}
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lora_train", "ui", "sections")
+    for path in sorted(glob.glob(os.path.join(root, "*.py"))):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        for block in re.findall(r"keep\(c, \{(.*?)\}\)", text, re.S):
+            for key in re.findall(r'"(\w+)":', block):
+                assert key not in seen, f"{key!r} kept by {seen[key]} and {os.path.basename(path)}"
+                seen[key] = os.path.basename(path)
+    assert len(seen) > 20

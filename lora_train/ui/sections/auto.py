@@ -54,7 +54,7 @@ def layout(c) -> None:
         p_save = make(gr.Button, "Save preset", elem_id="lora_train_preset_save")
     p_msg = make(gr.Markdown, "", elem_id="lora_train_preset_msg")
     keep(c, {"auto_btn": auto_btn, "auto_lr_find": auto_lr_find, "auto_msg": auto_msg, "report_btn": report_btn,
-             "report_md": report_md, "grid_img": grid_img, "q_add": q_add, "q_start": q_start, "q_pause": q_pause,
+             "report_md": report_md, "auto_grid_img": grid_img, "q_add": q_add, "q_start": q_start, "q_pause": q_pause,
              "q_refresh": q_refresh, "q_table": q_table, "q_id": q_id, "q_up": q_up, "q_down": q_down,
              "q_remove": q_remove, "q_cancel": q_cancel, "q_msg": q_msg, "p_pick": p_pick, "p_load": p_load,
              "p_name": p_name, "p_save": p_save, "p_msg": p_msg})
@@ -80,7 +80,7 @@ def wire(c, blocks) -> None:
         md, grid = autorun.auto_report(job.snapshot() if job is not None else None)
         return md, grid
 
-    on(c.report_btn.click, do_report, [], [c.report_md, c.grid_img])
+    on(c.report_btn.click, do_report, [], [c.report_md, c.auto_grid_img])
 
     def q_view(msg=""):
         eta = queue.eta_seconds()
