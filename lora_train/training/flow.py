@@ -23,6 +23,7 @@ Timestep sampling as sd-scripts (library/flux_train_utils.py get_noisy_model_inp
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from typing import Any, Callable, Dict, Optional
 
@@ -137,7 +138,9 @@ def _training_utils():
     """diffusers.training_utils (timestep densities, SD3 loss weights), or a clear error where it cannot be imported:
     diffusers 0.31 beside AUTOMATIC1111's transformers 4.30.2 fails on `transformers.integrations.deepspeed`."""
     try:
-        from diffusers import training_utils  # lazy: it imports transformers' integrations
+        # lazy (it imports transformers' integrations); import_module, not `from diffusers import`, so that the
+        # answer comes from the import system even when the package attribute is already set
+        training_utils = importlib.import_module("diffusers.training_utils")
     except (ImportError, AttributeError, RuntimeError) as exc:  # diffusers wraps import errors in RuntimeError
         import transformers
 
