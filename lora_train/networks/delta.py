@@ -39,15 +39,26 @@ class DeltaModule(nn.Module):
     def updown(self, shape: torch.Size) -> torch.Tensor:
         raise NotImplementedError
 
-    def decompose(self, updown: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def updown_rows(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Rows `rows` (an index tensor) of `updown(shape)`; the types compute only those rows where they can."""
+        return self.updown(shape)[rows]
+
+    def dora_on_output(self) -> bool:
+        """Is `dora_scale` per output channel (LyCORIS' wd_on_output, shape (out, 1, ...))?"""
+        ds = self.dora_scale
+        return ds is not None and ds.dim() >= 2 and ds.shape[0] != 1 and ds.shape[1] == 1
+
+    def decompose(self, updown: torch.Tensor, weight: torch.Tensor, dora_scale: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
         """DoRA's weight decomposition as the hosts and LyCORIS compute it: the merged weight's norm per input
         channel (`dora_scale` of shape (1, in, 1, 1)), or per output channel when `dora_scale` is (out, 1, ...)
-        (LyCORIS' wd_on_output; ComfyUI reads both, A1111 only the input one). Returns the new delta."""
+        (LyCORIS' wd_on_output; ComfyUI reads both, A1111 only the input one). Returns the new delta.
+        `dora_scale`: these rows of ours (a part of a fused module, output axis only)."""
         w = weight.float()
         merged = w + updown
-        ds = self.dora_scale
+        ds = self.dora_scale if dora_scale is None else dora_scale
         nd = w.dim() - 1
-        if ds.shape[0] == w.shape[0] and ds.shape[0] != 1:  # on the output axis
+        if self.dora_on_output():  # on the output axis
             norm = merged.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * nd)
         else:
             norm = (merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1, keepdim=True)
@@ -83,15 +94,62 @@ class DeltaModule(nn.Module):
         if "dora_scale" in t:
             self.dora_scale = nn.Parameter(t["dora_scale"].float().clone())
 
-    def init_dora(self, weight: torch.Tensor) -> None:
-        """dora_scale = the base weight's norm per input channel (so the delta starts at zero)."""
+    def init_dora(self, weight: torch.Tensor, on_output: bool = False) -> None:
+        """dora_scale = the base weight's norm per input channel, or per output channel with `on_output` (LyCORIS'
+        wd_on_output; the delta starts at zero either way)."""
         w = weight.detach().float()
         nd = w.dim() - 1
-        self.dora_scale = nn.Parameter(w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1, keepdim=True)
-                                       .reshape(w.shape[1], *[1] * nd).transpose(0, 1).clone())
+        if on_output:
+            norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * nd)
+        else:
+            norm = (w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1, keepdim=True)
+                    .reshape(w.shape[1], *[1] * nd).transpose(0, 1))
+        self.dora_scale = nn.Parameter(norm.clone())
 
     def plus_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n in self.PLUS]
+
+
+class GroupPart(nn.Module):
+    """The rows of one layer inside an adapter trained on a FUSED module of the file (Flux's img_attn_qkv = our
+    to_q + to_k + to_v; linear1 = q, k, v, proj_mlp; SD3's pre-only modulation with its two halves swapped). The
+    adapter (`group`, shared by every part) holds the file's tensors for the fused weight, so its delta is exactly
+    what sd-scripts + LyCORIS train and what the hosts apply to the fused weight; this part adds its rows of that
+    delta to its layer. `rows`: the fused module's row index of each of this layer's rows, in the layer's order;
+    `layers` / `rows_of`: every part's layer and rows (the fused weight, for DoRA on the input axis)."""
+
+    def __init__(self, group: DeltaModule, paths: Tuple[str, ...], rows: torch.Tensor,
+                 layers: List[nn.Module], rows_of: List[torch.Tensor], fused_shape: Tuple[int, ...]):
+        super().__init__()
+        self.group = group
+        self.paths = tuple(paths)
+        self.register_buffer("rows", rows.long(), persistent=False)
+        self.fused_shape = tuple(fused_shape)
+        self.__dict__["_parts"] = (list(layers), [r.long() for r in rows_of])  # not submodules: no cycles
+
+    TYPE = property(lambda self: self.group.TYPE)
+    rank_dropout = property(lambda self: self.group.rank_dropout)
+    module_dropout = property(lambda self: self.group.module_dropout)
+
+    def fused_weight(self) -> torch.Tensor:
+        layers, rows_of = self.__dict__["_parts"]
+        ws = [base_weight(layer).float() for layer in layers]
+        out = ws[0].new_zeros(self.fused_shape)
+        for w, r in zip(ws, rows_of):
+            out[r.to(w.device)] = w
+        return out
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        g, rows = self.group, self.rows.to(weight.device)
+        if g.dora_scale is not None and not g.dora_on_output():  # the norm spans every part: the whole module
+            return g.delta(self.fused_weight())[rows]
+        ud = g.updown_rows(rows, torch.Size(self.fused_shape))
+        if self.training and g.rank_dropout:
+            keep = (torch.rand(ud.shape[0], device=ud.device) > g.rank_dropout).to(ud.dtype)
+            ud = ud * keep.view(-1, *[1] * (ud.dim() - 1))
+        if g.dora_scale is not None:
+            return g.decompose(ud, weight, g.dora_scale[rows])
+        return ud
 
 
 class NetworkDelta(nn.Module):
@@ -145,6 +203,14 @@ def add(layer: nn.Module, adapter: str, module: DeltaModule, strength: float = 1
         box.active.append(adapter)
 
 
+def add_group(layers: List[nn.Module], paths: Tuple[str, ...], rows_of: List[torch.Tensor], adapter: str,
+              module: DeltaModule, fused_shape: Tuple[int, ...], strength: float = 1.0) -> None:
+    """Attach `module` (an adapter on a fused module of the file) to its parts: layer i gets `rows_of[i]`."""
+    layers = [getattr(m, "base_layer", m) for m in layers]
+    for layer, rows in zip(layers, rows_of):
+        add(layer, adapter, GroupPart(module, paths, rows, layers, rows_of, fused_shape), strength)
+
+
 def layers(root: nn.Module, adapter: Optional[str] = None) -> Iterable[Tuple[str, nn.Module, NetworkDelta]]:
     """(module path as the model names it without the peft level, layer, container) of every layer with one
     of our adapters (with `adapter` when given)."""
@@ -159,8 +225,16 @@ def layers(root: nn.Module, adapter: Optional[str] = None) -> Iterable[Tuple[str
 
 
 def modules(root: nn.Module, adapter: str) -> Iterable[Tuple[str, DeltaModule]]:
+    """(path, adapter) of every adapter once; one on a fused module as (its first part's path, the shared one)."""
+    seen = set()
     for path, _, box in layers(root, adapter):
-        yield path, box.adapters[adapter]
+        m = box.adapters[adapter]
+        if isinstance(m, GroupPart):
+            if id(m.group) in seen:
+                continue
+            seen.add(id(m.group))
+            path, m = m.paths[0], m.group
+        yield path, m
 
 
 def parameters(root: nn.Module, adapter: str) -> List[nn.Parameter]:

@@ -31,15 +31,17 @@ class LoraDelta(DeltaModule):
         self.alpha = float(alpha)
 
     @classmethod
-    def create(cls, weight: torch.Tensor, rank: int, alpha: float, dora: bool = True, **kw) -> "LoraDelta":
-        """down (r, in[, kh, kw]) kaiming as kohya/peft, up (out, r[, 1, 1]) zero; dora_scale = ||W|| per input."""
+    def create(cls, weight: torch.Tensor, rank: int, alpha: float, dora: bool = True, dora_on_output: bool = False,
+               **kw) -> "LoraDelta":
+        """down (r, in[, kh, kw]) kaiming as kohya/peft, up (out, r[, 1, 1]) zero; dora_scale = ||W|| per input
+        channel (per output channel with `dora_on_output`: the flow families, see network.py)."""
         k = tuple(weight.shape[2:])
         m = cls((rank, weight.shape[1]) + k, (weight.shape[0], rank) + (1,) * len(k), alpha, **kw)
         with torch.no_grad():
             nn.init.kaiming_uniform_(m.lora_down, a=math.sqrt(5))
             nn.init.zeros_(m.lora_up)
         if dora:
-            m.init_dora(weight)
+            m.init_dora(weight, on_output=dora_on_output)
         return m
 
     @classmethod
@@ -61,6 +63,11 @@ class LoraDelta(DeltaModule):
         up = self.lora_up.reshape(self.lora_up.shape[0], -1)
         down = self.lora_down.reshape(self.lora_down.shape[0], -1)
         return (up @ down).reshape(shape) * self.scale()
+
+    def updown_rows(self, rows: torch.Tensor, shape) -> torch.Tensor:
+        up = self.lora_up.reshape(self.lora_up.shape[0], -1)[rows]
+        down = self.lora_down.reshape(self.lora_down.shape[0], -1)
+        return (up @ down).reshape(len(rows), *shape[1:]) * self.scale()
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         out = {"lora_down.weight": self.lora_down.detach().float().cpu().clone(),

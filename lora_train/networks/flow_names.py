@@ -375,6 +375,46 @@ def split(group: Group, down: torch.Tensor, up: torch.Tensor, alpha: float) -> D
     return out
 
 
+# ----------------------------------------------------------------------------- weight-delta types (LoHa, LoKr, DoRA)
+def part_rows(group: Group) -> List[torch.Tensor]:
+    """For each of the group's paths: the row in the file's module of each of the layer's rows (fused parts are
+    stacked in order; a swapped pre-only modulation has its halves exchanged)."""
+    if group.swap_halves:
+        h = group.out_dims[0] // 2
+        return [torch.cat([torch.arange(h, 2 * h), torch.arange(0, h)])]
+    starts = [sum(group.out_dims[:j]) for j in range(len(group.out_dims))]
+    return [torch.arange(s, s + d) for s, d in zip(starts, group.out_dims)]
+
+
+def fused_shape(group: Group, root: nn.Module) -> Tuple[int, ...]:
+    lin = getattr(root.get_submodule(group.paths[0]), "base_layer", root.get_submodule(group.paths[0]))
+    return (sum(group.out_dims), _in_dim(lin))
+
+
+def fused_weight(group: Group, root: nn.Module) -> torch.Tensor:
+    """The weight of the file's module (the original model's fused Linear) from our parts' base weights."""
+    from .delta import base_weight
+
+    ws = [base_weight(getattr(root.get_submodule(p), "base_layer", root.get_submodule(p))) for p in group.paths]
+    out = torch.zeros(fused_shape(group, root), dtype=torch.float32, device=ws[0].device)
+    for w, rows in zip(ws, part_rows(group)):
+        out[rows.to(w.device)] = w.float()
+    return out
+
+
+def attach(root: nn.Module, group: Group, adapter: str, module, strength: float = 1.0) -> None:
+    """Attach a weight-delta adapter `module` (LoHa, LoKr, DoRA: networks/delta.py) that holds the FILE's tensors
+    of `group` (the fused module as sd-scripts + LyCORIS train it) to our split layers."""
+    from . import delta as delta_mod
+
+    layers = [root.get_submodule(p) for p in group.paths]
+    if len(layers) == 1 and not group.swap_halves:
+        delta_mod.add(layers[0], adapter, module, strength)
+    else:
+        delta_mod.add_group(layers, group.paths, part_rows(group), adapter, module, fused_shape(group, root),
+                            strength)
+
+
 def import_groups(model) -> Dict[str, Group]:
     """kohya name -> Group for the transformer (default targets and extras) and T5 of a flow BaseModel."""
     out = unet_groups(model.kind, model.unet)

@@ -62,6 +62,10 @@ class LoHa(DeltaModule):
         w = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
         return w.reshape(shape) * self.scale()
 
+    def updown_rows(self, rows: torch.Tensor, shape) -> torch.Tensor:
+        w = (self.hada_w1_a[rows] @ self.hada_w1_b) * (self.hada_w2_a[rows] @ self.hada_w2_b)
+        return w.reshape(len(rows), *shape[1:]) * self.scale()
+
     def tensors(self) -> Dict[str, torch.Tensor]:
         out = {k: getattr(self, k).detach().float().cpu().clone() for k in self.KEYS}
         out.update(self._common_tensors())

@@ -117,6 +117,16 @@ class LoKr(DeltaModule):
             w1 = w1[:, :, None, None]
         return torch.kron(w1, w2.contiguous()).reshape(shape) * self.scale()
 
+    def updown_rows(self, rows: torch.Tensor, shape) -> torch.Tensor:
+        """Rows of kron(w1, w2): row r = w1[r // out_k] (x) w2[r % out_k], without the whole product."""
+        w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+        w2 = self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_a @ self.lokr_w2_b
+        if w2.dim() != 2:
+            return super().updown_rows(rows, shape)
+        out_k = w2.shape[0]
+        a, b = w1[rows // out_k], w2[rows % out_k]
+        return (a[:, :, None] * b[:, None, :]).reshape(len(rows), *shape[1:]) * self.scale()
+
     def tensors(self) -> Dict[str, torch.Tensor]:
         out = {k: getattr(self, k).detach().float().cpu().clone() for k in self.KEYS if hasattr(self, k)}
         out.update(self._common_tensors())

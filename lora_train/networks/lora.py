@@ -295,6 +295,8 @@ def _apply_extra(model, lw: LoraWeights, adapter: str, strength: float, label) -
     """Attach the weight-delta modules of `lw` (LoHa, LoKr, DoRA) as adapter `adapter`; the names not matched."""
     comps = dict(_components(model))
     unmatched: List[str] = []
+    kind = getattr(model, "kind", None)
+    groups = flow_names.import_groups(model) if kind in flow_names.FLOW_KINDS and lw.extra else {}
     for (comp, path), entry in sorted(lw.extra.items()):
         named = dict(comps[comp].named_modules()) if comp in comps else {}
         layer = named.get(path)
@@ -303,15 +305,20 @@ def _apply_extra(model, lw: LoraWeights, adapter: str, strength: float, label) -
             continue
         base = getattr(layer, "base_layer", layer)
         dm = entry.module()
-        w = delta_mod.base_weight(base)
+        group = groups.get(label(comp, path)) if comp == "unet" else None  # Flux / SD3: the file's (fused) module
+        w = flow_names.fused_weight(group, comps[comp]) if group else delta_mod.base_weight(base)
         try:
             with torch.no_grad():
-                dm.delta(w.float().cpu())
+                if tuple(dm.delta(w.float().cpu()).shape) != tuple(w.shape):
+                    raise RuntimeError(f"delta of another shape")
         except RuntimeError as exc:
             raise LoraFormatError(f"{entry.type} module {label(comp, path)} does not fit the model's weight "
                                   f"{tuple(w.shape)} ({exc}): the LoRA was trained for another base model.") from None
         dm.requires_grad_(False)
-        delta_mod.add(base, adapter, dm, strength)
+        if group:
+            flow_names.attach(comps[comp], group, adapter, dm, strength)
+        else:
+            delta_mod.add(base, adapter, dm, strength)
     return unmatched
 
 
@@ -369,12 +376,13 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
         for name, g in groups.items():
             typ = detect_type(g)
             if typ is not None:  # LoHa, LoKr, DoRA (networks/layouts.py)
-                if name not in rev:
+                if name not in rev and name not in fused:
                     unknown.append(name)
                     continue
+                key = rev[name] if name in rev else (fused[name].component, fused[name].paths[0])
                 try:
-                    lw.extra[rev[name]] = entry_from_group(typ, g)
-                except (ValueError, KeyError) as exc:
+                    lw.extra[key] = entry_from_group(typ, g)
+                except (ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: tensors that do not fit together
                     raise LoraFormatError(f"LoRA module {name} ({typ}): {exc}.") from None
                 continue
             if "lora_down.weight" not in g or "lora_up.weight" not in g:
@@ -393,7 +401,7 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
             lw.modules[rev[name]] = (down, up, alpha)
         if unknown:
             lw.metadata["_unmatched"] = json.dumps(unknown)
-            if not lw.modules:
+            if not lw.modules and not lw.extra:
                 raise LoraFormatError(f"none of the {len(unknown)} LoRA modules match this base model (first: "
                                       f"{unknown[0]}): the LoRA was made for another model kind.")
         return lw

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import delta as delta_mod
+from . import flow_names
 from . import lora as lora_mod
 from .layouts import DELTA_TYPES
 from .locon import resnet_target_modules
@@ -40,13 +41,22 @@ class NetworkSpec:
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     loraplus_lr_ratio: Optional[float] = None
+    dora_on_output: bool = False  # DoRA's dora_scale per output channel (LyCORIS wd_on_output); see from_config
 
     @classmethod
-    def from_config(cls, cfg) -> "NetworkSpec":
+    def from_config(cls, cfg, kind: Optional[str] = None) -> "NetworkSpec":
+        """The run's network; `kind` the model's (BaseModel.kind). Flux / SD3 transformers have no ResNet
+        convolutions: conv_rank and LoCon do not apply there (LoCon is LoRA). DoRA keeps dora_scale per INPUT
+        channel everywhere: A1111 reads no other, and ComfyUI / Forge's output-axis branch normalises by the
+        base weight instead of the merged one (comfy/weight_adapter/base.py weight_decompose), which is not what
+        LyCORIS trains; on a fused Flux / SD3 module the norm then spans q, k and v together (delta.GroupPart)."""
         typ = getattr(cfg, "network_type", "lora") or "lora"
         conv = int(getattr(cfg, "conv_rank", 0) or 0)
         if typ == "locon" and conv == 0:
             conv = int(cfg.lora_rank)
+        flow = kind in flow_names.FLOW_KINDS
+        if flow:
+            conv, typ = 0, ("lora" if typ == "locon" else typ)
         ca = getattr(cfg, "conv_alpha", None)
         return cls(type=typ, rank=int(cfg.lora_rank), alpha=float(cfg.alpha), conv_rank=conv,
                    conv_alpha=float(conv if ca is None else ca), factor=int(getattr(cfg, "factor", -1)),
@@ -85,6 +95,14 @@ def inject(module: nn.Module, component: str, spec: NetworkSpec, adapter: str = 
     opts: Dict[str, Any] = {"rank_dropout": spec.rank_dropout, "module_dropout": spec.module_dropout}
     if spec.type == "lokr":
         opts.update(factor=spec.factor, full_matrix=spec.full_matrix)
+    if spec.type == "dora" and spec.dora_on_output:
+        opts["dora_on_output"] = True
+    kind = flow_names.kind_of(module) if component == "unet" else None
+    if kind:  # Flux / SD3: one adapter per module of the file (fused q/k/v trained as one, as sd-scripts + LyCORIS)
+        for g in flow_names.unet_groups(kind, module, extras=False).values():
+            flow_names.attach(module, g, adapter, cls.create(flow_names.fused_weight(g, module), spec.rank,
+                                                             spec.alpha, **opts))
+        return delta_mod.parameters(module, adapter)
     for path, rank, alpha, _ in tg:
         layer = named[path]
         w = delta_mod.base_weight(getattr(layer, "base_layer", layer))
@@ -125,11 +143,12 @@ def is_trainable_name(name: str, adapter: str = lora_mod.DEFAULT_ADAPTER) -> boo
         delta_mod.is_adapter_parameter(name, adapter)
 
 
-def metadata(spec: NetworkSpec) -> Dict[str, str]:
-    """ss_network_module / ss_network_args as kohya (lora, locon) and LyCORIS (loha, lokr, dora) write them."""
+def metadata(spec: NetworkSpec, kind: Optional[str] = None) -> Dict[str, str]:
+    """ss_network_module / ss_network_args as kohya (lora, locon; networks.lora_flux / lora_sd3 for the flow
+    families) and LyCORIS (loha, lokr, dora) write them."""
     args: Dict[str, Any] = {}
     if spec.type in ("lora", "locon"):
-        module = "networks.lora"
+        module = flow_names.NETWORK_MODULE.get(kind or "", "networks.lora")
         if spec.conv_rank > 0:
             args.update(conv_dim=str(spec.conv_rank), conv_alpha=f"{spec.conv_alpha:g}")
         if spec.dropout:
@@ -140,7 +159,7 @@ def metadata(spec: NetworkSpec) -> Dict[str, str]:
         if spec.conv_rank > 0:
             args.update(conv_dim=str(spec.conv_rank), conv_alpha=f"{spec.conv_alpha:g}")
         if spec.type == "dora":
-            args.update(dora_wd="True", wd_on_output="False")
+            args.update(dora_wd="True", wd_on_output=str(bool(spec.dora_on_output)))
         if spec.type == "lokr":
             args["factor"] = str(spec.factor)
             if spec.full_matrix:

@@ -584,11 +584,10 @@ class Trainer:
         cfg, m = self.cfg, self.model
         torch.manual_seed(cfg.seed)
         adapter = lora_mod.DEFAULT_ADAPTER
-        spec = network.NetworkSpec.from_config(cfg)  # the network type, its targets and LoRA+ groups
-        if flow_train.is_flow(m) and (spec.type != "lora" or spec.conv_rank):
-            raise ValueError(f"network_type {spec.type!r} (conv_rank {spec.conv_rank}) is not available for "
-                             f"{m.kind} models yet: their files fuse q/k/v as sd-scripts does, written for plain "
-                             f"LoRA only. Use network_type: lora (LoRA+ via loraplus_lr_ratio works).")
+        spec = network.NetworkSpec.from_config(cfg, m.kind)  # the network type, its targets and LoRA+ groups
+        if flow_train.is_flow(m) and (cfg.network_type == "locon" or (cfg.conv_rank or 0) > 0):
+            self.emit("warning", message=f"{m.kind} transformers have no ResNet convolutions: conv_rank / LoCon do "
+                                         f"not apply, the run trains {spec.type} on the Linear layers.")
         params = network.build(m.unet, "unet", spec, cfg.learning_rate, adapter)
         n_unet = len(params)
         if cfg.train_text_encoder:
@@ -906,7 +905,6 @@ class Trainer:
         meta = {
             "ss_network_dim": str(cfg.lora_rank),
             "ss_network_alpha": f"{cfg.alpha:g}",
-            **network.metadata(network.NetworkSpec.from_config(cfg)),  # ss_network_module, ss_network_args
             "ss_learning_rate": f"{cfg.learning_rate:g}",
             "ss_unet_lr": f"{cfg.learning_rate:g}",
             "ss_text_encoder_lr": f"{cfg.te_lr:g}" if cfg.train_text_encoder else "0",
@@ -960,6 +958,7 @@ class Trainer:
         }
         if flow_train.is_flow(m):  # Flux / SD3: base model version, architecture, timestep options
             meta.update(flow_train.metadata(m, cfg))
+        meta.update(network.metadata(network.NetworkSpec.from_config(cfg, m.kind), m.kind))  # ss_network_module, _args
         meta.update(kohya_extras.metadata(cfg, self))  # the kohya options (issue 18)
         if cfg.trigger_word:
             meta["modelspec.trigger_phrase"] = cfg.trigger_word

@@ -440,7 +440,9 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
         total = steps_per_epoch * epochs
         s.add("epochs", epochs, f"{epochs_reason}: {steps_per_epoch} steps/epoch, {total} steps in all")
         s.add("lr_warmup_steps", *_warmup_for(total))
-    for key, value, reason in network_advice(network_type, task, lr, rank):
+    flow = base in flow_advice.FLOW_BASES  # their lr and rank are flow_advice's
+    for key, value, reason in network_advice(network_type, task, s.value("learning_rate") if flow else lr,
+                                             s.value("lora_rank") if flow else rank, flow):
         s.add(key, value, reason)
     s.total_steps, s.steps_per_epoch = total, steps_per_epoch
     kohya_advice.add_suggestions(s, image_count, task, base, model_name, captions, tokenizer)

@@ -390,7 +390,7 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
             te.requires_grad_(False)
         with warnings.catch_warnings():  # "already found a peft_config": a second adapter is what we want
             warnings.simplefilter("ignore")
-            network.inject(unet, "unet", network.NetworkSpec.from_config(cfg), adapter)  # the run's type
+            network.inject(unet, "unet", network.NetworkSpec.from_config(cfg, model.kind), adapter)  # the run's type
         lora_mod.activate(unet, adapter)
         unet.requires_grad_(False)
         params = lora_mod.lora_parameters(unet, adapter)
@@ -398,7 +398,7 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
             p.data = p.data.to(device).float()
             p.requires_grad_(True)
         # the optimizer the run will use (the trainer's factory, configured optimizer and arguments)
-        groups = network.param_groups(unet, params, lr_min, network.NetworkSpec.from_config(cfg), adapter)
+        groups = network.param_groups(unet, params, lr_min, network.NetworkSpec.from_config(cfg, model.kind), adapter)
         ratios = [g["lr"] / lr_min for g in groups]  # LoRA+: the up/B group keeps its ratio during the sweep
         opt = make_optimizer(cfg.optimizer, groups, device, cfg.weight_decay,
                              (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.optimizer_args)

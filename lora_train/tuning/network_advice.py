@@ -16,13 +16,18 @@ STYLE_TASKS = ("style", "concept")
 LOKR_LR = (4e-4, 1e-3)
 
 
-def network_advice(network_type: str, task: str, lr: float, rank: int) -> List[Tuple[str, Any, str]]:
+def network_advice(network_type: str, task: str, lr: float, rank: int, flow: bool = False
+                   ) -> List[Tuple[str, Any, str]]:
     """[(config key, value, reason)] for a run of `network_type` on `task`, given the LoRA lr and rank the
-    advisor picked; the network_type row first."""
+    advisor picked; the network_type row first. `flow`: a Flux / SD3 transformer, which has no ResNet
+    convolutions (no LoCon, no conv_rank) and whose q/k/v are one fused module in the file."""
     if network_type not in NETWORK_TYPES:
         raise ValueError(f"network_type = {network_type!r}: use one of {', '.join(NETWORK_TYPES)}.")
-    style = task in STYLE_TASKS
+    style = task in STYLE_TASKS and not flow
     out: List[Tuple[str, Any, str]] = []
+    if flow and network_type == "locon":
+        return [("network_type", "lora", "lora: Flux / SD3 transformers have no ResNet convolutions, so LoCon is "
+                                         "plain LoRA there (conv_rank does not apply)")]
     conv = min(rank, 8)
     conv_reason = (f"conv_rank {conv}: the 3x3 convolutions of the ResNet blocks carry colour, texture and "
                    f"brush strokes, which a {task} LoRA is about (attention alone learns the composition)")
@@ -30,6 +35,9 @@ def network_advice(network_type: str, task: str, lr: float, rank: int) -> List[T
         why = ("lora: plain LoRA on the attention layers, the safe first run"
                + ("; for a style or texture try locon (the ResNet convolutions too)" if style else
                   "; identity and objects live in attention, the convolutions mostly add file size"))
+        if flow:
+            why = ("lora: plain LoRA on every Linear of the transformer blocks (sd-scripts' default set), the safe "
+                   "first run; lokr makes much smaller Flux files for styles")
         out.append(("network_type", "lora", why))
         return out
     out.append(("network_type", network_type, {
@@ -61,7 +69,9 @@ def network_advice(network_type: str, task: str, lr: float, rank: int) -> List[T
     elif network_type == "dora":
         out.append(("learning_rate", round(lr * 0.5, 7),
                     f"DoRA trains the weight's magnitude directly, which reacts more than a LoRA update: about "
-                    f"half the LoRA lr ({lr:.3g} -> {lr * 0.5:.3g}) is the usual start"))
+                    f"half the LoRA lr ({lr:.3g} -> {lr * 0.5:.3g}) is the usual start"
+                    + ("; on Flux / SD3 each step also builds the whole fused q/k/v weight per part, so expect "
+                       "slower steps and more memory than LoRA" if flow else "")))
     return out
 
 
