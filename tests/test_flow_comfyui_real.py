@@ -149,3 +149,49 @@ def test_train_node_in_real_comfyui_on_a_flux_graph(tmp_path):
     assert res["not_loaded"] == [] and res["model_patches"] == len(res["lora_modules"])
     assert res["output_change"] > 0.0
     assert res["sweep_cells"] == [2, 64, 64, 3] and res["sweep_lora_changes"] > 0.0
+
+
+@pytest.mark.parametrize("typ", ["loha", "lokr", "dora"])
+@pytest.mark.parametrize("kind,config,modules", [("flux", "Flux", 13), ("sd3", "SD3", 19)])
+def test_comfyui_applies_our_network_types_to_a_small_real_model(kind, config, modules, typ, tmp_path):
+    """Issue 17 on the flow families: LoHa / LoKr / DoRA trained on our split modules, one adapter per module of
+    the file (fused q/k/v), applied by ComfyUI's own loader to its fused weights: 0 keys not loaded and the patched
+    weights change by our delta (in ComfyUI's layout; SD3's swapped pre-only rows included)."""
+    import test_networks_flow as NF
+    from lora_train.networks import network as N
+
+    unet = small_model(kind)
+    with torch.no_grad():  # bf16 base weights, as in the file ComfyUI loads: DoRA's norms see the same weight
+        for p in unet.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model_file = str(tmp_path / "small.safetensors")
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in unet.state_dict().items()}, model_file)
+    dims = (unet.config.joint_attention_dim, unet.config.pooled_projection_dim)
+    model = SimpleNamespace(kind=kind, unet=unet, text_encoder=None, text_encoder_2=None, text_encoder_3=None)
+    spec = N.NetworkSpec(**{k: v for k, v in NF.TYPES[typ].items()})
+    N.inject(unet, "unet", spec)
+    NF._randomize(unet, seed=4)
+    with torch.no_grad():  # small deltas relative to the weights, as training makes them
+        for _, dm in NF.D.modules(unet, NF.ADAPTER):
+            for n, p in dm.named_parameters():
+                if n != "dora_scale":
+                    p.mul_(0.2)
+    lora_file = L.save_kohya(L.extract(model), str(tmp_path / "lora.safetensors"), kind)
+    parts = NF._part_deltas(unet)
+    g = torch.Generator().manual_seed(1)
+    probes = {}
+    for name, grp in F.unet_groups(kind, unet, extras=False).items():
+        delta = NF._fused_delta(grp, parts).float()  # rows in the file's (ComfyUI's) order
+        x = torch.randn(delta.shape[1], 3, generator=g)
+        probes[f"{name}.x"], probes[f"{name}.y"] = x, delta @ x
+    probe_file = str(tmp_path / "probes.safetensors")
+    save_file(probes, probe_file)
+    scale = max(float(v.abs().max()) for k, v in probes.items() if k.endswith(".y"))
+    del model, unet, parts
+    res = comfy("run", {"model": model_file, "lora": lora_file, "probes": probe_file, "kind": kind,
+                        "context_dim": dims[0], "pooled_dim": dims[1]}, tmp_path)
+    print(typ, kind, "probe max abs diff", res["probe_max_abs_diff"], "largest probe", scale)
+    assert res["model_config"] == config
+    assert res["not_loaded"] == [] and res["lora_modules"] == res["patches"] == res["model_patched"] == modules
+    assert res["probe_modules"] == modules and res["probe_max_abs_diff"] <= 1e-3 * max(scale, 1.0)
+    assert res["output_change"] > 0.0
