@@ -239,3 +239,24 @@ def test_advisor_on_the_flow_families():
     flux_lora = suggest(30, base="flux", task="style").value("learning_rate")
     assert suggest(30, base="flux", network_type="dora", task="style").value("learning_rate") == flux_lora * 0.5
     assert suggest(30, base="sd1", network_type="locon", task="style").value("conv_rank") > 0
+
+
+def test_ab_grid_and_prompt_tags_with_a_flow_lokr(data, tmp_path):
+    """The standalone A/B grid (FluxPipeline) and `<lora:name:w>` prompts with a Flux LoKr file."""
+    import numpy as np
+
+    from lora_train.models.flux import build_tiny_flux
+    from lora_train.sampler import Generator, GenParams, build_grid
+    from lora_train.training.trainer import Trainer
+
+    cfg = small_cfg(data, tmp_path, base_model="tiny-flux", output_name="fxk", epochs=2, network_type="lokr",
+                    lora_rank=4, factor=4, learning_rate=5e-2)
+    res = Trainer(cfg).run()
+    gen = Generator(build_tiny_flux(), lora_dirs=[res.output_dir])
+    base = GenParams(prompt="a red circle", seed=3, steps=3, cfg_scale=1.0, width=64, height=64)
+    grid = build_grid(gen, base, "fxk", strengths=[0.0, 1.0], seeds=[3])
+    imgs = [np.asarray(c.image, dtype=np.float32) for c in grid.cells]
+    assert len(imgs) == 2 and np.abs(imgs[0] - imgs[1]).mean() > 0.1
+    tagged = np.asarray(gen.generate(GenParams(prompt="a red circle <lora:fxk:1>", seed=3, steps=3, cfg_scale=1.0,
+                                               width=64, height=64)), dtype=np.float32)
+    assert np.abs(tagged - imgs[1]).max() <= 1.0
