@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-
+from typing import Any, Dict, Sequence, Tuple
 
 from .base import BaseModel, ModelError
 
@@ -26,6 +26,21 @@ def _index_has(index: dict, key: str) -> bool:
     return bool(v) and not (isinstance(v, (list, tuple)) and all(x is None for x in v))
 
 
+def load_components(folder: str, parts: Sequence[Tuple[str, Any]], what: str, needs: str) -> Dict[str, Any]:
+    """{subfolder: loaded} for [(subfolder, class with from_pretrained)] of a diffusers folder, offline; models come
+    back in eval mode and frozen. A ModelError says what the folder (`what`) `needs` when one does not load."""
+    out: Dict[str, Any] = {}
+    try:
+        for sub, cls in parts:
+            out[sub] = cls.from_pretrained(folder, subfolder=sub, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load the {what} '{folder}': {exc}. It needs {needs}.") from exc
+    for m in out.values():
+        if hasattr(m, "requires_grad_"):
+            m.eval().requires_grad_(False)
+    return out
+
+
 def load_diffusers_folder(folder: str) -> BaseModel:
     """An SD1.x / SD2.x (StableDiffusionPipeline) or SDXL base (StableDiffusionXLPipeline) diffusers folder."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -45,27 +60,18 @@ def load_diffusers_folder(folder: str) -> BaseModel:
                          f"{supported}")
     if "Inpaint" in cls_name:
         raise ModelError(f"'{folder}' is an inpainting model; train on the regular checkpoint. {supported}")
-    kw = dict(local_files_only=True)
-    te2 = tok2 = None
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
-        if xl:
-            te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)
-            tok2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **kw)
-        sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as exc:
-        subs = "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/" if xl else "text_encoder/, tokenizer/"
-        raise ModelError(f"could not load the diffusers folder '{folder}': {exc}. It needs unet/, vae/, {subs} "
-                         f"and scheduler/ subfolders with their weights.") from exc
+    parts = [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
+             ("tokenizer", CLIPTokenizer), ("scheduler", DDPMScheduler)]
+    if xl:
+        parts += [("text_encoder_2", CLIPTextModelWithProjection), ("tokenizer_2", CLIPTokenizer)]
+    subs = "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/" if xl else "text_encoder/, tokenizer/"
+    c = load_components(folder, parts, "diffusers folder", f"unet/, vae/, {subs} and scheduler/ subfolders with "
+                                                          f"their weights")
+    unet, vae, text_encoder, sched = c["unet"], c["vae"], c["text_encoder"], c["scheduler"]
+    tokenizer, te2, tok2 = c["tokenizer"], c.get("text_encoder_2"), c.get("tokenizer_2")
     if int(unet.config.in_channels) != 4:
         raise ModelError(f"'{folder}' has a UNet with {unet.config.in_channels} input channels (inpainting or "
                          f"another special model). {supported}")
-    for m in (unet, vae, text_encoder, te2):
-        if m is not None:
-            m.eval().requires_grad_(False)
     if xl:
         kind = "sdxl"
     else:  # SD2's OpenCLIP-H: 1024 wide, gelu (CLIP-L of SD1: 768, quick_gelu)

@@ -201,18 +201,22 @@ def convert_flux(sd: Dict[str, torch.Tensor]):
     return config, conv
 
 
+def _transformer(cls, converted, what: str, advice: str):
+    """A diffusers transformer of class `cls` from a converted (config, state dict), in the file's dtype."""
+    config, conv = converted
+    dtype = next(iter(conv.values())).dtype
+    with _empty_weights():
+        model = cls(**config)
+    return _assign(model, {k: v.to(dtype) for k, v in conv.items()}, what, advice).to(dtype)
+
+
 def flux_transformer(sd: Dict[str, torch.Tensor]):
     """A diffusers FluxTransformer2DModel from BFL-layout weights (with or without `model.diffusion_model.`)."""
     from diffusers import FluxTransformer2DModel
 
-    config, conv = convert_flux(sd)
-    dtype = next(iter(conv.values())).dtype
-    with _empty_weights():
-        model = FluxTransformer2DModel(**config)
-    model = _assign(model, {k: v.to(dtype) for k, v in conv.items()}, "Flux transformer",
-                    "Use an original Flux.1 dev / schnell transformer file (flux1-dev.safetensors, "
-                    "flux1-schnell.safetensors or a fine-tune in their layout).")
-    return model.to(dtype)
+    return _transformer(FluxTransformer2DModel, convert_flux(sd), "Flux transformer",
+                        "Use an original Flux.1 dev / schnell transformer file (flux1-dev.safetensors, "
+                        "flux1-schnell.safetensors or a fine-tune in their layout).")
 
 
 # ----------------------------------------------------------------------------- SD3 transformer
@@ -244,13 +248,8 @@ def convert_sd3(sd: Dict[str, torch.Tensor]):
 def sd3_transformer(sd: Dict[str, torch.Tensor]):
     from diffusers import SD3Transformer2DModel
 
-    config, conv = convert_sd3(sd)
-    dtype = next(iter(conv.values())).dtype
-    with _empty_weights():
-        model = SD3Transformer2DModel(**config)
-    model = _assign(model, {k: v.to(dtype) for k, v in conv.items()}, "SD3 transformer",
-                    "Use an original SD3 Medium / SD3.5 Medium / SD3.5 Large file.")
-    return model.to(dtype)
+    return _transformer(SD3Transformer2DModel, convert_sd3(sd), "SD3 transformer",
+                        "Use an original SD3 Medium / SD3.5 Medium / SD3.5 Large file.")
 
 
 # ----------------------------------------------------------------------------- VAE, text encoders

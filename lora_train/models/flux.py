@@ -123,21 +123,16 @@ def load_flux_folder(folder: str) -> BaseModel:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    kw = dict(local_files_only=True)
-    try:
-        tr = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
-        t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **kw)
-        tok2 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", **kw)
-        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the Flux diffusers folder '{folder}': {exc}. It needs transformer/, vae/, "
-                         f"text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5), tokenizer_2/ and scheduler/ "
-                         f"with their weights.") from exc
-    for m in (tr, vae, te, t5):
-        m.eval().requires_grad_(False)
+    from .diffusers_folder import load_components
+
+    c = load_components(folder, [("transformer", FluxTransformer2DModel), ("vae", AutoencoderKL),
+                                 ("text_encoder", CLIPTextModel), ("tokenizer", CLIPTokenizer),
+                                 ("text_encoder_2", T5EncoderModel), ("tokenizer_2", T5TokenizerFast),
+                                 ("scheduler", FlowMatchEulerDiscreteScheduler)], "Flux diffusers folder",
+                        "transformer/, vae/, text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5), tokenizer_2/ "
+                        "and scheduler/ with their weights")
+    tr, vae, te, tok, t5, tok2, sched = (c[k] for k in ("transformer", "vae", "text_encoder", "tokenizer",
+                                                        "text_encoder_2", "tokenizer_2", "scheduler"))
     extra = {"variant": variant_of(tr)}
     if int(tr.config.num_layers) < 8:  # a tiny test model saved as a folder keeps its short T5 length
         extra["t5_default_length"] = int(tok2.model_max_length) if tok2.model_max_length < 512 else TINY_T5_LENGTH

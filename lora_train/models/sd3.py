@@ -89,28 +89,21 @@ def load_sd3_folder(folder: str, index: dict) -> BaseModel:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from .diffusers_folder import _index_has
+    from .diffusers_folder import _index_has, load_components
 
-    kw = dict(local_files_only=True)
-    t5 = tok3 = None
-    try:
-        tr = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        te1 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tok1 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
-        te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)
-        tok2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **kw)
-        if _index_has(index, "text_encoder_3"):
-            t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **kw)
-            tok3 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3", **kw)
-        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the SD3 diffusers folder '{folder}': {exc}. It needs transformer/, vae/, "
-                         f"text_encoder/ (CLIP-L), text_encoder_2/ (CLIP-G), tokenizer/, tokenizer_2/, scheduler/ "
-                         f"and optionally text_encoder_3/ + tokenizer_3/ (T5), with their weights.") from exc
-    for m in (tr, vae, te1, te2, t5):
-        if m is not None:
-            m.eval().requires_grad_(False)
+    parts = [("transformer", SD3Transformer2DModel), ("vae", AutoencoderKL),
+             ("text_encoder", CLIPTextModelWithProjection), ("tokenizer", CLIPTokenizer),
+             ("text_encoder_2", CLIPTextModelWithProjection), ("tokenizer_2", CLIPTokenizer),
+             ("scheduler", FlowMatchEulerDiscreteScheduler)]
+    if _index_has(index, "text_encoder_3"):
+        parts += [("text_encoder_3", T5EncoderModel), ("tokenizer_3", T5TokenizerFast)]
+    c = load_components(folder, parts, "SD3 diffusers folder",
+                        "transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/ (CLIP-G), tokenizer/, "
+                        "tokenizer_2/, scheduler/ and optionally text_encoder_3/ + tokenizer_3/ (T5), with their "
+                        "weights")
+    tr, vae, te1, tok1, te2, tok2, sched = (c[k] for k in ("transformer", "vae", "text_encoder", "tokenizer",
+                                                           "text_encoder_2", "tokenizer_2", "scheduler"))
+    t5, tok3 = c.get("text_encoder_3"), c.get("tokenizer_3")
     extra = {"variant": variant_of(tr)}
     small = int(tr.config.num_layers) < 8
     if small:

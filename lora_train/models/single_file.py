@@ -674,26 +674,17 @@ def _resolve_spec(config, info: CheckpointInfo) -> _Spec:
                      f"BaseModel template, not {config!r}.")
 
 
-def _build_unet(spec: _Spec, sd, dtype):
-    from diffusers import UNet2DConditionModel
+def _build_ldm_part(spec: _Spec, sd, dtype, what: str):
+    """The UNet or the VAE (`what`) of an LDM checkpoint, converted by diffusers' own converters."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    convert_unet, _ = _ldm_converters()
-    sub = {k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
-    converted = convert_unet(sub, spec.unet)
+    convert_unet, convert_vae = _ldm_converters()
+    prefix, convert, cls, cfg = ((UNET_PREFIX, convert_unet, UNet2DConditionModel, spec.unet) if what == "UNet"
+                                 else (VAE_PREFIX, convert_vae, AutoencoderKL, spec.vae))
+    converted = convert({k: v for k, v in sd.items() if k.startswith(prefix)}, cfg)
     with _empty_weights():
-        unet = UNet2DConditionModel.from_config(spec.unet)
-    return _load_component(unet, converted, "UNet", dtype)
-
-
-def _build_vae(spec: _Spec, sd, dtype):
-    from diffusers import AutoencoderKL
-
-    _, convert_vae = _ldm_converters()
-    sub = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
-    converted = convert_vae(sub, spec.vae)
-    with _empty_weights():
-        vae = AutoencoderKL.from_config(spec.vae)
-    return _load_component(vae, converted, "VAE", dtype)
+        model = cls.from_config(cfg)
+    return _load_component(model, converted, what, dtype)
 
 
 def _build_te(cls, cfg, canonical, what, dtype):
@@ -735,8 +726,8 @@ def from_original_state_dict(state_dict: Mapping[str, torch.Tensor], kind: Optio
     from diffusers import DDPMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = _build_unet(spec, state_dict, _UNET_DTYPE.get() or dtype)
-    vae = _build_vae(spec, state_dict, dtype)
+    unet = _build_ldm_part(spec, state_dict, _UNET_DTYPE.get() or dtype, "UNet")
+    vae = _build_ldm_part(spec, state_dict, dtype, "VAE")
     te2 = None
     if info.kind == "sdxl":
         te = _build_te(CLIPTextModel, spec.te, clip_te_from_ldm(state_dict, XL_TE1_PREFIX), "text encoder 1 (CLIP-L)",

@@ -89,6 +89,17 @@ class DeltaModule(nn.Module):
             out["dora_scale"] = self.dora_scale.detach().float().cpu().clone()
         return out
 
+    def _load(self, t: Dict[str, torch.Tensor], names: Dict[str, str]) -> "DeltaModule":
+        """Copy the file's tensors {file name: attribute} present in `t` (reshaped to the parameter), then alpha and
+        dora_scale; returns self."""
+        with torch.no_grad():
+            for key, attr in names.items():
+                if key in t:
+                    p = getattr(self, attr)
+                    p.copy_(t[key].float().reshape(p.shape))
+        self._read_common(t)
+        return self
+
     def _read_common(self, t: Dict[str, torch.Tensor]) -> None:
         self.alpha = float(t["alpha"].float().item()) if "alpha" in t else None
         if "dora_scale" in t:

@@ -49,12 +49,8 @@ class LoraDelta(DeltaModule):
         if "lora_mid.weight" in t:
             raise ValueError("LoCon with a Tucker middle (lora_mid, LyCORIS use_tucker) is not supported")
         down, up = t["lora_down.weight"].float(), t["lora_up.weight"].float()
-        m = cls(tuple(down.shape), tuple(up.shape), float(down.shape[0]))
-        with torch.no_grad():
-            m.lora_down.copy_(down)
-            m.lora_up.copy_(up)
-        m._read_common(t)
-        return m
+        return cls(tuple(down.shape), tuple(up.shape), float(down.shape[0]))._load(
+            t, {"lora_down.weight": "lora_down", "lora_up.weight": "lora_up"})
 
     def scale(self) -> float:
         return 1.0 if self.alpha is None else self.alpha / self.lora_down.shape[0]

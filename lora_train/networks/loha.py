@@ -46,14 +46,7 @@ class LoHa(DeltaModule):
             raise ValueError("LoHa with Tucker decomposition (hada_t1/hada_t2, LyCORIS use_tucker) is not supported")
         w1a, w1b = t["hada_w1_a"].float(), t["hada_w1_b"].float()
         w1b = w1b.reshape(w1b.shape[0], -1)
-        m = cls(w1a.shape[0], w1b.shape[1], w1b.shape[0], float(w1b.shape[0]))
-        with torch.no_grad():
-            m.hada_w1_a.copy_(w1a)
-            m.hada_w1_b.copy_(w1b)
-            m.hada_w2_a.copy_(t["hada_w2_a"].float())
-            m.hada_w2_b.copy_(t["hada_w2_b"].float().reshape(m.hada_w2_b.shape))
-        m._read_common(t)
-        return m
+        return cls(w1a.shape[0], w1b.shape[1], w1b.shape[0], float(w1b.shape[0]))._load(t, {k: k for k in cls.KEYS})
 
     def scale(self) -> float:
         return 1.0 if self.alpha is None else self.alpha / self.hada_w1_b.shape[0]

@@ -93,13 +93,7 @@ class LoKr(DeltaModule):
             w2 = (t["lokr_w2_a"].shape[0], int(math.prod(t["lokr_w2_b"].shape[1:])))
             rank = t["lokr_w2_a"].shape[1]
         m = cls(w1, w2, rank, 1.0, w1_rank=w1_rank)
-        with torch.no_grad():
-            for k in cls.KEYS:
-                if k in t:
-                    p = getattr(m, k)
-                    p.copy_(t[k].float().reshape(p.shape))
-        m._read_common(t)
-        return m
+        return m._load(t, {k: k for k in cls.KEYS if hasattr(m, k)})
 
     def scale(self) -> float:
         """As the hosts: dim = w2_b's rank, else w1_b's, else none (scale 1)."""
