@@ -126,7 +126,7 @@ SLOW = {
     "test_bench.py": None, "test_cli.py": None, "test_gpu.py": None, "test_loss.py": None, "test_lr_finder.py": None,
     "test_multiprocess.py": None, "test_reliability.py": None, "test_sampler.py": None, "test_sdxl_train.py": None,
     "test_train.py": None, "test_train_policy.py": None, "test_ui_browser.py": None,
-    "test_auto.py": ("test_auto_end_to_end", "test_train_queue"), "test_demo_learning.py": ("test_demo_learning",),
+    "test_auto.py": ("test_auto_end_to_end", "test_train_queue"), "test_demo_learning.py": ("test_demo_end_to_end",),
     "test_nodes_auto.py": None, "test_ui_auto.py": ("test_queue_runs", "test_a_failing_queue"),
     "test_cache.py": ("test_module_identity_diffusers_vae",),
     "test_flow_names.py": ("test_export_names_and_shapes_are_sd_scripts[s", "test_diffusers_kohya_flux_converter"),

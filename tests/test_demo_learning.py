@@ -1,46 +1,63 @@
 """The demo shows learning: the strength-1 column of its grid is closer in colour to the training images than the
-base column on EVERY one of 3 seeds, and pooled (colour-histogram distance, lora_train/metrics.py).
+base column on EVERY one of 3 seeds, and pooled (sliced Wasserstein colour distance, lora_train/metrics.py).
 
-Measured on this machine (CPU, demo defaults: 160 steps, lr 3e-2, noise offset 0.5): base 0.928, strength 0.5
-0.861, strength 1 0.753 (pooled margin 0.176); per seed (base -> strength 1) 0.998 -> 0.840, 0.908 -> 0.656,
-0.879 -> 0.762, i.e. margins 0.158, 0.252, 0.117. The previous defaults (lr 1e-2, noise offset 0.2) gave margins
-0.006, 0.174, -0.018 (one seed worse than the base); lr 3e-2 with noise offset 0.35 gave a worst seed of 0.018, so
-the margin depends on these knobs: the thresholds below hold for the defaults."""
+Measured on this machine (CPU, demo defaults: 160 steps, lr 1e-2, noise offset 0.5, current releases), the same
+with 1 and 2 threads: base 0.202, strength 0.5 0.188, strength 1 0.165 (pooled margin 0.036, 18% closer); per seed
+(base -> strength 1) 0.260 -> 0.196, 0.183 -> 0.168, 0.218 -> 0.171, so the worst seed moves 0.015; the training
+loss falls every quarter of the run (0.278, 0.254, 0.246, 0.235). The earlier defaults (lr 3e-2) diverged (loss
+0.40 -> 0.87, saturated noise in the grid) and moved the pictures AWAY from the training colours (-0.091 pooled):
+a binned 27-colour histogram had scored that noise as learning, which is why the measure changed.
+"""
+import os
 import re
+import subprocess
+import sys
 
 import diffusers
-import pytest
 import transformers
 
-from lora_train.cli.main import main
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The figure is measured at the releases README's first command installs (requirements.txt: current diffusers /
 # transformers). At AUTOMATIC1111's pins (diffusers 0.31, transformers 4.30.2: the WebUI-versions run) the same demo
 # draws other numbers (one seed measured -0.08 there): the demo is not the WebUI's path, so the margin is not
-# asserted at those versions.
+# asserted at those versions (the files still are).
 _OLD_STACK = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 40) or \
     tuple(int(x) for x in diffusers.__version__.split(".")[:2]) < (0, 32)
-pytestmark = pytest.mark.skipif(_OLD_STACK, reason="the demo's learning figure is measured at the current releases "
-                                                   "(README's first command), not at the WebUI's pinned ones")
 
-#: how much closer (total-variation distance of 27-bin RGB histograms, 0..1) the strength-1 column must be than the
-#: base column on each of the 3 seeds (worst measured: 0.117) ...
-MARGIN_PER_SEED = 0.10
-#: ... and pooled over the 3 seeds (measured: 0.176)
-MARGIN_POOLED = 0.12
+#: how much closer (metrics.colour_distance) the strength-1 column must be than the base column on each of the 3
+#: seeds (worst measured: 0.015) ...
+MARGIN_PER_SEED = 0.005
+#: ... and pooled over the 3 seeds (measured: 0.036)
+MARGIN_POOLED = 0.02
 
 
-def test_demo_learning_figure_beats_the_base_on_three_seeds(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "3"]) == 0
-    out = capsys.readouterr().out
-    line = next(ln for ln in out.splitlines() if ln.startswith("learning figure:"))
-    m = re.search(r"strength 1 is (-?[0-9.]+) closer than the base \(worst seed (-?[0-9.]+)\)", line)
-    assert m, line
-    pooled, worst = float(m.group(1)), float(m.group(2))
+def _demo(out, *args):
+    r = subprocess.run([sys.executable, "-m", "lora_train", "demo", "--out", str(out), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_demo_end_to_end_and_its_learning_figure(tmp_path):
+    """README's first command (`python -m lora_train demo`, defaults, 3 seeds): its files, its learning figure
+    (strength 1 beats the base on every seed and pooled), and a second run that never overwrites the first."""
+    out = tmp_path / "demo"
+    stdout = _demo(out)
+    names = set(os.listdir(out))
+    assert {"demo_lora.safetensors", "demo_lora_loss.png", "demo_lora.yaml", "grids"} <= names
+    assert "demo_lora_grid.png" in os.listdir(out / "grids")
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("learning figure:"))
     print(line)
     assert "3 seeds" in line
-    assert worst >= MARGIN_PER_SEED, line  # every seed: strength 1 clearly closer to the training colours
-    assert pooled >= MARGIN_POOLED, line
+    m = re.search(r"strength 1 is (-?[0-9.]+) closer than the base \(worst seed (-?[0-9.]+)\)", line)
+    assert m, line
+    if not _OLD_STACK:
+        pooled, worst = float(m.group(1)), float(m.group(2))
+        assert worst >= MARGIN_PER_SEED, line  # every seed: strength 1 clearly closer to the training colours
+        assert pooled >= MARGIN_POOLED, line
+    _demo(out, "--epochs", "1", "--sample-steps", "1")  # a second demo run never overwrites the first
+    assert "demo_lora_v2.safetensors" in os.listdir(out)
 
 
 def test_pixel_vae_is_nearly_invertible():

@@ -29,7 +29,7 @@ from ..config import TrainConfig
 from ..data.folder import FolderError, scan_folder
 from ..hosts.base import USED_NAMES, Host
 from ..io_utils import atomic_copy
-from ..metrics import colour_histogram, histogram_distance
+from ..metrics import colour_distance
 from ..models.loading import TINY_SPECS
 from ..run import train_for_host
 from ..sampler import GenParams, build_grid
@@ -438,20 +438,18 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
 
 
 def suggest_strength(rows, grid, n_seeds: int) -> Tuple[float, str]:
-    """The strength whose chosen-epoch images are closest in colour to the training images (colour-histogram
-    distance, metrics.py); a tie goes to the lower strength."""
+    """The strength whose chosen-epoch images are closest in colour to the training images
+    (metrics.colour_distance); a tie goes to the lower strength."""
     train = []
     for r in rows[:32]:
         with Image.open(r.path) as im:
             train.append(im.convert("RGB").resize((64, 64)))
-    ref = colour_histogram(train)
     dists = []
     for c in range(1, grid.cols):
         imgs = [cell.image for cell in grid.cells if cell.col == c and cell.row < n_seeds]
-        dists.append((histogram_distance(colour_histogram(imgs), ref), c))
-    base_d = histogram_distance(colour_histogram([cell.image for cell in grid.cells
-                                                  if cell.col == 0 and cell.row < n_seeds]), ref)
+        dists.append((colour_distance(imgs, train), c))
+    base_d = colour_distance([cell.image for cell in grid.cells if cell.col == 0 and cell.row < n_seeds], train)
     d, c = min(dists, key=lambda t: (round(t[0], 3), t[1]))
     s = float(grid.col_labels[c])
     return s, (f"of the strengths tried, {s:g} brings the chosen epoch's pictures closest in colour to the training "
-               f"images (colour-histogram distance {d:.3f}; base {base_d:.3f})")
+               f"images (colour distance {d:.3f}; base {base_d:.3f})")
