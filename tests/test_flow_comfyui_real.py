@@ -158,7 +158,6 @@ def test_comfyui_applies_our_network_types_to_a_small_real_model(kind, config, m
     the file (fused q/k/v), applied by ComfyUI's own loader to its fused weights: 0 keys not loaded and the patched
     weights change by our delta (in ComfyUI's layout; SD3's swapped pre-only rows included)."""
     import test_networks_flow as NF
-    from lora_train.networks import network as N
 
     unet = small_model(kind)
     with torch.no_grad():  # bf16 base weights, as in the file ComfyUI loads: DoRA's norms see the same weight
@@ -168,14 +167,7 @@ def test_comfyui_applies_our_network_types_to_a_small_real_model(kind, config, m
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in unet.state_dict().items()}, model_file)
     dims = (unet.config.joint_attention_dim, unet.config.pooled_projection_dim)
     model = SimpleNamespace(kind=kind, unet=unet, text_encoder=None, text_encoder_2=None, text_encoder_3=None)
-    spec = N.NetworkSpec(**{k: v for k, v in NF.TYPES[typ].items()})
-    N.inject(unet, "unet", spec)
-    NF._randomize(unet, seed=4)
-    with torch.no_grad():  # small deltas relative to the weights, as training makes them
-        for _, dm in NF.D.modules(unet, NF.ADAPTER):
-            for n, p in dm.named_parameters():
-                if n != "dora_scale":
-                    p.mul_(0.2)
+    NF.randomized_network(unet, typ)
     lora_file = L.save_kohya(L.extract(model), str(tmp_path / "lora.safetensors"), kind)
     parts = NF._part_deltas(unet)
     g = torch.Generator().manual_seed(1)

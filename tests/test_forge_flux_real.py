@@ -72,3 +72,36 @@ def test_forge_applies_our_flux_lora(tmp_path):
     # is rounded to it, at most a bf16 step of the weight's size
     assert res["max_abs_delta"] > 20 * res["bf16_eps_weight"]
     assert res["max_abs_diff"] <= 2 * res["bf16_eps_weight"], res
+
+
+def test_forge_applies_our_flux_network_types(tmp_path):
+    """Issue 17 on Flux in Forge: our LoHa / LoKr / DoRA files (one adapter per module of the file, fused q/k/v)
+    merged by Forge's own LoRA code into the fused weights: 0 unmatched, every module patched, each patched weight
+    changes by our delta x strength."""
+    import test_networks_flow as NF
+
+    model_file = str(tmp_path / "flux_small_bfl.safetensors")
+    _forge("make", model_file)
+    for typ in ("loha", "lokr", "dora"):
+        unet = flux_transformer(read_file(model_file, "Flux transformer")).float().eval()
+        model = SimpleNamespace(kind="flux", unet=unet, text_encoder=None, text_encoder_2=None, text_encoder_3=None)
+        NF.randomized_network(unet, typ)
+        lora_file = L.save_kohya(L.extract(model), str(tmp_path / f"flux_{typ}.safetensors"), "flux")
+        parts = NF._part_deltas(unet)
+        expected = {name: NF._fused_delta(grp, parts).float().contiguous()
+                    for name, grp in F.unet_groups("flux", unet, extras=False).items()}
+        exp_file = str(tmp_path / f"expected_{typ}.safetensors")
+        save_file(expected, exp_file)
+        spec = tmp_path / f"spec_{typ}.json"
+        spec.write_text(json.dumps({"model": model_file, "lora": lora_file, "expected": exp_file, "strength": 0.8}))
+        out = tmp_path / f"out_{typ}.json"
+        _forge("check", str(spec), str(out))
+        res = json.loads(out.read_text())
+        print(f"[forge-flux {typ}]", {k: v for k, v in res.items() if k != "targets"})
+        assert res["unmatched"] == [] and res["missing_expected"] == []
+        assert res["patched"] == res["expected"] == len(expected) == 13
+        if res["storage_dtype"] == "torch.float32":  # a CPU: merged in fp32, so exact up to float rounding
+            assert res["max_abs_delta"] > 0 and res["max_abs_diff"] <= 1e-4 * res["max_abs_delta"], (typ, res)
+        else:  # rounded to the storage dtype: at most a bf16 step of the weight
+            assert res["max_abs_delta"] > 20 * res["bf16_eps_weight"]
+            assert res["max_abs_diff"] <= 2 * res["bf16_eps_weight"], (typ, res)

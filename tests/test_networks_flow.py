@@ -48,6 +48,18 @@ def _randomize(unet, seed=3):
                 p.copy_(p * (1 + 0.1 * noise) if n == "dora_scale" else 0.3 * noise)
 
 
+def randomized_network(unet, typ, seed=4, scale=0.2):
+    """Inject network type `typ` (TYPES) into a transformer and give it random, training-sized weights (the real-host
+    tests: small deltas relative to the weights, dora_scale near the weight norms)."""
+    N.inject(unet, "unet", N.NetworkSpec(**TYPES[typ]))
+    _randomize(unet, seed)
+    with torch.no_grad():
+        for _, dm in D.modules(unet, ADAPTER):
+            for n, p in dm.named_parameters():
+                if n != "dora_scale":
+                    p.mul_(scale)
+
+
 def _part_deltas(unet):
     """path -> the weight change our model applies now (from the model itself)."""
     out = {}
