@@ -141,7 +141,7 @@ SLOW = {
     "test_nodes.py": ("test_import_touches", "test_train_node", "test_sweep_grid", "test_apply_and_prompt_nodes",
                       "test_host_refresh_and_lists", "test_base_model_from_graph"),
     "test_nodes_flow.py": ("test_flux_graph_train", "test_sd3_graph_train"),
-    "test_networks_flow.py": ("test_training_", "test_ab_grid"),
+    "test_networks_flow.py": ("test_training_", "test_ab_grid", "test_resume_"),
     "test_webui_flow.py": ("test_forge_flux_tab_trains",),
     "test_webui_host.py": ("test_training_job_end_to_end", "test_restore_on_training_error",
                            "test_interrupt_button", "test_one_job_at_a_time", "test_host_module_imports",
