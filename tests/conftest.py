@@ -10,6 +10,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: the folder the clone sits in. The repo root has an __init__.py (ComfyUI loads it), so pytest treats the root as a
+#: package and, setting it up, puts this folder on sys.path (import mode "prepend"): any folder there named like a
+#: package then shadows it, e.g. gradio's own temp folder /tmp/gradio for a clone in /tmp ("module 'gradio' has no
+#: attribute 'Blocks'"). It is taken off again after each test's setup.
+_CLONE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield
+    while _CLONE_PARENT in sys.path:
+        sys.path.remove(_CLONE_PARENT)
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # copies of shared/reference (see its README)
 REFERENCE = os.path.join(DATA, "kohya_lora_names.json")
