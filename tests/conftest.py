@@ -62,6 +62,21 @@ def demo_data(tmp_path):
     return write_demo_dataset(str(tmp_path / "data"), n=8, size=64)
 
 
+def run_trainer(cfg, build=None, stop_at=None, resume_from=None):
+    """(trainer, result) of one run on `build()` (a fresh model; None: the config's base model), asked to stop after
+    step `stop_at` when given, resumed from `resume_from` when given."""
+    from lora_train.training.trainer import Trainer
+
+    box = {}
+
+    def cb(ev):
+        if ev["kind"] == "step" and ev["step"] == stop_at:
+            box["trainer"].stop()
+    tr = Trainer(cfg, model=build() if build else None, callback=cb if stop_at else None, resume_from=resume_from)
+    box["trainer"] = tr
+    return tr, tr.run()
+
+
 def small_cfg(data, out, **kw):
     from lora_train.config import TrainConfig
 

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import small_cfg
+from conftest import run_trainer, small_cfg
 from lora_train.models import conditioning, flow
 from lora_train.models.base import ModelError
 from lora_train.models.flux import build_tiny_flux, save_flux_folder
@@ -121,19 +121,8 @@ def test_round_trip_kohya_file(trained):
     assert (a - b).abs().max() <= 1e-5
 
 
-def _stop_at(k, box):
-    def cb(ev):
-        if ev["kind"] == "step" and ev["step"] == k:
-            box["trainer"].stop()
-    return cb
-
-
 def _run(cfg, stop_at=None, resume_from=None):
-    box = {}
-    tr = Trainer(cfg, model=build_tiny_flux(), callback=_stop_at(stop_at, box) if stop_at else None,
-                 resume_from=resume_from)
-    box["trainer"] = tr
-    return tr, tr.run()
+    return run_trainer(cfg, build_tiny_flux, stop_at, resume_from)
 
 
 def test_resume_bitwise(data, tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import small_cfg
+from conftest import run_trainer, small_cfg
 from lora_train.data import masks as masks_mod
 from lora_train.data.dataset import Item, load_dataset
 from lora_train.data.reg_images import balance
@@ -30,19 +30,8 @@ def data(tmp_path_factory):
     return write_demo_dataset(str(tmp_path_factory.mktemp("kt") / "data"), n=8, size=64)
 
 
-def _stop_at(k, box):
-    def cb(ev):
-        if ev["kind"] == "step" and ev["step"] == k:
-            box["trainer"].stop()
-    return cb
-
-
 def _run(cfg, stop_at=None, resume_from=None):
-    box = {}
-    tr = Trainer(cfg, model=build_tiny(), callback=_stop_at(stop_at, box) if stop_at else None,
-                 resume_from=resume_from)
-    box["trainer"] = tr
-    return tr, tr.run()
+    return run_trainer(cfg, build_tiny, stop_at, resume_from)
 
 
 # ---------------------------------------------------------------------------------------------- loss types

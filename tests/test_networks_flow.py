@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import small_cfg
+from conftest import run_trainer, small_cfg
 from host_rules import comfy_delta
 from lora_train.models.loading import load_base_model
 from lora_train.networks import delta as D
@@ -278,16 +278,10 @@ def test_ab_grid_and_prompt_tags_with_a_flow_lokr(data, tmp_path):
 def test_resume_of_a_flow_delta_type_is_bitwise_identical(typ, data, tmp_path):
     """Stopped at step 2 and resumed: the same file and losses as the run that was never stopped."""
     from lora_train.models.flux import build_tiny_flux
-    from lora_train.training.trainer import Trainer, list_states
+    from lora_train.training.trainer import list_states
 
     def run(cfg, stop_at=None, resume_from=None):
-        box = {}
-
-        def cb(ev):
-            if stop_at and ev["kind"] == "step" and ev["step"] == stop_at:
-                box["tr"].stop()
-        box["tr"] = Trainer(cfg, model=build_tiny_flux(), callback=cb, resume_from=resume_from)
-        return box["tr"].run()
+        return run_trainer(cfg, build_tiny_flux, stop_at, resume_from)[1]
 
     kw = dict(base_model="tiny-flux", max_train_steps=5, lr_warmup_steps=1, network_type=typ, lora_rank=4, factor=4,
               learning_rate=3e-3)
