@@ -62,6 +62,17 @@ def demo_data(tmp_path):
     return write_demo_dataset(str(tmp_path / "data"), n=8, size=64)
 
 
+def unet_out(model, lat, te):
+    """The denoiser's output on `lat` noised with fixed noise at four fixed timesteps (compare two models' outputs)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(lat.shape, generator=g)
+    t = torch.tensor([100, 400, 700, 900] * (lat.shape[0] // 4 + 1))[: lat.shape[0]]
+    with torch.no_grad():
+        return model.unet(model.noise_scheduler.add_noise(lat, noise, t), t, te).sample
+
+
 def run_trainer(cfg, build=None, stop_at=None, resume_from=None):
     """(trainer, result) of one run on `build()` (a fresh model; None: the config's base model), asked to stop after
     step `stop_at` when given, resumed from `resume_from` when given."""

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import small_cfg
+from conftest import small_cfg, unet_out
 from host_rules import a1111_delta, comfy_delta
 from lora_train.config import ConfigError, TrainConfig
 from lora_train.models.tiny import build_tiny
@@ -64,14 +64,6 @@ def _eval(tr):
     with torch.no_grad():
         te = encode_prompts(tr.model, [it.caption for it in tr.dataset.items], torch.device("cpu"))
     return lat, te
-
-
-def _unet_out(model, lat, te):
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(lat.shape, generator=g)
-    t = torch.tensor([100, 400, 700, 900] * (lat.shape[0] // 4 + 1))[: lat.shape[0]]
-    with torch.no_grad():
-        return model.unet(model.noise_scheduler.add_noise(lat, noise, t), t, te).sample
 
 
 @pytest.mark.parametrize("name", list(TYPES))
@@ -140,19 +132,19 @@ def test_import_reproduces_the_trained_model(runs, name, strength):
     tr, res = runs[name]
     lat, te = _eval(tr)
     L.set_strength(tr.model.unet, strength)
-    ref = _unet_out(tr.model, lat, te)
+    ref = unet_out(tr.model, lat, te)
     L.set_strength(tr.model.unet, 1.0)
-    assert (ref - _unet_out(build_tiny(), lat, te)).abs().max() > 1e-4  # the adapter does something
+    assert (ref - unet_out(build_tiny(), lat, te)).abs().max() > 1e-4  # the adapter does something
     ours = build_tiny()
     lw = L.load_file(res.lora_path, ours)
     assert L.apply(ours, lw, "x", strength) == []
-    assert (_unet_out(ours, lat, te) - ref).abs().max() <= 1e-5
+    assert (unet_out(ours, lat, te) - ref).abs().max() <= 1e-5
     # and it comes out again as it went in (the file round trip of every tensor)
     again = L.to_kohya_state_dict(L.extract(ours, "x"))
     sd = load_file(res.lora_path)
     assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
     L.remove_adapter(ours.unet, "x")
-    assert (_unet_out(ours, lat, te) - _unet_out(build_tiny(), lat, te)).abs().max() == 0
+    assert (unet_out(ours, lat, te) - unet_out(build_tiny(), lat, te)).abs().max() == 0
 
 
 def _our_delta(layer, adapter):
@@ -482,10 +474,10 @@ def test_sd2_lokr_with_the_text_encoder_round_trip(data, tmp_path):
     caps = [it.caption for it in tr.dataset.items]
     lat = torch.stack(list(tr._cache_latents()))
     with torch.no_grad():
-        ref = _unet_out(tr.model, lat, encode_prompts(tr.model, caps, torch.device("cpu")))
+        ref = unet_out(tr.model, lat, encode_prompts(tr.model, caps, torch.device("cpu")))
         ours = load_base_model("tiny-sd2")
         assert L.apply(ours, L.load_file(res.lora_path, ours), "x", 1.0) == []
-        got = _unet_out(ours, lat, encode_prompts(ours, caps, torch.device("cpu")))
+        got = unet_out(ours, lat, encode_prompts(ours, caps, torch.device("cpu")))
     assert (got - ref).abs().max() <= 1e-5
     with safe_open(res.lora_path, "pt") as fh:
         assert fh.metadata()["ss_v2"] == "True"

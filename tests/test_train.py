@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import small_cfg
+from conftest import small_cfg, unet_out
 from lora_train.networks import lora as L
 from lora_train.models.tiny import build_tiny
 from lora_train.training.trainer import Trainer, encode_prompts, fixed_noise_loss
@@ -98,14 +98,6 @@ def test_learning(trained):
     assert mse[2] <= 0.6 * mse[0]
 
 
-def _unet_out(model, lat, te):
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(lat.shape, generator=g)
-    t = torch.tensor([100, 400, 700, 900] * (lat.shape[0] // 4 + 1))[: lat.shape[0]]
-    with torch.no_grad():
-        return model.unet(model.noise_scheduler.add_noise(lat, noise, t), t, te).sample
-
-
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_round_trip_importer_and_diffusers(trained, strength):
     from diffusers import StableDiffusionPipeline
@@ -113,15 +105,15 @@ def test_round_trip_importer_and_diffusers(trained, strength):
     tr, res, _ = trained
     lat, te = _eval_set(tr)
     L.set_strength(tr.model.unet, strength)
-    ref = _unet_out(tr.model, lat, te)
+    ref = unet_out(tr.model, lat, te)
     L.set_strength(tr.model.unet, 1.0)
-    base = _unet_out(build_tiny(), lat, te)
+    base = unet_out(build_tiny(), lat, te)
     assert (ref - base).abs().max() > 1e-3  # the adapter does something
 
     ours = build_tiny()
     unmatched = L.apply(ours, L.load_file(res.lora_path, ours), "x", strength)
     assert unmatched == []
-    assert (_unet_out(ours, lat, te) - ref).abs().max() <= 1e-5
+    assert (unet_out(ours, lat, te) - ref).abs().max() <= 1e-5
 
     from diffusers.utils.constants import USE_PEFT_BACKEND
     if not USE_PEFT_BACKEND:  # diffusers' LoRA loader needs transformers >= 4.34 (the WebUI's 4.30.2 is older)
@@ -134,7 +126,7 @@ def test_round_trip_importer_and_diffusers(trained, strength):
     pipe.load_lora_weights(os.path.dirname(res.lora_path), weight_name=os.path.basename(res.lora_path),
                            adapter_name="ours")
     pipe.set_adapters(["ours"], adapter_weights=[strength])
-    assert (_unet_out(m, lat, te) - ref).abs().max() <= 1e-5
+    assert (unet_out(m, lat, te) - ref).abs().max() <= 1e-5
 
 
 def test_text_encoder_lora_round_trip(tmp_path, demo_data):
@@ -151,10 +143,10 @@ def test_text_encoder_lora_round_trip(tmp_path, demo_data):
     caps = [it.caption for it in tr.dataset.items]
     lat = torch.stack(list(tr._cache_latents()))
     with torch.no_grad():
-        ref = _unet_out(tr.model, lat, encode_prompts(tr.model, caps, torch.device("cpu")))
+        ref = unet_out(tr.model, lat, encode_prompts(tr.model, caps, torch.device("cpu")))
         ours = build_tiny()
         L.apply(ours, L.load_file(res.lora_path, ours), "x", 1.0)
-        got = _unet_out(ours, lat, encode_prompts(ours, caps, torch.device("cpu")))
+        got = unet_out(ours, lat, encode_prompts(ours, caps, torch.device("cpu")))
     assert (got - ref).abs().max() <= 1e-5
 
 
