@@ -50,13 +50,16 @@ function loraTrainSendToTxt2img(tag) {
     return lora_train_send_to_txt2img.apply(null, arguments);
 }
 
-// The tab's job status: while the LoRA Train tab is shown, click its hidden poll button about once a second
-// (the server has no timer of its own, so the WebUI's "Reload UI" never waits on one). Stops with the page.
-// While another tab is shown (the user waits on txt2img), every LORA_TRAIN_HIDDEN_EVERY-th tick: the poll is
+// The tab's job status: the page clicks the tab's hidden poll button (the server has no timer of its own, so the
+// WebUI's "Reload UI" never waits on one). About once a second while a job runs and the tab is shown; while
+// nothing runs, every LORA_TRAIN_IDLE_EVERY-th tick (a job started from another page or the queue shows up);
+// while another tab is shown (the user waits on txt2img), every LORA_TRAIN_HIDDEN_EVERY-th tick: the poll is
 // what publishes a finished run to the page, so the Lora cards are refreshed without a visit to the tab.
+// Each poll makes gradio re-render its tabs (and its console warns once per hidden tab), so idle polls are rare.
 var LORA_TRAIN_POLL_MS = 1000;
 var LORA_TRAIN_HIDDEN_EVERY = 5;
-var lora_train_hidden_ticks = 0;
+var LORA_TRAIN_IDLE_EVERY = 10;
+var lora_train_ticks = 0;
 
 function lora_train_tab_shown(app) {
     var tab = app.querySelector("#tab_lora_train");
@@ -64,16 +67,37 @@ function lora_train_tab_shown(app) {
     return tab.style.display !== "none" && tab.offsetParent !== null;
 }
 
+function lora_train_job_running(app) {
+    // the status line the poll renders: "Training **name**: **running** | step ..." (ui/logic.job_status)
+    var status = app.querySelector("#lora_train_status");
+    var text = status ? (status.textContent || "") : "";
+    return /:\s*(starting|running|stopping)\b/.test(text);
+}
+
 function lora_train_poll_once() {
     if (typeof document === "undefined" || document.hidden) return false;
     var app = lora_train_app();
     var btn = app.querySelector("#lora_train_poll");
     if (!btn) return false;
-    if (!lora_train_tab_shown(app) && ++lora_train_hidden_ticks < LORA_TRAIN_HIDDEN_EVERY) return false;
-    lora_train_hidden_ticks = 0;
+    var shown = lora_train_tab_shown(app);
+    var every = !shown ? LORA_TRAIN_HIDDEN_EVERY : (lora_train_job_running(app) ? 1 : LORA_TRAIN_IDLE_EVERY);
+    if (++lora_train_ticks < every) return false;
+    lora_train_ticks = 0;
     if (btn.tagName !== "BUTTON") btn = btn.querySelector("button") || btn;
     btn.click();
     return true;
+}
+
+// A click on one of the tab's start buttons: poll at once and fast from then on (the status says "starting").
+function lora_train_poll_soon() {
+    lora_train_ticks = LORA_TRAIN_IDLE_EVERY;
+}
+
+if (typeof document !== "undefined" && document.addEventListener) {
+    document.addEventListener("click", function(ev) {
+        var t = ev.target && ev.target.closest ? ev.target.closest("button") : null;
+        if (t && /^lora_train_(start|auto|queue_start|grid|lr_find|autocaption)/.test(t.id || "")) lora_train_poll_soon();
+    }, true);
 }
 
 if (typeof setInterval === "function" && typeof document !== "undefined") {
@@ -107,5 +131,5 @@ function loraTrainRefreshCards(name) {
 
 if (typeof module !== "undefined") {
     module.exports = {lora_train_add_tag: lora_train_add_tag, lora_train_refresh_cards: lora_train_refresh_cards,
-                      lora_train_poll_once: lora_train_poll_once};
+                      lora_train_poll_once: lora_train_poll_once, lora_train_poll_soon: lora_train_poll_soon};
 }

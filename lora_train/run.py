@@ -20,6 +20,7 @@ from .hosts.base import USED_NAMES, Host
 from .io_utils import atomic_path
 from .models.single_file import unet_dtype
 from .training import cpu_bf16
+from .training.events import TrainEvent
 from .training.trainer import Trainer, TrainResult, resolve_device
 
 
@@ -79,6 +80,12 @@ def train_for_host(host: Host, cfg: TrainConfig, spec: Optional[str] = None, *,
     if rename:
         cfg = name_run(host, cfg)
     USED_NAMES.add(cfg.output_name)
+
+    def phase(message: str) -> None:  # what happens between steps, for the front door's status line
+        if callback is not None:
+            callback(TrainEvent.make("phase", message=message))
+
+    phase("freeing the host's memory and loading the base model ...")
     with host.memory_freed():
         with unet_dtype(cpu_bf16.unet_load_dtype(cfg.mixed_precision, resolve_device(cfg.device))):
             model = host.base_model(spec)  # CPU + bf16: the UNet loads in bf16 (training/cpu_bf16.py)
@@ -88,6 +95,8 @@ def train_for_host(host: Host, cfg: TrainConfig, spec: Optional[str] = None, *,
             on_trainer(trainer)
         result = trainer.run()
         del trainer, model
+        phase("giving the host its memory back ...")
+    phase(f"publishing into {host.output_dir()} ...")
     written, warnings = publish(list(result.epoch_files) + [result.lora_path], host.output_dir())
     final = os.path.join(host.output_dir(), os.path.basename(result.lora_path)) if result.lora_path else None
     if final not in written:

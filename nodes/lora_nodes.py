@@ -265,7 +265,7 @@ class LoraTrainCaptionDataset:
         ds = ref.load()
         text = report.summary() + ("" if save_captions else " (in the graph only; save_captions writes .txt files)")
         if report.failed:
-            text += "\n" + "\n".join(f"failed: {p}: {why}" for p, why in report.failed[:10])
+            text += "\n" + "\n".join(f"failed: {line}" for line in report.failure_lines(10))
         text += "\n" + _caption_preview(ds, limit=50)
         return {"ui": {"text": [text]}, "result": (ref, text)}
 

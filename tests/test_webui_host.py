@@ -3,6 +3,7 @@ surface of A1111 1.10.1 and Forge that we use): memory moves and restore on erro
 LoRA folder and list refresh, stale caches, txt2img through processing, interrupt, one job at a time, paths."""
 import importlib
 import os
+import shutil
 import sys
 import threading
 import time
@@ -387,13 +388,16 @@ def test_paths_local_listen_and_insecure_flag(a1111, tmp_path, demo_data):
     inside = a1111.root / "datasets" / "a"
     inside.mkdir(parents=True)
     assert h.check_path(str(inside), "dataset folder") == os.path.realpath(inside)
-    # ../ tricks and symlinks are resolved before the check
+    # ../ tricks are folded before the check; a symlink the server's owner put inside a WebUI folder is followed
+    # (the path as given is inside), a link outside pointing in is too (resolved, it is inside)
     with pytest.raises(a1111.hw.HostError):
         h.check_path(str(a1111.root / "datasets" / ".." / ".." / "outside"), "dataset folder")
     link = a1111.root / "datasets" / "link"
     link.symlink_to(outside)
-    with pytest.raises(a1111.hw.HostError):
-        h.check_path(str(link), "dataset folder")
+    assert h.check_path(str(link), "dataset folder") == os.path.realpath(outside)
+    back = tmp_path / "link_in"
+    back.symlink_to(inside)
+    assert h.check_path(str(back), "dataset folder") == os.path.realpath(inside)
     # Start training checks the dataset too
     with pytest.raises(a1111.hw.HostError, match="outside"):
         _tab_train(h, demo_data, "x", 1)
@@ -401,6 +405,88 @@ def test_paths_local_listen_and_insecure_flag(a1111, tmp_path, demo_data):
     assert h.allowed_roots() is None and h.check_path(str(outside), "dataset folder")
     shared.set_non_local(share=True)
     assert h.allowed_roots() is not None
+
+
+def test_a_symlinked_checkpoint_from_the_hosts_list_loads_under_the_fence(webui, tmp_path):
+    """Forge started with --server-name and its checkpoint a symlink into another disk: the checkpoint the WebUI
+    lists is not a path a remote user typed, and loads; a path typed by hand is still fenced."""
+    import fake_model
+    from lora_train.ui import logic
+
+    h, shared = webui.host, webui.shared
+    real = tmp_path / "other_disk" / "linked.safetensors"
+    real.parent.mkdir()
+    shutil.copyfile(webui.ckpt, real)
+    link = webui.root / "models" / "Stable-diffusion" / "linked.safetensors"
+    link.symlink_to(real)
+    fake_model.CheckpointInfo(str(link)).register(webui.sd_models.checkpoints_list)
+    shared.cmd_opts.server_name = "127.0.0.1"
+    shared.set_non_local()
+    assert h.allowed_roots() is not None
+    for field in ("linked.safetensors [0123abcd]", str(link), str(real)):
+        spec, path = logic.resolve_base(h, field)
+        assert spec is not None and os.path.realpath(spec) == os.path.realpath(real), field
+        model = h.base_model(spec)  # no HostError: the host listed it
+        assert model.unet is not None
+    typed = tmp_path / "other_disk" / "typed.safetensors"
+    shutil.copyfile(webui.ckpt, typed)
+    with pytest.raises(HostError) as e:
+        h.base_model(str(typed))
+    msg = str(e.value)
+    assert "\n" not in msg and str(typed) in msg and "--server-name 127.0.0.1" in msg
+    assert os.path.join(str(webui.root), "models", "Stable-diffusion") in msg  # the one folder that applies
+    assert msg.count(str(webui.root)) == 1  # not the list of every allowed folder
+
+
+def test_a_refused_folder_is_one_line_in_the_job_and_the_console(webui, tmp_path, demo_data, caplog):
+    """A dataset folder outside the fence: the job's error is the message alone (no 'HostError:'), the console
+    gets one line and no traceback, the Diagnosis says the run failed."""
+    from lora_train.ui import jobs, logic
+    from lora_train.ui.sections.common import err
+
+    webui.shared.set_non_local(listen=True)
+    with caplog.at_level("DEBUG"):
+        shown = err(HostError("dataset folder '/x' is outside the folders this server allows: move it."))
+    assert shown.startswith("**Cannot do that:** dataset folder") and "HostError" not in shown
+    assert "Traceback" not in caplog.text
+    job = jobs.claim("train", "fenced")
+
+    def work(job):
+        logic.dataset_folder(webui.host, demo_data)  # tmp_path is outside the fake WebUI's folders
+
+    caplog.clear()
+    with caplog.at_level("DEBUG"):
+        jobs.run_in_thread(job, work)
+        assert jobs.wait(job, 30)
+    snap = job.snapshot()
+    assert snap["status"] == "failed" and snap["error"].startswith("dataset folder '") and "HostError" not in snap["error"]
+    assert "Traceback" not in caplog.text and len([r for r in caplog.records if "fenced" in r.getMessage()]) == 1
+    assert logic.job_diagnosis(snap) == "Diagnosis: the run failed (the error is above)."
+
+
+def test_webui_interrogator_error_marker_is_a_failure_naming_the_printed_error(webui, tmp_path):
+    """The WebUI's interrogate prints its exception and returns '<error>': nothing is written, and the report
+    names that exception once and the fix."""
+    from PIL import Image
+    from lora_train.ui import logic
+
+    class Broken:
+        def interrogate(self, img):
+            print("*** Error interrogating", file=sys.stderr)
+            print("    Traceback (most recent call last):\n    ModuleNotFoundError: No module named 'models.blip'",
+                  file=sys.stderr)
+            return "<error>"
+
+    webui.shared.interrogator = Broken()
+    folder = tmp_path / "colors"
+    folder.mkdir()
+    for i, c in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (16, 16), c).save(folder / f"0{i}_{c}.png")
+    backend = next(k for k in logic.caption_backends(webui.host).values() if "BLIP" in k)
+    msg = logic.auto_caption(webui.host, str(folder), backend, "", "skip", "mycolr")
+    assert msg.startswith("wrote 0, skipped 0 (already captioned), failed 3")
+    assert "No module named 'models.blip'" in msg and msg.count("models.blip") == 1 and "pick another captioner" in msg
+    assert not list(folder.glob("*.txt"))
 
 
 # ------------------------------------------------------------------ scripts/lora_train_tab.py
@@ -553,16 +639,20 @@ out.first = m.lora_train_refresh_cards("a_v2");
 out.again = m.lora_train_refresh_cards("a_v2");
 out.empty = m.lora_train_refresh_cards("");
 out.next = m.lora_train_refresh_cards("a_v3");
-out.poll_shown = m.lora_train_poll_once();
+// a job runs and the tab is shown: every tick polls
+els["#lora_train_status"] = {textContent: "Training my_lora: running | step 3/40"};
+out.running_ticks = [1, 2, 3].map(() => m.lora_train_poll_once());
+// nothing runs: every 10th tick (a job started from another page still shows up)
+els["#lora_train_status"].textContent = "Training my_lora: done | step 40/40";
+out.idle_ticks = Array.from({length: 20}, () => m.lora_train_poll_once()).filter(Boolean).length;
+// another tab shown (the user waits on txt2img): every 5th tick, so a finished run reaches the cards
 els["#tab_lora_train"].style.display = "none";
-out.poll_hidden = m.lora_train_poll_once();
-// another tab shown (the user waits on txt2img): every 5th tick still polls, so a finished run reaches the cards
-out.hidden_ticks = [1, 2, 3, 4, 5, 6].map(() => m.lora_train_poll_once());
+out.hidden_ticks = Array.from({length: 10}, () => m.lora_train_poll_once()).filter(Boolean).length;
 out.clicks = clicks;
 console.log(JSON.stringify(out));"""
     res = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out == {"first": 2, "again": 0, "empty": 0, "next": 2, "poll_shown": True, "poll_hidden": False,
-                   "hidden_ticks": [False, False, False, True, False, False],
-                   "clicks": ["t2i", "i2i", "t2i", "i2i", "poll", "poll"]}
+    assert out == {"first": 2, "again": 0, "empty": 0, "next": 2, "running_ticks": [True, True, True],
+                   "idle_ticks": 2, "hidden_ticks": 2,
+                   "clicks": ["t2i", "i2i", "t2i", "i2i"] + ["poll"] * 7}

@@ -40,6 +40,10 @@ class EpochChoice:
     notes: List[str] = field(default_factory=list)
 
 
+class NoCandidate(ValueError):
+    """No epoch has both a file and a validation loss."""
+
+
 def noise_sigma(values: Sequence[float]) -> float:
     """Scatter of one point of a curve, from its second differences (see the module docstring)."""
     v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
@@ -55,8 +59,8 @@ def choose_epoch(losses: Dict[int, float], candidates: Sequence[int], tolerance:
     candidates: epochs with a file. tolerance None = sigma."""
     cands = sorted(e for e in set(candidates) if e in losses and math.isfinite(losses[e]))
     if not cands:
-        raise ValueError("no epoch has both a file and a validation loss: keep a validation split "
-                         "(validation_split > 0) and epoch files (save_every_n_epochs >= 1).")
+        raise NoCandidate("no epoch has both a file and a validation loss: keep a validation split "
+                          "(validation_split > 0) and epoch files (save_every_n_epochs >= 1).")
     sigma = noise_sigma([losses[e] for e in sorted(losses)])
     tol = sigma if tolerance is None else float(tolerance)
     if tol < 0:
@@ -75,6 +79,12 @@ def choose_epoch(losses: Dict[int, float], candidates: Sequence[int], tolerance:
         why += f"; runner-up: epoch {runner} ({losses[runner]:.5g})"
     return EpochChoice(chosen=chosen, runner_up=runner, losses=dict(losses), candidates=cands, sigma=sigma,
                        tolerance=tol, best_loss_epoch=best, why=why)
+
+
+def last_state(losses: Dict[int, float], last: int, why: str) -> EpochChoice:
+    """The choice when the validation losses cannot choose: the run's last file, with the reason."""
+    return EpochChoice(chosen=last, runner_up=None, losses=dict(losses), candidates=[last], sigma=0.0, tolerance=0.0,
+                       best_loss_epoch=last, why=why)
 
 
 def read_val_losses(loss_csv: str) -> Dict[int, float]:

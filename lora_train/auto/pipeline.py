@@ -17,6 +17,7 @@ fields as a normal run); a key given there wins and the report says "your choice
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -191,6 +192,25 @@ def family_of(spec: Optional[str], host: Optional[Host] = None) -> Tuple[str, st
     return "sd1", "not recognised without loading it: assumed SD1.x (set --family / the family field)"
 
 
+def fit_to_step_cap(values: Dict[str, Any], choices: List[Choice], user: Dict[str, Any], samples: int) -> None:
+    """With max_train_steps set, the epochs and the epoch files follow the steps the run will make: the advisor's
+    epoch count would otherwise be a promise the cap breaks, and epoch files every N epochs may never be
+    written. Keys the user set are left as they are."""
+    cap = int(values["max_train_steps"])
+    per_step = int(values.get("batch_size", 1) or 1) * int(values.get("gradient_accumulation_steps", 1) or 1)
+    spe = max(1, math.ceil(samples / per_step))
+    epochs = max(1, math.ceil(cap / spe))
+    if "epochs" not in user and epochs < int(values.get("epochs", epochs)):
+        _decide(choices, "epochs", epochs, f"max_train_steps {cap} ends the run in epoch {epochs} ({spe} step(s) "
+                                           f"per epoch; the advisor said {values['epochs']} epochs)")
+        values["epochs"] = epochs
+    every = int(values.get("save_every_n_epochs") or 0)
+    if "save_every_n_epochs" not in user and (every == 0 or every > 1 and epochs // every < 2):
+        _decide(choices, "save_every_n_epochs", 1, f"an epoch file each epoch: the {cap}-step cap leaves "
+                                                   f"{epochs} epoch(s) for the validation loss to choose among")
+        values["save_every_n_epochs"] = 1
+
+
 def pick_captioner(host: Optional[Host], choice: str, trigger: str):
     """(captioner, name, reason): the host's interrogator, else a local captioning model already on disk, else
     template + trigger (never a download)."""
@@ -311,8 +331,7 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
         rep = caption_folder(folder, cap, mode="skip", trigger=trigger if cap_name != "template" else None)
         written = list(rep.written)
         if rep.failed:
-            raise AutoRefused("captioning failed for: " + ", ".join(f"{os.path.basename(p)} ({w})"
-                                                                    for p, w in rep.failed[:5]))
+            raise AutoRefused("captioning failed: " + "; ".join(rep.failure_lines()))
         choices.append(Choice("caption", "captioner", cap_name, cap_why, user=opts.captioner not in ("auto", "")))
         chk = check_folder(folder)
     kept = [r.path for r in chk.rows if r.path not in set(written)]
@@ -358,6 +377,8 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
     for key, value in ov.items():  # the user's flags win
         values[key] = value
         _decide(choices, key, value, "your choice", user=True)
+    if values.get("max_train_steps"):
+        fit_to_step_cap(values, choices, ov, max(1, round(chk.samples * train_images / chk.images)))
     cfg = TrainConfig.from_dict(values)
 
     if opts.lr_find and "learning_rate" not in ov:
@@ -371,8 +392,9 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
         for c in choices:
             if c.key == "learning_rate":
                 c.value, c.reason = cfg.learning_rate, f"LR range test: {res.summary()}"
+    cap = f" (at most {cfg.max_train_steps} steps)" if cfg.max_train_steps else ""
     say(f"[3/7] settings: lr {cfg.learning_rate:g}, rank {cfg.lora_rank}, batch {cfg.batch_size}, "
-        f"{cfg.epochs} epochs, {val_n} validation image(s)")
+        f"{cfg.epochs} epochs{cap}, {val_n} validation image(s)")
 
     # 4. train (the one path), publishing into the run folder
     run = train_for_host(_RunFolderHost(host, run_dir), cfg, spec, callback=callback, stop_event=stop_event,
@@ -385,7 +407,13 @@ def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], 
     # 5. choose the epoch
     losses = choose_mod.read_val_losses(res.loss_csv)
     by_epoch = choose_mod.files_by_epoch(res.epoch_files, res.lora_path, name, res.epochs_done)
-    ec = choose_mod.choose_epoch(losses, list(by_epoch), opts.tolerance)
+    try:
+        ec = choose_mod.choose_epoch(losses, list(by_epoch), opts.tolerance)
+    except choose_mod.NoCandidate:
+        last_e = max(by_epoch)
+        ec = choose_mod.last_state(losses, last_e, f"no epoch file has a validation loss to compare (the run ended "
+                                                  f"after {res.steps} step(s), in epoch {res.epochs_done}): the "
+                                                  f"last state is published")
     choices.append(Choice("choose", "epoch", ec.chosen, ec.why + ". Rule: " + choose_mod.RULE,
                           user=opts.tolerance is not None))
     say(f"[5/7] chose epoch {ec.chosen}: {ec.why}")

@@ -1,5 +1,5 @@
 """Captioners behind one interface (all return a caption for one PIL image; ``path`` is the image's file path):
-  - TemplateCaptioner  "{trigger}, {folder}, {stem}" from the file name / folder (no model at all);
+  - TemplateCaptioner  "{trigger}, {folder}, {words}" from the file name / folder (no model at all);
   - TransformersCaptioner  an image-to-text model (BLIP, GIT, Florence-2 class) from a local folder or the
     local Hugging Face cache; never downloads;
   - WD14Tagger  a WD14-family booru tagger (ONNX through the optional onnxruntime): tags with confidences;
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 Tags = List[Tuple[str, float]]
 CaptionResult = Union[str, Tags]
-DEFAULT_TEMPLATE = "{trigger}, {folder}, {stem}"
+DEFAULT_TEMPLATE = "{trigger}, {folder}, {words}"
 DEFAULT_TRANSFORMERS_MODEL = "Salesforce/blip-image-captioning-base"
 DEFAULT_WD14_MODEL = "SmilingWolf/wd-swinv2-tagger-v3"
 _REPEAT_RE = REPEAT_RE
@@ -103,11 +103,21 @@ def folder_label(dirpath: str) -> str:
 _TEMPLATE_FIELDS = ("trigger", "folder", "stem", "words", "name", "ext", "parent", "width", "height")
 
 
+def file_name_words(stem: str) -> str:
+    """The words of a file name: `_` / `-` as spaces, a leading or trailing counter dropped (`01_red` -> `red`,
+    `red_dress_01` -> `red dress`, `IMG (3)` -> `IMG`); '' for a name that is only a counter (`0001`)."""
+    words = re.sub(r"[\s_\-.]+", " ", stem).strip()
+    words = re.sub(r"(\s*\(\d+\)|\s+\d+)$", "", words).strip()
+    words = re.sub(r"^\d+\s+", "", words).strip()
+    return "" if words.isdigit() else words
+
+
 class TemplateCaptioner(Captioner):
     """Captions from a template: {trigger} {folder} {stem} {words} {name} {ext} {parent} {width} {height}.
 
     {folder} drops kohya's repeat prefix (`10_cat` -> `cat`), {parent} is the raw folder name, {words} is the
-    stem with `_`/`-` as spaces and a trailing counter removed (`red_dress_01` -> `red dress`). Empty pieces
+    stem with `_`/`-` as spaces and a leading or trailing counter removed (`01_red` -> `red`, `red_dress_01` ->
+    `red dress`; `file_name_words`), {stem} the name as it is. Empty pieces
     of a comma list are dropped, so an empty {trigger} leaves no stray comma.
     """
 
@@ -130,8 +140,7 @@ class TemplateCaptioner(Captioner):
     def caption(self, image: Optional[Image.Image], path: str = "") -> str:
         name = os.path.basename(path)
         stem, ext = os.path.splitext(name)
-        words = re.sub(r"[\s_\-]+", " ", stem)
-        words = re.sub(r"(\s*\(\d+\)|\s+\d+)$", "", words).strip() or stem
+        words = file_name_words(stem)
         dirpath = os.path.dirname(os.path.abspath(path)) if path else ""
         w, h = image.size if image is not None else (0, 0)
         text = self.template.format(trigger=self.trigger, folder=folder_label(dirpath) if dirpath else "",
@@ -161,13 +170,33 @@ class HostCaptioner(Captioner):
     def caption(self, image: Image.Image, path: str = "") -> CaptionResult:
         result = self.fn(image)
         if isinstance(result, str) or result is None:
-            return caption_text(result)
-        tags = result_tags(result)
-        return tags if tags is not None else caption_text(result)
+            out: CaptionResult = caption_text(result)
+        else:
+            tags = result_tags(result)
+            out = tags if tags is not None else caption_text(result)
+        check_host_caption(self.name, caption_text(out))
+        return out
 
     def unload(self) -> None:
         if self.unload_fn is not None:
             self.unload_fn()
+
+
+#: what the WebUIs' interrogators put into a caption when they failed (A1111 / Forge `interrogate`: "<error>",
+#: after whatever part of the caption was made before the failure)
+HOST_ERROR_MARKER = re.compile(r"<\s*error\s*>", re.IGNORECASE)
+OTHER_BACKENDS = ("pick another captioner: template (trigger + file name words), or a transformers / WD14 model "
+                  "folder; or fix the host's interrogator (its console says why)")
+
+
+def check_host_caption(name: str, text: str) -> None:
+    """Raise CaptionerError when a host interrogator's caption is empty or carries its error marker: such a
+    caption is a failure, never a caption to write."""
+    if not text.strip():
+        raise CaptionerError(name, "the host's interrogator returned an empty caption", fix=OTHER_BACKENDS)
+    if HOST_ERROR_MARKER.search(text):
+        raise CaptionerError(name, f"the host's interrogator failed (it returned '{text.strip()[:80]}', not a "
+                                   f"caption)", fix=OTHER_BACKENDS)
 
 
 # ---------------------------------------------------------------------------- model look-up helpers

@@ -52,6 +52,18 @@ class CaptionReport:
             s += " (stopped early)"
         return s
 
+    def failure_lines(self, limit: int = 5) -> List[str]:
+        """The failures grouped by reason, most frequent first: 'reason (7 images: a.png, b.png, ...)'; a
+        captioner that fails on every image is said once, not once per file."""
+        by_reason: Dict[str, List[str]] = {}
+        for path, why in self.failed:
+            by_reason.setdefault(why, []).append(os.path.basename(path))
+        out = []
+        for why, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))[:limit]:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            out.append(f"{why} ({len(names)} image(s): {shown})" if len(names) > 1 else f"{names[0]}: {why}")
+        return out
+
 
 def _resolve_out(out: str) -> str:
     """'txt' or the metadata file's base name ('metadata.csv' / 'metadata.jsonl')."""

@@ -19,8 +19,8 @@ def add_commands(subparsers) -> Dict[str, object]:
     p.add_argument("--model", default=None,
                    help="model folder, or a repo id already in the local Hugging Face cache "
                         "(transformers: config + weights + processor; wd14: model.onnx + selected_tags.csv)")
-    p.add_argument("--template", default=None, help='template backend: default "{trigger}, {folder}, {stem}"; '
-                   "also {words} {name} {ext} {parent} {width} {height}")
+    p.add_argument("--template", default=None, help='template backend: default "{trigger}, {folder}, {words}"; '
+                   "also {stem} {name} {ext} {parent} {width} {height}")
     p.add_argument("--trigger", default=None, help="trigger word put first in every caption (never duplicated)")
     p.add_argument("--mode", choices=("skip", "overwrite", "append"), default="skip",
                    help="skip: leave captioned images alone (default); overwrite: replace; append: add after")

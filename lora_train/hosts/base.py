@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..io_utils import next_free_name
 from ..models.base import BaseModel
@@ -41,7 +41,18 @@ def checkpoint_names(title: str, path: str) -> set:
 
 
 def same_file(a: str, b: str) -> bool:
-    return os.path.abspath(str(a)) == os.path.abspath(str(b))
+    """The same file, by path as given or with symlinks resolved."""
+    a, b = os.path.abspath(str(a)), os.path.abspath(str(b))
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def path_inside(paths: Sequence[str], roots: Sequence[str]) -> bool:
+    """Whether any of `paths` (absolute) lies in or under one of `roots`, each root taken as given and resolved."""
+    for root in roots:
+        for r in {os.path.abspath(root), os.path.realpath(root)}:
+            if any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for p in paths):
+                return True
+    return False
 
 
 #: LoRA names this process has written: never reused, so a host that caches LoRA files by name never shows an
@@ -57,6 +68,8 @@ class HostError(RuntimeError):
 
 class Host:
     name = "host"
+    #: the host as its users call it, in messages and the tab's header
+    title = "this app"
     #: the host has a txt2img tab a prompt can be sent to (the WebUIs)
     has_txt2img = False
     #: the page's own script polls the tab's job (WebUIs: a server-side timer blocks their "Reload UI")
@@ -141,21 +154,28 @@ class Host:
         return None
 
     def check_path(self, path: str, what: str = "path", must_exist: bool = True, folder: bool = True) -> str:
-        """Resolve a path typed by a user and check it is inside `allowed_roots()`; returns the real path."""
+        """Resolve a path typed by a user and check it is inside `allowed_roots()`; returns the real path.
+
+        A path counts as inside when it is, as given (made absolute, `..` folded) or with its symlinks resolved,
+        under a root taken as given or resolved: a link the server's owner put inside a host folder (a checkpoint
+        symlinked into models/) is followed, while `..` cannot climb out."""
         if not path or not str(path).strip():
             raise HostError(f"{what} is empty: type a folder path.")
-        real = os.path.realpath(os.path.expanduser(str(path).strip()))
+        given = os.path.abspath(os.path.expanduser(str(path).strip()))
+        real = os.path.realpath(given)
         if must_exist and not os.path.exists(real):
             raise HostError(f"{what} '{path}' does not exist: check the spelling or create it first.")
         if must_exist and folder and not os.path.isdir(real):
             raise HostError(f"{what} '{path}' is a file, not a folder: give the folder that holds the images.")
         roots = self.allowed_roots()
-        if roots is not None:
-            ok = any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep) for r in roots)
-            if not ok:
-                raise HostError(f"{what} '{path}' is outside the folders this server allows ({', '.join(roots)}): "
-                                f"move it there, or {self.outside_roots_advice()}")
+        if roots is not None and not path_inside((given, real), roots):
+            raise HostError(f"{what} '{path}' is outside the folders this server allows: move it into "
+                            f"'{self.home_for(what, roots)}', or {self.outside_roots_advice()}")
         return real
+
+    def home_for(self, what: str, roots: Sequence[str]) -> str:
+        """The one allowed folder a refusal of `what` ('dataset folder', 'base model', ...) points to."""
+        return roots[0]
 
     def outside_roots_advice(self) -> str:
         """How to let paths outside `allowed_roots()` in, naming this host's own option (ends the message)."""
@@ -169,7 +189,8 @@ class Host:
             return None
         loaded = self.loaded_checkpoint()
         cands = ([loaded] if loaded else []) + list(self.checkpoints().items())
+        as_path = os.sep in value or "/" in value
         for title, path in cands:
-            if value in checkpoint_names(title, path):
+            if value in checkpoint_names(title, path) or (as_path and same_file(path, value)):
                 return path, bool(loaded) and same_file(path, loaded[1])
         return None

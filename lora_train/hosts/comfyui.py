@@ -182,6 +182,7 @@ class ComfyUIHost(Host):
     LoRA loader and sampler. model / clip / vae: what the graph delivered (for base_model() and generate())."""
 
     name = "comfyui"
+    title = "ComfyUI"
 
     def __init__(self, model: Any = None, clip: Any = None, vae: Any = None, sampler_name: str = "euler",
                  scheduler: str = "normal", node_id: Optional[str] = None):

@@ -14,6 +14,7 @@ class StandaloneHost(Host):
     """The standalone app and the CLI: diffusers generation with our own `sampler.Generator`."""
 
     name = "standalone"
+    title = "the standalone app"
 
     def __init__(self, base_model: str = "tiny", lora_dir: str = "loras", roots: Optional[Sequence[str]] = None,
                  prediction_type: str = "auto", allow_pickle: bool = False, files: Optional[Dict[str, str]] = None):

@@ -28,13 +28,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import io
 import logging
 import os
+import re
 import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .base import Host, HostError
+from .base import Host, HostError, same_file
 from ..models.single_file import from_original_state_dict, load_single_file
 from ..models.loading import load_base_model
 from ..models.base import ModelError
@@ -69,6 +71,44 @@ def networks_module():
     except Exception:
         return None
     return mod if hasattr(mod, "list_available_networks") else None
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the stream it replaces and keeps a copy."""
+
+    def __init__(self, stream, copy: io.StringIO):
+        self.stream, self.copy = stream, copy
+
+    def write(self, s: str) -> int:
+        self.copy.write(s)
+        return self.stream.write(s) if self.stream is not None else len(s)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+
+def last_error_line(text: str) -> str:
+    """The last 'SomeError: message' line of a printed traceback ('' when there is none)."""
+    found = re.findall(r"^\s*(?:\*\*\*\s*)?([A-Za-z_][\w.]*(?:Error|Exception)\b:?.*)$", text, re.MULTILINE)
+    return found[-1].strip() if found else ""
+
+
+def with_printed_error(name: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """fn(image) of a WebUI interrogator, which prints its exception and returns '<error>' instead of raising:
+    that result raises CaptionerError naming the error the WebUI printed (e.g. "No module named 'models.blip'")."""
+    from ..captions.backends import HOST_ERROR_MARKER, OTHER_BACKENDS, CaptionerError
+
+    def call(image):
+        copy = io.StringIO()
+        with contextlib.redirect_stderr(_Tee(sys.stderr, copy)):
+            result = fn(image)
+        if isinstance(result, str) and HOST_ERROR_MARKER.search(result):
+            why = last_error_line(copy.getvalue()) or "its console says why"
+            raise CaptionerError(name, f"the WebUI's interrogator failed ({why})", fix=OTHER_BACKENDS)
+        return result
+
+    return call
 
 
 def is_forge() -> bool:
@@ -155,9 +195,15 @@ class WebUIHost(Host):
 
     def outside_roots_advice(self) -> str:
         flags = " ".join(self.non_local_flags()) or "--listen"
-        return (f"restart the {self.title} with --enable-insecure-extension-access (it was started with {flags}, "
-                f"so paths typed into the tab must lie inside its own folders; that flag lets anyone who can open "
-                f"the page read any folder).")
+        return (f"restart {self.title} with --enable-insecure-extension-access added to {flags} (that flag lets "
+                f"anyone who can open the page read any folder).")
+
+    def home_for(self, what: str, roots) -> str:
+        if "model" in what:
+            cmd = _shared().cmd_opts
+            return os.path.abspath(getattr(cmd, "ckpt_dir", None)
+                                   or os.path.join(_mod("modules.paths").models_path, "Stable-diffusion"))
+        return roots[0]
 
     # ------------------------------------------------------------------ checkpoints
     def _model(self):
@@ -212,10 +258,18 @@ class WebUIHost(Host):
             return self._loaded_base_model()
         if self._is_loaded(spec) is not None:
             return self._loaded_base_model()
+        listed = self.listed_checkpoint(spec)
+        if listed is not None:  # the host's own list: not a path a remote user typed
+            return self._load_file(listed)
+        return self._load_file(self.check_path(spec, "base model", must_exist=True, folder=False))
+
+    def listed_checkpoint(self, spec: str) -> Optional[str]:
+        """The file of a checkpoint the WebUI itself lists, named by its title or its path (as given or with
+        symlinks resolved); None for anything else."""
         known = self.checkpoints()
         if spec in known:
-            return self._load_file(known[spec])
-        return self._load_file(self.check_path(spec, "base model", must_exist=True, folder=False))
+            return known[spec]
+        return next((p for p in known.values() if same_file(p, spec)), None)
 
     def _load_file(self, path: str):
         if self.model_config is not None and os.path.isfile(path):
@@ -375,7 +429,8 @@ class WebUIHost(Host):
         out: Dict[str, Callable[[Any], str]] = {}
         interrogator = getattr(_shared(), "interrogator", None)
         if interrogator is not None and hasattr(interrogator, "interrogate"):
-            out[f"{self.title} BLIP (interrogate)"] = lambda img: interrogator.interrogate(img.convert("RGB"))
+            name = f"{self.title} BLIP (interrogate)"
+            out[name] = with_printed_error(name, lambda img: interrogator.interrogate(img.convert("RGB")))
         try:
             deepbooru = _mod("modules.deepbooru")
         except Exception:

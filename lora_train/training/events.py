@@ -4,7 +4,8 @@
 what only one kind carries sits in `extra` (e.g. a `diagnosis`'s finding, a `nan`'s action). Kinds:
   start (total_steps, total_epochs, device, images), step (step, epoch, loss, lr, its, eta, ...), epoch,
   val_loss (val_loss), checkpoint (path), sample (path), state (path), resumed (path, step, epoch),
-  caching (extra: what, done, total), warning / info (message), nan (message, extra: action, value),
+  caching (extra: what, done, total), phase (message: the work between steps, e.g. loading the model, saving
+  and publishing the files), warning / info (message), nan (message, extra: action, value),
   diagnosis (message, extra: finding), done (extra: result).
 It also reads like the dict events used to be (`ev["kind"]`, `ev.get("loss")`), so a callback written for
 either works.
@@ -15,8 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional
 
-KINDS = ("start", "step", "epoch", "val_loss", "checkpoint", "sample", "state", "resumed", "caching", "warning",
-         "info", "nan", "diagnosis", "done")
+KINDS = ("start", "step", "epoch", "val_loss", "checkpoint", "sample", "state", "resumed", "caching", "phase",
+         "warning", "info", "nan", "diagnosis", "done")
 
 
 @dataclass(frozen=True)

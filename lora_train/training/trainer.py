@@ -522,7 +522,13 @@ class Trainer:
             if self.stopped or self.pos["batch"] < self.batches_per_epoch:  # stopped, or max steps mid-epoch
                 break
             self._end_of_epoch(self.pos["epoch"])
+        if self._ended_mid_epoch():  # max_train_steps inside an epoch: the final file gets its validation loss too
+            self._record_validation(self.pos["epoch"])
         return self._finish()
+
+    def _ended_mid_epoch(self) -> bool:
+        return (not self.stopped and not self.nan_stop and self.pos["step"] >= self.total_steps
+                and self.pos["step"] > self.start_step and 0 < self.pos["batch"] < self.batches_per_epoch)
 
     def _prepare_data(self) -> Optional[TrainResult]:
         """Seed, output folder, frozen base modules, buckets, latent / text caches, train-validation split.
@@ -834,11 +840,7 @@ class Trainer:
         """After an epoch's last step: validation loss, samples, the `epoch` event, the epoch file, a state."""
         cfg = self.cfg
         global_step = self.pos["step"]
-        if self.val_groups:
-            vl = self._validation_loss(self.val_groups, self.latents, self.text_cache)
-            self.val_history.append({"step": global_step, "epoch": epoch, "val_loss": vl})
-            self.emit("val_loss", step=global_step, epoch=epoch, val_loss=vl)
-            self.train_unet.train()
+        self._record_validation(epoch)
         if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             self._sample(global_step, epoch)
         self.emit("epoch", epoch=epoch, step=global_step,
@@ -850,6 +852,15 @@ class Trainer:
         elif cfg.nan_policy == "recover":  # no state on disk: the point a non-finite step rolls back to
             self.last_good = self._snapshot()
 
+    def _record_validation(self, epoch: int) -> None:
+        """The held-out images' validation loss at this step, kept in the history and sent as `val_loss`."""
+        if not self.val_groups:
+            return
+        vl = self._validation_loss(self.val_groups, self.latents, self.text_cache)
+        self.val_history.append({"step": self.pos["step"], "epoch": epoch, "val_loss": vl})
+        self.emit("val_loss", step=self.pos["step"], epoch=epoch, val_loss=vl)
+        self.train_unet.train()
+
     def _finish(self) -> TrainResult:
         """The end of a run: a resumable state (after a stop, or when asked), the final LoRA (an all-zero one is an
         error), the loss log and plot, the config; the `done` event with the TrainResult."""
@@ -859,6 +870,7 @@ class Trainer:
         if global_step > self.start_step and self._last_state_step != global_step \
                 and self._wants_final_state(self.stopped):
             self.save_state()  # resumable from exactly here: after a stop, or (asked) to train on to a longer end
+        self.emit("phase", message="saving the LoRA file and the loss log ...")
         try:
             if global_step > 0 and not self.nan_stop:
                 final = paths["lora"]

@@ -55,7 +55,8 @@ def start_auto(host, folder: str, values: Dict[str, Any], task: str, vram: Any, 
         job.touch(status="running", message="auto: checking the folder ...")
         res = run_auto(host, opts, callback=lambda ev: job.on_train_event(ev, host), stop_event=job.stop_event,
                        log=lambda s: job.touch(message=f"auto: {s}"))
-        job.touch(result=res, lora_path=res.lora_path, files=res.published, name=res.name)
+        job.touch(result=res, lora_path=res.lora_path, files=res.published, name=res.name,
+                  trigger=res.config.trigger_word or "", resolution=res.config.resolution)
         jobs.finish(job, "done", message=f"auto: published **{res.name}** (epoch {res.chosen_epoch}), use "
                                          f"`{res.tag}`; report: {res.report_path}")
 

@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Optional
 log = logging.getLogger(__name__)
 
 RUNNING = ("starting", "running", "stopping")
+#: the jobs that train (a training run, auto mode): they show a loss plot and a diagnosis
+TRAINING_KINDS = ("train", "auto")
 
 
 class JobBusy(RuntimeError):
@@ -47,6 +49,8 @@ class Job:
         self.findings: List[str] = []
         self.warnings: List[str] = []
         self.files: List[str] = []
+        self.trigger = ""             # the run's trigger word and resolution: the Test section's defaults
+        self.resolution = 0
         self.lora_path: Optional[str] = None
         self.vram: Optional[str] = None
         self.device = ""
@@ -84,8 +88,8 @@ class Job:
                     if not k.startswith("_") and k not in ("stop_event", "trainer")}
 
     def describe(self) -> str:
-        what = {"train": f"training '{self.name}'", "lr_find": "the LR finder", "grid": "a test grid",
-                "caption": "auto-captioning"}.get(self.kind, self.kind)
+        what = {"train": f"training '{self.name}'", "auto": f"auto mode for '{self.name}'", "lr_find": "the LR finder",
+                "grid": "a test grid", "caption": "auto-captioning"}.get(self.kind, self.kind)
         return what
 
     # -- training events (Trainer callback)
@@ -115,6 +119,8 @@ class Job:
                 self.val_losses.append(float(ev.get("val_loss")))
             elif kind == "epoch":
                 self.epoch = int(ev.get("epoch", self.epoch))
+            elif kind == "phase":
+                self.message = str(ev.get("message", ""))
             elif kind == "warning":
                 self.warnings.append(str(ev.get("message", "")))
             elif kind == "diagnosis":
@@ -178,6 +184,24 @@ def finish(job: Job, status: str, message: str = "", error: str = "") -> None:
     job.touch(status=status, message=message, error=error, finished=time.time())
 
 
+def is_user_error(exc: BaseException) -> bool:
+    """Our own exceptions (HostError, ConfigError, DatasetError, ...) say what was wrong and the fix in their
+    message: the user sees that message alone and the console one line, not a traceback."""
+    return type(exc).__module__.split(".")[0] == "lora_train" or isinstance(exc, JobBusy)
+
+
+def error_text(exc: BaseException) -> str:
+    """What the page shows of an exception: our errors' message, else the type and message (a bug)."""
+    return str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
+
+
+def log_failure(what: str, exc: BaseException) -> None:
+    if is_user_error(exc):
+        log.warning("%s: %s", what, exc)
+    else:
+        log.error("%s failed:\n%s", what, traceback.format_exc())
+
+
 def run_in_thread(job: Job, target: Callable[[Job], None]) -> Job:
     """Run `target(job)` in a daemon thread; an exception marks the job failed with its message."""
 
@@ -185,8 +209,8 @@ def run_in_thread(job: Job, target: Callable[[Job], None]) -> Job:
         try:
             target(job)
         except Exception as exc:
-            log.error("%s failed:\n%s", job.describe(), traceback.format_exc())
-            finish(job, "failed", error=f"{type(exc).__name__}: {exc}")
+            log_failure(job.describe(), exc)
+            finish(job, "failed", error=error_text(exc))
         else:
             if job.running:
                 finish(job, "stopped" if job.stop_event.is_set() else "done")
@@ -202,7 +226,7 @@ def run_here(job: Job, target: Callable[[Job], Any]) -> Any:
     try:
         out = target(job)
     except BaseException as exc:
-        finish(job, "failed", error=f"{type(exc).__name__}: {exc}")
+        finish(job, "failed", error=error_text(exc))
         raise
     if job.running:
         finish(job, "stopped" if job.stop_event.is_set() else "done")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import PRECISIONS, ConfigError, TrainConfig  # noqa: F401  (PRECISIONS: the tab's choices)
@@ -188,6 +189,16 @@ def _float(v: Any, name: str) -> float:
     return f
 
 
+def remember_setting(key: str, value: Any) -> None:
+    """A Settings field's value as the user left it: a reloaded or second page shows it again (this process
+    only; the WebUI's ui-config.json holds the defaults)."""
+    jobs.REMEMBERED.setdefault("settings", {})[key] = value
+
+
+def remembered_settings() -> Dict[str, Any]:
+    return dict(jobs.REMEMBERED.get("settings", {}))
+
+
 # ----------------------------------------------------------------------------- dataset
 def dataset_folder(host, folder: str) -> str:
     return host.check_path(folder, "dataset folder", must_exist=True, folder=True)
@@ -294,7 +305,7 @@ def auto_caption(host, folder: str, backend: str, model: str, mode: str, trigger
                                 progress=progress)
     msg = report.summary()
     if report.failed:
-        msg += "; failed: " + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in report.failed[:5])
+        msg += ". Failed: " + "; ".join(report.failure_lines())
     if report.warnings:
         msg += "; " + "; ".join(report.warnings)
     return msg
@@ -410,6 +421,7 @@ def start_training(host, cfg: TrainConfig, spec: Optional[str]) -> jobs.Job:
     """Claim the job slot and run the one train-and-publish path (`run.train_for_host`) in a background thread.
     `cfg` comes from `build_config` (already named)."""
     job = jobs.claim("train", cfg.output_name)
+    job.touch(trigger=cfg.trigger_word or "", resolution=cfg.resolution)
 
     def work(job: jobs.Job) -> None:
         from ..run import train_for_host
@@ -423,7 +435,8 @@ def start_training(host, cfg: TrainConfig, spec: Optional[str]) -> jobs.Job:
         status = "failed" if res.nan_stopped else ("stopped" if res.stopped else "done")
         where = run.lora_path or "(no file: no step was finished)"
         msg = (f"{'stopped' if res.stopped else 'finished'} after {res.steps} step(s), {res.epochs_done} epoch(s) "
-               f"in {jobs.fmt_seconds(res.seconds)}: {where}")
+               f"in {jobs.fmt_seconds(time.time() - job.started)} (training {jobs.fmt_seconds(res.seconds)}, the "
+               f"rest loading, saving and publishing): {where}")
         if res.message:
             msg += f" - {res.message}"
         msg += f" (config, loss log and plot in {run.run_dir})"
@@ -538,21 +551,21 @@ def run_grid(host, prompt: str, negative: str, lora_name: str, strengths: str, s
 def job_status(snap: Optional[Dict[str, Any]]) -> str:
     if not snap:
         return "No job has run yet."
-    kind = {"train": "Training", "lr_find": "LR finder", "grid": "Test grid", "caption": "Auto-caption"}.get(
-        snap["kind"], snap["kind"])
+    kind = {"train": "Training", "auto": "Auto LoRA", "lr_find": "LR finder", "grid": "Test grid",
+            "caption": "Auto-caption"}.get(snap["kind"], snap["kind"])
     name = f" **{snap['name']}**" if snap.get("name") else ""
     parts = [f"{kind}{name}: **{snap['status']}**"]
     if snap.get("total_steps"):
         parts.append(f"step {snap['step']}/{snap['total_steps']}")
-    if snap["kind"] == "train" and snap.get("total_epochs"):
+    if snap["kind"] in jobs.TRAINING_KINDS and snap.get("total_epochs"):
         parts.append(f"epoch {snap['epoch']}/{snap['total_epochs']}")
-    if snap["status"] in jobs.RUNNING and snap.get("eta") is not None:
+    if snap["status"] in jobs.RUNNING and snap.get("eta") is not None and snap["step"] < snap.get("total_steps", 0):
         parts.append(f"ETA {jobs.fmt_seconds(snap['eta'])}")
     if snap.get("its"):
         parts.append(f"{snap['its']:.2f} it/s")
     if snap.get("losses"):
         parts.append(f"loss {snap['losses'][-1]:.4g}")
-    if snap["kind"] == "train":
+    if snap["kind"] in jobs.TRAINING_KINDS:
         parts.append(f"VRAM {snap['vram']}" if snap.get("vram") else
                      ("VRAM: no CUDA device" + (f" (on {snap['device']})" if snap.get("device") else "")))
     text = " | ".join(parts)
@@ -564,19 +577,49 @@ def job_status(snap: Optional[Dict[str, Any]]) -> str:
 
 
 def job_diagnosis(snap: Optional[Dict[str, Any]]) -> str:
-    if not snap or snap["kind"] != "train":
+    if not snap or snap["kind"] not in jobs.TRAINING_KINDS:
         return ""
     lines = [f"- {f}" for f in snap.get("findings") or []]
     lines += [f"- warning: {w}" for w in snap.get("warnings") or []]
+    if snap["status"] == "failed":
+        return "Diagnosis: the run failed (the error is above)." + ("\n" + "\n".join(lines) if lines else "")
     if not lines:
         return "Diagnosis: nothing to report yet." if snap["status"] in jobs.RUNNING else "Diagnosis: no problem found."
     return "Diagnosis:\n" + "\n".join(lines)
 
 
+def loss_points(snap: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The loss curve of a training job as rows {step, loss, series} (training, smoothed, validation): what the
+    tab's line plot shows."""
+    if not snap or snap["kind"] not in jobs.TRAINING_KINDS or not snap.get("losses"):
+        return []
+    from ..plots import ema
+
+    rows = [{"step": int(x), "loss": float(y), "series": "training"} for x, y in zip(snap["steps"], snap["losses"])
+            if math.isfinite(y)]
+    if len(snap["losses"]) >= 10:
+        rows += [{"step": int(x), "loss": float(y), "series": "smoothed"}
+                 for x, y in zip(snap["steps"], ema(snap["losses"])) if math.isfinite(y)]
+    rows += [{"step": int(x), "loss": float(y), "series": "validation"}
+             for x, y in zip(snap.get("val_steps") or (), snap.get("val_losses") or ()) if math.isfinite(y)]
+    return rows
+
+
 def loss_image(snap: Optional[Dict[str, Any]]):
-    if not snap or snap["kind"] != "train" or not snap.get("losses"):
+    if not snap or snap["kind"] not in jobs.TRAINING_KINDS or not snap.get("losses"):
         return None
     from ..plots import loss_plot
 
     return loss_plot(snap["steps"], snap["losses"], title=f"training loss: {snap['name']}",
                      val_steps=snap.get("val_steps") or (), val_losses=snap.get("val_losses") or ())
+
+
+def test_fields(snap: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """After a training job published a LoRA: the Test section's fields for it (name, a prompt with the run's
+    trigger word and the LoRA tag, the tag, the grid size = the training resolution); None otherwise."""
+    if not snap or snap["kind"] not in jobs.TRAINING_KINDS or snap["status"] not in ("done", "stopped") \
+            or not snap.get("lora_path"):
+        return None
+    name, trigger = snap["name"], (snap.get("trigger") or "").strip()
+    prompt = f"{trigger}, a picture {lora_tag(name, 1.0)}" if trigger else f"a picture {lora_tag(name, 1.0)}"
+    return {"name": name, "prompt": prompt, "tag": lora_tag(name), "size": int(snap.get("resolution") or 0) or None}

@@ -13,6 +13,7 @@ from typing import Any, Dict
 import gradio as gr
 
 from . import logic
+from .compat import on, update
 from .sections import auto, dataset, settings, test, train
 from .sections.common import keep_out_of_ui_config
 
@@ -34,7 +35,8 @@ def build_tab(host) -> "gr.Blocks":
     c = types.SimpleNamespace(host=host, defaults=defaults, base_choices=base_choices, S={},
                               backends=logic.caption_backends(host), setting_keys=setting_keys, values_of=values_of)
     with gr.Blocks(analytics_enabled=False) as blocks:
-        gr.Markdown(f"### LoRA Train\nHost: **{host.name}**. New LoRA files go to `{out_dir}`, "
+        shown_as = getattr(host, "title", host.name)
+        gr.Markdown(f"### LoRA Train\nRunning in **{shown_as}**. New LoRA files go to `{out_dir}`, "
                     f"each run under a new name (e.g. `name_v2`), so the host never shows an older file.")
         c.folder_state = gr.State("")
         c.rows_state = gr.State([])
@@ -49,4 +51,23 @@ def build_tab(host) -> "gr.Blocks":
         c.setting_inputs = [c.S[k] for k in setting_keys]
         for _title, section in SECTIONS:
             section.wire(c, blocks)
+        wire_remembered_settings(c, blocks)
     return blocks
+
+
+def wire_remembered_settings(c, blocks) -> None:
+    """Every Settings field keeps its value across a page reload: each change is remembered (logic), and a page
+    that opens gets the remembered values back."""
+    def remember(key):
+        def handler(value):
+            logic.remember_setting(key, value)
+        return handler
+
+    for key, comp in zip(c.setting_keys, c.setting_inputs):
+        on(comp.change, remember(key), [comp], [], show_progress="hidden")
+
+    def restore():
+        saved = logic.remembered_settings()
+        return tuple(update(value=saved[k]) if k in saved else update() for k in c.setting_keys)
+
+    on(blocks.load, restore, [], c.setting_inputs)

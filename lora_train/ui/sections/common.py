@@ -1,11 +1,7 @@
 """What the tab's sections share: the JS names, the poll period, error text, the ui-config rule, the namespace."""
-import logging
-import traceback
 from typing import Any, Dict
 
-from .. import jobs, logic
-
-log = logging.getLogger("lora_train.ui")
+from .. import jobs
 
 #: name of the JS function (javascript/ of the WebUI extension) that puts its argument into the txt2img prompt
 SEND_TO_TXT2IMG_JS = "loraTrainSendToTxt2img"
@@ -31,10 +27,12 @@ def keep_out_of_ui_config(*components) -> None:
 
 
 def err(exc: BaseException) -> str:
-    if isinstance(exc, (logic.UserError, jobs.JobBusy)):
+    """One line for the page: our own errors as 'Cannot do that' with their fix, anything else as an error (its
+    traceback goes to the console)."""
+    jobs.log_failure("lora_train tab", exc)
+    if jobs.is_user_error(exc):
         return f"**Cannot do that:** {exc}"
-    log.error("lora_train tab: %s", traceback.format_exc())
-    return f"**Error:** {type(exc).__name__}: {exc}"
+    return f"**Error:** {jobs.error_text(exc)}"
 
 
 def has_txt2img(host) -> bool:

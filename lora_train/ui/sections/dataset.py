@@ -21,7 +21,8 @@ def layout(c) -> None:
         load_btn = make(gr.Button, "Load", elem_id="lora_train_load", scale=1)
     ds_status = make(gr.Markdown, "Type the folder of your training images and press Load.",
                      elem_id="lora_train_ds_status")
-    gallery = make(gr.Gallery, label="Images (click one to edit its caption)", columns=6, height=360,
+    gallery = make(gr.Gallery, label="Images (click one to edit its caption)", columns=6,
+                   height="auto" if compat.MAJOR >= 4 else 520,  # every row of thumbnails, not a cut second row
                    object_fit="contain", allow_preview=False, elem_id="lora_train_gallery")
     with gr.Row():
         image_pick = make(gr.Dropdown, choices=[], label="Image", elem_id="lora_train_image", scale=1)

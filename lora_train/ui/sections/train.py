@@ -20,7 +20,8 @@ def layout(c) -> None:
         refresh_btn = make(gr.Button, "Refresh", elem_id="lora_train_refresh")
     train_msg = make(gr.Markdown, "", elem_id="lora_train_train_msg")
     status_md = make(gr.Markdown, "No job has run yet.", elem_id="lora_train_status")
-    loss_img = make(gr.Image, label="Loss", type="pil", interactive=False, elem_id="lora_train_loss")
+    loss_img = make(gr.Image, label="Loss", type="pil", interactive=False, height=340, width=680,
+                    show_label=True, elem_id="lora_train_loss")
     diag_md = make(gr.Markdown, "", elem_id="lora_train_diagnosis")
     version_box = make(gr.Textbox, value="", visible=False, elem_id="lora_train_version")
     published_box = make(gr.Textbox, value="", visible=False, elem_id="lora_train_published")
@@ -64,22 +65,28 @@ def wire(c, blocks) -> None:
         version = (id(job), snap["version"]) if snap else (0, 0)
         key = f"{version[0]}:{version[1]}"
         if key == seen:
-            return (update(), update(), update(), seen, update(), update(), update(), update())
+            return (update(),) * 3 + (seen,) + (update(),) * 6
         img = logic.loss_image(snap)
-        lora_updates = (update(), update(), update(), update())
-        if snap and snap["kind"] == "train" and snap["status"] in ("done", "stopped") and snap.get("lora_path"):
+        lora_updates = (update(),) * 5
+        test = logic.test_fields(snap)
+        if test is not None:
             try:
                 names_now = logic.lora_names(host)
             except Exception:
                 names_now = []
-            name = snap["name"]
-            lora_updates = (update(choices=names_now, value=name),
-                            update(value=f"a picture {logic.lora_tag(name, 1.0)}"),
-                            update(value=logic.lora_tag(name)), update(value=name))
-        return ((logic.job_status(snap), img if img is not None else update(), logic.job_diagnosis(snap), key)
-                + lora_updates)
+            lora_updates = (update(choices=names_now, value=test["name"]), update(value=test["prompt"]),
+                            update(value=test["tag"]), update(value=test["name"]),
+                            update(value=test["size"]) if test["size"] else update())
+        # the Start line belongs to the training run it started; another job (auto, a grid) or the end of the
+        # run replaces it with the status below
+        start_line = update() if snap and snap["kind"] == "train" and snap["status"] in jobs.RUNNING else ""
+        if img is None:  # a training job without a loss yet clears the last run's plot; other jobs keep it
+            img = None if snap and snap["kind"] in jobs.TRAINING_KINDS else update()
+        return ((logic.job_status(snap), img, logic.job_diagnosis(snap), key)
+                + lora_updates + (start_line,))
 
-    poll_outputs = [status_md, loss_img, diag_md, seen_state, lora_pick, prompt, tag_box, published_box]
+    poll_outputs = [status_md, loss_img, diag_md, seen_state, lora_pick, prompt, tag_box, published_box, c.gen_size,
+                    train_msg]
     # The poll only updates a hidden version box (gradio 3 marks every output of a running event as busy,
     # which would make the Train section flicker every second); the visible parts are rendered when the
     # job's version changes. In the WebUI the page's own script clicks a hidden button while the tab is
