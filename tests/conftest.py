@@ -10,6 +10,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the suite and the processes it starts: OpenMP threads wait passively and fit the free cores (lora_train/cpu_threads)
+from lora_train.cpu_threads import configure as _configure_cpu_threads  # noqa: E402  (no torch import)
+
+_configure_cpu_threads()
 #: the folder the clone sits in. The repo root has an __init__.py (ComfyUI loads it), so pytest treats the root as a
 #: package and, setting it up, puts this folder on sys.path (import mode "prepend"): any folder there named like a
 #: package then shadows it, e.g. gradio's own temp folder /tmp/gradio for a clone in /tmp ("module 'gradio' has no
@@ -122,6 +126,7 @@ def fresh_job_slot():
     from lora_train.ui import jobs
 
     jobs._CURRENT = None
+    jobs.REMEMBERED.clear()
     USED_NAMES.clear()
     yield
     job = jobs.running()

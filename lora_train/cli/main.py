@@ -47,6 +47,13 @@ class TqdmRenderer:
             self.bar.close()
 
 
+def say_cpu_threads() -> None:
+    """The OpenMP settings `python -m lora_train` chose before torch was imported (lora_train/cpu_threads.py)."""
+    line = os.environ.get("LORA_TRAIN_CPU_THREADS")
+    if line:
+        print(line, file=sys.stderr)
+
+
 def cmd_train(args, extra: List[str]) -> int:
     if isinstance(args.config, list):  # `train a.yaml b.yaml ...`: a queue, one run after another (cli/queue.py)
         if len(args.config) > 1:
@@ -73,6 +80,7 @@ def cmd_train(args, extra: List[str]) -> int:
     if offer:
         print(offer)
     # the one train-and-publish path; the CLI keeps the name and folder the config chose (never overwritten);
+    say_cpu_threads()
     # the first Ctrl-C stops after the current step and saves what was trained
     host = StandaloneHost.for_config(cfg)
     stop = threading.Event()
@@ -165,6 +173,7 @@ def cmd_demo(args, extra: List[str]) -> int:
     rep = caption_folder(data, make_captioner("template", template="{trigger}, {words}", trigger=DEMO_TRIGGER),
                          mode="skip")
     example = next(iter(rep.captions.values()), "")
+    say_cpu_threads()
     print(f"[1/4] dataset: {data} (8 procedural images)")
     print(f"[2/4] captions (template backend, trigger word '{DEMO_TRIGGER}'): {rep.summary()}; e.g. '{example}'")
     name = next_free_name(out, "demo_lora")

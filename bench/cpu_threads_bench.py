@@ -1,0 +1,77 @@
+"""CPU runs with and without a competing load, with OpenMP's defaults and with the policy `python -m lora_train`
+sets (lora_train/cpu_threads.py): a tiny-model run of --steps steps through the CLI, and optionally the demo.
+
+    python bench/cpu_threads_bench.py [--steps 100] [--load 2] [--demo] [--out bench_out/cpu_threads.json]
+
+The load is --load busy Python processes (one core each) started before and stopped after each timed run.
+"Defaults" runs the CLI with OMP_WAIT_POLICY / OMP_NUM_THREADS taken from torch's own defaults (ACTIVE and the
+core count), so the policy under test is the only difference. Prints and writes the seconds per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def _run(cmd, env) -> float:
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.time() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--load", type=int, default=2, help="busy processes for the loaded runs")
+    ap.add_argument("--demo", action="store_true", help="also time the demo (minutes)")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="lora_train_threads_")
+    from lora_train.data.demo import write_demo_dataset
+
+    data = write_demo_dataset(os.path.join(work, "data"), n=8, size=64, captions=True)
+    jobs = {"tiny": lambda out: [sys.executable, "-m", "lora_train", "train", "--train_data_dir", data,
+                                 "--base_model", "tiny", "--resolution", "64", "--batch_size", "2",
+                                 "--max_train_steps", str(a.steps), "--save_every_n_epochs", "0",
+                                 "--output_dir", out, "--output_name", "bench"]}
+    if a.demo:
+        jobs["demo"] = lambda out: [sys.executable, "-m", "lora_train", "demo", "--out", out]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    variants = {"ours": base, "defaults": dict(base, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS=str(os.cpu_count()))}
+    results = {}
+    for job, cmd in jobs.items():
+        for load in (0, a.load):
+            for name, env in variants.items():
+                procs = [mp.Process(target=_spin, daemon=True) for _ in range(load)]
+                for p in procs:
+                    p.start()
+                try:
+                    secs = _run(cmd(os.path.join(work, f"{job}_{name}_{load}")), env)
+                finally:
+                    for p in procs:
+                        p.terminate()
+                key = f"{job} load={load} {name}"
+                results[key] = round(secs, 2)
+                print(f"{key}: {secs:.1f} s", flush=True)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w", encoding="utf-8") as fh:
+            json.dump({"steps": a.steps, "load": a.load, "cpus": os.cpu_count(), "seconds": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
