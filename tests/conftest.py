@@ -166,7 +166,7 @@ def _names_written_by_earlier_tests_are_forgotten():
 #: more than a few steps, start processes or a browser, or build venvs. `pytest -m "not slow"` runs the rest, every
 #: module's quick checks, in under two minutes on 2 cores; the full suite is what CI runs.
 SLOW = {
-    "test_bench.py": None, "test_cli.py": None, "test_gpu.py": None, "test_loss.py": None, "test_lr_finder.py": None,
+    "test_bench.py": None, "test_cli.py": None, "test_gpu.py": None, "test_gpu_check.py": None, "test_loss.py": None, "test_lr_finder.py": None,
     "test_multiprocess.py": None, "test_reliability.py": None, "test_sampler.py": None, "test_sdxl_train.py": None,
     "test_train.py": None, "test_train_policy.py": None, "test_ui_browser.py": None,
     "test_auto.py": ("test_auto_end_to_end", "test_train_queue"), "test_demo_learning.py": ("test_demo_end_to_end",),

@@ -35,8 +35,8 @@ def sidecar(p):
 def test_template_captioner_fields(tmp_path):
     paths = make_images(str(tmp_path / "10_red_dress"), n=1)
     cap = TemplateCaptioner("{trigger}, {folder}, {stem}", trigger="sks")
-    assert cap.caption(None, paths[0]) == "sks, red_dress, img_000"
-    assert TemplateCaptioner("{trigger}, {folder}, {words}").caption(None, paths[0]) == "red_dress, img"
+    assert cap.caption(None, paths[0]) == "sks, red dress, img_000"
+    assert TemplateCaptioner("{trigger}, {folder}, {words}").caption(None, paths[0]) == "red dress, img"
     assert TemplateCaptioner("photo of {words} ({width}x{height})").caption(
         procedural_images(1, 32)[0], str(tmp_path / "blue-shirt_07.png")) == "photo of blue shirt (32x32)"
     with pytest.raises(CaptionerError, match="did you mean {stem}"):

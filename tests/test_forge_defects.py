@@ -38,6 +38,8 @@ def test_a_host_caption_that_is_an_error_or_empty_is_a_failure_and_not_written(t
     lines = rep.failure_lines()
     assert len(lines) == 1 and "(3 image(s): 01_red.png, 02_blue.png, 03_green.png)" in lines[0]
     assert "Forge BLIP (interrogate)" in lines[0] and "pick another captioner" in lines[0]
+    # said once, as a sentence: the backend's name once, no exception class name
+    assert lines[0].count("Forge BLIP (interrogate)") == 1 and "CaptionerError" not in lines[0], lines[0]
 
 
 def test_a_real_caption_from_the_host_is_written(tmp_path):
@@ -54,6 +56,10 @@ def test_the_template_captioner_reads_words_not_raw_file_names(tmp_path):
     assert cap.caption(None, str(folder / "red_dress_01.png")) == "mycolr, colors, red dress"
     assert cap.caption(None, str(folder / "0001.png")) == "mycolr, colors"
     assert TemplateCaptioner("{stem}").caption(None, str(folder / "01_red.png")) == "01_red"
+    # the folder reads as words too (seen in Forge: `wlkstyle, walk_dataset, ...`)
+    other = tmp_path / "5_walk_data-set"
+    other.mkdir()
+    assert cap.caption(None, str(other / "01_red.png")) == "mycolr, walk data set, red"
 
 
 # ------------------------------------------------------------------ 6. the loss plot

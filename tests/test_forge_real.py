@@ -399,3 +399,159 @@ def test_real_forge_tab_trains_and_forge_applies_the_lora(forge):
         finally:
             browser.close()
     assert not soft, soft
+
+
+def _pick(tab, sel, text):
+    """Choose a gradio 4 Dropdown's option by typing part of its label."""
+    box = tab.locator(sel + " input")
+    box.click()
+    box.fill(text)
+    box.press("Enter")
+
+
+def test_real_forge_new_user_walk(forge):
+    """A new user's pass over the tab in Forge started with --server-name (path fence on) and a symlinked
+    checkpoint: caption an uncaptioned folder (the host's BLIP first, then the template), Suggest, train, test
+    with the Test section's own prompt and size, Auto with a step cap; then the page idles and its console is
+    counted."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from lora_train.data.demo import write_demo_dataset
+
+    s = forge
+    if s.model != "sd15":
+        pytest.skip("the walk runs with SD1.5 (one pass is enough; SDXL memory)")
+    name, trigger = "forge_walk", "wlkstyle"
+    folder = write_demo_dataset(os.path.join(s.data, "walk_dataset"), n=4, size=64, captions=False)
+    images = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
+    console, polls = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+            page.on("console", lambda m: console.append((time.time(), m.type, m.text)))
+            page.on("request", lambda r: polls.append(time.time()) if "/queue/join" in r.url else None)
+            page.goto(s.url + "/", timeout=TRAIN_TIMEOUT_MS)
+            page.get_by_role("tab", name="LoRA Train", exact=True).click()
+            tab = page.locator("#tab_lora_train")
+            expect(tab).to_contain_text("Running in Forge")
+
+            # ---- Dataset: load, caption with the host's interrogator (the default), then the template
+            tab.locator("#lora_train_folder textarea").fill(folder)
+            tab.locator("#lora_train_load").click()
+            expect(tab.locator("#lora_train_ds_status")).to_contain_text(f"{len(images)} image(s), 0 with a caption")
+            tab.locator("#lora_train_trigger textarea").fill(trigger)
+            tab.locator("#lora_train_trigger textarea").press("Tab")
+            tab.get_by_text("Auto-caption", exact=True).click()
+            backend = tab.locator("#lora_train_backend input").input_value()
+            say(f"default captioner: {backend!r}")
+            tab.locator("#lora_train_autocaption").click()
+            expect(tab.locator("#lora_train_ds_status")).to_contain_text("image(s)")
+            page.wait_for_timeout(2000)
+            expect(tab).to_contain_text(re.compile(r"wrote \d+|failed|Cannot"), timeout=TRAIN_TIMEOUT_MS)
+            text = tab.inner_text()
+            host_msg = next((ln for ln in text.splitlines() if re.search(r"wrote \d+|failed|Cannot", ln)), "")
+            say(f"caption with {backend!r}: {host_msg}")
+            written = {f: open(os.path.join(folder, f), encoding="utf-8").read()
+                       for f in os.listdir(folder) if f.endswith(".txt")}
+            assert not any("<error>" in v or not v.strip() for v in written.values()), written
+            if not written:  # the host's BLIP could not run: the message says so once and names another backend
+                assert "template" in host_msg.lower() or "another" in host_msg.lower(), host_msg
+            _pick(tab, "#lora_train_backend", "template")
+            _pick(tab, "#lora_train_caption_mode", "overwrite")
+            tab.locator("#lora_train_autocaption").click()
+            expect(tab.locator("#lora_train_ds_status")).to_contain_text(
+                f"{len(images)} image(s), {len(images)} with a caption", timeout=TRAIN_TIMEOUT_MS)
+            caps = [open(os.path.join(folder, f[:-4] + ".txt"), encoding="utf-8").read() for f in images]
+            say("template captions:", caps)
+            assert all(c.startswith(trigger + ",") and "_" not in c and "<" not in c for c in caps), caps
+
+            # ---- Settings: Suggest, then the few fields a CPU run needs
+            tab.get_by_role("tab", name="Settings", exact=True).click()
+            tab.locator("#lora_train_suggest").click()
+            expect(tab.locator("#lora_train_suggest_md")).to_contain_text("learning_rate")
+            say("Suggest:", tab.locator("#lora_train_suggest_md").inner_text()[:400])
+            tab.locator("#lora_train_name textarea").fill(name)
+            tab.locator("#lora_train_name textarea").press("Tab")
+            for sel, value in (("#lora_train_max_steps input", "2"), ("#lora_train_resolution input", "64"),
+                               ("#lora_train_lr input", "0.01"), ("#lora_train_batch input", "1"),
+                               ("#lora_train_accum input", "1"), ("#lora_train_rank input", "4")):
+                tab.locator(sel).fill(value)
+                tab.locator(sel).press("Tab")
+
+            # ---- Train
+            tab.get_by_role("tab", name="Train", exact=True).click()
+            t0 = time.time()
+            tab.locator("#lora_train_start").click()
+            status = tab.locator("#lora_train_status")
+            expect(status).to_contain_text(re.compile(rf"{name}: (done|stopped|failed)|Error"),
+                                           timeout=TRAIN_TIMEOUT_MS)
+            say(f"train: {time.time() - t0:.0f} s: {status.inner_text()}")
+            assert f"{name}: done" in status.inner_text(), status.inner_text() + s.log()[-3000:]
+            say("train message:", tab.locator("#lora_train_train_msg").inner_text()[:300])
+            expect(tab.locator("#lora_train_train_msg")).not_to_contain_text("Started training")
+            say(tab.locator("#lora_train_diagnosis").inner_text())
+
+            # ---- Test: the section takes the run's trigger and resolution
+            tab.get_by_role("tab", name="Test", exact=True).click()
+            prompt = tab.locator("#lora_train_prompt textarea").input_value()
+            size = tab.locator("#lora_train_gen_size input").input_value()
+            say(f"Test prompt {prompt!r}, size {size}")
+            assert trigger in prompt and f"<lora:{name}:" in prompt, prompt
+            assert size == "64", size
+            tab.locator("#lora_train_strengths textarea").fill("0, 1")
+            tab.locator("#lora_train_seeds textarea").fill("1")
+            tab.locator("#lora_train_gen_steps input").fill("2")
+            tab.locator("#lora_train_gen_steps input").press("Tab")
+            t0 = time.time()
+            tab.locator("#lora_train_grid").click()
+            expect(tab.locator("#lora_train_grid_img img")).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
+            expect(tab.locator("#lora_train_grid_msg")).not_to_contain_text("processing", timeout=TRAIN_TIMEOUT_MS)
+            grid_msg = tab.locator("#lora_train_grid_msg").inner_text()
+            say(f"grid ({time.time() - t0:.0f} s): {grid_msg}")
+            assert "Cannot" not in grid_msg and "Error" not in grid_msg, grid_msg
+            expect(tab.locator("#lora_train_grid_img img")).to_be_visible()
+
+            # ---- Auto with a step cap inside the first epoch: publishes what it trained
+            tab.get_by_role("tab", name="Settings", exact=True).click()
+            tab.locator("#lora_train_name textarea").fill(name + "_auto")
+            tab.locator("#lora_train_name textarea").press("Tab")
+            tab.get_by_role("tab", name="Auto & queue", exact=True).click()
+            t0 = time.time()
+            tab.locator("#lora_train_auto").click()
+            expect(tab.locator("#lora_train_auto_msg")).to_contain_text("Started auto mode")
+            tab.get_by_role("tab", name="Train", exact=True).click()
+            expect(status).to_contain_text(re.compile(rf"{name}_auto: (done|stopped|failed)|Error"),
+                                           timeout=TRAIN_TIMEOUT_MS)
+            say(f"auto: {time.time() - t0:.0f} s: {status.inner_text()}")
+            assert f"{name}_auto: done" in status.inner_text(), status.inner_text() + s.log()[-3000:]
+            tab.get_by_role("tab", name="Auto & queue", exact=True).click()
+            tab.locator("#lora_train_auto_report_btn").click()
+            expect(tab.locator("#lora_train_auto_report")).to_contain_text("LoRA")
+            report = tab.locator("#lora_train_auto_report").inner_text()
+            say("auto report:", report[:1200])
+            assert os.path.isfile(os.path.join(s.lora_dir, name + "_auto.safetensors")), os.listdir(s.lora_dir)
+
+            # ---- idle: what the page does while nothing runs
+            tab.get_by_role("tab", name="Train", exact=True).click()
+            page.wait_for_timeout(3000)
+            t_idle, n_console, n_polls = time.time(), len(console), len(polls)
+            page.wait_for_timeout(30_000)
+            idle_console = console[n_console:]
+            idle_polls = len(polls) - n_polls
+            warn = [c for c in idle_console if "non-interactive or hidden tab" in c[2]]
+            say(f"idle 30 s: {idle_polls} poll request(s), {len(idle_console)} console message(s), "
+                f"{len(warn)} 'hidden tab' warning(s); whole walk: {len(console)} console message(s), "
+                f"{sum('hidden tab' in c[2] for c in console)} 'hidden tab' warning(s), {len(polls)} requests")
+            assert idle_polls <= 5, idle_polls
+            assert len(warn) <= 6 * max(idle_polls, 1), warn[:5]
+            errors = [ln for ln in s.log().splitlines() if "lora_train" in ln.lower() and "traceback" in ln.lower()]
+            assert not errors, errors
+        except BaseException:
+            page.screenshot(path=os.path.join(s.data, "walk_failure.png"), full_page=True)
+            say("screenshot:", os.path.join(s.data, "walk_failure.png"), "log tail:\n" + s.log()[-3000:])
+            raise
+        finally:
+            browser.close()

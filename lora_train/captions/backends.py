@@ -100,6 +100,11 @@ def folder_label(dirpath: str) -> str:
     return m.group(2) if m else base
 
 
+def folder_words(dirpath: str) -> str:
+    """The folder's label as words for a caption: `10_red_style` -> `red style`."""
+    return " ".join(re.sub(r"[_\-]+", " ", folder_label(dirpath)).split())
+
+
 _TEMPLATE_FIELDS = ("trigger", "folder", "stem", "words", "name", "ext", "parent", "width", "height")
 
 
@@ -115,7 +120,7 @@ def file_name_words(stem: str) -> str:
 class TemplateCaptioner(Captioner):
     """Captions from a template: {trigger} {folder} {stem} {words} {name} {ext} {parent} {width} {height}.
 
-    {folder} drops kohya's repeat prefix (`10_cat` -> `cat`), {parent} is the raw folder name, {words} is the
+    {folder} drops kohya's repeat prefix and reads `_` / `-` as spaces (`10_red_cat` -> `red cat`), {parent} is the raw folder name, {words} is the
     stem with `_`/`-` as spaces and a leading or trailing counter removed (`01_red` -> `red`, `red_dress_01` ->
     `red dress`; `file_name_words`), {stem} the name as it is. Empty pieces
     of a comma list are dropped, so an empty {trigger} leaves no stray comma.
@@ -143,7 +148,7 @@ class TemplateCaptioner(Captioner):
         words = file_name_words(stem)
         dirpath = os.path.dirname(os.path.abspath(path)) if path else ""
         w, h = image.size if image is not None else (0, 0)
-        text = self.template.format(trigger=self.trigger, folder=folder_label(dirpath) if dirpath else "",
+        text = self.template.format(trigger=self.trigger, folder=folder_words(dirpath) if dirpath else "",
                                     stem=stem, words=words, name=name, ext=ext.lstrip("."),
                                     parent=os.path.basename(dirpath), width=w, height=h)
         text = " ".join(text.split())

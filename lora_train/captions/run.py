@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from ..data.dataset import load_image
 from ..data.folder import IMAGE_EXTS, METADATA_NAMES
 from ..io_utils import atomic_write_bytes
-from .backends import Captioner, Tags, caption_text, result_tags
+from .backends import Captioner, CaptionerError, Tags, caption_text, result_tags
 from .table import CaptionTable, ImageEntry, MetadataFile, _sidecar_bytes, list_images
 from .text import Pairs, append_caption, process_caption, tag_frequency_of
 
@@ -200,6 +200,8 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
         for k, (e, existing) in enumerate(ok):
             try:
                 result = results[k] if results is not None else captioner.caption(images[k], e.path)
+            except CaptionerError as exc:  # names the backend and the fix itself
+                report.failed.append((e.path, str(exc)))
             except Exception as exc:
                 report.failed.append((e.path, f"{captioner.name} failed ({type(exc).__name__}: {exc})"))
             else:
