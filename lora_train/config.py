@@ -14,12 +14,28 @@ from .io_utils import atomic_write_text
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
 NAN_POLICIES = ("stop", "recover")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")  # auto: bf16 on a GPU that has it, else fp16 + loss scaling; CPU fp32
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 CACHE_MODES = ("memory", "disk")
 TIMESTEP_SAMPLINGS = ("auto", "sigma", "uniform", "sigmoid", "shift", "flux_shift")  # flow models (training/flow.py)
 WEIGHTING_SCHEMES = ("auto", "none", "uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")  # networks/network.py
+#: the name of a LoRA nobody named yet (every front door's default)
+DEFAULT_NAME = "my_lora"
+#: the start learning rate of the UNet LoRA by effective batch (batch x accumulation), alpha = rank, AdamW: the
+#: advisor's table (tuning/advisor.py reads it from here) and the config's default
+LR_BY_BATCH: Dict[int, float] = {1: 1e-4, 2: 1.5e-4, 4: 2e-4}
+
+
+def learning_rate_for(effective_batch: int, scaling: str = "sqrt") -> float:
+    """The start lr for an effective batch: the table's, else scaled (sqrt or linear) from the largest table
+    batch below it, to 3 significant digits (batch 8 -> 2.83e-4 by sqrt)."""
+    batch = max(1, int(effective_batch))
+    if batch in LR_BY_BATCH:
+        return LR_BY_BATCH[batch]
+    anchor = max(b for b in LR_BY_BATCH if b <= batch)
+    factor = math.sqrt(batch / anchor) if scaling == "sqrt" else batch / anchor
+    return float(f"{LR_BY_BATCH[anchor] * factor:.3g}")
 NETWORK_DROPOUTS = {"lora": ("dropout",), "locon": ("dropout",), "loha": ("rank_dropout", "module_dropout"),
                     "lokr": ("rank_dropout", "module_dropout"), "dora": ("rank_dropout", "module_dropout")}
 
@@ -45,7 +61,7 @@ class TrainConfig:
     allow_pickle: bool = False  # .ckpt/.pt base models run code when unpickled: explicit opt-in, weights_only=True
     # output
     output_dir: str = "output"
-    output_name: str = "my_lora"
+    output_name: str = DEFAULT_NAME
     overwrite: bool = False
     save_every_n_epochs: int = 1
     save_every_n_steps: int = 0  # also write <name>-step0000NNNN.safetensors every N optimizer steps (0: off)
@@ -63,7 +79,7 @@ class TrainConfig:
     module_dropout: float = 0.0  # loha / lokr / dora: skip a module's delta while training
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: up/B matrices at ratio x lr (e.g. 16); empty or 1: off
     # optimisation
-    learning_rate: float = 2e-4
+    learning_rate: Optional[float] = None  # empty: LR_BY_BATCH for the effective batch (1: 1e-4, 2: 1.5e-4, 4: 2e-4)
     text_encoder_lr: Optional[float] = None  # default: = learning_rate / 2
     optimizer: str = "AdamW"
     optimizer_args: Dict[str, Any] = field(default_factory=dict)
@@ -82,7 +98,7 @@ class TrainConfig:
     max_train_steps: Optional[int] = None  # overrides epochs
     # run
     seed: int = 42
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
     device: str = "auto"
     log_every_n_steps: int = 1
     # reliability
@@ -176,7 +192,13 @@ class TrainConfig:
 
     @property
     def te_lr(self) -> float:
-        return float(self.learning_rate / 2 if self.text_encoder_lr is None else self.text_encoder_lr)
+        lr = self.learning_rate if self.learning_rate is not None else self.default_learning_rate
+        return float(lr / 2 if self.text_encoder_lr is None else self.text_encoder_lr)
+
+    @property
+    def default_learning_rate(self) -> float:
+        """The table's start lr for this config's effective batch (what an empty learning_rate becomes)."""
+        return learning_rate_for(self.batch_size * self.gradient_accumulation_steps)
 
     @classmethod
     def keys(cls) -> List[str]:
@@ -223,13 +245,12 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         data = self.to_dict()
+        if getattr(self, "_lr_from_batch", False) and "learning_rate" not in changes:
+            data["learning_rate"] = None  # still the default: it follows a changed batch / accumulation
         data.update(changes)
         return TrainConfig.from_dict(data)
 
     # --------------------------------------------------------------- validation
-    def _validate_network(self, need) -> None:
-        _network_checks(self, need)
-
     def validate(self) -> "TrainConfig":
         def need(cond: bool, key: str, allowed: str, todo: str) -> None:
             if not cond:
@@ -240,121 +261,143 @@ class TrainConfig:
             need(isinstance(v, (int, float)) and math.isfinite(v) and lo < v <= hi, key,
                  f"a number in ({lo:g}, {hi:g}]", todo)
 
-        positive_float("learning_rate", 0.0, 1.0, "A usual start is 2e-4 (1e-4 for fewer than ~50 images or batch 1).")
-        if self.text_encoder_lr is not None:
-            positive_float("text_encoder_lr", 0.0, 1.0, "A usual value is half the UNet learning rate, e.g. 5e-5..1e-4.")
-        need(isinstance(self.lora_rank, int) and 1 <= self.lora_rank <= 1024, "lora_rank", "an integer 1..1024",
-             "Use 4-6 for a simple style, 8-12 for faces or a specific style, 16 as an upper bound for most.")
-        if self.lora_alpha is not None:
-            need(isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
-                 and 0 < self.lora_alpha <= 4096, "lora_alpha", "a number in (0, 4096]",
-                 "Leave it empty to use alpha = rank (scale 1.0), or use rank/2.")
-        self._validate_network(need)
-        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1024, "batch_size", "an integer 1..1024",
-             "Use 1-2 on 8 GB cards, 4 on 12-16 GB.")
-        need(isinstance(self.gradient_accumulation_steps, int) and 1 <= self.gradient_accumulation_steps <= 1024,
-             "gradient_accumulation_steps", "an integer 1..1024", "Use 1 unless you need a larger effective batch.")
-        need(isinstance(self.epochs, int) and 1 <= self.epochs <= 100000, "epochs", "an integer 1..100000",
-             "A usual run is 10-20 epochs.")
-        if self.max_train_steps is not None:
-            need(isinstance(self.max_train_steps, int) and 1 <= self.max_train_steps <= 10_000_000, "max_train_steps",
-                 "an integer >= 1 (or empty to use epochs)", "Remove it to train by epochs.")
-        need(self.lr_scheduler in SCHEDULERS, "lr_scheduler", ", ".join(SCHEDULERS),
-             "cosine with 100-200 warmup steps is the sane default.")
-        need(isinstance(self.lr_warmup_steps, int) and 0 <= self.lr_warmup_steps <= 1_000_000, "lr_warmup_steps",
-             "an integer >= 0", "Use 100-200 steps (fewer for very short runs).")
-        need(isinstance(self.lr_scheduler_num_cycles, int) and self.lr_scheduler_num_cycles >= 1,
-             "lr_scheduler_num_cycles", "an integer >= 1", "Use 1 unless you want restarts.")
-        need(self.optimizer in OPTIMIZERS, "optimizer", ", ".join(OPTIMIZERS),
-             "Use AdamW (AdamW8bit saves memory on CUDA; Prodigy sets its own lr: use learning_rate 1 with it).")
-        need(isinstance(self.optimizer_args, dict), "optimizer_args", "a mapping such as {decouple: true}",
-             "Write optimizer_args as key: value pairs.")
-        need(self.nan_policy in NAN_POLICIES, "nan_policy", ", ".join(NAN_POLICIES),
-             "Use stop (default) or recover (roll back, halve lr, add warmup).")
-        need(isinstance(self.nan_max_recoveries, int) and 0 <= self.nan_max_recoveries <= 100, "nan_max_recoveries",
-             "an integer 0..100", "3 is a sane limit.")
-        for k in ("save_state_every_n_steps", "save_state_every_n_epochs"):
-            need(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, k, "an integer >= 0 (0: off)",
-                 "Use 1 epoch, or a few hundred steps for long epochs.")
-        need(isinstance(self.save_state_keep, int) and self.save_state_keep >= 1, "save_state_keep",
-             "an integer >= 1", "2 keeps the last two resumable states.")
-        need(isinstance(self.noise_offset, (int, float)) and 0 <= self.noise_offset <= 1, "noise_offset",
-             "a number in [0, 1]", "0.05-0.1 helps very dark/bright images; 0 turns it off.")
-        if self.min_snr_gamma is not None:
-            need(isinstance(self.min_snr_gamma, (int, float)) and 0 < self.min_snr_gamma <= 100, "min_snr_gamma",
-                 "a number in (0, 100] or empty", "5 is the published value.")
-        need(isinstance(self.caption_dropout_rate, (int, float)) and 0 <= self.caption_dropout_rate < 1,
-             "caption_dropout_rate", "a number in [0, 1)", "0.05-0.1, or 0 to turn it off.")
-        need(isinstance(self.validation_split, (int, float)) and 0 <= self.validation_split < 0.5,
-             "validation_split", "a number in [0, 0.5)", "0.1 holds out 10% of the images for a validation loss.")
-        need(isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay <= 1, "weight_decay",
-             "a number in [0, 1]", "A usual value is 0.01.")
-        need(isinstance(self.max_grad_norm, (int, float)) and 0 <= self.max_grad_norm <= 1e6, "max_grad_norm",
-             "a number >= 0 (0 disables clipping)", "A usual value is 1.0.")
-        need(isinstance(self.resolution, int) and 32 <= self.resolution <= 4096 and self.resolution % 8 == 0,
-             "resolution", "a multiple of 8 in 32..4096", "Use 512 for SD1.x, 768 for SD2-v, 1024 for SDXL.")
-        need(isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63, "seed", "an integer >= 0", "Any fixed number.")
-        need(self.mixed_precision in PRECISIONS, "mixed_precision", ", ".join(PRECISIONS),
-             "Use bf16 on RTX 30xx or newer, fp16 on older cards, no on CPU.")
-        need(self.prediction_type in PREDICTION_TYPES, "prediction_type", ", ".join(PREDICTION_TYPES),
-             "Leave it on auto: the base model's scheduler says what it predicts.")
-        for k in ("latent_cache", "text_cache"):
-            need(getattr(self, k) in CACHE_MODES, k, ", ".join(CACHE_MODES),
-                 "memory is fastest; disk keeps memory flat for large datasets and is reused by the next run.")
-        need(isinstance(self.cache_dir, str), "cache_dir", "a folder path or empty", "Leave it empty for <output_dir>/cache.")
-        need(isinstance(self.bucket_reso_steps, int) and self.bucket_reso_steps >= 8 and self.bucket_reso_steps % 8 == 0,
-             "bucket_reso_steps", "a multiple of 8 (>= 8)", "64 is usual; 32 for finer buckets.")
-        for k in ("min_bucket_reso", "max_bucket_reso"):
-            v = getattr(self, k)
-            if v is not None:
-                need(isinstance(v, int) and 32 <= v <= 8192 and v % 8 == 0, k, "a multiple of 8 in 32..8192 or empty",
-                     "Leave it empty for resolution/2 .. resolution*2.")
-        if self.min_bucket_reso is not None and self.max_bucket_reso is not None:
-            need(self.min_bucket_reso <= self.resolution <= self.max_bucket_reso, "max_bucket_reso",
-                 f"min_bucket_reso <= resolution ({self.resolution}) <= max_bucket_reso",
-                 "Widen the bucket range around the resolution.")
-        need(isinstance(self.save_every_n_steps, int) and self.save_every_n_steps >= 0, "save_every_n_steps",
-             "an integer >= 0 (0: off)", "Use a few hundred steps for long epochs, or 0.")
-        need(isinstance(self.save_every_n_epochs, int) and self.save_every_n_epochs >= 0, "save_every_n_epochs",
-             "an integer >= 0 (0: only the final file)", "Use 1 to compare epochs afterwards.")
-        for k in ("sample_every_n_steps", "sample_every_n_epochs"):
-            need(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, k, "an integer >= 0 (0: off)",
-                 "Use 0 to turn samples off, or e.g. 1 epoch.")
-        need(isinstance(self.sample_steps, int) and 1 <= self.sample_steps <= 200, "sample_steps", "1..200",
-             "20-30 steps are usual.")
-        need((self.sample_every_n_steps == 0 and self.sample_every_n_epochs == 0) or bool(self.sample_prompts),
-             "sample_prompts", "at least one prompt when sampling is on",
-             "Add sample_prompts (e.g. your trigger word and a short scene), or set the sample_every_* keys to 0.")
-        need(isinstance(self.log_every_n_steps, int) and self.log_every_n_steps >= 1, "log_every_n_steps",
-             "an integer >= 1", "Use 1, or 10 for long runs.")
-        need(isinstance(self.output_name, str) and self.output_name.strip() != ""
-             and not any(c in self.output_name for c in '/\\:*?"<>|'), "output_name",
-             "a non-empty file name without / \\ : * ? \" < > |", "Use letters, digits, _ and -.")
-        need(isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir", "a folder path",
-             "Set it to the folder where the LoRA files should go.")
-        need(isinstance(self.caption_extension, str) and self.caption_extension.startswith("."), "caption_extension",
-             "an extension starting with '.', e.g. .txt", "Use .txt.")
-        need(self.timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling", ", ".join(TIMESTEP_SAMPLINGS),
-             "Leave it on auto (Flux: shift, SD3: sigma with logit_normal).")
-        need(self.weighting_scheme in WEIGHTING_SCHEMES, "weighting_scheme", ", ".join(WEIGHTING_SCHEMES),
-             "Leave it on auto.")
-        if self.discrete_flow_shift is not None:
-            need(isinstance(self.discrete_flow_shift, (int, float)) and 0 < self.discrete_flow_shift <= 100,
-                 "discrete_flow_shift", "a number in (0, 100] or empty", "3.1582 for Flux, 3.0 for SD3.")
-        for k in ("sigmoid_scale", "logit_std", "mode_scale"):
-            need(isinstance(getattr(self, k), (int, float)) and 0 < getattr(self, k) <= 100, k, "a number in (0, 100]",
-                 "Leave the default (1.0; mode_scale 1.29).")
-        need(isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale <= 100, "guidance_scale",
-             "a number in [0, 100]", "Use 1.0 to train Flux dev (sd-scripts' default).")
-        if self.t5xxl_max_token_length is not None:
-            need(isinstance(self.t5xxl_max_token_length, int) and 1 <= self.t5xxl_max_token_length <= 512,
-                 "t5xxl_max_token_length", "an integer 1..512 or empty", "Flux dev uses 512, schnell and SD3 256.")
-        need(isinstance(self.blocks_to_swap, int) and 0 <= self.blocks_to_swap <= 100, "blocks_to_swap",
-             "an integer 0..100", "0 keeps every block on the GPU; 8-20 for Flux on 10-12 GB cards.")
-        need(isinstance(self.base_model, str) and self.base_model.strip() != "", "base_model",
-             "'tiny', a diffusers folder or a checkpoint file", "Point it at your model.")
+        if self.learning_rate is None and isinstance(self.batch_size, int) and \
+                isinstance(self.gradient_accumulation_steps, int):
+            self.learning_rate = self.default_learning_rate
+            self._lr_from_batch = True
+        _optimization_checks(self, need, positive_float)
+        _training_checks(self, need)
+        _data_and_output_checks(self, need)
+        _flow_checks(self, need)
         validate_kohya_options(self, need)
         return self
+
+
+def _optimization_checks(cfg: "TrainConfig", need, positive_float) -> None:
+    """Learning rates, network size, batch, length, schedule, optimizer, NaN policy."""
+    positive_float("learning_rate", 0.0, 1.0, "A usual start is 1e-4 at batch 1, 1.5e-4 at 2, 2e-4 at 4 (1e-4 "
+                                               "for fewer than ~50 images); leave it empty for that.")
+    if cfg.text_encoder_lr is not None:
+        positive_float("text_encoder_lr", 0.0, 1.0, "A usual value is half the UNet learning rate, e.g. 5e-5..1e-4.")
+    need(isinstance(cfg.lora_rank, int) and 1 <= cfg.lora_rank <= 1024, "lora_rank", "an integer 1..1024",
+         "Use 4-6 for a simple style, 8-12 for faces or a specific style, 16 as an upper bound for most.")
+    if cfg.lora_alpha is not None:
+        need(isinstance(cfg.lora_alpha, (int, float)) and math.isfinite(cfg.lora_alpha)
+             and 0 < cfg.lora_alpha <= 4096, "lora_alpha", "a number in (0, 4096]",
+             "Leave it empty to use alpha = rank (scale 1.0), or use rank/2.")
+    _network_checks(cfg, need)
+    need(isinstance(cfg.batch_size, int) and 1 <= cfg.batch_size <= 1024, "batch_size", "an integer 1..1024",
+         "Use 1-2 on 8 GB cards, 4 on 12-16 GB.")
+    need(isinstance(cfg.gradient_accumulation_steps, int) and 1 <= cfg.gradient_accumulation_steps <= 1024,
+         "gradient_accumulation_steps", "an integer 1..1024", "Use 1 unless you need a larger effective batch.")
+    need(isinstance(cfg.epochs, int) and 1 <= cfg.epochs <= 100000, "epochs", "an integer 1..100000",
+         "A usual run is 10-20 epochs.")
+    if cfg.max_train_steps is not None:
+        need(isinstance(cfg.max_train_steps, int) and 1 <= cfg.max_train_steps <= 10_000_000, "max_train_steps",
+             "an integer >= 1 (or empty to use epochs)", "Remove it to train by epochs.")
+    need(cfg.lr_scheduler in SCHEDULERS, "lr_scheduler", ", ".join(SCHEDULERS),
+         "cosine with 100-200 warmup steps is the sane default.")
+    need(isinstance(cfg.lr_warmup_steps, int) and 0 <= cfg.lr_warmup_steps <= 1_000_000, "lr_warmup_steps",
+         "an integer >= 0", "Use 100-200 steps (fewer for very short runs).")
+    need(isinstance(cfg.lr_scheduler_num_cycles, int) and cfg.lr_scheduler_num_cycles >= 1,
+         "lr_scheduler_num_cycles", "an integer >= 1", "Use 1 unless you want restarts.")
+    need(cfg.optimizer in OPTIMIZERS, "optimizer", ", ".join(OPTIMIZERS),
+         "Use AdamW (AdamW8bit saves memory on CUDA; Prodigy sets its own lr: use learning_rate 1 with it).")
+    need(isinstance(cfg.optimizer_args, dict), "optimizer_args", "a mapping such as {decouple: true}",
+         "Write optimizer_args as key: value pairs.")
+    need(cfg.nan_policy in NAN_POLICIES, "nan_policy", ", ".join(NAN_POLICIES),
+         "Use stop (default) or recover (roll back, halve lr, add warmup).")
+    need(isinstance(cfg.nan_max_recoveries, int) and 0 <= cfg.nan_max_recoveries <= 100, "nan_max_recoveries",
+         "an integer 0..100", "3 is a sane limit.")
+
+def _training_checks(cfg: "TrainConfig", need) -> None:
+    """Resumable states, noise and loss options, validation split, resolution, seed, precision."""
+    for k in ("save_state_every_n_steps", "save_state_every_n_epochs"):
+        need(isinstance(getattr(cfg, k), int) and getattr(cfg, k) >= 0, k, "an integer >= 0 (0: off)",
+             "Use 1 epoch, or a few hundred steps for long epochs.")
+    need(isinstance(cfg.save_state_keep, int) and cfg.save_state_keep >= 1, "save_state_keep",
+         "an integer >= 1", "2 keeps the last two resumable states.")
+    need(isinstance(cfg.noise_offset, (int, float)) and 0 <= cfg.noise_offset <= 1, "noise_offset",
+         "a number in [0, 1]", "0.05-0.1 helps very dark/bright images; 0 turns it off.")
+    if cfg.min_snr_gamma is not None:
+        need(isinstance(cfg.min_snr_gamma, (int, float)) and 0 < cfg.min_snr_gamma <= 100, "min_snr_gamma",
+             "a number in (0, 100] or empty", "5 is the published value.")
+    need(isinstance(cfg.caption_dropout_rate, (int, float)) and 0 <= cfg.caption_dropout_rate < 1,
+         "caption_dropout_rate", "a number in [0, 1)", "0.05-0.1, or 0 to turn it off.")
+    need(isinstance(cfg.validation_split, (int, float)) and 0 <= cfg.validation_split < 0.5,
+         "validation_split", "a number in [0, 0.5)", "0.1 holds out 10% of the images for a validation loss.")
+    need(isinstance(cfg.weight_decay, (int, float)) and 0 <= cfg.weight_decay <= 1, "weight_decay",
+         "a number in [0, 1]", "A usual value is 0.01.")
+    need(isinstance(cfg.max_grad_norm, (int, float)) and 0 <= cfg.max_grad_norm <= 1e6, "max_grad_norm",
+         "a number >= 0 (0 disables clipping)", "A usual value is 1.0.")
+    need(isinstance(cfg.resolution, int) and 32 <= cfg.resolution <= 4096 and cfg.resolution % 8 == 0,
+         "resolution", "a multiple of 8 in 32..4096", "Use 512 for SD1.x, 768 for SD2-v, 1024 for SDXL.")
+    need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2 ** 63, "seed", "an integer >= 0", "Any fixed number.")
+    need(cfg.mixed_precision in PRECISIONS, "mixed_precision", ", ".join(PRECISIONS),
+         "Use bf16 on RTX 30xx or newer, fp16 on older cards, no on CPU.")
+    need(cfg.prediction_type in PREDICTION_TYPES, "prediction_type", ", ".join(PREDICTION_TYPES),
+         "Leave it on auto: the base model's scheduler says what it predicts.")
+
+def _data_and_output_checks(cfg: "TrainConfig", need) -> None:
+    """Caches, buckets, the files a run writes, samples and logs."""
+    for k in ("latent_cache", "text_cache"):
+        need(getattr(cfg, k) in CACHE_MODES, k, ", ".join(CACHE_MODES),
+             "memory is fastest; disk keeps memory flat for large datasets and is reused by the next run.")
+    need(isinstance(cfg.cache_dir, str), "cache_dir", "a folder path or empty", "Leave it empty for <output_dir>/cache.")
+    need(isinstance(cfg.bucket_reso_steps, int) and cfg.bucket_reso_steps >= 8 and cfg.bucket_reso_steps % 8 == 0,
+         "bucket_reso_steps", "a multiple of 8 (>= 8)", "64 is usual; 32 for finer buckets.")
+    for k in ("min_bucket_reso", "max_bucket_reso"):
+        v = getattr(cfg, k)
+        if v is not None:
+            need(isinstance(v, int) and 32 <= v <= 8192 and v % 8 == 0, k, "a multiple of 8 in 32..8192 or empty",
+                 "Leave it empty for resolution/2 .. resolution*2.")
+    if cfg.min_bucket_reso is not None and cfg.max_bucket_reso is not None:
+        need(cfg.min_bucket_reso <= cfg.resolution <= cfg.max_bucket_reso, "max_bucket_reso",
+             f"min_bucket_reso <= resolution ({cfg.resolution}) <= max_bucket_reso",
+             "Widen the bucket range around the resolution.")
+    need(isinstance(cfg.save_every_n_steps, int) and cfg.save_every_n_steps >= 0, "save_every_n_steps",
+         "an integer >= 0 (0: off)", "Use a few hundred steps for long epochs, or 0.")
+    need(isinstance(cfg.save_every_n_epochs, int) and cfg.save_every_n_epochs >= 0, "save_every_n_epochs",
+         "an integer >= 0 (0: only the final file)", "Use 1 to compare epochs afterwards.")
+    for k in ("sample_every_n_steps", "sample_every_n_epochs"):
+        need(isinstance(getattr(cfg, k), int) and getattr(cfg, k) >= 0, k, "an integer >= 0 (0: off)",
+             "Use 0 to turn samples off, or e.g. 1 epoch.")
+    need(isinstance(cfg.sample_steps, int) and 1 <= cfg.sample_steps <= 200, "sample_steps", "1..200",
+         "20-30 steps are usual.")
+    need((cfg.sample_every_n_steps == 0 and cfg.sample_every_n_epochs == 0) or bool(cfg.sample_prompts),
+         "sample_prompts", "at least one prompt when sampling is on",
+         "Add sample_prompts (e.g. your trigger word and a short scene), or set the sample_every_* keys to 0.")
+    need(isinstance(cfg.log_every_n_steps, int) and cfg.log_every_n_steps >= 1, "log_every_n_steps",
+         "an integer >= 1", "Use 1, or 10 for long runs.")
+    need(isinstance(cfg.output_name, str) and cfg.output_name.strip() != ""
+         and not any(c in cfg.output_name for c in '/\\:*?"<>|'), "output_name",
+         "a non-empty file name without / \\ : * ? \" < > |", "Use letters, digits, _ and -.")
+    need(isinstance(cfg.output_dir, str) and cfg.output_dir.strip() != "", "output_dir", "a folder path",
+         "Set it to the folder where the LoRA files should go.")
+    need(isinstance(cfg.caption_extension, str) and cfg.caption_extension.startswith("."), "caption_extension",
+         "an extension starting with '.', e.g. .txt", "Use .txt.")
+
+def _flow_checks(cfg: "TrainConfig", need) -> None:
+    """Flux / SD3 options and the base model."""
+    need(cfg.timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling", ", ".join(TIMESTEP_SAMPLINGS),
+         "Leave it on auto (Flux: shift, SD3: sigma with logit_normal).")
+    need(cfg.weighting_scheme in WEIGHTING_SCHEMES, "weighting_scheme", ", ".join(WEIGHTING_SCHEMES),
+         "Leave it on auto.")
+    if cfg.discrete_flow_shift is not None:
+        need(isinstance(cfg.discrete_flow_shift, (int, float)) and 0 < cfg.discrete_flow_shift <= 100,
+             "discrete_flow_shift", "a number in (0, 100] or empty", "3.1582 for Flux, 3.0 for SD3.")
+    for k in ("sigmoid_scale", "logit_std", "mode_scale"):
+        need(isinstance(getattr(cfg, k), (int, float)) and 0 < getattr(cfg, k) <= 100, k, "a number in (0, 100]",
+             "Leave the default (1.0; mode_scale 1.29).")
+    need(isinstance(cfg.guidance_scale, (int, float)) and 0 <= cfg.guidance_scale <= 100, "guidance_scale",
+         "a number in [0, 100]", "Use 1.0 to train Flux dev (sd-scripts' default).")
+    if cfg.t5xxl_max_token_length is not None:
+        need(isinstance(cfg.t5xxl_max_token_length, int) and 1 <= cfg.t5xxl_max_token_length <= 512,
+             "t5xxl_max_token_length", "an integer 1..512 or empty", "Flux dev uses 512, schnell and SD3 256.")
+    need(isinstance(cfg.blocks_to_swap, int) and 0 <= cfg.blocks_to_swap <= 100, "blocks_to_swap",
+         "an integer 0..100", "0 keeps every block on the GPU; 8-20 for Flux on 10-12 GB cards.")
+    need(isinstance(cfg.base_model, str) and cfg.base_model.strip() != "", "base_model",
+         "'tiny', a diffusers folder or a checkpoint file", "Point it at your model.")
 
 
 def _network_checks(cfg: "TrainConfig", need) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from .names import EXT, epoch_of
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -132,9 +133,8 @@ class LoraLibrary:
         """[(epoch, path)] for `name-0000NN` files beside the final `name` file, final last (epoch None)."""
         final = self.resolve(name)
         folder, stem = os.path.dirname(final), os.path.splitext(os.path.basename(final))[0]
-        pat = re.compile(re.escape(stem) + r"-(\d{6})\.safetensors$")
-        eps = sorted((int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder)
-                     if (m := pat.match(n)))
+        eps = sorted((e, os.path.join(folder, n)) for n in os.listdir(folder)
+                     if n.endswith(EXT) and (e := epoch_of(n, stem)) is not None)
         return [(e, p) for e, p in eps] + [(None, final)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict
 
+from lora_train.config import DEFAULT_NAME
 from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image
 from lora_train.prompt import parse_floats, parse_ints
 from lora_train.tuning.advisor import TASKS
@@ -29,7 +30,7 @@ class LoraTrainAuto:
             "vae": ("VAE", {"tooltip": "Its VAE; encodes the training images and decodes the grid."}),
             "folder": ("STRING", {"default": "", "tooltip": "Image folder (absolute, or relative to ComfyUI's input "
                                                             "folder). Captions are written only for images without one."}),
-            "lora_name": ("STRING", {"default": "my_lora", "tooltip": "Name of the LoRA (a free name is taken when it "
+            "lora_name": ("STRING", {"default": DEFAULT_NAME, "tooltip": "Name of the LoRA (a free name is taken when it "
                                                                       "exists: my_lora_v2, ...); also the trigger word "
                                                                       "unless one is given."}),
             "task": (list(TASKS), {"default": "style", "tooltip": "What you train: sets rank, lr and epochs."}),

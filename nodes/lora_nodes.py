@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Sequence, Tuple
 
 from lora_train.tuning.advisor import BASES, DETAILS, TASKS
-from lora_train.config import NETWORK_TYPES, OPTIMIZERS, PRECISIONS as CONFIG_PRECISIONS, SCHEDULERS, TrainConfig
+from lora_train.config import DEFAULT_NAME, NETWORK_TYPES, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
 from lora_train.prompt import parse_floats, parse_ints
 
 from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image, save_preview
@@ -26,9 +25,9 @@ log = logging.getLogger("lora_train.comfyui")
 
 CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.captions.BACKENDS minus the WebUI-only "host"
 CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.captions.MODES
-PRECISION_CHOICES = ("auto",) + tuple(CONFIG_PRECISIONS)
+PRECISION_CHOICES = tuple(PRECISIONS)  # "auto" first: bf16 / fp16 on CUDA, fp32 on the CPU
 #: every front door starts from the config's defaults (the advisor's starting point)
-DEFAULTS = TrainConfig()
+DEFAULTS = TrainConfig().validate()
 INT_MAX = 0xFFFFFFFF
 
 
@@ -56,11 +55,10 @@ def _values_hash(**kw: Any) -> str:
 
 
 def clean_lora_name(name: str) -> str:
-    """A file stem for a new LoRA: no folders, no extension, only safe characters."""
-    stem = os.path.basename(str(name or "").strip().replace("\\", "/"))
-    if stem.lower().endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
+    """A file stem for a new LoRA from the node's text (lora_train.names.clean_name); empty is an error."""
+    from lora_train.names import clean_name
+
+    stem = clean_name(name, default="")
     if not stem:
         raise ValueError("lora_name is empty: type a name for the new LoRA file, e.g. my_style.")
     return stem
@@ -316,26 +314,24 @@ def _device_and_precision(choice: str) -> Tuple[str, str]:
         device = mm.get_torch_device()
     except Exception:  # noqa: BLE001 - fakes / very old ComfyUI
         device = torch.device("cpu")
-    dev = str(device)
-    if choice != "auto":
-        return dev, choice
-    if getattr(device, "type", dev) == "cuda":
-        return dev, "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return dev, "no"
+    from lora_train.training.device import resolve_precision
+
+    return str(device), resolve_precision(choice, device)
 
 
 def _advice_lines(res, cfg) -> List[str]:
-    """The live diagnosis summary, and the rescaled lr when the effective batch is not the one the lr was
-    chosen for (the advisor's 2e-4 at batch 4, rescaled by sqrt; one knob at a time)."""
-    from lora_train.tuning.advisor import Finding, format_findings, rescale_lr
+    """The live diagnosis summary, and the table's lr when the run's lr is far from the start for its effective
+    batch (config.LR_BY_BATCH: 1 -> 1e-4, 2 -> 1.5e-4, 4 -> 2e-4; one knob at a time)."""
+    from lora_train.config import learning_rate_for
+    from lora_train.tuning.advisor import Finding, format_findings
 
     out = [format_findings([Finding(**f) for f in res.findings])]
     eff = cfg.batch_size * cfg.gradient_accumulation_steps
-    lr, why = rescale_lr(2e-4, 4, 1, cfg.batch_size, cfg.gradient_accumulation_steps)
-    if eff != 4 and abs(cfg.learning_rate - lr) > 0.25 * lr:
+    lr = learning_rate_for(eff)
+    if abs(cfg.learning_rate - lr) > 0.25 * lr:
         out.append(f"lr note: effective batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} = {eff}; the "
-                   f"advisor's start for it is {lr:.3g} ({why}); this run used {cfg.learning_rate:.3g}. If you "
-                   f"changed batch or accumulation, set learning_rate to {lr:.3g} (or wire Suggest settings in).")
+                   f"table's start for it is {lr:.3g}; this run used {cfg.learning_rate:.3g}. If you changed batch "
+                   f"or accumulation, set learning_rate to {lr:.3g} (or wire Suggest settings in).")
     return out
 
 
@@ -402,7 +398,7 @@ class LoraTrainTrain:
             "clip": ("CLIP", {"tooltip": "Its text encoder (CLIP of the same loader)."}),
             "vae": ("VAE", {"tooltip": "Its VAE (VAE of the same loader); encodes the training images."}),
             "dataset": (DATASET_TYPE, {"tooltip": "Images and captions from 'Dataset from folder' / 'Caption dataset'."}),
-            "lora_name": ("STRING", {"default": "my_lora", "tooltip": "File name of the new LoRA; a free name is "
+            "lora_name": ("STRING", {"default": DEFAULT_NAME, "tooltip": "File name of the new LoRA; a free name is "
                                                                       "taken when it exists (my_lora_v2, ...)."}),
             "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
                                         "tooltip": "UNet learning rate (text encoder: half of it)."}),

@@ -162,41 +162,9 @@ def _names_written_by_earlier_tests_are_forgotten():
 
 
 # ----------------------------------------------------------------------------- the fast subset: pytest -m "not slow"
-#: tests marked `slow` here (whole modules, or tests whose names start with a prefix): the ones that train for
-#: more than a few steps, start processes or a browser, or build venvs. `pytest -m "not slow"` runs the rest, every
-#: module's quick checks, in under two minutes on 2 cores; the full suite is what CI runs.
-SLOW = {
-    "test_bench.py": None, "test_cli.py": None, "test_gpu.py": None, "test_gpu_check.py": None, "test_loss.py": None, "test_lr_finder.py": None,
-    "test_multiprocess.py": None, "test_reliability.py": None, "test_sampler.py": None, "test_sdxl_train.py": None,
-    "test_train.py": None, "test_train_policy.py": None, "test_ui_browser.py": None,
-    "test_auto.py": ("test_auto_end_to_end", "test_train_queue"), "test_demo_learning.py": ("test_demo_end_to_end",),
-    "test_nodes_auto.py": None, "test_ui_auto.py": ("test_queue_runs", "test_a_failing_queue"),
-    "test_cache.py": ("test_module_identity_diffusers_vae",),
-    "test_flow_names.py": ("test_export_names_and_shapes_are_sd_scripts[s", "test_diffusers_kohya_flux_converter"),
-    # issue #16 (Flux / SD3): the training runs, the CLI runs, the full-size layouts on meta
-    "test_flux.py": None, "test_sd3.py": None, "test_flow_bench.py": None,
-    "test_flow_single_file.py": ("test_full_size_layouts_on_meta", "test_cli_trains_split_flux_files"),
-    "test_networks_types.py": ("test_training_lowers", "test_file_layout", "test_import_reproduces", "test_host_rules_apply",
-                               "test_loraplus_groups", "test_sdxl_", "test_grid_", "test_resume_", "test_sd2_"),
-    "test_checkpoints.py": ("test_bundled_path_offline", "test_full_size_layout_on_meta", "test_host_state_dict",
-                            "test_single_file_round_trip", "test_diffusers_own_loader", "test_pickle_needs_opt_in",
-                            "test_config_folder_and_load_base_model"),
-    "test_nodes.py": ("test_import_touches", "test_train_node", "test_sweep_grid", "test_apply_and_prompt_nodes",
-                      "test_host_refresh_and_lists", "test_base_model_from_graph"),
-    "test_nodes_flow.py": ("test_flux_graph_train", "test_sd3_graph_train"),
-    "test_networks_flow.py": ("test_training_", "test_ab_grid", "test_resume_"),
-    "test_webui_flow.py": ("test_forge_flux_tab_trains",),
-    "test_webui_host.py": ("test_training_job_end_to_end", "test_restore_on_training_error",
-                           "test_interrupt_button", "test_one_job_at_a_time", "test_host_module_imports",
-                           "test_javascript", "test_base_model_from_the_loaded_weights"),
-    "test_kohya_training.py": ("test_training_", "test_reg_images_drawn", "test_network_weights", "test_block_",
-                               "test_ema_", "test_tensorboard_", "test_wandb_", "test_sdxl_block_weights"),
-    "test_kohya_text.py": ("test_training_",),
-    "test_kohya_config.py": ("test_cli_",),
-    "test_kohya_ui.py": ("test_tab_has",),
-    "test_webui_tab.py": ("test_tab_builds_under_host_gradio", "test_tab_current_gradio", "test_training_job",
-                          "test_host_interrupt", "test_lr_finder_holds", "test_failed_job"),
-}
+# A test that trains for more than a few steps, starts processes or a browser, or builds venvs carries
+# @pytest.mark.slow (a whole module: `pytestmark`); `pytest -m "not slow"` runs the rest, every module's quick
+# checks; the full suite is what CI runs.
 
 
 #: the Flux / SD3 tests need diffusers.training_utils, which does not import beside AUTOMATIC1111's transformers
@@ -219,9 +187,6 @@ def pytest_collection_modifyitems(config, items):
     flow_ok = None
     for item in items:
         base = os.path.basename(str(item.fspath))
-        rule = SLOW.get(base, ())
-        if rule is None or any(item.name.startswith(prefix) for prefix in rule):
-            item.add_marker(pytest.mark.slow)
         if base in FLOW_TRAINING:
             flow_ok = _flow_training_importable() if flow_ok is None else flow_ok
             if not flow_ok:

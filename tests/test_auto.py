@@ -22,6 +22,7 @@ def _folder(tmp_path, n=6, captioned=3):
     return data, pngs
 
 
+@pytest.mark.slow
 def test_auto_end_to_end_on_the_tiny_model(tmp_path):
     from lora_train.models.tiny import build_tiny
     from lora_train.networks import lora as lora_mod
@@ -114,6 +115,7 @@ def test_a_folder_that_cannot_train_is_refused_before_any_work(tmp_path, capsys)
     assert not os.path.exists(tmp_path / "loras")
 
 
+@pytest.mark.slow
 def test_train_queue_goes_on_past_a_failed_run(tmp_path, demo_data, capsys):
     cfgs = []
     for name, data in (("a", demo_data), ("b", str(tmp_path / "missing")), ("c", demo_data)):

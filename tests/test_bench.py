@@ -1,9 +1,12 @@
 """The step benchmark runs in smoke mode (tiny model, 3 measured steps) and writes valid JSON."""
+import pytest
 import json
 import math
 import os
 import subprocess
 import sys
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -217,6 +217,7 @@ def test_module_identity():
     assert module_identity(a.half()) != before
 
 
+@pytest.mark.slow
 def test_module_identity_diffusers_vae_ignores_path():
     from diffusers import AutoencoderKL
 

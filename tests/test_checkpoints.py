@@ -68,6 +68,7 @@ def _assert_same_outputs(a, b):
 
 
 # ----------------------------------------------------------------------------- round trips (tiny)
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny_sd1", "tiny_sd2", "tiny_sdxl"])
 def test_single_file_round_trip(which, request, tmp_path):
     model = request.getfixturevalue(which)
@@ -101,6 +102,7 @@ def test_single_file_round_trip(which, request, tmp_path):
     _assert_same_outputs(model, loaded)
 
 
+@pytest.mark.slow
 def test_host_state_dict_in_memory(tiny_sdxl):
     """The WebUI / ComfyUI path: original-layout tensors already in memory, no file."""
     sd = C.to_original_state_dict(tiny_sdxl)
@@ -127,6 +129,7 @@ def test_host_state_dict_in_memory(tiny_sdxl):
     _assert_same_outputs(tiny_sdxl, C.from_original_state_dict(wrapped, config=tiny_sdxl))
 
 
+@pytest.mark.slow
 def test_config_folder_and_load_base_model(tiny_sd1, tmp_path):
     from lora_train.models.loading import load_base_model
     from lora_train.models.diffusers_folder import save_diffusers_folder
@@ -141,6 +144,7 @@ def test_config_folder_and_load_base_model(tiny_sd1, tmp_path):
         load_base_model(path)
 
 
+@pytest.mark.slow
 def test_diffusers_own_loader_reads_our_files(tiny_sd1, tiny_sdxl, tmp_path):
     """Independent check of the writer: diffusers' pipeline from_single_file reads it back exactly, offline."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -164,6 +168,7 @@ def test_diffusers_own_loader_reads_our_files(tiny_sd1, tiny_sdxl, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_pickle_needs_opt_in(tiny_sd2, tmp_path):
     sd = C.to_original_state_dict(tiny_sd2)
     path = str(tmp_path / "model.ckpt")
@@ -213,6 +218,7 @@ REAL_KEYS = {  # key names of the released checkpoints (diffusers' single_file_u
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sd15", "sd2_768v", "sdxl_base"])
 def test_full_size_layout_on_meta(variant):
     """Bundled configs at full size: the original layout converts back to exactly the model's keys/shapes."""
@@ -246,6 +252,7 @@ def test_full_size_layout_on_meta(variant):
         assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in ours.items()}
 
 
+@pytest.mark.slow
 def test_bundled_path_offline_with_empty_cache(tmp_path):
     """A fresh interpreter, HF offline, an empty HF cache, no sockets: bundled configs + tokenizer suffice."""
     code = (

@@ -1,4 +1,5 @@
 import os
+import pytest
 import subprocess
 import sys
 
@@ -6,6 +7,8 @@ import yaml
 from safetensors import safe_open
 
 from lora_train.cli.main import main
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

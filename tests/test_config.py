@@ -5,10 +5,30 @@ from lora_train.config import ConfigError, TrainConfig, parse_overrides
 
 
 def test_defaults_and_alpha():
-    cfg = TrainConfig()
-    assert cfg.learning_rate == 2e-4
+    cfg = TrainConfig().validate()
+    assert cfg.learning_rate == 1e-4 and cfg.batch_size == 1  # the table's start for batch 1
+    assert cfg.mixed_precision == "auto" and cfg.output_name == "my_lora"
     assert cfg.alpha == cfg.lora_rank
     assert TrainConfig(lora_rank=16, lora_alpha=8).alpha == 8
+
+
+def test_the_default_learning_rate_follows_the_effective_batch(tmp_path):
+    from lora_train.config import learning_rate_for
+
+    assert [learning_rate_for(b) for b in (1, 2, 4)] == [1e-4, 1.5e-4, 2e-4]
+    assert learning_rate_for(8) == 2.83e-4 and learning_rate_for(8, "linear") == 4e-4
+    for batch, accum, lr in ((1, 1, 1e-4), (2, 1, 1.5e-4), (4, 1, 2e-4), (1, 4, 2e-4), (2, 2, 2e-4)):
+        cfg = TrainConfig.from_dict({"batch_size": batch, "gradient_accumulation_steps": accum})
+        assert cfg.learning_rate == lr, (batch, accum)
+        assert cfg.te_lr == lr / 2
+    # a config file without learning_rate: the batch it names decides, also after replace()
+    p = tmp_path / "c.yaml"
+    p.write_text("train_data_dir: x\nbatch_size: 4\n")
+    cfg = TrainConfig.load(str(p))
+    assert cfg.learning_rate == 2e-4
+    assert cfg.replace(batch_size=2).learning_rate == 1.5e-4  # still the default: follows the batch
+    assert cfg.replace(learning_rate=3e-4).replace(batch_size=2).learning_rate == 3e-4  # a chosen lr stays
+    assert TrainConfig.from_dict({"batch_size": 2, "learning_rate": 5e-5}).learning_rate == 5e-5
 
 
 def test_yaml_roundtrip(tmp_path):

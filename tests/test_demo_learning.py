@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import diffusers
+import pytest
 import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +40,7 @@ def _demo(out, *args):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_and_its_learning_figure(tmp_path):
     """README's first command (`python -m lora_train demo`, defaults, 3 seeds): its files, its learning figure
     (strength 1 beats the base on every seed and pooled), and a second run that never overwrites the first."""

@@ -1,8 +1,11 @@
 """bench/flow_bench.py (issue #16): the Flux.1-dev / SD3.5 Medium size math on the meta device (the GPU runs and
 their targets are in the script's docstring, for a device run)."""
+import pytest
 import importlib.util
 import json
 import os
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

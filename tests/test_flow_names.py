@@ -93,7 +93,8 @@ def names_by_component(sd):
 
 
 # ----------------------------------------------------------------------------- names and shapes vs sd-scripts
-@pytest.mark.parametrize("key", list(TRANSFORMERS))
+@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) if k.startswith("s") else k
+                                 for k in TRANSFORMERS])  # the SD3 sizes are the slow ones
 def test_export_names_and_shapes_are_sd_scripts(key):
     ref, model = reference()[key], meta_model(key)
     kind, variant, _ = TRANSFORMERS[key]
@@ -393,6 +394,7 @@ def test_bfl_and_diffusers_keys_are_read():
 
 
 # ----------------------------------------------------------------------------- diffusers' loaders
+@pytest.mark.slow
 def test_diffusers_kohya_flux_converter_reads_our_full_size_file():
     """diffusers' own kohya -> diffusers converter (used by FluxPipeline.load_lora_weights) on our full-size Flux.1
     dev export: every module's delta equals the trained one (checked on random probes, max abs diff <= 1e-5)."""

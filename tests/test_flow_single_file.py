@@ -176,6 +176,7 @@ FULL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(FULL))
 def test_full_size_layouts_on_meta(variant):
     from accelerate import init_empty_weights
@@ -201,6 +202,7 @@ def test_full_size_layouts_on_meta(variant):
         assert variant_of(model) == variant
 
 
+@pytest.mark.slow
 def test_cli_trains_split_flux_files(flux_files, tmp_path):
     """`python -m lora_train train` with base_model = the BFL transformer file and ae / clip_l / t5xxl keys."""
     from conftest import small_cfg

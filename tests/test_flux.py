@@ -16,7 +16,12 @@ from lora_train.networks import lora as L
 from lora_train.training import flow as ft
 from lora_train.training.loss import diffusion_loss as L_loss
 from lora_train.training.memory import BlockSwap, apply_fp8_base
-from lora_train.training.trainer import Trainer, encode_prompts, fixed_noise_loss, list_states
+from lora_train.training.device import encode_prompts
+from lora_train.training.loss import fixed_noise_loss
+from lora_train.training.state import list_states
+from lora_train.training.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from lora_train.training.trainer import Trainer
 
 DEVICE = os.environ.get("LORA_TRAIN_GPU_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 ON_CUDA = DEVICE.startswith("cuda")
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.slow, pytest.mark.gpu,
               pytest.mark.skipif(not DEVICE, reason="needs a CUDA GPU (or LORA_TRAIN_GPU_TEST_DEVICE=cpu)")]
 STEPS = 4
 

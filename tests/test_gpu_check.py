@@ -1,9 +1,12 @@
 """bench/gpu_check.sh --dry-run: the GPU check's phases on the CPU with tiny models (the same script and code the
 GPU machine runs), so the prepared device command cannot rot between GPU runs."""
+import pytest
 import json
 import os
 import subprocess
 import sys
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from lora_train.config import TrainConfig
-from lora_train.kohya.toml_config import (KohyaConfigError, from_kohya, load_kohya, read_file, to_kohya_toml)
+from lora_train.kohya.toml_config import (MODULE_FAMILY, KohyaConfigError, from_kohya, load_kohya, read_file,
+                                          to_kohya_dict, to_kohya_toml)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "data", "kohya")
@@ -96,8 +97,7 @@ def test_training_args_with_dataset_config_file():
 
 
 @pytest.mark.parametrize("name, key, words", [
-    ("lycoris.toml", "network_module", "lycoris.kohya"),
-    ("locon_gui.json", "conv_dim", "LoCon"),
+    ("lycoris_ia3.toml", "network_args", "algo=ia3"),
     ("dadapt.toml", "optimizer_type", "DAdaptAdam"),
 ])
 def test_keys_that_would_change_the_result_are_errors(name, key, words):
@@ -144,9 +144,12 @@ def test_export_round_trip(tmp_path):
     assert data["additional_network_arguments"]["network_module"] == "networks.lora"
     back = load_kohya(str(path))
     assert back.warnings == []
-    assert back.config.to_dict() == cfg.to_dict()
+    # kohya has no mixed_precision "auto": the file says what ours does on a GPU with bf16
+    assert data["training_arguments"]["mixed_precision"] == "bf16" and back.config.mixed_precision == "bf16"
+    assert back.config.to_dict() == cfg.validate().replace(mixed_precision="bf16").to_dict()
 
 
+@pytest.mark.slow
 def test_cli_dry_run_and_export(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "lora_train", "train", corpus("sd_trainer_lora.toml"), "--dry-run",
@@ -162,11 +165,183 @@ def test_cli_dry_run_and_export(tmp_path):
                         str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_kohya(str(out)).config.to_dict() == TrainConfig.from_dict(printed).to_dict()
-    r = subprocess.run([sys.executable, "-m", "lora_train", "train", corpus("lycoris.toml"), "--dry-run"],
+    r = subprocess.run([sys.executable, "-m", "lora_train", "train", corpus("lycoris_ia3.toml"), "--dry-run"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    assert r.returncode == 2 and "lycoris.kohya" in r.stderr
+    assert r.returncode == 2 and "algo=ia3" in r.stderr
 
 
 def test_kohya_ss_gui_toml_maps_like_its_json():
     a, b = load_kohya(corpus("kohya_ss_gui.toml")), load_kohya(corpus("kohya_ss_gui.json"))
     assert a.config.to_dict() == b.config.to_dict() and a.warnings == b.warnings
+
+
+# ------------------------------------------------------------------------------------------------ network types
+NET_KEYS = ("network_type", "lora_rank", "lora_alpha", "conv_rank", "conv_alpha", "factor", "full_matrix", "dropout",
+            "rank_dropout", "module_dropout")
+
+
+def _export_import(cfg, tmp_path):
+    path = tmp_path / "net.toml"
+    path.write_text(to_kohya_toml(cfg))
+    return read_file(str(path))["additional_network_arguments"], load_kohya(str(path)).config
+
+
+@pytest.mark.parametrize("base, kind, fields, module, args", [
+    ("tiny", None, dict(network_type="lora", dropout=0.1), "networks.lora", []),
+    ("tiny", None, dict(network_type="locon", conv_rank=4, conv_alpha=2), "networks.lora",
+     ["conv_dim=4", "conv_alpha=2"]),
+    ("tiny", None, dict(network_type="loha", rank_dropout=0.1), "lycoris.kohya",
+     ["algo=loha", "preset=attn-mlp", "rank_dropout=0.1"]),
+    ("tiny", None, dict(network_type="lokr", factor=4, full_matrix=True, conv_rank=2, module_dropout=0.2),
+     "lycoris.kohya", ["algo=lokr", "conv_dim=2", "conv_alpha=2", "factor=4", "full_matrix=True",
+                       "module_dropout=0.2"]),
+    ("tiny", None, dict(network_type="dora", conv_rank=3, conv_alpha=1.5, rank_dropout=0.05), "lycoris.kohya",
+     ["algo=lora", "dora_wd=True", "conv_dim=3", "conv_alpha=1.5", "rank_dropout=0.05"]),
+    ("tiny-flux", "flux", dict(network_type="lora", dropout=0.1), "networks.lora_flux", []),
+    ("tiny-sd3", "sd3", dict(network_type="lora"), "networks.lora_sd3", []),
+])
+def test_network_types_round_trip(tmp_path, base, kind, fields, module, args):
+    """TrainConfig -> kohya TOML -> TrainConfig keeps the network: the module and network_args kohya needs, the same
+    type and fields, and the same network the trainer builds (NetworkSpec)."""
+    from lora_train.networks.network import NetworkSpec
+
+    cfg = TrainConfig(base_model=base, train_data_dir="/d", lora_rank=8, lora_alpha=4, **fields)
+    written, back = _export_import(cfg, tmp_path)
+    assert written["network_module"] == module
+    assert written.get("network_args", []) == args
+    assert written.get("network_dropout") == (cfg.dropout or None)
+    for k in NET_KEYS:
+        if k != "conv_alpha":  # exported explicitly (kohya's default is 1, ours = conv_rank)
+            assert getattr(back, k) == getattr(cfg, k), k
+    assert NetworkSpec.from_config(back, kind) == NetworkSpec.from_config(cfg, kind)
+
+
+def test_locon_without_conv_rank_exports_the_rank():
+    """locon with conv_rank 0 trains the convolutions at lora_rank: kohya must be told so."""
+    net = to_kohya_dict(TrainConfig(network_type="locon", lora_rank=6))["additional_network_arguments"]
+    assert net["network_module"] == "networks.lora" and net["network_args"] == ["conv_dim=6", "conv_alpha=6"]
+
+
+def test_family_modules_match_the_files_metadata():
+    from lora_train.networks.flow_names import NETWORK_MODULE
+    assert MODULE_FAMILY == {m: f for f, m in NETWORK_MODULE.items()}
+
+
+def test_flux_lora_flux_config():
+    imp = load_kohya(corpus("flux_lora.toml"))
+    c = imp.config
+    assert (c.network_type, c.lora_rank, c.lora_alpha, c.dropout, c.conv_rank) == ("lora", 16, 8.0, 0.1, 0)
+    assert (c.loraplus_lr_ratio, c.train_text_encoder, c.resolution) == (4.0, False, 1024)
+    assert (c.ae, c.clip_l, c.t5xxl) == ("/models/ae.safetensors", "/models/clip_l.safetensors",
+                                         "/models/t5xxl_fp16.safetensors")
+    assert (c.timestep_sampling, c.discrete_flow_shift) == ("shift", 3.1582)
+    assert imp.warnings == []  # the base model file is not here: the family comes from it when it is loaded
+
+
+def test_lycoris_lokr_config():
+    imp = load_kohya(corpus("lycoris_lokr.toml"))
+    c = imp.config
+    assert (c.network_type, c.lora_rank, c.lora_alpha, c.factor, c.full_matrix) == ("lokr", 16, 8.0, 8, False)
+    assert (c.conv_rank, c.conv_alpha, c.rank_dropout, c.module_dropout) == (8, 4.0, 0.05, 0.1)
+    assert any("preset full" in w and "conv_in" in w for w in imp.warnings)
+
+
+def test_kohya_locon_config():
+    c = load_kohya(corpus("lora_conv.toml")).config
+    assert (c.network_type, c.lora_rank, c.lora_alpha, c.conv_rank, c.conv_alpha, c.dropout) == (
+        "locon", 32, 16.0, 8, 4.0, 0.1)
+    # kohya's networks.lora: conv_alpha defaults to 1
+    c = from_kohya({"network_module": "networks.lora", "network_args": {"conv_dim": 4}}).config
+    assert (c.network_type, c.conv_rank, c.conv_alpha) == ("locon", 4, 1.0)
+
+
+def test_lycoris_conv_defaults():
+    """LyCORIS trains the 3x3 convolutions at network_dim / network_alpha unless conv_dim or the preset says
+    otherwise; its lora / locon are our locon, with dora_wd our dora."""
+    c = from_kohya({"network_module": "lycoris.kohya", "network_dim": 12, "network_alpha": 6,
+                    "network_args": ["algo=lora"]}).config
+    assert (c.network_type, c.conv_rank, c.conv_alpha) == ("locon", 12, 6.0)
+    c = from_kohya({"network_module": "lycoris.kohya", "network_dim": 12,
+                    "network_args": ["algo=locon", "preset=attn-mlp", "dropout=0.1"]}).config
+    assert (c.network_type, c.conv_rank, c.dropout) == ("lora", 0, 0.1)
+    c = from_kohya({"network_module": "lycoris.kohya", "network_dim": 8,
+                    "network_args": ["algo=loha", "conv_dim=4", "conv_alpha=2", "module_dropout=0.1"]}).config
+    assert (c.network_type, c.conv_rank, c.conv_alpha, c.module_dropout) == ("loha", 4, 2.0, 0.1)
+    c = from_kohya({"network_module": "lycoris.kohya", "network_args": ["algo=lora", "dora_wd=True",
+                                                                        "preset=attn-mlp"]}).config
+    assert (c.network_type, c.conv_rank) == ("dora", 0)
+
+
+def test_kohya_ss_gui_lora_types():
+    base = {"pretrained_model_name_or_path": "/m.safetensors", "train_data_dir": "img", "network_dim": 8,
+            "network_alpha": 4, "conv_dim": 0, "conv_alpha": 1, "factor": -1, "rank_dropout": 0, "module_dropout": 0,
+            "dora_wd": False, "use_tucker": False, "use_cp": False, "LyCORIS_preset": "full"}
+    c = from_kohya({**base, "LoRA_type": "LyCORIS/LoKr", "factor": 4, "conv_dim": 2}).config
+    assert (c.network_type, c.factor, c.conv_rank, c.conv_alpha) == ("lokr", 4, 2, 1.0)
+    c = from_kohya({**base, "LoRA_type": "LyCORIS/LoCon", "dora_wd": True, "rank_dropout": 0.1}).config
+    assert (c.network_type, c.conv_rank, c.conv_alpha, c.rank_dropout) == ("dora", 8, 1.0, 0.1)
+    c = from_kohya({**base, "LoRA_type": "LyCORIS/LoHa", "LyCORIS_preset": "attn-mlp"}).config
+    assert (c.network_type, c.conv_rank) == ("loha", 0)
+    c = from_kohya({**base, "LoRA_type": "Kohya LoCon", "conv_dim": 8, "conv_alpha": 4}).config
+    assert (c.network_type, c.conv_rank, c.conv_alpha) == ("locon", 8, 4.0)
+    imp = from_kohya({**base, "LoRA_type": "Standard", "conv_dim": 8})
+    assert (imp.config.network_type, imp.config.conv_rank) == ("lora", 0)  # kohya_ss passes no conv_dim for it
+    assert any("conv_dim 8 is not used" in w for w in imp.warnings)
+    assert from_kohya({**base, "LoRA_type": "Flux1"}).config.network_type == "lora"
+    imp = load_kohya(corpus("locon_gui.json"))  # LoRA_type Standard with conv_dim 8
+    assert imp.config.network_type == "lora" and any("Kohya LoCon" in w for w in imp.warnings)
+
+
+def test_sd_scripts_ignores_gui_fields():
+    """In an sd-scripts file (no LoRA_type) a top-level conv_dim is no argument: listed as not used."""
+    imp = from_kohya({"network_module": "networks.lora", "conv_dim": 8, "factor": 4})
+    assert imp.config.network_type == "lora" and "conv_dim=8" in imp.warnings[0] and "factor=4" in imp.warnings[0]
+
+
+@pytest.mark.parametrize("data, key, words", [
+    ({"network_module": "networks.oft"}, "network_module", "networks.oft"),
+    ({"network_module": "networks.control_net_lllite"}, "network_module", "networks.control_net_lllite"),
+    ({"network_module": "networks.dylora"}, "network_module", "networks.dylora"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=glora"]}, "network_args", "algo=glora"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=full"]}, "network_args", "algo=full"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "dora_wd=True"]}, "network_args",
+     "algo=loha with dora_wd=True"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "use_tucker=True"]}, "network_args",
+     "use_tucker=True"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "decompose_both=True"]}, "network_args",
+     "decompose_both=True"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=lora", "preset=unet-transformer-only"]},
+     "network_args", "preset=unet-transformer-only"),
+    ({"network_module": "networks.lora", "network_args": ["conv_dim=4", "conv_block_dims=2,2,2"]}, "network_args",
+     "conv_block_dims"),
+    ({"network_module": "networks.lora_flux", "network_args": ["train_blocks=single"]}, "network_args",
+     "train_blocks=single"),
+    ({"network_module": "networks.lora_flux", "network_args": ["split_qkv=True"]}, "network_args", "split_qkv"),
+    ({"LoRA_type": "LyCORIS/iA3"}, "network_args", "algo=ia3"),
+    ({"LoRA_type": "LyCORIS/GLoRA"}, "network_args", "algo=glora"),
+    ({"LoRA_type": "Kohya DyLoRA"}, "network_module", "LoRA_type 'Kohya DyLoRA'"),
+    ({"LoRA_type": "Flux1", "split_mode": True}, "network_args", "train_blocks=single"),
+    ({"LoRA_type": "Something New"}, "LoRA_type", "Something New"),
+    ({"network_module": "networks.lora", "network_args": ["rank_dropout=0.1"]}, "rank_dropout", "network_type lora"),
+])
+def test_networks_we_do_not_train_are_errors(data, key, words):
+    with pytest.raises(KohyaConfigError) as ei:
+        from_kohya(data)
+    assert ei.value.key == key and words in str(ei.value), str(ei.value)
+
+
+def test_family_module_against_the_base_model(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    with pytest.raises(KohyaConfigError) as ei:
+        from_kohya({"network_module": "networks.lora_flux", "pretrained_model_name_or_path": "tiny-sd3"})
+    assert "Flux.1" in str(ei.value) and 'network_module = "networks.lora_sd3"' in str(ei.value)
+    sd15 = tmp_path / "sd15.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(sd15))
+    with pytest.raises(KohyaConfigError, match='network_module = "networks.lora"'):
+        from_kohya({"network_module": "networks.lora_sd3", "pretrained_model_name_or_path": str(sd15)})
+    # a base model that cannot be checked here (missing, or not a model we can read cheaply): accepted
+    for base in ("/nowhere/flux1-dev.safetensors", "tiny-flux"):
+        c = from_kohya({"network_module": "networks.lora_flux", "pretrained_model_name_or_path": base}).config
+        assert c.network_type == "lora" and c.base_model == base

@@ -108,6 +108,7 @@ def test_keep_tokens_separator_and_tag_dropout():
     assert process_caption(cap) == cap  # nothing asked: unchanged
 
 
+@pytest.mark.slow
 def test_training_with_clip_skip_long_captions_and_shuffle(demo_data, tmp_path):
     from lora_train.training.trainer import Trainer
 
@@ -122,6 +123,7 @@ def test_training_with_clip_skip_long_captions_and_shuffle(demo_data, tmp_path):
     assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "1"
 
 
+@pytest.mark.slow
 def test_training_samples_use_the_trained_text_conditioning(demo_data, tmp_path, monkeypatch):
     from lora_train import sampler
     from lora_train.training.trainer import Trainer

@@ -20,7 +20,8 @@ from lora_train.networks import blocks
 from lora_train.networks import lora as L
 from lora_train.training import loss as loss_mod
 from lora_train.training import noise as noise_mod
-from lora_train.training.trainer import Trainer, fixed_noise_loss
+from lora_train.training.loss import fixed_noise_loss
+from lora_train.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,7 @@ def test_multires_and_input_perturbation_noise():
     assert 0.05 < float((inn - n).std()) < 0.15
 
 
+@pytest.mark.slow
 def test_training_with_loss_and_noise_options(data, tmp_path):
     cfg = small_cfg(data, tmp_path / "o", max_train_steps=2, loss_type="huber", huber_schedule="snr",
                     multires_noise_iterations=4, multires_noise_discount=0.3, ip_noise_gamma=0.1)
@@ -155,6 +157,7 @@ def test_training_with_loss_and_noise_options(data, tmp_path):
     assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"]) == ("4", "0.1")
 
 
+@pytest.mark.slow
 def test_training_with_alpha_masked_loss(tmp_path):
     d = tmp_path / "img"
     d.mkdir()
@@ -166,7 +169,7 @@ def test_training_with_alpha_masked_loss(tmp_path):
         (d / f"{k}.txt").write_text("a square")
     cfg = small_cfg(str(d), tmp_path / "o", max_train_steps=2, masked_loss=True, alpha_mask=True, flip_aug=True)
     tr, res = _run(cfg)
-    assert res.steps == 2 and tr.loss_masks[0] is not None and float(tr.loss_masks[0].mean()) == pytest.approx(0.25)
+    assert res.steps == 2 and tr.kohya.loss_masks[0] is not None and float(tr.kohya.loss_masks[0].mean()) == pytest.approx(0.25)
     assert tr.metadata(1, 2)["ss_masked_loss"] == "True"
 
 
@@ -187,6 +190,7 @@ def test_reg_balance_is_kohyas():
     assert [it.repeats for it in used] == [3, 2]
 
 
+@pytest.mark.slow
 def test_reg_images_drawn_at_kohya_ratio_and_weighted(data, tmp_path):
     from lora_train.data.demo import write_demo_dataset
 
@@ -200,10 +204,9 @@ def test_reg_images_drawn_at_kohya_ratio_and_weighted(data, tmp_path):
     assert not set(regs) & set(tr.val_idx)  # reg images are never validation images
     assert all(ds.items[i].caption == "shape" for i in regs)  # no caption files: the class of 1_shape
     assert tr.batches_per_epoch == math.ceil((8 - len(tr.val_idx) + 8) / 2)  # training + reg samples
-    from lora_train.training import kohya_extras
 
     t = torch.tensor([10, 10])
-    w = kohya_extras.loss_kwargs(tr, [0, regs[0]], [False, False], t, None, (4, 8, 8))["weights"]
+    w = tr.kohya.loss_kwargs(tr, [0, regs[0]], [False, False], t, None, (4, 8, 8))["weights"]
     assert w.tolist() == [1.0, 0.25]
     meta = tr.metadata(1, 1)
     assert meta["ss_num_reg_images"] == "3" and meta["ss_prior_loss_weight"] == "0.25"
@@ -238,6 +241,7 @@ def _step0_loss(tr):
     return fixed_noise_loss(tr.model, lat, cond, seed=3), lat, cond
 
 
+@pytest.mark.slow
 def test_network_weights_start_from_the_file(data, start_file, tmp_path):
     cfg = small_cfg(data, tmp_path / "o", network_weights=start_file, dim_from_weights=True, lora_rank=4)
     tr = Trainer(cfg, model=build_tiny())
@@ -254,6 +258,7 @@ def test_network_weights_start_from_the_file(data, start_file, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- block weights
+@pytest.mark.slow
 def test_block_lr_weights_reach_optimizer_groups(data, tmp_path):
     down = "1,0,1,0.5,1,1,1,1,1,1,1,1"
     cfg = small_cfg(data, tmp_path / "o", max_train_steps=1, learning_rate=1e-3, down_lr_weight=down,
@@ -274,6 +279,7 @@ def test_block_lr_weights_reach_optimizer_groups(data, tmp_path):
     assert '"down_lr_weight": "1,0,1,0.5' in meta["ss_network_args"]
 
 
+@pytest.mark.slow
 def test_block_dims_and_alphas(data, tmp_path):
     dims = ",".join(["2"] * 12 + ["4"] + ["6"] * 12)
     alphas = ",".join(["1"] * 12 + ["4"] + ["3"] * 12)
@@ -303,6 +309,7 @@ def test_sdxl_block_numbering():
 
 
 # ---------------------------------------------------------------------------------------------- EMA
+@pytest.mark.slow
 def test_ema_saved_and_resumed(data, tmp_path):
     def cfg(out):
         return small_cfg(data, tmp_path / out, max_train_steps=5, learning_rate=5e-3, ema_decay=0.9)
@@ -311,7 +318,7 @@ def test_ema_saved_and_resumed(data, tmp_path):
     live = L.extract(tr.model)
     saved = load_file(straight.lora_path)
     name, (d_live, _, _) = next((L.kohya_name(c, p, "sd1"), v) for (c, p), v in live.modules.items())
-    shadow = dict(zip(tr.ema.names, tr.ema.shadow))
+    shadow = dict(zip(tr.kohya.ema.names, tr.kohya.ema.shadow))
     assert not torch.allclose(saved[f"{name}.lora_down.weight"], d_live)  # the file is not the live weights...
     key = next(k for k in shadow if ".lora_A." in k and L.kohya_name("unet", k[len("unet."):].split(".lora_A.")[0],
                                                                       "sd1") == name)
@@ -320,12 +327,13 @@ def test_ema_saved_and_resumed(data, tmp_path):
     tr1, r1 = _run(cfg("b"), stop_at=2)
     assert r1.stopped and os.path.isfile(os.path.join(r1.output_dir, "state", "t-step-00000002", "ema.lrstate"))
     tr2, r2 = _run(cfg("b"), resume_from=r1.output_dir)
-    assert r2.steps == 5 and tr2.ema.updates == 5
+    assert r2.steps == 5 and tr2.kohya.ema.updates == 5
     a, b = load_file(straight.lora_path), load_file(r2.lora_path)
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------- TensorBoard
+@pytest.mark.slow
 def test_tensorboard_events_readable_by_tensorboard(data, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -348,6 +356,7 @@ def test_tensorboard_events_readable_by_tensorboard(data, tmp_path):
     assert acc.Scalars("lr/te")[-1].value == pytest.approx(tr.last_lrs[1])
 
 
+@pytest.mark.slow
 def test_wandb_logging_through_its_api(data, tmp_path, monkeypatch):
     import sys
     import types
@@ -379,6 +388,7 @@ def test_wandb_logging_through_its_api(data, tmp_path, monkeypatch):
     assert not os.path.isdir(tmp_path / "o" / "logs" / "events")  # no TensorBoard writer for log_with wandb
 
 
+@pytest.mark.slow
 def test_sdxl_block_weights_and_long_captions(data, tmp_path):
     from lora_train.models.tiny import build_tiny_sdxl
 

@@ -39,10 +39,13 @@ def test_load_for_tab_fills_fields():
     assert values["lora_rank"] == 32 and values["lora_alpha"] == 16.0 and values["clip_skip"] == 2
     assert values["max_token_length"] == "225" and values["optimizer"] == "AdamW8bit"
     assert "random_crop=True" in md
-    with pytest.raises(Exception, match="lycoris"):
-        advanced.load_for_tab(os.path.join(CORPUS, "lycoris.toml"), keys)
+    values, _, md = advanced.load_for_tab(os.path.join(CORPUS, "lycoris_lokr.toml"), keys)  # LyCORIS LoKr
+    assert (values["network_type"], values["conv_rank"], values["conv_alpha"], values["factor"]) == ("lokr", 8, 4.0, 8)
+    with pytest.raises(Exception, match="algo=ia3"):
+        advanced.load_for_tab(os.path.join(CORPUS, "lycoris_ia3.toml"), keys)
 
 
+@pytest.mark.slow
 def test_tab_has_the_advanced_section(tmp_path):
     gr = pytest.importorskip("gradio")
     from lora_train.ui import build_tab

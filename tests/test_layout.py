@@ -19,26 +19,30 @@ def _modules():
     return out
 
 
+def _imported(node, m, is_pkg, mods):
+    """Our modules an import statement of module `m` names (empty for other packages' imports)."""
+    if isinstance(node, ast.ImportFrom):
+        if node.level:
+            pkg = (m if is_pkg else m.rsplit(".", 1)[0]).split(".")
+            pkg = pkg[:len(pkg) - (node.level - 1)]
+            base = ".".join(pkg + ([node.module] if node.module else []))
+        elif node.module and node.module.split(".")[0] == "lora_train":
+            base = node.module
+        else:
+            return set()
+        return {base + "." + a.name if base + "." + a.name in mods else base for a in node.names}
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name.split(".")[0] == "lora_train"}
+    return set()
+
+
 def _top_level_imports(mods):
     """{module: {our modules it imports when it is imported}} (module-level statements only)."""
     graph = {}
     for m, (p, is_pkg) in mods.items():
-        tree = ast.parse(open(p, encoding="utf-8").read())
         deps = set()
-        for node in tree.body:
-            if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    pkg = (m if is_pkg else m.rsplit(".", 1)[0]).split(".")
-                    pkg = pkg[:len(pkg) - (node.level - 1)]
-                    base = ".".join(pkg + ([node.module] if node.module else []))
-                elif node.module and node.module.split(".")[0] == "lora_train":
-                    base = node.module
-                else:
-                    continue
-                for a in node.names:
-                    deps.add(base + "." + a.name if base + "." + a.name in mods else base)
-            elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name.split(".")[0] == "lora_train"}
+        for node in ast.parse(open(p, encoding="utf-8").read()).body:
+            deps |= _imported(node, m, is_pkg, mods)
         # importing a.b.c imports a.b first
         deps |= {".".join(d.split(".")[:i]) for d in list(deps) for i in range(2, d.count(".") + 1)}
         graph[m] = {d for d in deps if d in mods and d != m and not m.startswith(d + ".")}
@@ -81,7 +85,9 @@ def test_core_never_imports_a_host_or_ui_toolkit_at_module_level():
 def test_one_place_for_each_concept():
     """Definitions that used to exist two or three times (issue 15) exist once."""
     wanted = {"PRECISIONS": 1, "train_for_host": 1, "publish": 1, "free_name": 1, "scan_folder": 1,
-              "class Diagnoser": 1}
+              "class Diagnoser": 1, "DEFAULT_NAME": 1, "LR_BY_BATCH": 1, "learning_rate_for": 1,
+              "resolve_precision": 1, "epoch_file": 1, "epoch_of": 1, "check_name": 1, "clean_name": 1,
+              "fixed_noise_loss": 1, "publish_to_host": 1}
     found = {k: [] for k in wanted}
     for dp, _dn, fn in os.walk(ROOT):
         if any(part.startswith(".") for part in os.path.relpath(dp, ROOT).split(os.sep)) or "tests" in dp:
@@ -94,7 +100,8 @@ def test_one_place_for_each_concept():
                 pat = k if k.startswith("class ") else None
                 if pat and f"\n{pat}" in text:
                     found[k].append(f)
-                elif not pat and (f"\ndef {k}(" in text or f"\n    def {k}(" in text or f"\n{k} = " in text):
+                elif not pat and (f"\ndef {k}(" in text or f"\n    def {k}(" in text or f"\n{k} = " in text
+                                  or f"\n{k}: " in text):
                     found[k].append(f)
     assert {k: len(v) for k, v in found.items()} == wanted, found
 
@@ -115,3 +122,70 @@ def test_tab_sections_keep_distinct_names():
                 assert key not in seen, f"{key!r} kept by {seen[key]} and {os.path.basename(path)}"
                 seen[key] = os.path.basename(path)
     assert len(seen) > 20
+
+
+def _all_imports(mods):
+    """{module: {our modules it imports anywhere}}: module level and inside functions (a lazy import is still a
+    dependency of the file)."""
+    graph = {}
+    for m, (p, is_pkg) in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(open(p, encoding="utf-8").read())):
+            deps |= _imported(node, m, is_pkg, mods)
+        graph[m] = {d for d in deps if d in mods and d != m}
+    return graph
+
+
+def _cycles(graph):
+    """The strongly connected components of more than one node (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _folder(m):
+    """lora_train.training.trainer -> training; lora_train.run -> run (a top-level file is its own unit)."""
+    parts = m.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_no_circles_between_files_or_folders_counting_lazy_imports():
+    graph = _all_imports(_modules())
+    assert _cycles(graph) == [], "files that import each other (lazily too)"
+    folders = {}
+    for m, deps in graph.items():
+        for d in deps:
+            a, b = _folder(m), _folder(d)
+            if a != b and "lora_train" not in (a, b):
+                folders.setdefault(a, set()).add(b)
+    bad = _cycles(folders)
+    detail = {(a, b): sorted(m for m in graph if _folder(m) == a and any(_folder(d) == b for d in graph[m]))
+              for comp in bad for a in comp for b in comp if b in folders.get(a, ())}
+    assert bad == [], f"folders that import each other: {bad}; by file: {detail}"
+    # the checker sees a circle when there is one
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

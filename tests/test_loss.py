@@ -11,7 +11,10 @@ from lora_train.training import loss as loss_mod
 from lora_train.networks import lora as L
 from lora_train.tuning.lr_finder import lr_range_test
 from lora_train.models.tiny import build_tiny
-from lora_train.training.trainer import Trainer, fixed_noise_loss
+from lora_train.training.loss import fixed_noise_loss
+from lora_train.training.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 
 def reference_loss(model, lat, cond, noise, t, gamma=None):
@@ -114,15 +117,17 @@ def test_loop_validation_and_finder_all_use_the_one_loss(data, tmp_path, monkeyp
         return loss
     res = Trainer(cfg, model=build_tiny(), loss_hook=hook).run()
     assert len(res.val_losses) == 1
+    n_run = len(calls)
     found = lr_range_test(cfg.replace(output_dir=str(tmp_path / "f")), model=build_tiny(), steps=2, probe_samples=2)
     assert len(found.lrs) == 2
     callers = [c[0] for c in calls]
-    assert {"_forward_backward", "fixed_noise_loss", "unet_loss"} <= set(callers), callers
+    # the run's steps and the finder's steps and probes: the Trainer's one loss (`_loss`); validation too
+    assert {"_loss", "fixed_noise_loss"} <= set(callers[:n_run]) and set(callers[n_run:]) == {"_loss"}, callers
     for caller, out, ref, kw in calls:
         assert kw.get("min_snr_gamma") == 5.0, caller
         assert torch.allclose(out.float(), ref, rtol=1e-4, atol=1e-6), caller
     # what the loss log shows is that loss
-    loop = [float(out) for caller, out, _, _ in calls if caller == "_forward_backward"]
+    loop = [float(out) for caller, out, _, _ in calls[:n_run] if caller == "_loss"]
     assert loop == pytest.approx(hooked) and res.losses == pytest.approx(loop)
 
 

@@ -18,6 +18,8 @@ from lora_train.data.demo import write_demo_dataset
 from lora_train.tuning.lr_finder import centred_average, lr_range_test, lr_schedule, smooth, suggest_lr
 from lora_train.models.tiny import build_tiny
 
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -135,9 +137,6 @@ def test_suggestion_heuristics():
 # ----------------------------------------------------------------------------- CLI
 def test_cli_lr_find_writes_a_plot_and_never_overwrites(setup, tmp_path, capsys, monkeypatch):
     cfg, model, _ = setup
-    import lora_train.tuning.lr_finder as finder
-
-    monkeypatch.setattr(finder, "load_base_model", lambda spec, prediction_type="auto", allow_pickle=False: model)
     conf = {"train_data_dir": cfg.train_data_dir, "base_model": "tiny", "resolution": 64,
             "output_dir": str(tmp_path / "out"), "output_name": "mine", "batch_size": 1, "lora_rank": 8}
     path = tmp_path / "c.yaml"
@@ -199,3 +198,39 @@ def test_range_test_with_the_runs_network_type(setup, network_type):
     res = lr_range_test(cfg, model=model, lr_min=1e-5, lr_max=1e-1, steps=8, probe_samples=2)
     assert_same_model(before, model_snapshot(model))
     assert len(res.lrs) >= 2 and all(math.isfinite(v) for v in res.losses[:-1])
+
+
+def test_the_sweep_is_the_run_it_advises(tmp_path):
+    """The LR finder drives the Trainer: with clip_skip 2, Huber loss, a mask folder, reg images and block-wise lr,
+    its first training loss is the run's first-step loss for the same seed (both draw the same batch, noise and
+    timesteps and apply the same options), and the finder names none of those options itself."""
+    import inspect
+
+    import lora_train.tuning.lr_finder as finder
+    from conftest import small_cfg
+    from lora_train.training.trainer import Trainer
+
+    data = write_demo_dataset(str(tmp_path / "data"), n=4, size=64)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for f in os.listdir(data):
+        if f.endswith(".png"):
+            g = np.zeros((64, 64), np.uint8)
+            g[:40] = 255
+            Image.fromarray(g, "L").save(masks / f)
+    reg = write_demo_dataset(str(tmp_path / "reg" / "1_shape"), n=2, size=64, seed=7, captions=False)
+    cfg = small_cfg(data, tmp_path / "o", max_train_steps=3, clip_skip=2, loss_type="huber", huber_schedule="snr",
+                    masked_loss=True, mask_dir=str(masks), reg_data_dir=os.path.dirname(reg), prior_loss_weight=0.5,
+                    down_lr_weight="1,0,1,0.5,1,1,1,1,1,1,1,1", mid_lr_weight="2", up_lr_weight="zeros+0.25",
+                    learning_rate=1e-4, lr_warmup_steps=0)
+    run = Trainer(cfg, model=build_tiny()).run()
+    sweep = lr_range_test(cfg, model=build_tiny(), steps=3, probe="train", lr_min=1e-4, lr_max=1e-2)
+    assert sweep.losses[0] == pytest.approx(run.losses[0], rel=1e-5), (sweep.losses, run.losses)
+    # and the options change the loss (the equality is not two defaults agreeing)
+    plain = lr_range_test(small_cfg(data, tmp_path / "p", max_train_steps=3), model=build_tiny(), steps=3,
+                          probe="train", lr_min=1e-4, lr_max=1e-2)
+    assert abs(plain.losses[0] - sweep.losses[0]) > 1e-4
+    src = inspect.getsource(finder)
+    for option in ("clip_skip", "loss_type", "huber", "mask_dir", "reg_data_dir", "lr_weight", "noise_offset",
+                   "diffusion_loss", "text_chunks"):
+        assert option not in src.split('"""', 2)[2], option  # only the module docstring may name them

@@ -29,6 +29,7 @@ TIMEOUT_S = 420
 REL_TOL = 1e-3
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                        reason="torch.distributed with gloo is not available"),
     pytest.mark.skipif(sys.platform == "win32", reason="process-group cleanup uses POSIX sessions"),

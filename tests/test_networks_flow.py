@@ -208,9 +208,12 @@ def data(tmp_path_factory):
     return write_demo_dataset(str(tmp_path_factory.mktemp("flowtypes") / "data"), n=4, size=64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", list(RUNS))
 def test_training_lowers_the_fixed_noise_loss(run, data, tmp_path):
-    from lora_train.training.trainer import Trainer, encode_prompts, fixed_noise_loss
+    from lora_train.training.device import encode_prompts
+    from lora_train.training.loss import fixed_noise_loss
+    from lora_train.training.trainer import Trainer
 
     base, kw = RUNS[run]
     cfg = small_cfg(data, tmp_path, base_model=base, output_name="t", epochs=6, lr_scheduler="constant", **kw)
@@ -253,6 +256,7 @@ def test_advisor_on_the_flow_families():
     assert suggest(30, base="sd1", network_type="locon", task="style").value("conv_rank") > 0
 
 
+@pytest.mark.slow
 def test_ab_grid_and_prompt_tags_with_a_flow_lokr(data, tmp_path):
     """The standalone A/B grid (FluxPipeline) and `<lora:name:w>` prompts with a Flux LoKr file."""
     import numpy as np
@@ -274,11 +278,12 @@ def test_ab_grid_and_prompt_tags_with_a_flow_lokr(data, tmp_path):
     assert np.abs(tagged - imgs[1]).max() <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("typ", ["lokr", "dora"])
 def test_resume_of_a_flow_delta_type_is_bitwise_identical(typ, data, tmp_path):
     """Stopped at step 2 and resumed: the same file and losses as the run that was never stopped."""
     from lora_train.models.flux import build_tiny_flux
-    from lora_train.training.trainer import list_states
+    from lora_train.training.state import list_states
 
     def run(cfg, stop_at=None, resume_from=None):
         return run_trainer(cfg, build_tiny_flux, stop_at, resume_from)[1]

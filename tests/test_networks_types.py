@@ -20,7 +20,9 @@ from lora_train.networks import delta as D
 from lora_train.networks import lora as L
 from lora_train.networks import network as N
 from lora_train.networks.lokr import LoKr, factorization
-from lora_train.training.trainer import Trainer, encode_prompts, fixed_noise_loss
+from lora_train.training.device import encode_prompts
+from lora_train.training.loss import fixed_noise_loss
+from lora_train.training.trainer import Trainer
 
 ADAPTER = L.DEFAULT_ADAPTER
 TYPES = {  # type -> config: every type with the ResNet convolutions on one run at least
@@ -66,6 +68,7 @@ def _eval(tr):
     return lat, te
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TYPES))
 def test_training_lowers_the_fixed_noise_loss(runs, name):
     tr, res = runs[name]
@@ -79,6 +82,7 @@ def test_training_lowers_the_fixed_noise_loss(runs, name):
     assert losses[1] < losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TYPES))
 def test_file_layout_and_metadata(runs, name):
     tr, res = runs[name]
@@ -126,6 +130,7 @@ def test_file_layout_and_metadata(runs, name):
         assert all(min(sd[f"{m}.lokr_w1"].shape) <= 2 for m in groups)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 @pytest.mark.parametrize("name", list(TYPES))
 def test_import_reproduces_the_trained_model(runs, name, strength):
@@ -176,6 +181,7 @@ def _host_check(model, sd, base_model, strength, rules=("a1111", "comfy"), adapt
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 @pytest.mark.parametrize("name", list(TYPES))
 def test_host_rules_apply_the_trained_delta(runs, name, strength):
@@ -190,6 +196,7 @@ def test_host_rules_apply_the_trained_delta(runs, name, strength):
 
 
 # ----------------------------------------------------------------------------- LoRA+
+@pytest.mark.slow
 def test_loraplus_groups_and_ratio_one_is_plain_lora(tmp_path, data):
     cfg = small_cfg(data, tmp_path / "p", max_train_steps=3, loraplus_lr_ratio=16, learning_rate=1e-3,
                     train_text_encoder=True, text_encoder_lr=5e-4)
@@ -345,6 +352,7 @@ def test_unsupported_layouts_say_so(tmp_path):
 
 
 # ----------------------------------------------------------------------------- SDXL
+@pytest.mark.slow
 def test_sdxl_loha_with_conv_round_trip_and_host_rules(tmp_path):
     from lora_train.data.demo import write_demo_dataset
     from lora_train.models.loading import load_base_model
@@ -368,6 +376,7 @@ def test_sdxl_loha_with_conv_round_trip_and_host_rules(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the A/B grid and generation
+@pytest.mark.slow
 def test_grid_and_prompt_tags_with_every_type(runs, tmp_path):
     """build_grid / `<lora:name:w>` (what the tab's Test section and the ComfyUI sweep call) with LyCORIS types:
     the base column is the plain model, each strength equals the file applied at that strength, and two types
@@ -408,7 +417,7 @@ def test_tab_fields_make_the_config():
     cfg = TrainConfig(network_type="lokr", factor=8, full_matrix=True, conv_rank=4, conv_alpha=2.0,
                       loraplus_lr_ratio=16.0, rank_dropout=0.1)
     vals = logic.network_settings(cfg)
-    assert TrainConfig(**logic.network_config(vals)).validate().to_dict() == cfg.to_dict()
+    assert TrainConfig(**logic.network_config(vals)).validate().to_dict() == cfg.validate().to_dict()
     assert logic.network_config({}) == logic.network_config(logic.network_settings(TrainConfig()))
     assert logic.network_config({"conv_alpha": 0, "loraplus_lr_ratio": 0})["loraplus_lr_ratio"] is None
     with pytest.raises(logic.UserError, match="rank dropout"):
@@ -442,6 +451,7 @@ def test_advisor_knows_the_types():
     assert warn(network_type="lokr", learning_rate=5e-4) == ""
 
 
+@pytest.mark.slow
 def test_resume_of_a_delta_type_is_bitwise_identical(data, tmp_path):
     """Stop and resume a DoRA run with rank / module dropout (its RNG included): the same file as straight through."""
     kw = dict(network_type="dora", conv_rank=2, rank_dropout=0.2, module_dropout=0.1, max_train_steps=4,
@@ -460,6 +470,7 @@ def test_resume_of_a_delta_type_is_bitwise_identical(data, tmp_path):
     assert res.steps == 4 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sd2_lokr_with_the_text_encoder_round_trip(data, tmp_path):
     from lora_train.models.loading import load_base_model
 

@@ -200,7 +200,7 @@ def test_every_node_contract(comfy):
     # one set of defaults: the Train node starts where the config (and the tab) start
     from lora_train.config import PRECISIONS, TrainConfig
 
-    d, req = TrainConfig(), maps["LoraTrainTrain"].INPUT_TYPES()["required"]
+    d, req = TrainConfig().validate(), maps["LoraTrainTrain"].INPUT_TYPES()["required"]
     for widget, key in (("learning_rate", "learning_rate"), ("rank", "lora_rank"), ("batch_size", "batch_size"),
                         ("gradient_accumulation", "gradient_accumulation_steps"), ("epochs", "epochs"),
                         ("lr_scheduler", "lr_scheduler"), ("warmup_steps", "lr_warmup_steps"),
@@ -208,7 +208,15 @@ def test_every_node_contract(comfy):
                         ("save_every_n_epochs", "save_every_n_epochs")):
         assert req[widget][1]["default"] == getattr(d, key), widget
     assert req["alpha"][1]["default"] == 0.0  # = rank, as the config's lora_alpha None
-    assert tuple(req["mixed_precision"][0]) == ("auto",) + tuple(PRECISIONS)
+    assert tuple(req["mixed_precision"][0]) == tuple(PRECISIONS) and PRECISIONS[0] == "auto"
+    assert req["mixed_precision"][1]["default"] == d.mixed_precision == "auto"
+    assert req["lora_name"][1]["default"] == d.output_name
+    from types import SimpleNamespace
+
+    # a run with the node's defaults prints no advice to change a default; another batch with the same lr does
+    assert not [x for x in ln._advice_lines(SimpleNamespace(findings=[]), d) if "lr note" in x]
+    assert [x for x in ln._advice_lines(SimpleNamespace(findings=[]), d.replace(batch_size=4, learning_rate=1e-4))
+            if "set learning_rate to 0.0002" in x]
 
 
 def _run(code):
@@ -226,6 +234,7 @@ def load():
 """
 
 
+@pytest.mark.slow
 def test_import_touches_no_comfy_module_and_no_heavy_core():
     out = _run(LOADER + """
 import lora_train.training.trainer, lora_train.sampler, lora_train.models.single_file, lora_train.captions, lora_train.hosts
@@ -287,6 +296,7 @@ def test_graph_state_dict_is_the_ldm_layout(comfy, tiny_parts, graph):
         ch.graph_state_dict(model, None, vae)
 
 
+@pytest.mark.slow
 def test_base_model_from_graph_equals_the_checkpoint(comfy, tiny_parts, graph):
     ch = sys.modules["lora_train.hosts.comfyui"]
     tiny = tiny_parts[0]
@@ -377,6 +387,7 @@ def trained(comfy, tiny_parts, dataset_dir):
                 events=list(comfy.events))
 
 
+@pytest.mark.slow
 def test_train_node_trains_on_the_graph_weights(comfy, trained, caplog):
     from safetensors import safe_open
 
@@ -396,8 +407,8 @@ def test_train_node_trains_on_the_graph_weights(comfy, trained, caplog):
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     assert "4 steps, 2 epoch(s)" in report and "loss: first" in report
     assert "diagnosis:" in report  # the live diagnosis summary
-    # batch 2 with lr 1e-3: the report offers the advisor's rescaled start (2e-4 at batch 4 x sqrt(2/4))
-    assert "lr note: effective batch 2 x 1 = 2" in report and "set learning_rate to 0.000141" in report
+    # batch 2 with lr 1e-3: the report offers the table's start for batch 2 (1.5e-4)
+    assert "lr note: effective batch 2 x 1 = 2" in report and "set learning_rate to 0.00015" in report
     run_dir = os.path.join(comfy.fp.get_output_directory(), "lora_train", "my_lora")
     assert os.path.isfile(os.path.join(run_dir, "my_lora.yaml"))
     # ComfyUI's loader (fake: kohya key map of the same model) takes every key of the file
@@ -408,6 +419,7 @@ def test_train_node_trains_on_the_graph_weights(comfy, trained, caplog):
     assert len(m2.patches) > 0 and len(c2.patcher.patches) > 0
 
 
+@pytest.mark.slow
 def test_train_node_never_overwrites(comfy, trained, graph):
     first = trained["out"]["result"][1]
     with open(first, "rb") as fh:
@@ -420,6 +432,7 @@ def test_train_node_never_overwrites(comfy, trained, graph):
         assert hashlib.sha256(fh.read()).hexdigest() == before
 
 
+@pytest.mark.slow
 def test_train_node_network_types(comfy, trained, graph):
     """The optional network inputs (issue 17): a LoHa with ResNet convs, loaded by ComfyUI's (fake) loader."""
     from safetensors import safe_open
@@ -439,6 +452,7 @@ def test_train_node_network_types(comfy, trained, graph):
     # (the fake loader reads lora_down/lora_up only; the real ComfyUI's LoHa loader: tests/test_networks_real_hosts.py)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("race", [False, True])
 def test_train_node_stops_on_interrupt_and_keeps_what_it_trained(comfy, trained, graph, monkeypatch, race):
     """Cancel during step 2. race=True: the flag is set between our check and the next progress call, so
@@ -468,6 +482,7 @@ def test_train_node_stops_on_interrupt_and_keeps_what_it_trained(comfy, trained,
         assert 1 <= int(fh.metadata()["ss_steps"]) <= 2  # stopped long before the 100 steps of 50 epochs
 
 
+@pytest.mark.slow
 def test_apply_and_prompt_nodes_use_comfyui_loader(comfy, trained, graph):
     model, clip, _vae = graph
     maps = comfy.pack.NODE_CLASS_MAPPINGS
@@ -491,6 +506,7 @@ def test_apply_and_prompt_nodes_use_comfyui_loader(comfy, trained, graph):
         pcls().apply(model, clip, "x <lora:nope:1>")
 
 
+@pytest.mark.slow
 def test_sweep_grid_base_column_is_the_no_lora_sample(comfy, trained, graph):
     import nodes as comfy_nodes
 
@@ -524,6 +540,7 @@ def test_sweep_grid_base_column_is_the_no_lora_sample(comfy, trained, graph):
         scls().sweep(model, clip, vae, "my_lora", "p", "", "1, x", "1", 2, 5.0, "euler", "normal", 64, 64, False)
 
 
+@pytest.mark.slow
 def test_host_refresh_and_lists(comfy, trained):
     ch = sys.modules["lora_train.hosts.comfyui"]
     host = ch.ComfyUIHost()

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_nodes import (TRAIN_KW, check_returns, comfy, comfy_loaded, graph, result_of, run_node,  # noqa: E402,F401
                         tiny_parts)
 
-pytestmark = pytest.mark.frontend
+pytestmark = [pytest.mark.slow, pytest.mark.frontend]
 
 
 def _rss_mb() -> float:

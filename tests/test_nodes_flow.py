@@ -136,6 +136,7 @@ def _loads_every_key(comfy, graph, path, caplog):
     return m2, c2
 
 
+@pytest.mark.slow
 def test_flux_graph_train_apply_sweep(comfy, tiny_flux, dataset_dir, monkeypatch, caplog):
     graph = _graph(comfy, tiny_flux, "flux")
     name, path, report, meta, shapes = _train(comfy, graph, dataset_dir, "flux lora", monkeypatch)
@@ -173,6 +174,7 @@ def test_flux_graph_train_apply_sweep(comfy, tiny_flux, dataset_dir, monkeypatch
     assert not torch.equal(cells[0], cells[1])  # the LoRA column differs from the base column
 
 
+@pytest.mark.slow
 def test_sd3_graph_train_with_fp8_base(comfy, tiny_sd3, dataset_dir, monkeypatch, caplog):
     ch = sys.modules["lora_train.hosts.comfyui"]
     graph = _graph(comfy, tiny_sd3, "sd3")

@@ -13,7 +13,11 @@ from safetensors.torch import load_file
 
 from conftest import small_cfg
 from lora_train.models.tiny import build_tiny
-from lora_train.training.trainer import Trainer, list_states
+from lora_train.training.state import list_states
+from lora_train.training.trainer import Trainer
+from lora_train.tuning.advisor import Diagnoser
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 
 def _stop_at(k, box):
@@ -114,7 +118,8 @@ def _all_finite_files(folder):
 def test_nan_stop_keeps_last_good_files(data, tmp_path):
     events = []
     cfg = small_cfg(data, tmp_path, epochs=3, save_every_n_epochs=1)
-    tr = Trainer(cfg, model=build_tiny(), callback=events.append, loss_hook=_nan_at(6, once=False))
+    tr = Trainer(cfg, model=build_tiny(), callback=events.append, loss_hook=_nan_at(6, once=False),
+                 diagnoser=Diagnoser(cfg))  # the front doors attach it (run.train_for_host)
     res = tr.run()
     assert res.nan_stopped and res.stopped and res.steps == 5 and res.lora_path is None
     assert "halve learning_rate" in res.message and "--resume" in res.message

@@ -9,6 +9,8 @@ from lora_train.models.tiny import build_tiny
 from lora_train.sampler import GenParams, Generator, build_grid, epoch_axis
 from lora_train.training.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
+
 STEPS = 3
 
 

@@ -8,7 +8,11 @@ from lora_train.models import conditioning, flow
 from lora_train.models.loading import load_base_model
 from lora_train.models.sd3 import TINY_SD3_TRANSFORMER, build_tiny_sd3, save_sd3_folder, variant_of
 from lora_train.networks import lora as L
-from lora_train.training.trainer import Trainer, encode_prompts, fixed_noise_loss
+from lora_train.training.device import encode_prompts
+from lora_train.training.loss import fixed_noise_loss
+from lora_train.training.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,10 @@ from lora_train.data.buckets import SampleTransform
 from lora_train.models.base import ModelError
 from lora_train.models.loading import load_base_model
 from lora_train.models.tiny import build_tiny_sd2, build_tiny_sdxl
-from lora_train.training.trainer import Trainer, architecture
+from lora_train.training.outputs import architecture
+from lora_train.training.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 CAPS = ["a photo of a red circle", "blue stripes on white", ""]
 SDXL_KEY_RE = re.compile(r"^(lora_unet_(input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)_[a-z0-9_]+"
@@ -54,7 +57,7 @@ def test_sdxl_trains_samples_and_validates(xl_run):
     # both text encoders got an adapter, in their own param groups at the te lr
     groups = tr.optimizer.param_groups
     assert [g["initial_lr"] for g in groups] == [5e-3, 4e-3, 4e-3]
-    named = tr._trainable_named()
+    named = tr.trainable_named()
     assert any(k.startswith("te.") for k in named) and any(k.startswith("te2.") for k in named)
     assert sum(p.numel() for g in groups[1:] for p in g["params"]) == \
         sum(v.numel() for k, v in named.items() if k.startswith(("te.", "te2.")))

@@ -12,7 +12,11 @@ from safetensors.torch import load_file
 from conftest import small_cfg, unet_out
 from lora_train.networks import lora as L
 from lora_train.models.tiny import build_tiny
-from lora_train.training.trainer import Trainer, encode_prompts, fixed_noise_loss
+from lora_train.training.device import encode_prompts
+from lora_train.training.loss import fixed_noise_loss
+from lora_train.training.trainer import Trainer
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 KEY_RE = re.compile(r"^(lora_unet_[a-z0-9_]+|lora_te_text_model_[a-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 

@@ -9,7 +9,11 @@ from safetensors.torch import load_file
 
 from conftest import small_cfg
 from lora_train.models.tiny import build_tiny
-from lora_train.training.trainer import Trainer, ZeroLoRAError, effective_warmup, list_states
+from lora_train.training.outputs import ZeroLoRAError
+from lora_train.training.state import list_states
+from lora_train.training.trainer import Trainer, effective_warmup
+
+pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
 
 @pytest.fixture(scope="module")

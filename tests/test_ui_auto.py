@@ -21,6 +21,7 @@ def _values(host, **kw):
                 batch_size=2, learning_rate=1e-3, lora_rank=2, lora_alpha=2, **kw)
 
 
+@pytest.mark.slow
 def test_queue_runs_in_order_one_at_a_time_and_survives_a_reload(tmp_path, demo_data):
     host = StandaloneHost("tiny", str(tmp_path / "loras"))
     started = []
@@ -65,6 +66,7 @@ def test_queue_runs_in_order_one_at_a_time_and_survives_a_reload(tmp_path, demo_
         q2.remove("nope")
 
 
+@pytest.mark.slow
 def test_a_failing_queue_entry_does_not_stop_the_queue(tmp_path, demo_data):
     host = StandaloneHost("tiny", str(tmp_path / "loras"))
     q = queue_mod.queue_for(host, lambda cfg, spec: logic.start_training(host, cfg, spec))

@@ -21,7 +21,7 @@ CHROMIUM = os.environ.get("LORA_TRAIN_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 120_000
-pytestmark = pytest.mark.frontend  # gradio + a browser: not part of the WebUI-versions core run
+pytestmark = [pytest.mark.slow, pytest.mark.frontend]  # gradio + a browser: not part of the WebUI-versions core run
 
 
 def _need(what: str, ok: bool) -> None:

@@ -101,6 +101,7 @@ def test_forge_flux_suggest_uses_the_loaded_family(forge_flux, demo_data):
     assert ", flux, task style" in md
 
 
+@pytest.mark.slow
 def test_forge_flux_tab_trains_and_publishes(forge_flux, demo_data):
     from safetensors import safe_open
 

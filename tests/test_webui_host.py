@@ -118,6 +118,7 @@ def test_detects_the_host_and_its_folders(webui):
     assert h.lora_dirs()[0] == str(root / "elsewhere") and h.output_dir() == str(root / "elsewhere")
 
 
+@pytest.mark.slow
 def test_base_model_from_the_loaded_weights(webui):
     """A1111: shared.sd_model.state_dict() (ldm, `.wrapped.` text encoder); Forge: forge_objects' modules."""
     bm = webui.host.base_model(None)
@@ -218,6 +219,7 @@ def _fresh_job_slot(fresh_job_slot):
     yield
 
 
+@pytest.mark.slow
 def test_training_job_end_to_end(webui, demo_data):
     """Loaded checkpoint (from the WebUI's memory) -> train -> file in the LoRA folder, list refreshed, memory given
     back, progress in shared.state, run folder outside the LoRA folder, a second run gets a new name."""
@@ -252,6 +254,7 @@ def test_training_job_end_to_end(webui, demo_data):
     assert os.path.basename(job2.lora_path) == "mystyle_v2.safetensors" and job2.name == "mystyle_v2"
 
 
+@pytest.mark.slow
 def test_restore_on_training_error(webui, demo_data, monkeypatch):
     h = webui.host
     import lora_train.run as run_mod
@@ -277,6 +280,7 @@ def test_restore_on_training_error(webui, demo_data, monkeypatch):
     assert os.listdir(h.lora_dirs()[0]) == []  # nothing half-written in the LoRA folder
 
 
+@pytest.mark.slow
 def test_interrupt_button_stops_training_and_saves(a1111, demo_data):
     h = a1111.host
     job = _tab_train(h, demo_data, "stopme", 50, wait=False)
@@ -292,6 +296,7 @@ def test_interrupt_button_stops_training_and_saves(a1111, demo_data):
     assert a1111.sd_models.calls[-1] == "send_model_to_device"
 
 
+@pytest.mark.slow
 def test_one_job_at_a_time(a1111, demo_data, monkeypatch):
     from lora_train.ui import jobs
 
@@ -548,6 +553,7 @@ def test_script_shows_an_error_tab_when_our_import_fails(a1111, monkeypatch, cap
     assert "diffusers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_javascript_send_to_txt2img_tag_helper():
     import shutil
     import subprocess
@@ -571,6 +577,7 @@ console.log(JSON.stringify(out));"""
     assert json.loads(res.stdout) == ["<lora:a:0.8>", "a cat <lora:a:0.8>", "a cat <lora:a:0.8>, b <lora:ab:1>", "x"]
 
 
+@pytest.mark.slow
 def test_host_module_imports_no_webui_or_gradio():
     """The adapter and the script import nothing of the WebUI (or gradio) until they are used."""
     import subprocess
@@ -618,6 +625,7 @@ def test_outside_folder_message_names_the_flag_in_effect(a1111, tmp_path, demo_d
     assert "allow-any-path" not in msg and "--listen/--share" not in msg
 
 
+@pytest.mark.slow
 def test_javascript_refreshes_lora_cards_once_and_polls_only_when_shown():
     import json
     import shutil

@@ -56,6 +56,7 @@ class SpyHost(StandaloneHost):
 
 
 # ----------------------------------------------------------------------------- hosts' gradio, no torch
+@pytest.mark.slow
 @pytest.mark.frontend
 @pytest.mark.parametrize("version", ["3.41.2", "4.40.0"])
 def test_tab_builds_under_host_gradio(version):
@@ -104,6 +105,7 @@ def _val(u):
     return u.get("value") if isinstance(u, dict) else u
 
 
+@pytest.mark.slow
 @pytest.mark.frontend
 def test_tab_current_gradio_builds_and_suggest_fills_fields(tmp_path, demo_data):
     gr = pytest.importorskip("gradio")
@@ -208,6 +210,7 @@ def test_build_config_new_name_each_run(tmp_path, demo_data):
         logic.build_config(host, values, "", "")
 
 
+@pytest.mark.slow
 def test_training_job_refuses_second_start_then_grid(tmp_path, demo_data):
     host = SpyHost("tiny", str(tmp_path / "loras"))
     values = dict(logic.default_settings(host), output_name="t", max_train_steps=3, epochs=1, lr_warmup_steps=0,
@@ -247,6 +250,7 @@ def test_training_job_refuses_second_start_then_grid(tmp_path, demo_data):
         logic.run_grid(host, "a picture", "", "nope", "1", "1", False, 2, 7.0, 64)
 
 
+@pytest.mark.slow
 def test_host_interrupt_stops_and_saves(tmp_path, demo_data):
     host = SpyHost("tiny", str(tmp_path / "loras"), interrupt_after=1)
     values = dict(logic.default_settings(host), output_name="s", max_train_steps=50, epochs=1, lr_warmup_steps=0,
@@ -262,6 +266,7 @@ def test_host_interrupt_stops_and_saves(tmp_path, demo_data):
     assert host.calls == ["free", "restore", "refresh"]
 
 
+@pytest.mark.slow
 def test_failed_job_restores_host_memory_and_frees_slot(tmp_path, demo_data):
     class Broken(SpyHost):
         def base_model(self, spec=None):
@@ -290,6 +295,7 @@ def test_job_slot_is_shared_and_threads_see_it():
     assert jobs.claim("train", "x").kind == "train"
 
 
+@pytest.mark.slow
 def test_lr_finder_holds_the_slot_and_frees_host_memory(tmp_path, demo_data):
     host = SpyHost("tiny", str(tmp_path / "loras"))
     values = dict(logic.default_settings(host), batch_size=2, lora_rank=4, lora_alpha=4)

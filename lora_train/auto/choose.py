@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from ..names import epoch_of
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -97,22 +98,12 @@ def read_val_losses(loss_csv: str) -> Dict[int, float]:
     return out
 
 
-def epoch_of_file(path: str, stem: str) -> Optional[int]:
-    """6-digit kohya epoch number of `<stem>-000004.safetensors`, None for other names."""
-    import os
-
-    base = os.path.splitext(os.path.basename(path))[0]
-    if base.startswith(stem + "-") and base[len(stem) + 1:].isdigit() and len(base) == len(stem) + 7:
-        return int(base[len(stem) + 1:])
-    return None
-
-
 def files_by_epoch(epoch_files: Sequence[str], final: Optional[str], stem: str, epochs_done: int
                    ) -> Dict[int, str]:
     """epoch -> file of that epoch (the final file is the last epoch's)."""
     out: Dict[int, str] = {}
     for p in epoch_files:
-        e = epoch_of_file(p, stem)
+        e = epoch_of(p, stem)
         if e is not None:
             out[e] = p
     if final:

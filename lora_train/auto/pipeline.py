@@ -16,7 +16,6 @@ fields as a normal run); a key given there wins and the report says "your choice
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import threading
@@ -29,10 +28,10 @@ from ..captions import caption_folder, make_captioner
 from ..config import TrainConfig
 from ..data.folder import FolderError, scan_folder
 from ..hosts.base import USED_NAMES, Host
-from ..io_utils import atomic_copy
 from ..metrics import colour_distance
 from ..models.loading import TINY_SPECS
-from ..run import train_for_host
+from ..names import EXT, check_name, epoch_file
+from ..run import publish_to_host, train_for_host
 from ..sampler import GenParams, build_grid
 from ..tuning.advisor import TASKS, detect_vram_gb, suggest
 from . import choose as choose_mod
@@ -258,211 +257,227 @@ def _common_caption(rows) -> str:
     return Counter(caps).most_common(1)[0][0] if caps else ""
 
 
-class _RunFolderHost(Host):
-    """The host, except that a run publishes into its run folder: auto mode publishes only the chosen epoch
-    under NAME (and the epochs as NAME-00000E) itself."""
-
-    def __init__(self, inner: Host, folder: str):
-        self.inner, self.folder = inner, folder
-        self.name = inner.name
-
-    def lora_dirs(self) -> List[str]:
-        return [self.folder]
-
-    def base_model(self, spec=None):
-        return self.inner.base_model(spec)
-
-    def memory_freed(self):
-        return self.inner.memory_freed()  # the host's own (ComfyUI's also turns autograd back on)
-
-    def interrupted(self):
-        return self.inner.interrupted()
-
-    def progress(self, done, total, text=""):
-        return self.inner.progress(done, total, text)
-
-
 # ----------------------------------------------------------------------------- the pipeline
 def run_auto(host: Host, opts: AutoOptions, callback: Optional[Callable[[dict], None]] = None,
              stop_event: Optional[threading.Event] = None, log: Optional[Callable[[str], None]] = None) -> AutoResult:
     """Run every step (module docstring). `callback` gets the trainer's events; `log(text)` one line per step."""
-    say = log or (lambda s: None)
-    choices: List[Choice] = []
-    ov = dict(opts.overrides or {})
-    unknown = [k for k in ov if k not in TrainConfig.keys()]
-    if unknown:
-        TrainConfig.from_dict({k: ov[k] for k in unknown})  # raises the ConfigError that names the nearest key
-    if opts.task not in TASKS:
-        raise AutoRefused(f"task '{opts.task}' is not known: use one of {', '.join(TASKS)}.")
+    return _AutoRun(host, opts, callback, stop_event, log or (lambda s: None)).run()
 
-    # 1. check (nothing written before this passes)
-    folder = os.path.abspath(opts.folder)
-    chk = check_folder(folder)
-    name = (opts.name or "").strip()
-    if not name or any(c in name for c in "/\\:<>\"|?*"):
-        raise AutoRefused(f"name '{opts.name}' is not usable as a file name: use letters, digits, _ and -.")
-    if host.name_taken(name):
-        if not opts.rename:
-            raise AutoRefused(f"a LoRA or run named '{name}' exists already in {host.output_dir()} (or its run "
-                              f"folder): choose another --name (files are never overwritten).")
-        name = host.free_name(name)
-    USED_NAMES.add(name)
-    trigger = opts.trigger if opts.trigger is not None else name
-    spec = opts.base if opts.base else None
-    loaded = host.loaded_checkpoint() if spec is None else None
-    is_tiny = (spec or (loaded[1] if loaded else "")) in TINY_SPECS  # the demo models: 64 px, CFG 1
-    fam, fam_why = (opts.family, "your choice") if opts.family else family_of(spec, host)
-    choices.append(Choice("check", "images", chk.images, f"{chk.images} images, {chk.samples} samples per epoch "
-                                                         f"with repeats; {len(chk.uncaptioned)} without a caption"))
-    choices.append(Choice("check", "base family", fam, fam_why, user=bool(opts.family)))
-    choices.append(Choice("check", "LoRA name", name, "your name" + (" (free)" if name == opts.name else
-                                                                      f" was taken: next free name")))
-    say(f"[1/7] checked {folder}: {chk.images} images, {len(chk.uncaptioned)} without a caption")
-    for w in chk.warnings:
-        say(f"  warning: {w}")
 
-    run_dir = os.path.join(host.runs_dir(), name)
-    os.makedirs(run_dir, exist_ok=True)
+class _AutoRun:
+    """One auto run, a method per step; what a step decides goes into `choices` (the report's table)."""
 
-    # 2. captions (only the images that have none)
-    written: List[str] = []
-    if chk.uncaptioned:
-        cap, cap_name, cap_why = pick_captioner(host, opts.captioner, trigger)
-        rep = caption_folder(folder, cap, mode="skip", trigger=trigger if cap_name != "template" else None)
-        written = list(rep.written)
-        if rep.failed:
-            raise AutoRefused("captioning failed: " + "; ".join(rep.failure_lines()))
-        choices.append(Choice("caption", "captioner", cap_name, cap_why, user=opts.captioner not in ("auto", "")))
-        chk = check_folder(folder)
-    kept = [r.path for r in chk.rows if r.path not in set(written)]
-    choices.append(Choice("caption", "captions", f"{len(written)} written, {len(kept)} kept",
-                          "only images without a caption are captioned; existing captions are never touched"))
-    choices.append(Choice("caption", "trigger_word", trigger, "your choice" if opts.trigger else
-                          "the LoRA name: the word that calls it in a prompt", user=opts.trigger is not None))
-    say(f"[2/7] captions: {len(written)} written, {len(kept)} kept")
+    def __init__(self, host: Host, opts: AutoOptions, callback, stop_event, say: Callable[[str], None]):
+        self.host, self.opts, self.callback, self.stop_event, self.say = host, opts, callback, stop_event, say
+        self.choices: List[Choice] = []
+        self.ov = dict(opts.overrides or {})
+        self.written: List[str] = []
+        self.warnings: List[str] = []
 
-    # 3. settings
-    val_n = max(1, int(round(chk.images * VAL_FRACTION)))
-    split = min(0.49, (val_n + 0.5) / chk.images)  # the trainer rounds n * split: this gives val_n images
-    train_images = chk.images - val_n
-    sugg = suggest(max(1, train_images), task=opts.task, base=fam, vram_gb=opts.vram,
-                   samples_per_epoch=max(1, round(chk.samples * train_images / chk.images)))
-    values: Dict[str, Any] = {}
-    for key, value, reason in sugg.rows():
-        if key in TrainConfig.keys():
+    def run(self) -> AutoResult:
+        self.check()
+        self.caption()
+        cfg = self.settings()
+        res = self.train(cfg)
+        ec, by_epoch = self.choose(res)
+        published = self.publish_chosen(ec, by_epoch)
+        grid_path, strength = self.grid(cfg, ec, max(by_epoch))
+        from .report import write_report
+
+        result = AutoResult(name=self.name, run_dir=self.run_dir, lora_path=published[0], published=published,
+                            chosen_epoch=ec.chosen, runner_up=ec.runner_up, last_epoch=max(by_epoch),
+                            epoch_choice=ec, choices=self.choices, config=cfg, grid_path=grid_path, report_path="",
+                            report="", tag=f"<lora:{self.name}:{strength:g}>", strength=strength,
+                            captions_written=self.written, captions_kept=self.kept, findings=list(res.findings),
+                            warnings=self.warnings + self.chk.warnings, train_result=res)
+        result.report_path, result.report = write_report(result, self.folder)
+        return result
+
+    def check(self) -> None:
+        """1. the options, the folder and the name (nothing is written before this passes)."""
+        host, opts, choices = self.host, self.opts, self.choices
+        unknown = [k for k in self.ov if k not in TrainConfig.keys()]
+        if unknown:
+            TrainConfig.from_dict({k: self.ov[k] for k in unknown})  # raises the ConfigError naming the nearest key
+        if opts.task not in TASKS:
+            raise AutoRefused(f"task '{opts.task}' is not known: use one of {', '.join(TASKS)}.")
+        self.folder = folder = os.path.abspath(opts.folder)
+        self.chk = chk = check_folder(folder)
+        try:
+            name = check_name(opts.name)
+        except ValueError as exc:
+            raise AutoRefused(str(exc)) from None
+        if host.name_taken(name):
+            if not opts.rename:
+                raise AutoRefused(f"a LoRA or run named '{name}' exists already in {host.output_dir()} (or its run "
+                                  f"folder): choose another --name (files are never overwritten).")
+            name = host.free_name(name)
+        USED_NAMES.add(name)
+        self.name = name
+        self.trigger = opts.trigger if opts.trigger is not None else name
+        self.spec = spec = opts.base if opts.base else None
+        loaded = host.loaded_checkpoint() if spec is None else None
+        self.is_tiny = (spec or (loaded[1] if loaded else "")) in TINY_SPECS  # the demo models: 64 px, CFG 1
+        self.fam, fam_why = (opts.family, "your choice") if opts.family else family_of(spec, host)
+        choices.append(Choice("check", "images", chk.images, f"{chk.images} images, {chk.samples} samples per "
+                                                             f"epoch with repeats; {len(chk.uncaptioned)} without a "
+                                                             f"caption"))
+        choices.append(Choice("check", "base family", self.fam, fam_why, user=bool(opts.family)))
+        choices.append(Choice("check", "LoRA name", name, "your name" + (" (free)" if name == opts.name else
+                                                                          " was taken: next free name")))
+        self.say(f"[1/7] checked {folder}: {chk.images} images, {len(chk.uncaptioned)} without a caption")
+        for w in chk.warnings:
+            self.say(f"  warning: {w}")
+        self.run_dir = os.path.join(host.runs_dir(), name)
+        os.makedirs(self.run_dir, exist_ok=True)
+
+    def caption(self) -> None:
+        """2. captions for the images that have none (existing captions are never touched)."""
+        opts, trigger = self.opts, self.trigger
+        if self.chk.uncaptioned:
+            cap, cap_name, cap_why = pick_captioner(self.host, opts.captioner, trigger)
+            rep = caption_folder(self.folder, cap, mode="skip", trigger=trigger if cap_name != "template" else None)
+            self.written = list(rep.written)
+            if rep.failed:
+                raise AutoRefused("captioning failed: " + "; ".join(rep.failure_lines()))
+            self.choices.append(Choice("caption", "captioner", cap_name, cap_why,
+                                       user=opts.captioner not in ("auto", "")))
+            self.chk = check_folder(self.folder)
+        self.kept = [r.path for r in self.chk.rows if r.path not in set(self.written)]
+        self.choices.append(Choice("caption", "captions", f"{len(self.written)} written, {len(self.kept)} kept",
+                                   "only images without a caption are captioned; existing captions are never "
+                                   "touched"))
+        self.choices.append(Choice("caption", "trigger_word", trigger, "your choice" if opts.trigger else
+                                   "the LoRA name: the word that calls it in a prompt", user=opts.trigger is not None))
+        self.say(f"[2/7] captions: {len(self.written)} written, {len(self.kept)} kept")
+
+    def settings(self) -> TrainConfig:
+        """3. the advisor's settings, auto mode's own (validation split, run folder), the user's flags on top;
+        the optional LR range test."""
+        chk, choices, ov = self.chk, self.choices, self.ov
+        val_n = max(1, int(round(chk.images * VAL_FRACTION)))
+        split = min(0.49, (val_n + 0.5) / chk.images)  # the trainer rounds n * split: this gives val_n images
+        train_images = chk.images - val_n
+        per_epoch = max(1, round(chk.samples * train_images / chk.images))
+        sugg = suggest(max(1, train_images), task=self.opts.task, base=self.fam, vram_gb=self.opts.vram,
+                       samples_per_epoch=per_epoch)
+        values: Dict[str, Any] = {}
+        for key, value, reason in sugg.rows():
+            if key in TrainConfig.keys():
+                values[key] = value
+                choices.append(Choice("settings", key, value, reason + (
+                    "; an epoch file each time: the validation loss chooses among them"
+                    if key == "save_every_n_epochs" else "")))
+        for key, (value, reason) in self._auto_values(values, split, val_n).items():
+            _decide(choices, key, value, reason if key not in values or values[key] == value
+                    else f"{reason} (the advisor said {values[key]!r})")
             values[key] = value
-            choices.append(Choice("settings", key, value, reason + ("; an epoch file each time: the validation loss "
-                                                                    "chooses among them" if key ==
-                                                                    "save_every_n_epochs" else "")))
-    auto_extra = {
-        "validation_split": (split, f"{val_n} of {chk.images} images held out: their loss chooses the epoch"),
-        "trigger_word": (trigger, "as captioned"),
-        "output_name": (name, "the LoRA name"),
-        "output_dir": (run_dir, "the run folder (never the LoRA folder)"),
-        "train_data_dir": (folder, "the checked folder"),
-    }
-    if spec is not None:
-        auto_extra["base_model"] = (spec, "the base model given")
-    if detect_vram_gb() is None:  # training runs on the CPU here: GPU memory savers only cost time
-        if values.get("mixed_precision", "no") != "no":
-            auto_extra["mixed_precision"] = ("no", "no CUDA GPU here: fp32 (mixed precision needs a GPU)")
-        if values.get("gradient_checkpointing"):
-            auto_extra["gradient_checkpointing"] = (False, "no CUDA GPU here: no GPU memory to save")
-    if is_tiny:
-        auto_extra["resolution"] = (64, "the tiny demo model's native resolution")
-    for key, (value, reason) in auto_extra.items():
-        _decide(choices, key, value, reason if key not in values or values[key] == value
-                else f"{reason} (the advisor said {values[key]!r})")
-        values[key] = value
-    for key, value in ov.items():  # the user's flags win
-        values[key] = value
-        _decide(choices, key, value, "your choice", user=True)
-    if values.get("max_train_steps"):
-        fit_to_step_cap(values, choices, ov, max(1, round(chk.samples * train_images / chk.images)))
-    cfg = TrainConfig.from_dict(values)
+        for key, value in ov.items():  # the user's flags win
+            values[key] = value
+            _decide(choices, key, value, "your choice", user=True)
+        if values.get("max_train_steps"):
+            fit_to_step_cap(values, choices, ov, per_epoch)
+        cfg = self._lr_find(TrainConfig.from_dict(values))
+        cap = f" (at most {cfg.max_train_steps} steps)" if cfg.max_train_steps else ""
+        self.say(f"[3/7] settings: lr {cfg.learning_rate:g}, rank {cfg.lora_rank}, batch {cfg.batch_size}, "
+                 f"{cfg.epochs} epochs{cap}, {val_n} validation image(s)")
+        return cfg
 
-    if opts.lr_find and "learning_rate" not in ov:
+    def _auto_values(self, values: Dict[str, Any], split: float, val_n: int) -> Dict[str, Tuple[Any, str]]:
+        """Auto mode's own settings, {key: (value, reason)}."""
+        out = {
+            "validation_split": (split, f"{val_n} of {self.chk.images} images held out: their loss chooses the "
+                                        f"epoch"),
+            "trigger_word": (self.trigger, "as captioned"),
+            "output_name": (self.name, "the LoRA name"),
+            "output_dir": (self.run_dir, "the run folder (never the LoRA folder)"),
+            "train_data_dir": (self.folder, "the checked folder"),
+        }
+        if self.spec is not None:
+            out["base_model"] = (self.spec, "the base model given")
+        if detect_vram_gb() is None:  # training runs on the CPU here: GPU memory savers only cost time
+            if values.get("mixed_precision", "auto") not in ("no", "auto"):
+                out["mixed_precision"] = ("no", "no CUDA GPU here: fp32 (mixed precision needs a GPU)")
+            if values.get("gradient_checkpointing"):
+                out["gradient_checkpointing"] = (False, "no CUDA GPU here: no GPU memory to save")
+        if self.is_tiny:
+            out["resolution"] = (64, "the tiny demo model's native resolution")
+        return out
+
+    def _lr_find(self, cfg: TrainConfig) -> TrainConfig:
+        if not self.opts.lr_find or "learning_rate" in self.ov:
+            return cfg
         from ..tuning.lr_finder import lr_range_test
 
-        say("[3/7] LR range test ...")
-        with host.memory_freed():
-            res = lr_range_test(cfg, model=host.base_model(spec), steps=100, stop_event=stop_event)
-        res.save_plot(os.path.join(run_dir, f"{name}_lr_find.png"), overwrite=True)
+        self.say("[3/7] LR range test ...")
+        with self.host.memory_freed():
+            res = lr_range_test(cfg, model=self.host.base_model(self.spec), steps=100, stop_event=self.stop_event)
+        res.save_plot(os.path.join(self.run_dir, f"{self.name}_lr_find.png"), overwrite=True)
         cfg = cfg.replace(learning_rate=float(f"{res.suggested_lr:.3g}"))
-        for c in choices:
+        for c in self.choices:
             if c.key == "learning_rate":
                 c.value, c.reason = cfg.learning_rate, f"LR range test: {res.summary()}"
-    cap = f" (at most {cfg.max_train_steps} steps)" if cfg.max_train_steps else ""
-    say(f"[3/7] settings: lr {cfg.learning_rate:g}, rank {cfg.lora_rank}, batch {cfg.batch_size}, "
-        f"{cfg.epochs} epochs{cap}, {val_n} validation image(s)")
+        return cfg
 
-    # 4. train (the one path), publishing into the run folder
-    run = train_for_host(_RunFolderHost(host, run_dir), cfg, spec, callback=callback, stop_event=stop_event,
-                         rename=False)
-    res = run.result
-    if res.lora_path is None:
-        raise RuntimeError(f"training ended without a LoRA: {res.message or 'no step was finished'}")
-    say(f"[4/7] trained {res.steps} steps, {res.epochs_done} epochs in {res.seconds:.0f}s")
+    def train(self, cfg: TrainConfig):
+        """4. train (the one path, run.train_for_host); the files stay in the run folder until one is chosen."""
+        run = train_for_host(self.host, cfg, self.spec, callback=self.callback, stop_event=self.stop_event,
+                             rename=False, publish_files=False)
+        res = run.result
+        if res.lora_path is None:
+            raise RuntimeError(f"training ended without a LoRA: {res.message or 'no step was finished'}")
+        self.warnings += run.warnings
+        self.say(f"[4/7] trained {res.steps} steps, {res.epochs_done} epochs in {res.seconds:.0f}s")
+        return res
 
-    # 5. choose the epoch
-    losses = choose_mod.read_val_losses(res.loss_csv)
-    by_epoch = choose_mod.files_by_epoch(res.epoch_files, res.lora_path, name, res.epochs_done)
-    try:
-        ec = choose_mod.choose_epoch(losses, list(by_epoch), opts.tolerance)
-    except choose_mod.NoCandidate:
-        last_e = max(by_epoch)
-        ec = choose_mod.last_state(losses, last_e, f"no epoch file has a validation loss to compare (the run ended "
-                                                  f"after {res.steps} step(s), in epoch {res.epochs_done}): the "
-                                                  f"last state is published")
-    choices.append(Choice("choose", "epoch", ec.chosen, ec.why + ". Rule: " + choose_mod.RULE,
-                          user=opts.tolerance is not None))
-    say(f"[5/7] chose epoch {ec.chosen}: {ec.why}")
+    def choose(self, res):
+        """5. the epoch with the best validation loss (the last state when none can be compared)."""
+        losses = choose_mod.read_val_losses(res.loss_csv)
+        by_epoch = choose_mod.files_by_epoch(res.epoch_files, res.lora_path, self.name, res.epochs_done)
+        try:
+            ec = choose_mod.choose_epoch(losses, list(by_epoch), self.opts.tolerance)
+        except choose_mod.NoCandidate:
+            ec = choose_mod.last_state(losses, max(by_epoch), f"no epoch file has a validation loss to compare (the "
+                                                              f"run ended after {res.steps} step(s), in epoch "
+                                                              f"{res.epochs_done}): the last state is published")
+        self.choices.append(Choice("choose", "epoch", ec.chosen, ec.why + ". Rule: " + choose_mod.RULE,
+                                   user=self.opts.tolerance is not None))
+        self.say(f"[5/7] chose epoch {ec.chosen}: {ec.why}")
+        return ec, by_epoch
 
-    # 6. publish: the chosen epoch as NAME, every epoch file as NAME-00000E
-    lora_dir = host.output_dir()
-    os.makedirs(lora_dir, exist_ok=True)
-    published = [atomic_copy(by_epoch[ec.chosen], os.path.join(lora_dir, f"{name}.safetensors"))]
-    last = max(by_epoch)
-    for e, path in sorted(by_epoch.items()):
-        published.append(atomic_copy(path, os.path.join(lora_dir, f"{name}-{e:06d}.safetensors")))
-    warnings = list(run.warnings)
-    try:
-        host.refresh_loras()
-    except Exception as exc:  # the files are there; the user can refresh by hand
-        warnings.append(f"the host's LoRA list could not be refreshed ({exc}): use its refresh button.")
-    say(f"[6/7] published {published[0]} (+ {len(published) - 1} epoch files)")
+    def publish_chosen(self, ec, by_epoch: Dict[int, str]) -> List[str]:
+        """6. the chosen epoch as NAME, every epoch file as NAME-00000E (run.publish_to_host)."""
+        name = self.name
+        published, warnings = publish_to_host(self.host, [(by_epoch[ec.chosen], f"{name}{EXT}")] +
+                                              [(path, epoch_file(name, e)) for e, path in sorted(by_epoch.items())])
+        if not published or os.path.basename(published[0]) != f"{name}{EXT}":
+            raise RuntimeError("; ".join(warnings) or f"the chosen epoch could not be published as {name}{EXT}")
+        self.warnings += warnings
+        self.say(f"[6/7] published {published[0]} (+ {len(published) - 1} epoch files)")
+        return published
 
-    # 7. grid: base / chosen / last at several strengths
-    common = _common_caption(chk.rows)
-    prompt = opts.prompt or (common if trigger in common else f"{trigger}, {common}".strip(", "))
-    steps = opts.sample_steps or 20
-    cfg_scale = opts.cfg_scale if opts.cfg_scale is not None else (1.0 if is_tiny else 7.0)
-    base = GenParams(prompt=f"{prompt} <lora:{name}:1>", steps=steps, cfg_scale=cfg_scale, width=cfg.resolution,
-                     height=cfg.resolution)
-    rows = [(f"chosen (epoch {ec.chosen})", name)]
-    if last != ec.chosen:
-        rows.append((f"last (epoch {last})", f"{name}-{last:06d}"))
-    grid_path, strength, strength_why = None, 1.0, "no grid"
-    try:
-        grid = build_grid(host.generate, base, name, list(opts.strengths), list(opts.seeds), epochs=rows,
-                          cell_size=max(128, min(cfg.resolution, 256)))
-        grid_path = grid.save(os.path.join(run_dir, "grids"), f"{name}_auto")[0]
-        strength, strength_why = suggest_strength(chk.rows, grid, len(opts.seeds))
-    except NotImplementedError:
-        warnings.append("this host cannot generate images here: no grid")
-    choices.append(Choice("grid", "strength", strength, strength_why))
-    say(f"[7/7] grid: {grid_path}")
-
-    from .report import write_report
-
-    result = AutoResult(name=name, run_dir=run_dir, lora_path=published[0], published=published,
-                        chosen_epoch=ec.chosen, runner_up=ec.runner_up, last_epoch=last, epoch_choice=ec,
-                        choices=choices, config=cfg, grid_path=grid_path, report_path="", report="",
-                        tag=f"<lora:{name}:{strength:g}>", strength=strength, captions_written=written,
-                        captions_kept=kept, findings=list(res.findings), warnings=warnings + chk.warnings,
-                        train_result=res)
-    result.report_path, result.report = write_report(result, folder)
-    return result
+    def grid(self, cfg: TrainConfig, ec, last: int) -> Tuple[Optional[str], float]:
+        """7. the A/B grid: base / chosen / last at several strengths, and the strength it suggests."""
+        opts, name, trigger = self.opts, self.name, self.trigger
+        common = _common_caption(self.chk.rows)
+        prompt = opts.prompt or (common if trigger in common else f"{trigger}, {common}".strip(", "))
+        cfg_scale = opts.cfg_scale if opts.cfg_scale is not None else (1.0 if self.is_tiny else 7.0)
+        base = GenParams(prompt=f"{prompt} <lora:{name}:1>", steps=opts.sample_steps or 20, cfg_scale=cfg_scale,
+                         width=cfg.resolution, height=cfg.resolution)
+        rows = [(f"chosen (epoch {ec.chosen})", name)]
+        if last != ec.chosen:
+            rows.append((f"last (epoch {last})", epoch_file(name, last)[: -len(EXT)]))
+        grid_path, strength, strength_why = None, 1.0, "no grid"
+        try:
+            grid = build_grid(self.host.generate, base, name, list(opts.strengths), list(opts.seeds), epochs=rows,
+                              cell_size=max(128, min(cfg.resolution, 256)))
+            grid_path = grid.save(os.path.join(self.run_dir, "grids"), f"{name}_auto")[0]
+            strength, strength_why = suggest_strength(self.chk.rows, grid, len(opts.seeds))
+        except NotImplementedError:
+            self.warnings.append("this host cannot generate images here: no grid")
+        self.choices.append(Choice("grid", "strength", strength, strength_why))
+        self.say(f"[7/7] grid: {grid_path}")
+        return grid_path, strength
 
 
 def suggest_strength(rows, grid, n_seeds: int) -> Tuple[float, str]:

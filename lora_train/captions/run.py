@@ -97,7 +97,6 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
-    target = _resolve_out(out)
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
     entries = list_images(folder, caption_extension)
@@ -106,30 +105,78 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
         report.warnings.append(f"no images in '{os.path.abspath(folder)}' (looked for {', '.join(IMAGE_EXTS)} "
                                f"in the folder and its kohya N_name subfolders)")
         return report
-    metas: Dict[str, MetadataFile] = {}
-
-    def meta_for(d: str) -> MetadataFile:
-        if d not in metas:  # the folder's own metadata file if it has one (the one the loader reads)
-            have = next((n for n in METADATA_NAMES if os.path.isfile(os.path.join(d, n))), None)
-            metas[d] = MetadataFile(d, have or target)
-        return metas[d]
-
-    # what the loader reads now, per folder: its metadata file (csv before jsonl), then .txt sidecars
-    readers: Dict[str, Optional[MetadataFile]] = {}
-    for e in entries:
-        if e.folder not in readers:
-            name = next((n for n in METADATA_NAMES if os.path.isfile(os.path.join(e.folder, n))), None)
-            readers[e.folder] = MetadataFile(e.folder, name) if name else None
-            if target != "txt" and name and name != target:
-                report.warnings.append(f"{os.path.join(e.folder, name)} exists and is what the dataset loader "
-                                       f"reads, so the captions go there instead of {target}")
-    shadowed: Dict[str, int] = Counter()
     opts = dict(trigger=trigger, replace=replace, dedupe=dedupe, keep_tokens=keep_tokens, replace_tags=replace_tags,
                 remove_tags=remove_tags, add_tags=add_tags, sort=sort)
-    n = len(entries)
-    done = 0
-    todo: List[Tuple[ImageEntry, Optional[str]]] = []
+    run = _CaptionRun(captioner, mode, _resolve_out(out), caption_extension, opts, report, entries, progress,
+                      dry_run)
+    run.go(max(1, int(batch_size)), should_stop)
+    return report
 
+
+class _CaptionRun:
+    """caption_folder's work: which images to caption, the captioner called in batches, the captions written
+    (sidecars or metadata rows), and what the report says."""
+
+    def __init__(self, captioner: Captioner, mode: str, target: str, caption_extension: str, opts: Dict[str, Any],
+                 report: CaptionReport, entries: List[ImageEntry], progress: Optional[ProgressFn], dry_run: bool):
+        self.captioner, self.mode, self.target, self.ext, self.opts = captioner, mode, target, caption_extension, opts
+        self.report, self.entries, self.progress, self.dry_run = report, entries, progress, dry_run
+        self.metas: Dict[str, MetadataFile] = {}
+        self.shadowed: Dict[str, int] = Counter()
+        self.done = 0
+        self.todo: List[Tuple[ImageEntry, Optional[str]]] = []
+        # what the loader reads now, per folder: its metadata file (csv before jsonl), then .txt sidecars
+        self.readers: Dict[str, Optional[MetadataFile]] = {}
+        for e in entries:
+            if e.folder not in self.readers:
+                name = next((n for n in METADATA_NAMES if os.path.isfile(os.path.join(e.folder, n))), None)
+                self.readers[e.folder] = MetadataFile(e.folder, name) if name else None
+                if target != "txt" and name and name != target:
+                    report.warnings.append(f"{os.path.join(e.folder, name)} exists and is what the dataset loader "
+                                           f"reads, so the captions go there instead of {target}")
+
+    def go(self, batch_size: int, should_stop: Optional[Callable[[], bool]]) -> None:
+        report, mode = self.report, self.mode
+        try:
+            for e in self.entries:
+                if should_stop is not None and should_stop():
+                    report.stopped = True
+                    break
+                report.folders[e.path] = e.folder_name
+                existing, problem = self.existing_caption(e)
+                if problem and mode == "append":
+                    report.failed.append((e.path, problem + ": convert it to UTF-8 or use mode overwrite"))
+                    self.finish(e)
+                    continue
+                if existing is not None and mode == "skip":
+                    report.skipped.append(e.path)
+                    report.captions[e.path] = existing
+                    self.finish(e)
+                    continue
+                self.todo.append((e, existing if mode == "append" else None))
+                if len(self.todo) >= batch_size:
+                    self.flush()
+            if self.todo and not report.stopped:
+                self.flush()
+        finally:
+            self.todo.clear()
+            for m in self.metas.values():  # metadata rows computed so far are saved even on an interrupt
+                if m.changed:
+                    if not self.dry_run:
+                        m.save()
+                    report.files.append(m.path)
+        for path, count in self.shadowed.items():
+            report.warnings.append(f"{path} has captions for {count} of the images written as {self.ext} files; "
+                                   f"the dataset loader reads metadata first, so those {self.ext} files are not "
+                                   f"used (caption with --out {os.path.basename(path)})")
+
+    def meta_for(self, d: str) -> MetadataFile:
+        if d not in self.metas:  # the folder's own metadata file if it has one (the one the loader reads)
+            have = next((n for n in METADATA_NAMES if os.path.isfile(os.path.join(d, n))), None)
+            self.metas[d] = MetadataFile(d, have or self.target)
+        return self.metas[d]
+
+    @staticmethod
     def existing_caption(e: ImageEntry) -> Tuple[Optional[str], Optional[str]]:
         """(caption or None, problem or None), as lora_train.data.folder read it."""
         r = e.row
@@ -139,35 +186,35 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
             return "", "its caption file is not UTF-8 text"
         return r.caption, None
 
-    def finish(e: ImageEntry) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, n, e.path)
+    def finish(self, e: ImageEntry) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, len(self.entries), e.path)
 
-    def write(e: ImageEntry, caption: str) -> None:
+    def write(self, e: ImageEntry, caption: str) -> None:
         name = e.key or os.path.basename(e.path)
-        if target == "txt":
-            reader = readers[e.folder]
+        if self.target == "txt":
+            reader = self.readers[e.folder]
             if reader is not None and reader.get(name) is not None:
-                shadowed[reader.path] += 1
-            dest = (e.row.sidecar if e.row is not None else "") or os.path.splitext(e.path)[0] + caption_extension
-            if not dry_run:
+                self.shadowed[reader.path] += 1
+            dest = (e.row.sidecar if e.row is not None else "") or os.path.splitext(e.path)[0] + self.ext
+            if not self.dry_run:
                 atomic_write_bytes(dest, _sidecar_bytes(e.row, caption))
-            report.files.append(dest)
+            self.report.files.append(dest)
         else:
-            meta_for(e.folder).set(name, caption)
+            self.meta_for(e.folder).set(name, caption)
 
-    def handle(e: ImageEntry, existing: Optional[str], result: Any) -> None:
+    def handle(self, e: ImageEntry, existing: Optional[str], result: Any) -> None:
+        report = self.report
         new = caption_text(result)
         tags = result_tags(result)
         if not new.strip():
             report.failed.append((e.path, "the captioner returned an empty caption"))
             return
-        text = append_caption(existing, new) if (mode == "append" and existing) else new
-        text = process_caption(text, **opts)
+        text = append_caption(existing, new) if (self.mode == "append" and existing) else new
+        text = process_caption(text, **self.opts)
         try:
-            write(e, text)
+            self.write(e, text)
         except OSError as exc:
             report.failed.append((e.path, f"cannot write the caption ({exc})"))
             return
@@ -176,9 +223,10 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
         if tags is not None:
             report.tags[e.path] = tags
 
-    def flush() -> None:
-        batch = list(todo)
-        todo.clear()
+    def flush(self) -> None:
+        report, captioner = self.report, self.captioner
+        batch = list(self.todo)
+        self.todo.clear()
         images, ok = [], []
         for e, existing in batch:
             try:
@@ -188,7 +236,7 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
                 cause = exc.__cause__ or exc  # load_image wraps decoder errors in a training-time message
                 report.failed.append((e.path, f"cannot read the image ({type(cause).__name__}: {cause}); "
                                               f"replace or remove the file"))
-                finish(e)
+                self.finish(e)
         if not ok:
             return
         results: Optional[List[Any]] = None
@@ -205,42 +253,8 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
             except Exception as exc:
                 report.failed.append((e.path, f"{captioner.name} failed ({type(exc).__name__}: {exc})"))
             else:
-                handle(e, existing, result)
-            finish(e)
-
-    try:
-        for e in entries:
-            if should_stop is not None and should_stop():
-                report.stopped = True
-                break
-            report.folders[e.path] = e.folder_name
-            existing, problem = existing_caption(e)
-            if problem and mode == "append":
-                report.failed.append((e.path, problem + ": convert it to UTF-8 or use mode overwrite"))
-                finish(e)
-                continue
-            if existing is not None and mode == "skip":
-                report.skipped.append(e.path)
-                report.captions[e.path] = existing
-                finish(e)
-                continue
-            todo.append((e, existing if mode == "append" else None))
-            if len(todo) >= max(1, int(batch_size)):
-                flush()
-        if todo and not report.stopped:
-            flush()
-    finally:
-        todo.clear()
-        for m in metas.values():  # metadata rows computed so far are saved even on an interrupt
-            if m.changed:
-                if not dry_run:
-                    m.save()
-                report.files.append(m.path)
-    for path, count in shadowed.items():
-        report.warnings.append(f"{path} has captions for {count} of the images written as {caption_extension} files; "
-                               f"the dataset loader reads metadata first, so those {caption_extension} files are not "
-                               f"used (caption with --out {os.path.basename(path)})")
-    return report
+                self.handle(e, existing, result)
+            self.finish(e)
 
 
 def tag_frequency(folder: str, caption_extension: str = ".txt") -> Dict[str, Dict[str, int]]:

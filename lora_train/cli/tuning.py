@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from typing import Dict, List, Optional, Tuple
 
-from ..config import ConfigError, TrainConfig, parse_overrides
+from ..config import DEFAULT_NAME, ConfigError, TrainConfig, parse_overrides
+from ..names import clean_name
 
 # lr-find's own options; everything else after the config file is a `--key value` config override
 _LR_FIND_OPTS = {"--lr-min": "lr_min", "--lr_min": "lr_min", "--lr-max": "lr_max", "--lr_max": "lr_max",
@@ -48,11 +48,6 @@ def suggestion_yaml(sugg, extra: Dict[str, object], command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _safe_name(text: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
-    return name or "my_lora"
-
-
 def cmd_suggest(args, extra: List[str]) -> int:
     from ..tuning.advisor import check_config, suggest
 
@@ -84,7 +79,7 @@ def cmd_suggest(args, extra: List[str]) -> int:
             head["train_data_dir"] = images_dir
         head["base_model"] = args.base_model or "tiny"
         head["output_dir"] = args.output_dir or "output"
-        head["output_name"] = _safe_name(os.path.basename(images_dir) if images_dir else "my_lora")
+        head["output_name"] = clean_name(os.path.basename(images_dir) if images_dir else DEFAULT_NAME)
         text = suggestion_yaml(s, head)
         import yaml
 

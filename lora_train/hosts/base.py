@@ -27,6 +27,7 @@ import os
 import re
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..names import epoch_of
 from ..io_utils import next_free_name
 from ..models.base import BaseModel
 from ..models.loading import load_base_model
@@ -59,7 +60,6 @@ def path_inside(paths: Sequence[str], roots: Sequence[str]) -> bool:
 #: older run under a name (even after its file was deleted).
 USED_NAMES: set = set()
 LORA_EXTS = (".safetensors", ".pt", ".ckpt")
-_EPOCH_FILE = re.compile(r"^(?P<stem>.+)-\d{6}\.safetensors$")
 
 
 class HostError(RuntimeError):
@@ -98,7 +98,7 @@ class Host:
             if any(os.path.exists(os.path.join(d, name + e)) for e in LORA_EXTS):
                 return True
             try:
-                if any((m := _EPOCH_FILE.match(n)) and m.group("stem") == name for n in os.listdir(d)):
+                if any(epoch_of(n, name) is not None for n in os.listdir(d)):
                     return True
             except OSError:
                 pass

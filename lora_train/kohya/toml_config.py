@@ -6,10 +6,17 @@ Read: the TOML files sd-scripts takes with `--config_file` (flat, or in sections
 sd-scripts' `dataset_config` TOML ([general], [[datasets]], [[datasets.subsets]] with image_dir, num_repeats,
 class_tokens, is_reg, ...), referenced by `dataset_config = "..."` or given alone.
 
+Networks (KOHYA_NETWORKS, read by import and export): networks.lora (with conv_dim: kohya's LoCon, our locon),
+networks.lora_flux (Flux.1), networks.lora_sd3 (SD3 / SD3.5), lycoris.kohya with algo=lora|locon|loha|lokr
+(dora_wd=True with lora / locon: our dora), and kohya_ss GUI's LoRA_type values that build them. A family module
+that does not match a base model we can tell without loading it is an error; otherwise the family comes from the
+model file.
+
 Every key is either mapped to ours, accepted as having no effect here (xformers, worker counts, ...), or listed in
 ONE warning (`KohyaImport.warnings[0]`, "not used: ..."). A key whose loss would silently change what is trained
-(another network_module, LoCon conv dims, an optimizer or scheduler we do not have, a fine-tuning dataset) is an
-error (KohyaConfigError) that says what to do. Keys at their kohya default (false, 0, "") are not listed.
+(a network or network_args option we do not train, such as networks.oft, algo=ia3 or use_tucker; an optimizer or
+scheduler we do not have; a fine-tuning dataset) is an error (KohyaConfigError) that names it and says what to do.
+Keys at their kohya default (false, 0, "") are not listed.
 """
 from __future__ import annotations
 
@@ -52,17 +59,16 @@ NO_EFFECT = {
     "model_list", "save_model_as", "debug_dataset", "skip_cache_check", "save_last_n_epochs", "save_last_n_steps",
     "save_last_n_epochs_state", "save_last_n_steps_state", "save_state_on_train_end", "caption_metadata_filename",
     "gpu_ids", "multi_gpu", "num_processes", "num_machines", "main_process_port", "dynamo_backend",
-    "extra_accelerate_launch_args", "LyCORIS_preset", "save_as_bool", "use_wandb", "lowvram", "save_every_weights",
+    "extra_accelerate_launch_args", "save_as_bool", "use_wandb", "lowvram", "save_every_weights",
     "sample_sampler", "huggingface_repo_id", "async_upload", "full_bf16", "mixed_precision_type",
     "lr_scheduler_type", "stop_text_encoder_training", "no_half_vae", "sdxl_no_half_vae", "dataset_config",
     "pretrained_model_name_or_path_type", "train_on_input", "output_name_type", "sdxl", "v2", "model_train_type",
-    "use_cp", "factor", "decompose_both", "use_tucker", "use_scalar", "rank_dropout_scale", "constrain", "rescaled",
-    "train_norm", "dora_wd",
+    "constrain", "rescaled", "flux1_checkbox",
 }
 KOHYA_DEFAULTS = {  # kohya / kohya_ss defaults of keys we do not use: not listed when they have these values
     "max_timestep": 1000, "min_timestep": 0, "factor": -1, "conv_alpha": 1, "token_warmup_min": 1,
     "huber_scale": 1.0, "multires_noise_discount": 0.3, "noise_offset_type": "Original", "LoRA_type": "Standard",
-    "sample_sampler": "euler_a", "save_model_as": "safetensors",
+    "sample_sampler": "euler_a", "save_model_as": "safetensors", "LyCORIS_preset": "full", "train_blocks": "all",
 }
 KOHYA_NAMES = {  # kohya key -> our key, where only the name differs
     "pretrained_model_name_or_path": "base_model",
@@ -77,10 +83,9 @@ KOHYA_NAMES = {  # kohya key -> our key, where only the name differs
 }
 OPTIONAL_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if "Optional" in str(f.type)}
 OPTIMIZER_NAMES = {o.lower(): o for o in OPTIMIZERS}
+KV_LIST_KEYS = ("network_args", "optimizer_args")  # kohya's ["k=v", ...] arguments
 NETWORK_ARG_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
                     "block_alphas")
-NETWORK_ARGS_STRUCTURAL = ("conv_dim", "conv_alpha", "conv_block_dims", "conv_block_alphas", "algo", "use_tucker",
-                           "use_cp", "dora_wd", "preset", "train_norm", "module_dropout", "rank_dropout")
 SUBSET_KEYS = ("image_dir", "num_repeats", "is_reg", "class_tokens", "caption_extension", "keep_tokens",
                "keep_tokens_separator", "shuffle_caption", "flip_aug", "caption_dropout_rate",
                "caption_tag_dropout_rate", "alpha_mask", "conditioning_data_dir", "caption_prefix", "caption_suffix",
@@ -141,10 +146,11 @@ def is_dataset_config(data: Dict[str, Any]) -> bool:
 
 
 def flatten(data: Dict[str, Any]) -> Dict[str, Any]:
-    """sd-scripts' read_config_from_file: the keys of every [section] go to the top level."""
+    """sd-scripts' read_config_from_file: the keys of every [section] go to the top level (network_args /
+    optimizer_args given as a table are the arguments themselves)."""
     out: Dict[str, Any] = {}
     for k, v in data.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and k not in KV_LIST_KEYS:
             out.update(v)
         else:
             out[k] = v
@@ -309,6 +315,253 @@ def _subset_dirs(subs: List[Dict[str, Any]], key: str, repeats_key: Optional[str
     return {key: parents.pop()}
 
 
+# ------------------------------------------------------------------------------------------------ networks
+LYCORIS = "lycoris.kohya"
+#: (kohya network_module, LyCORIS algo, dora_wd) -> our network_type, read by import and export (export writes the
+#: first key of a type). A lora that also trains the 3x3 convolutions is our locon: kohya's networks.lora with
+#: conv_dim, or LyCORIS' lora / locon (both train them unless the preset leaves them out).
+KOHYA_NETWORKS = {
+    ("networks.lora", "", False): "lora",
+    ("networks.lora_flux", "", False): "lora",
+    ("networks.lora_sd3", "", False): "lora",
+    (LYCORIS, "loha", False): "loha",
+    (LYCORIS, "lokr", False): "lokr",
+    (LYCORIS, "lora", True): "dora",
+    (LYCORIS, "locon", True): "dora",
+    (LYCORIS, "lora", False): "lora",
+    (LYCORIS, "locon", False): "lora",
+}
+#: the family a kohya module trains (networks.lora and LyCORIS: any SD1 / SD2 / SDXL, LyCORIS also Flux / SD3);
+#: the same names as networks/flow_names.NETWORK_MODULE, which writes them into the files
+MODULE_FAMILY = {"networks.lora_flux": "flux", "networks.lora_sd3": "sd3"}
+FAMILY_NAMES = {"flux": "Flux.1", "sd3": "SD3 / SD3.5", "sd": "SD1 / SD2 / SDXL"}
+#: LyCORIS presets we train -> whether they include the ResNet blocks' 3x3 convolutions
+LYCORIS_PRESETS = {"full": True, "attn-mlp": False}
+#: kohya_ss GUI LoRA_type -> (network_module, LyCORIS algo, the GUI fields it passes as network_args), as kohya_ss'
+#: lora_gui.train_model builds them; the types we do not train are here so that the refusal names their algo
+_LYCO_FIELDS = ("preset", "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "dora_wd", "use_scalar",
+                "rank_dropout_scale", "train_norm", "bypass_mode")
+_KOHYA_FIELDS = ("rank_dropout", "module_dropout", "conv_block_dims", "conv_block_alphas")
+GUI_LORA_TYPES = {
+    "Standard": ("networks.lora", "", _KOHYA_FIELDS),
+    "Kohya LoCon": ("networks.lora", "", _KOHYA_FIELDS + ("conv_dim", "conv_alpha")),
+    "LoCon": (LYCORIS, "locon", _LYCO_FIELDS + ("use_tucker",)),
+    "LyCORIS/LoCon": (LYCORIS, "locon", _LYCO_FIELDS + ("use_tucker",)),
+    "LyCORIS/LoHa": (LYCORIS, "loha", _LYCO_FIELDS + ("use_tucker",)),
+    "LyCORIS/LoKr": (LYCORIS, "lokr", _LYCO_FIELDS + ("factor", "use_cp", "decompose_both", "full_matrix")),
+    "Flux1": ("networks.lora_flux", "", ("split_mode", "split_qkv")),
+    "LyCORIS/BOFT": (LYCORIS, "boft", ()), "LyCORIS/Diag-OFT": (LYCORIS, "diag-oft", ()),
+    "LyCORIS/DyLoRA": (LYCORIS, "dylora", ()), "LyCORIS/GLoRA": (LYCORIS, "glora", ()),
+    "LyCORIS/iA3": (LYCORIS, "ia3", ()), "LyCORIS/Native Fine-Tuning": (LYCORIS, "full", ()),
+    "Kohya DyLoRA": ("networks.dylora", "", ()), "LoRA-FA": ("networks.lora_fa", "", ()),
+    "Flux1 OFT": ("networks.oft_flux", "", ()),
+}
+#: kohya_ss GUI fields that only reach training through network_args (top-level keys of a GUI file)
+GUI_NETWORK_FIELDS = tuple(sorted({"LyCORIS_preset" if f == "preset" else f for _, _, fs in GUI_LORA_TYPES.values()
+                                   for f in fs} | {"train_blocks"}))
+#: network_args that ask for something this trainer does not train (when on / set) -> what they are
+REFUSED_ARGS = {
+    "use_tucker": "LyCORIS' Tucker decomposition", "use_cp": "LyCORIS' Tucker decomposition",
+    "use_scalar": "LyCORIS' trained scalar", "decompose_both": "LoKr with a decomposed w1",
+    "unbalanced_factorization": "LoKr's unbalanced factorization", "train_norm": "training the norm layers",
+    "rs_lora": "rank-stabilised LoRA scaling", "rank_dropout_scale": "rescaled rank dropout",
+    "wd_on_output": "DoRA's scale per output channel", "conv_block_dims": "block-wise conv ranks",
+    "train_t5xxl": "LoRA on T5-XXL", "split_qkv": "separate q / k / v LoRAs",
+    "train_double_block_indices": "a subset of the Flux blocks", "train_single_block_indices":
+    "a subset of the Flux blocks", "train_block_indices": "a subset of the SD3 blocks",
+    **{k: "per-layer ranks of networks.lora_flux / lora_sd3" for k in (
+        "img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim", "single_dim",
+        "single_mod_dim", "in_dims", "emb_dims", "context_attn_dim", "context_mlp_dim", "context_mod_dim",
+        "x_attn_dim", "x_mlp_dim", "x_mod_dim")},
+}
+#: network_args with no effect on what is trained (a computation mode; OFT-only options)
+NETWORK_ARGS_NO_EFFECT = ("bypass_mode", "constrain", "rescaled", "verbose", "conv_block_alphas")
+ACCEPTED_NETWORKS = ("networks.lora (conv_dim: LoCon), networks.lora_flux, networks.lora_sd3, lycoris.kohya with "
+                     "algo=lora|locon|loha|lokr (dora_wd=True: DoRA)")
+
+
+def _set(v: Any) -> bool:
+    """Is a network_args option on / given? (False, 0, "", None and their strings are off.)"""
+    return not _is_default(v) and str(v).strip().lower() not in ("false", "none", "0")
+
+
+def base_family(spec: str) -> Optional[str]:
+    """"flux", "sd3" or "sd" (SD1 / SD2 / SDXL) of a base model told without loading it: a tiny spec, a diffusers
+    folder's model_index.json, a .safetensors header. None when that cannot tell (a missing or other file)."""
+    from ..models.flow_loading import family_of_spec
+    from ..models.loading import TINY_SPECS
+    from ..models.single_file import read_safetensors_header
+
+    fam = family_of_spec(spec)
+    if fam or not spec:
+        return fam
+    path = os.path.expanduser(str(spec).strip())
+    if path in TINY_SPECS:
+        return "sd"
+    index = os.path.join(path, "model_index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            cls = str(json.load(fh).get("_class_name", ""))
+        return "sd" if cls.startswith("StableDiffusion") else None
+    if os.path.isfile(path) and path.lower().endswith(".safetensors"):
+        try:
+            keys = read_safetensors_header(path)[0]
+        except Exception:  # noqa: BLE001 - an unreadable file: the family is told when it is loaded
+            return None
+        unet = ("model.diffusion_model.input_blocks.", "down_blocks.")
+        return "sd" if any(k.startswith(unet) for k in keys) else None
+    return None
+
+
+def _network_source(flat: Dict[str, Any]) -> Tuple[str, Dict[str, Any], str]:
+    """(network_module, network_args, how the file named them): sd-scripts' keys, or the network_module and
+    network_args kohya_ss builds from its LoRA_type and GUI fields."""
+    module = flat.get("network_module")
+    lt = flat.get("LoRA_type")
+    if module or not lt:
+        return str(module or "networks.lora"), parse_kv_list(flat.get("network_args") or [], "network_args"), \
+            f"network_module '{module or 'networks.lora'}'"
+    if str(lt) not in GUI_LORA_TYPES:
+        raise KohyaConfigError("LoRA_type", f"LoRA_type '{lt}' is not available here: use one of "
+                               f"{', '.join(t for t, v in GUI_LORA_TYPES.items() if _trainable(v[0], v[1]))}.")
+    module, algo, fields = GUI_LORA_TYPES[str(lt)]
+    nargs: Dict[str, Any] = {"algo": algo} if algo else {}
+    for f in fields:
+        src = "LyCORIS_preset" if f == "preset" else f
+        if src in flat and flat[src] not in (None, ""):
+            nargs[f] = flat[src]
+    if nargs.pop("split_mode", False):
+        nargs["train_blocks"] = "single"  # kohya_ss: split_mode trains the single blocks only
+    return module, nargs, f"LoRA_type '{lt}'"
+
+
+def _trainable(module: str, algo: str) -> bool:
+    return any(k[0] == module and k[1] == algo for k in KOHYA_NETWORKS)
+
+
+def _refuse(module: str, algo: str, dora: bool, nargs: Dict[str, Any], label: str) -> None:
+    """A KohyaConfigError for a network (or a network_args option) this trainer does not train."""
+    if not any(k[0] == module for k in KOHYA_NETWORKS):
+        raise KohyaConfigError("network_module", f"{label} is not available here (it would train another kind of "
+                               f"network): this trainer trains {ACCEPTED_NETWORKS}. Use kohya for {module}.")
+    if (module, algo, dora) not in KOHYA_NETWORKS:
+        what = f"algo={algo} with dora_wd=True" if dora and _trainable(module, algo) else f"algo={algo}"
+        raise KohyaConfigError("network_args", f"{label} network_args {what} is not available here: use "
+                               f"algo=lora, locon, loha or lokr (dora_wd=True with lora / locon: DoRA), or kohya + "
+                               f"LyCORIS for it.")
+    for k, what in REFUSED_ARGS.items():
+        if k in nargs and _set(nargs[k]):
+            raise KohyaConfigError("network_args", f"network_args {k}={nargs[k]} ({what}) is not available here: "
+                                   f"remove it to train without it, or use kohya for it.")
+    if str(nargs.get("train_blocks", "all")).lower() != "all":
+        raise KohyaConfigError("network_args", f"network_args train_blocks={nargs['train_blocks']} (a subset of the "
+                               f"Flux blocks) is not available here: this trainer trains all blocks; remove it.")
+    preset = str(nargs.get("preset", "full"))
+    if module == LYCORIS and preset not in LYCORIS_PRESETS:
+        raise KohyaConfigError("network_args", f"network_args preset={preset} is not available here: use preset "
+                               f"full (with the ResNet convolutions) or attn-mlp (without).")
+
+
+def _conv(module: str, nargs: Dict[str, Any], flat: Dict[str, Any]) -> Tuple[int, Optional[float]]:
+    """(conv_rank, conv_alpha) as the module trains them: kohya's networks.lora only with conv_dim (conv_alpha
+    default 1); LyCORIS with its preset's convolutions at conv_dim, else network_dim (conv_alpha default
+    network_alpha); none in Flux / SD3 modules."""
+    dim, alpha = nargs.pop("conv_dim", None), nargs.pop("conv_alpha", None)
+    if module == LYCORIS:
+        if not LYCORIS_PRESETS[str(nargs.get("preset", "full"))]:
+            return 0, None
+        rank = int(float(dim or 0)) or int(flat.get("network_dim") or TrainConfig.lora_rank)
+        a = alpha if not _is_default(alpha) else flat.get("network_alpha")
+        return rank, (None if _is_default(a) else float(a))
+    if module == "networks.lora" and dim not in (None, "") and int(float(dim)) > 0:
+        return int(float(dim)), float(1.0 if alpha in (None, "") else alpha)
+    if dim not in (None, "") and int(float(dim)) > 0:
+        nargs["conv_dim"] = dim  # Flux / SD3 have no 3x3 convolutions: listed as not used
+    return 0, None
+
+
+def map_network(flat: Dict[str, Any], base_dir: str) -> Tuple[Dict[str, Any], Dict[str, Any], List[str],
+                                                                 Dict[str, Any]]:
+    """The network of flat kohya arguments -> (our network keys, the network_args left for the caller (block
+    weights, loraplus, unknown), notes, not-used keys)."""
+    module, nargs, label = _network_source(flat)
+    lyco = module == LYCORIS
+    algo = str(nargs.pop("algo", "lora") or "lora").lower() if lyco else ""
+    dora = _set(nargs.pop("dora_wd", False)) if lyco else False
+    _refuse(module, algo, dora, nargs, label)
+    want, base = MODULE_FAMILY.get(module), flat.get("pretrained_model_name_or_path")
+    have = base_family(_resolve_path(str(base), base_dir)) if want and base else None
+    if have and have != want:
+        fix = next((m for m, f in MODULE_FAMILY.items() if f == have), "networks.lora")
+        raise KohyaConfigError("network_module", f"{label} trains {FAMILY_NAMES[want]}, but the base model '{base}' "
+                               f"is {FAMILY_NAMES[have]}: set network_module = \"{fix}\", or point "
+                               f"pretrained_model_name_or_path at a {FAMILY_NAMES[want]} model.")
+    ours: Dict[str, Any] = {}
+    notes: List[str] = []
+    not_used: Dict[str, Any] = {}
+    typ = KOHYA_NETWORKS[(module, algo, dora)]
+    conv_rank, conv_alpha = _conv(module, nargs, flat)
+    if typ == "lora" and conv_rank > 0:
+        typ = "locon"
+    ours.update(network_type=typ, conv_rank=conv_rank, conv_alpha=conv_alpha)
+    if lyco and conv_rank and nargs.get("preset", "full") == "full":
+        notes.append("LyCORIS' preset full also trains conv_in, conv_out and time_embedding: this trainer trains "
+                     "the transformer and ResNet blocks (write preset=attn-mlp for the transformer blocks alone)")
+    for k in ("rank_dropout", "module_dropout") + (("dropout",) if lyco else ()):
+        if k in nargs:
+            ours[k] = float(nargs.pop(k) or 0)
+    if not lyco and flat.get("network_dropout"):
+        ours["dropout"] = float(flat["network_dropout"])  # kohya's modules: the neuron dropout
+    elif flat.get("network_dropout"):
+        not_used["network_dropout"] = flat["network_dropout"]  # LyCORIS reads network_args dropout instead
+    if typ == "lokr":
+        ours["factor"] = int(nargs.pop("factor", -1))
+        ours["full_matrix"] = _set(nargs.pop("full_matrix", False))
+    for k in ("preset", "train_blocks") + NETWORK_ARGS_NO_EFFECT + tuple(REFUSED_ARGS):
+        nargs.pop(k, None)  # at their defaults (_refuse)
+    for k in ("dropout", "factor", "full_matrix", "dora_wd", "conv_dim"):
+        v = nargs.pop(k, None)  # options this module does not read
+        if _set(v) and v != -1:
+            not_used[f"network_args.{k}"] = v
+    if "LoRA_type" not in flat or flat.get("network_module"):  # sd-scripts: the GUI's fields are not arguments
+        for k in GUI_NETWORK_FIELDS:
+            if k in flat and _set(flat[k]) and KOHYA_DEFAULTS.get(k, object()) != flat[k]:
+                not_used[k] = flat[k]
+    elif flat.get("LoRA_type") == "Standard" and _set(flat.get("conv_dim")):
+        notes.append(f"LoRA_type Standard trains no 3x3 convolutions in kohya_ss: conv_dim {flat['conv_dim']} is "
+                     f"not used (LoRA_type Kohya LoCon trains them)")
+    return ours, nargs, notes, not_used
+
+
+def network_to_kohya(cfg: TrainConfig) -> Dict[str, Any]:
+    """network_module / network_args / network_dropout that make kohya (+ LyCORIS) train cfg's network: the first
+    KOHYA_NETWORKS key of its type, the module of the base model's family for lora, conv_dim / conv_alpha where the
+    3x3 convolutions are trained (LyCORIS without them: preset=attn-mlp), factor / full_matrix, the dropouts."""
+    family = base_family(cfg.base_model)
+    typ = "lora" if cfg.network_type == "locon" else cfg.network_type
+    module, algo, dora = next(k for k, t in KOHYA_NETWORKS.items() if t == typ)
+    if module == "networks.lora":
+        module = next((m for m, f in MODULE_FAMILY.items() if f == family), module)
+    flow = family in MODULE_FAMILY.values()
+    conv = 0 if flow else (cfg.conv_rank or (cfg.lora_rank if cfg.network_type == "locon" else 0))
+    args: List[str] = [f"algo={algo}"] if algo else []
+    if dora:
+        args.append("dora_wd=True")
+    if conv:
+        args += [f"conv_dim={conv}", f"conv_alpha={float(conv if cfg.conv_alpha is None else cfg.conv_alpha):g}"]
+    elif module == LYCORIS:
+        args.append("preset=attn-mlp")  # LyCORIS' default preset trains the convolutions (at network_dim)
+    if cfg.network_type == "lokr":
+        args.append(f"factor={cfg.factor}")
+        if cfg.full_matrix:
+            args.append("full_matrix=True")
+    for k in ("rank_dropout", "module_dropout") + (("dropout",) if module == LYCORIS else ()):
+        if getattr(cfg, k):
+            args.append(f"{k}={getattr(cfg, k):g}")
+    return {"network_module": module, "network_args": args,
+            "network_dropout": (cfg.dropout or None) if module != LYCORIS else None}
+
+
 # ------------------------------------------------------------------------------------------------ training args
 def _optimizer(name: str) -> str:
     n = str(name).strip()
@@ -336,39 +589,9 @@ def _warmup(v: Any, flat: Dict[str, Any], percent: bool) -> Tuple[Optional[int],
                   f"lr_warmup_steps stays at its default; set it in steps")
 
 
-def map_training_args(flat: Dict[str, Any], base_dir: str) -> Tuple[Dict[str, Any], List[str], Dict[str, Any]]:
-    """Flat kohya training arguments -> (our keys, notes, not-used keys)."""
-    ours: Dict[str, Any] = {}
+def _map_optimization(flat: Dict[str, Any], ours: Dict[str, Any]) -> List[str]:
+    """kohya's optimizer, optimizer_args, lr_scheduler and warm-up -> our keys (into `ours`); returns notes."""
     notes: List[str] = []
-    not_used: Dict[str, Any] = {}
-    known = set(TrainConfig.keys())
-    flat = {k: v for k, v in flat.items() if not (isinstance(v, str) and v.strip() == "" and k not in known)}
-
-    module = flat.get("network_module")
-    if module and str(module) != "networks.lora":
-        raise KohyaConfigError("network_module", f"network_module '{module}' is not available here: this trainer "
-                               f"makes standard LoRA (networks.lora). Training another kind would silently give a "
-                               f"different file: use kohya for it, or set network_module = \"networks.lora\".")
-    lt = flat.get("LoRA_type")
-    if lt and str(lt) not in ("Standard", "Kohya LoCon") or (lt == "Kohya LoCon" and flat.get("conv_dim")):
-        raise KohyaConfigError("LoRA_type", f"LoRA_type '{lt}' is not available here: this trainer makes standard "
-                               f"LoRA. Choose LoRA_type Standard in kohya_ss, or use kohya for {lt}.")
-    for k in ("conv_dim", "conv_alpha", "conv_block_dims", "conv_block_alphas"):
-        if flat.get(k) and k in ("conv_dim", "conv_block_dims"):
-            raise KohyaConfigError(k, f"{k} = {flat[k]!r} asks for LoRA on 3x3 convolutions (LoCon): not available "
-                                   f"here. Remove {k} (or set it to 0) to train a standard LoRA.")
-    if flat.get("network_train_text_encoder_only"):
-        raise KohyaConfigError("network_train_text_encoder_only", "network_train_text_encoder_only is not "
-                               "available here: the UNet is always trained. Set it to false.")
-    nargs = parse_kv_list(flat.get("network_args") or [], "network_args")
-    for k, v in nargs.items():
-        if k in NETWORK_ARGS_STRUCTURAL and not _is_default(v):
-            raise KohyaConfigError("network_args", f"network_args {k}={v} changes the kind of network (not "
-                                   f"available here): remove it to train a standard LoRA.")
-        if k in NETWORK_ARG_KEYS or k in known:
-            ours[k] = ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v
-        elif not _is_default(v):
-            not_used[f"network_args.{k}"] = v
     if flat.get("optimizer_type") or flat.get("optimizer"):
         ours["optimizer"] = _optimizer(flat.get("optimizer_type") or flat.get("optimizer"))
     elif flat.get("use_8bit_adam"):
@@ -407,6 +630,24 @@ def map_training_args(flat: Dict[str, Any], base_dir: str) -> Tuple[Dict[str, An
         ours["lr_warmup_steps"] = steps
     if note:
         notes.append(note)
+    return notes
+
+
+def map_training_args(flat: Dict[str, Any], base_dir: str) -> Tuple[Dict[str, Any], List[str], Dict[str, Any]]:
+    """Flat kohya training arguments -> (our keys, notes, not-used keys)."""
+    known = set(TrainConfig.keys())
+    flat = {k: v for k, v in flat.items() if not (isinstance(v, str) and v.strip() == "" and k not in known)}
+
+    if flat.get("network_train_text_encoder_only"):
+        raise KohyaConfigError("network_train_text_encoder_only", "network_train_text_encoder_only is not "
+                               "available here: the UNet is always trained. Set it to false.")
+    ours, nargs, notes, not_used = map_network(flat, base_dir)
+    for k, v in nargs.items():
+        if k in NETWORK_ARG_KEYS or k in known:
+            ours[k] = ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v
+        elif not _is_default(v):
+            not_used[f"network_args.{k}"] = v
+    notes += _map_optimization(flat, ours)
     for k in ("resolution", "max_resolution"):
         if k in flat and flat[k] not in (None, ""):
             ours["resolution"], rn = _resolution(flat[k], k)
@@ -453,7 +694,7 @@ def map_training_args(flat: Dict[str, Any], base_dir: str) -> Tuple[Dict[str, An
     if flat.get("resume"):
         notes.append(f"resume '{flat['resume']}': resume a run of this trainer with --resume RUN_DIR (kohya "
                      f"states are not read)")
-    handled = {"network_module", "LoRA_type", "conv_dim", "conv_alpha", "conv_block_dims", "conv_block_alphas",
+    handled = set(GUI_NETWORK_FIELDS) | {"network_module", "LoRA_type", "network_dropout",
                "network_train_text_encoder_only", "network_args", "optimizer_type", "optimizer", "use_8bit_adam",
                "use_lion_optimizer", "optimizer_args", "lr_scheduler", "lr_warmup", "lr_warmup_steps", "resolution",
                "max_resolution", "unet_lr", "learning_rate", "text_encoder_lr", "network_train_unet_only",
@@ -579,7 +820,8 @@ def to_kohya_dict(cfg: TrainConfig) -> Dict[str, Dict[str, Any]]:
     def some(d: Dict[str, Any]) -> Dict[str, Any]:
         return {k: v for k, v in d.items() if v is not None and v != ""}
 
-    nargs = [f"{k}={getattr(cfg, k)}" for k in NETWORK_ARG_KEYS
+    net = network_to_kohya(cfg)
+    nargs = net["network_args"] + [f"{k}={getattr(cfg, k)}" for k in NETWORK_ARG_KEYS
              if getattr(cfg, k) not in ("", 0, 0.0) and not (k == "block_lr_zero_threshold")]
     if cfg.block_lr_zero_threshold and (cfg.down_lr_weight or cfg.mid_lr_weight or cfg.up_lr_weight):
         nargs.append(f"block_lr_zero_threshold={cfg.block_lr_zero_threshold:g}")
@@ -607,8 +849,9 @@ def to_kohya_dict(cfg: TrainConfig) -> Dict[str, Dict[str, Any]]:
             "validation_split": cfg.validation_split or None, "validation_seed": cfg.validation_seed,
         }),
         "additional_network_arguments": some({
-            "network_module": "networks.lora", "network_dim": cfg.lora_rank, "network_alpha": cfg.alpha,
-            "network_train_unet_only": not cfg.train_text_encoder, "network_args": nargs or None,
+            "network_module": net["network_module"], "network_dim": cfg.lora_rank, "network_alpha": cfg.alpha,
+            "network_dropout": net["network_dropout"], "network_train_unet_only": not cfg.train_text_encoder,
+            "network_args": nargs or None, "loraplus_lr_ratio": cfg.loraplus_lr_ratio,
         }),
         "optimizer_arguments": some({
             "optimizer_type": cfg.optimizer, "learning_rate": cfg.learning_rate, "unet_lr": cfg.learning_rate,
@@ -620,7 +863,9 @@ def to_kohya_dict(cfg: TrainConfig) -> Dict[str, Dict[str, Any]]:
         "training_arguments": some({
             "train_batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "max_train_epochs": cfg.epochs, "max_train_steps": cfg.max_train_steps, "seed": cfg.seed,
-            "mixed_precision": cfg.mixed_precision, "gradient_checkpointing": cfg.gradient_checkpointing,
+            # kohya has no "auto": ours trains in bf16 on a GPU that has it (write fp16 for an older card)
+            "mixed_precision": "bf16" if cfg.mixed_precision == "auto" else cfg.mixed_precision,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
             "clip_skip": cfg.clip_skip, "noise_offset": cfg.noise_offset or None,
             "multires_noise_iterations": cfg.multires_noise_iterations or None,
             "multires_noise_discount": cfg.multires_noise_discount if cfg.multires_noise_iterations else None,

@@ -1,5 +1,7 @@
-"""The Trainer's kohya options in one place (issue 18): ss_* metadata of the options, and (below) the per-step loss
-extras. The options themselves live in their own modules: models/text_chunks (clip_skip, max_token_length),
+"""The Trainer's kohya options as one extension of the run (`KohyaExtras`, attached through the Trainer's named
+hooks, trainer.HOOKS): repeats and reg images, loss masks, the tracker, block-wise network shapes and lr groups,
+network_weights, the EMA, the per-step loss extras, their state files and ss_* metadata. It keeps its own state
+(reg_info, loss_masks, ema) and never writes the Trainer's. The options themselves live in their own modules: models/text_chunks (clip_skip, max_token_length),
 data/caption_aug (shuffle / keep_tokens / tag dropout), training/noise (loss types, Huber schedule, multires and
 input-perturbation noise), data/reg_masks (reg images, loss masks), networks/blocks (block-wise lr / dims),
 training/ema, training/tracking (TensorBoard / wandb).
@@ -37,9 +39,10 @@ def network_args(cfg) -> Dict[str, str]:
     return out
 
 
-def metadata(cfg, trainer) -> Dict[str, str]:
-    """ss_* entries of the kohya options, as sd-scripts' train_network.py records them."""
-    reg = getattr(trainer, "reg_info", None) or {}
+def metadata(cfg, trainer, reg: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """ss_* entries of the kohya options, as sd-scripts' train_network.py records them (`reg`: the reg images'
+    counts and folders)."""
+    reg = reg or {}
     meta = {
         "ss_clip_skip": str(cfg.clip_skip) if cfg.clip_skip else "None",
         "ss_max_token_length": str(cfg.max_token_length),
@@ -77,39 +80,108 @@ def metadata(cfg, trainer) -> Dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def after_dataset(tr) -> None:
-    """num_repeats of the images directly in train_data_dir, and the reg images (balanced as kohya)."""
-    cfg, ds = tr.cfg, tr.dataset
-    tr.reg_info = {}
-    if cfg.num_repeats != 1:
-        for it in ds.items:
-            if not it.is_reg and os.path.dirname(os.path.abspath(it.path)) == os.path.abspath(ds.root):
-                it.repeats = cfg.num_repeats
-    if cfg.reg_data_dir and not any(it.is_reg for it in ds.items):
-        tr.reg_info = reg_images.add_reg_images(ds, cfg.reg_data_dir, cfg.resolution, cfg.caption_extension)
-        ds.warnings.append(f"reg images: {tr.reg_info['n_images']} image(s), {tr.reg_info['n_samples']} samples per "
-                           f"epoch beside the training samples, loss weight {cfg.prior_loss_weight:g} "
-                           f"(prior_loss_weight).")
+class KohyaExtras:
+    """The kohya options' part of a run, called at the Trainer's hooks (trainer.HOOKS)."""
+
+    name = "kohya"
+
+    def __init__(self) -> None:
+        self.reg_info: Dict[str, Any] = {}
+        self.loss_masks: Optional[List[Optional[torch.Tensor]]] = None
+        self.ema: Optional[LoraEMA] = None
+
+    def after_dataset(self, tr) -> None:
+        """num_repeats of the images directly in train_data_dir, and the reg images (balanced as kohya)."""
+        cfg, ds = tr.cfg, tr.dataset
+        if cfg.num_repeats != 1:
+            for it in ds.items:
+                if not it.is_reg and os.path.dirname(os.path.abspath(it.path)) == os.path.abspath(ds.root):
+                    it.repeats = cfg.num_repeats
+        if cfg.reg_data_dir and not any(it.is_reg for it in ds.items):
+            self.reg_info = reg_images.add_reg_images(ds, cfg.reg_data_dir, cfg.resolution, cfg.caption_extension)
+            ds.warnings.append(f"reg images: {self.reg_info['n_images']} image(s), {self.reg_info['n_samples']} "
+                               f"samples per epoch beside the training samples, loss weight "
+                               f"{cfg.prior_loss_weight:g} (prior_loss_weight).")
+
+    def after_split(self, tr, train_idx: List[int], val_idx: List[int]) -> Tuple[List[int], List[int]]:
+        """Reg images are never held out for validation; loss masks; the TensorBoard / wandb tracker. Returns the
+        (train, validation) split."""
+        cfg, ds = tr.cfg, tr.dataset
+        reg = {i for i, it in enumerate(ds.items) if it.is_reg}
+        if reg and val_idx:
+            moved = [i for i in val_idx if i in reg]
+            val_idx = [i for i in val_idx if i not in reg]
+            train_idx = sorted(train_idx + moved)
+        self.loss_masks = None
+        if cfg.masked_loss:
+            shapes = [tuple(tr.latents[i].shape) for i in range(len(ds.items))]
+            self.loss_masks, notes = masks.build(ds, shapes, cfg.alpha_mask, cfg.mask_dir)
+            for n in notes:
+                tr.emit("warning", message=n)
+        tracker = tracking.make(tr, cfg) if getattr(tr.accelerator, "is_main_process", True) else None
+        if tracker is not None:
+            tr.add_callback(tracker)
+            tr.emit("info", message=f"logging ({cfg.log_with}) to {tracker.dir}")
+        return train_idx, val_idx
+
+    def loss_kwargs(self, tr, idx: Sequence[int], flips: Sequence[bool], t_cpu: torch.Tensor,
+                    in_noise: Optional[torch.Tensor], shape: Tuple[int, ...]) -> Dict[str, Any]:
+        """The extra keyword arguments of loss.diffusion_loss for this micro-batch (only the options that are on)."""
+        cfg, ds = tr.cfg, tr.dataset
+        kw: Dict[str, Any] = {}
+        fn = noise_mod.loss_fn(cfg, t_cpu, tr.model.noise_scheduler)
+        if fn is not None:
+            kw["elementwise"] = fn
+        if in_noise is not None:
+            kw["input_noise"] = in_noise
+        if self.loss_masks is not None:
+            mk = masks.batch_masks(self.loss_masks, idx, flips, shape)
+            if mk is not None:
+                kw["mask"] = mk.to(tr.device)
+        if any(ds.items[i].is_reg for i in idx):
+            kw["weights"] = torch.tensor([cfg.prior_loss_weight if ds.items[i].is_reg else 1.0 for i in idx],
+                                         device=tr.device)
+        return kw
+
+    def shape_network(self, tr, params: List[Dict[str, Any]], names: List[str]
+                      ) -> Tuple[List[Dict[str, Any]], List[str]]:
+        """Block dims / alphas, zero-lr blocks, network_weights, block-wise lr groups (shape_network below); the
+        EMA of the LoRA weights. Returns the param groups and their names."""
+        params, names = shape_network(tr, params, names)
+        self.ema = LoraEMA(tr.trainable_named(), tr.cfg.ema_decay) if tr.cfg.ema_decay else None
+        return params, names
+
+    def after_optimizer_step(self, tr) -> None:
+        if self.ema is not None:
+            self.ema.update()
+
+    def weights_to_save(self, tr):
+        """The LoRA weights to write: the EMA copy when ema_decay is set (None: the trained weights)."""
+        if self.ema is None:
+            return None
+        with self.ema.swapped():
+            return lora_mod.extract(tr.model)
+
+    def save_state(self, tr, folder: str) -> None:
+        if self.ema is not None:
+            save_file(self.ema.state_dict(), os.path.join(folder, EMA_STATE))
+
+    def load_state(self, tr, folder: str) -> None:
+        if self.ema is None:
+            return
+        path = os.path.join(folder, EMA_STATE)
+        if not os.path.isfile(path):
+            tr.emit("warning", message=f"the state in '{folder}' has no EMA weights (saved without ema_decay): the "
+                                       f"EMA starts again from the resumed weights.")
+            self.ema.shadow = [p.detach().float().clone() for p in self.ema.params]
+            return
+        self.ema.load_state_dict(load_file(path))
+
+    def metadata(self, tr) -> Dict[str, str]:
+        return metadata(tr.cfg, tr, self.reg_info)
 
 
-def after_split(tr) -> None:
-    """Reg images are never held out for validation; loss masks; the TensorBoard / wandb tracker."""
-    cfg, ds = tr.cfg, tr.dataset
-    reg = {i for i, it in enumerate(ds.items) if it.is_reg}
-    if reg and tr.val_idx:
-        moved = [i for i in tr.val_idx if i in reg]
-        tr.val_idx = [i for i in tr.val_idx if i not in reg]
-        tr.train_idx = sorted(tr.train_idx + moved)
-    tr.loss_masks = None
-    if cfg.masked_loss:
-        shapes = [tuple(tr.latents[i].shape) for i in range(len(ds.items))]
-        tr.loss_masks, notes = masks.build(ds, shapes, cfg.alpha_mask, cfg.mask_dir)
-        for n in notes:
-            tr.emit("warning", message=n)
-    tracker = tracking.make(tr, cfg) if getattr(tr.accelerator, "is_main_process", True) else None
-    if tracker is not None:
-        tr.callbacks.append(tracker)
-        tr.emit("info", message=f"logging ({cfg.log_with}) to {tracker.dir}")
+EMA_STATE = "ema.lrstate"
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -119,26 +191,6 @@ def noises(cfg, noise: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor
         noise = noise_mod.pyramid_noise_like(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
     inn = noise_mod.input_noise(noise, cfg.ip_noise_gamma, gen) if cfg.ip_noise_gamma else None
     return noise, inn
-
-
-def loss_kwargs(tr, idx: Sequence[int], flips: Sequence[bool], t_cpu: torch.Tensor, in_noise: Optional[torch.Tensor],
-                shape: Tuple[int, ...]) -> Dict[str, Any]:
-    """The extra keyword arguments of loss.diffusion_loss for this micro-batch (only the options that are on)."""
-    cfg, ds = tr.cfg, tr.dataset
-    kw: Dict[str, Any] = {}
-    fn = noise_mod.loss_fn(cfg, t_cpu, tr.model.noise_scheduler)
-    if fn is not None:
-        kw["elementwise"] = fn
-    if in_noise is not None:
-        kw["input_noise"] = in_noise
-    if getattr(tr, "loss_masks", None) is not None:
-        mk = masks.batch_masks(tr.loss_masks, idx, flips, shape)
-        if mk is not None:
-            kw["mask"] = mk.to(tr.device)
-    if any(ds.items[i].is_reg for i in idx):
-        kw["weights"] = torch.tensor([cfg.prior_loss_weight if ds.items[i].is_reg else 1.0 for i in idx],
-                                     device=tr.device)
-    return kw
 
 
 # ------------------------------------------------------------------------------------------------ network
@@ -154,14 +206,14 @@ def _most_common(values: List[float]) -> float:
     return max(set(values), key=values.count)
 
 
-def shape_network(tr, params: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def shape_network(tr, params: List[Dict[str, Any]], given_names: List[str]
+                  ) -> Tuple[List[Dict[str, Any]], List[str]]:
     """After the default injection: block dims / alphas and zero-lr blocks (re-injected as kohya creates them),
-    the rank from network_weights (dim_from_weights), the start weights (network_weights), block-wise lr groups,
-    the EMA. Returns the param groups (unchanged when no option is on)."""
+    the rank from network_weights (dim_from_weights), the start weights (network_weights), block-wise lr groups.
+    Returns the param groups and their names (unchanged when no option is on)."""
     cfg, m = tr.cfg, tr.model
     adapter = lora_mod.DEFAULT_ADAPTER
     is_sdxl = m.kind == "sdxl"
-    tr.group_names = ["unet"] + [c for c, _ in _component_modules(tr)[1:]]
     try:
         lrw = blocks.lr_weights(is_sdxl, cfg.down_lr_weight, cfg.mid_lr_weight, cfg.up_lr_weight,
                                 cfg.block_lr_zero_threshold)
@@ -239,12 +291,8 @@ def shape_network(tr, params: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for comp, mod in comps[1:]:
             groups.append({"params": lora_mod.lora_parameters(mod, adapter), "lr": cfg.te_lr})
             names.append(comp)
-        params = groups
-        tr.group_names = names
-    tr.ema = None
-    if cfg.ema_decay:
-        tr.ema = LoraEMA(tr._trainable_named(), cfg.ema_decay)
-    return params
+        return groups, names
+    return params, given_names
 
 
 def _load_start(tr, start) -> None:
@@ -272,39 +320,3 @@ def _load_start(tr, start) -> None:
         msg += (f"; {len(dropped)} module(s) of the file are not trained by this run and are left out (e.g. "
                 f"{dropped[0]}{'; set train_text_encoder: true to keep the text encoder part' if any('_te' in d for d in dropped) else ''})")
     tr.emit("info" if not dropped else "warning", message=msg + ".")
-
-
-# ------------------------------------------------------------------------------------------------ EMA, state
-def after_optimizer_step(tr) -> None:
-    if getattr(tr, "ema", None) is not None:
-        tr.ema.update()
-
-
-def extract_for_save(tr):
-    """The LoRA weights to write: the EMA copy when ema_decay is set."""
-    ema = getattr(tr, "ema", None)
-    if ema is None:
-        return lora_mod.extract(tr.model)
-    with ema.swapped():
-        return lora_mod.extract(tr.model)
-
-
-EMA_STATE = "ema.lrstate"
-
-
-def save_state_extra(tr, folder: str) -> None:
-    if getattr(tr, "ema", None) is not None:
-        save_file(tr.ema.state_dict(), os.path.join(folder, EMA_STATE))
-
-
-def load_state_extra(tr, folder: str) -> None:
-    ema = getattr(tr, "ema", None)
-    if ema is None:
-        return
-    path = os.path.join(folder, EMA_STATE)
-    if not os.path.isfile(path):
-        tr.emit("warning", message=f"the state in '{folder}' has no EMA weights (saved without ema_decay): the EMA "
-                                   f"starts again from the resumed weights.")
-        ema.shadow = [p.detach().float().clone() for p in ema.params]
-        return
-    ema.load_state_dict(load_file(path))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import conditioning
+from ..models.base import BaseModel
 from . import flow as flow_train
 
 
@@ -93,3 +94,33 @@ def diffusion_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor,
     if reduction != "mean":
         raise ValueError(f"reduction = {reduction!r} is not valid: allowed mean, none.")
     return loss.mean()
+
+
+@torch.no_grad()
+def fixed_noise_loss(model: BaseModel, latents: torch.Tensor, text_embeds, seed: int = 0,
+                     n_draws: int = 4, time_ids: Optional[torch.Tensor] = None,
+                     min_snr_gamma: Optional[float] = None) -> float:
+    """The training loss (loss.diffusion_loss) with noise and timesteps held fixed by `seed` (deterministic
+    validation loss), mean over images and draws.
+
+    latents: (N, C, H, W) already scaled; text_embeds: (N, L, D), or for SDXL {"hidden", "pooled"} with optional
+    (N, 6) `time_ids` (default: the latents' size uncropped). Each image gets `n_draws` noise draws at
+    timesteps spread evenly over the schedule; min_snr_gamma weights them as the training loop does.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    T = model.noise_scheduler.config.num_train_timesteps
+    device = next(model.unet.parameters()).device
+    dtype = next(model.unet.parameters()).dtype
+    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    lat = latents.float().to(device)
+    total = 0.0
+    for d in range(n_draws):
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.full((latents.shape[0],), int((d + 0.5) * T / n_draws), dtype=torch.long)
+        per_sample = diffusion_loss(model, lat, text_embeds, noise.to(device), t.to(device),
+                                             min_snr_gamma=min_snr_gamma, time_ids=time_ids,
+                                             resolution=latents.shape[-1] * vae_factor, in_dtype=dtype,
+                                             snr_timesteps=t, reduction="none")
+        total += float(per_sample.double().sum())
+    return total / (n_draws * latents.shape[0])
+

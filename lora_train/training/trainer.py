@@ -1,112 +1,45 @@
-"""The training loop: accelerate precision/devices, accumulation, schedulers, epoch files, events, stop."""
+"""The training loop: data and caches, the network, optimizer and schedule, the steps (accumulation, clipping,
+non-finite checks), validation, events and stop, extensions at named HOOKS. Its state (resume, NaN recovery) is in
+state.py, its files in outputs.py, devices and precision in device.py."""
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import os
 import random
-import re
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .. import __version__
 from ..config import TrainConfig
 from ..data.buckets import BucketBatchSampler
 from ..data import caption_aug
 from ..data.cache import CachingStopped, LatentCache, TextEmbeddingCache, module_identity
 from ..data.dataset import ImageDataset, load_dataset
-from ..io_utils import atomic_write_text, follow_umask, next_free_name, save_image
 from ..models import conditioning
 from ..models.base import BaseModel
 from ..models.loading import load_base_model
 from ..models import text_chunks
 from ..networks import lora as lora_mod
 from ..networks import network
-from ..plots import loss_plot
-from ..sampler import sample_in_training
-from ..tuning.advisor import Diagnoser
 from . import flow as flow_train
 from . import kohya_extras
+from .kohya_extras import KohyaExtras
 from . import loss as loss_mod
 from . import cpu_bf16
 from .memory import BlockSwap, apply_fp8_base
+from .device import resolve_device, resolve_precision
 from .events import TrainEvent
+from .outputs import OutputsMixin, TrainResult, check_outputs_free, epoch_path, output_paths, step_path
+from .state import STATE_DIRNAME, StateMixin, list_states
 from .optim import describe, make_optimizer
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[TrainEvent], None]
-
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                "sd2-512": "stable-diffusion-v2-512/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-
-
-def architecture(kind: str, prediction_type: str) -> str:
-    """modelspec.architecture as kohya writes it: SD2 epsilon models are the 512-base ones."""
-    if kind == "sd2" and prediction_type == "epsilon":
-        return ARCHITECTURE["sd2-512"]
-    return ARCHITECTURE.get(kind, ARCHITECTURE["sd1"])
-
-
-class ZeroLoRAError(ValueError):
-    """Training ended with every lora_up (B) matrix exactly zero: the file would do nothing, so none is written."""
-
-
-@dataclass
-class TrainResult:
-    output_dir: str
-    lora_path: Optional[str]
-    epoch_files: List[str]
-    config_path: str
-    loss_csv: str
-    loss_png: str
-    steps: int
-    epochs_done: int
-    stopped: bool
-    losses: List[float] = field(default_factory=list)
-    seconds: float = 0.0
-    nan_stopped: bool = False
-    message: str = ""
-    val_losses: List[float] = field(default_factory=list)
-    recoveries: int = 0
-    findings: List[Dict[str, Any]] = field(default_factory=list)  # advisor.Finding.to_dict() of the live diagnosis
-
-
-def output_paths(cfg: TrainConfig) -> Dict[str, str]:
-    d, n = cfg.output_dir, cfg.output_name
-    return {"lora": os.path.join(d, f"{n}.safetensors"), "config": os.path.join(d, f"{n}.yaml"),
-            "loss_csv": os.path.join(d, f"{n}_loss.csv"), "loss_png": os.path.join(d, f"{n}_loss.png")}
-
-
-def epoch_path(cfg: TrainConfig, epoch: int) -> str:
-    return os.path.join(cfg.output_dir, f"{cfg.output_name}-{epoch:06d}.safetensors")
-
-
-def step_path(cfg: TrainConfig, step: int) -> str:
-    """kohya's name for a LoRA saved every N steps."""
-    return os.path.join(cfg.output_dir, f"{cfg.output_name}-step{step:08d}.safetensors")
-
-
-def check_outputs_free(cfg: TrainConfig) -> None:
-    if cfg.overwrite:
-        return
-    taken = [p for p in output_paths(cfg).values() if os.path.exists(p)]
-    taken += [epoch_path(cfg, e) for e in range(1, cfg.epochs + 1) if os.path.exists(epoch_path(cfg, e))]
-    if taken:
-        free = next_free_name(cfg.output_dir, cfg.output_name)
-        raise FileExistsError(f"'{taken[0]}' exists already and is never overwritten by default: use "
-                              f"output_name '{free}' (free), or pass --overwrite to replace it.")
-
 
 WARMUP_MAX_FRACTION = 0.1
 
@@ -128,63 +61,36 @@ def effective_warmup(asked: int, total_steps: int, scheduler: str) -> Tuple[int,
                  f"set lr_warmup_steps to {cap} or less to silence this.")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+#: where an extension of the run takes part (each an optional method of it; `tr` is the Trainer):
+#:   after_dataset(tr)                                   the dataset is loaded (repeats, reg images)
+#:   after_split(tr, train_idx, val_idx) -> (train, val)  the validation split is made (caches are ready)
+#:   shape_network(tr, groups, names) -> (groups, names)  the adapters are injected (reshape, lr groups)
+#:   loss_kwargs(tr, idx, flips, t, in_noise, shape) -> {}  extra arguments of the loss of a micro-batch
+#:   after_optimizer_step(tr)                             an update was applied
+#:   weights_to_save(tr) -> weights or None               the weights a LoRA file gets (None: the trained ones)
+#:   save_state(tr, folder) / load_state(tr, folder)      its part of a resumable state
+#:   metadata(tr) -> {}                                   its ss_* entries
+HOOKS = ("after_dataset", "after_split", "shape_network", "loss_kwargs", "after_optimizer_step", "weights_to_save",
+         "save_state", "load_state", "metadata")
 
 
-def encode_prompts(model: BaseModel, captions: List[str], device: torch.device):
-    """Text conditioning of captions: last hidden state (SD1/SD2), {"hidden", "pooled"} (SDXL); conditioning.py."""
-    return conditioning.encode(model, captions, device)
+class Trainer(StateMixin, OutputsMixin):
+    """One run: prepare(), then step() until done (run() does both and writes the files). Resumable state and
+    NaN recovery: state.StateMixin; files, metadata, samples and logs: outputs.OutputsMixin."""
 
-
-STATE_DIRNAME = "state"
-#: a state's adapter (safetensors) and optimizer/RNG (torch) files: extensions no host lists as a LoRA (a stopped
-#: run's state may sit in a folder a host reads); states written as adapter.safetensors / torch_state.pt still load
-STATE_ADAPTER, STATE_TORCH = "adapter.lrstate", "torch_state.lrstate"
-OLD_STATE_FILES = {STATE_ADAPTER: "adapter.safetensors", STATE_TORCH: "torch_state.pt"}
-
-
-def state_file(folder: str, name: str) -> str:
-    """A state folder's file `name` (STATE_ADAPTER / STATE_TORCH), or the name an older version wrote."""
-    path = os.path.join(folder, name)
-    old = os.path.join(folder, OLD_STATE_FILES[name])
-    return old if not os.path.exists(path) and os.path.exists(old) else path
-
-
-def list_states(run_dir: str, name: Optional[str] = None) -> List[str]:
-    """Resumable states of a run folder (or one state folder itself), oldest first.
-
-    States are `<run_dir>/state/<output_name>-step-<N>/`, so runs of several names can share one output folder;
-    `name` picks one run. Without it a folder holding the states of several runs is an error that names them."""
-    if os.path.isfile(os.path.join(run_dir, "trainer.json")):
-        return [run_dir]
-    root = os.path.join(run_dir, STATE_DIRNAME)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for n in os.listdir(root):
-        m = re.match(r"^(?:(.+)-)?step-(\d+)$", n)
-        if m and os.path.isfile(os.path.join(root, n, "trainer.json")):
-            found.append((m.group(1) or "", int(m.group(2)), n))
-    if name is not None:
-        found = [f for f in found if f[0] == name]
-    elif len({f[0] for f in found}) > 1:
-        raise ValueError(f"'{run_dir}' holds the states of several runs ({', '.join(sorted({f[0] for f in found}))}): "
-                         f"resume with the config (output_name) of the run you want.")
-    return [os.path.join(root, n) for _, _, n in sorted(found, key=lambda f: f[1])]
-
-
-class Trainer:
     def __init__(self, cfg: TrainConfig, model: Optional[BaseModel] = None, dataset: Optional[ImageDataset] = None,
                  callback: Optional[Callback] = None, stop_event: Optional[threading.Event] = None,
-                 resume_from: Optional[str] = None, loss_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None):
+                 resume_from: Optional[str] = None, loss_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                 diagnoser: Any = None, extensions: Sequence[Any] = ()):
+        """diagnoser: the caller's live diagnosis (tuning.advisor.Diagnoser, or anything with
+        `handle_event(event) -> findings`): it sees the start / step / val_loss / nan events, and its findings go
+        out as `diagnosis` events and into the result. extensions: objects with some of the HOOKS methods, called
+        after the built-in ones (`kohya`: the kohya options, KohyaExtras)."""
         self.cfg = cfg.validate()
+        self.diagnoser = diagnoser
+        self.kohya = KohyaExtras()
+        self.extensions: List[Any] = [self.kohya, *extensions]
+        self.group_names: List[str] = []
         self.model = model
         self.dataset = dataset
         self.callbacks: List[Callback] = [callback] if callback else []
@@ -200,7 +106,16 @@ class Trainer:
         self.findings: List[Any] = []
         self._last_state_step: Optional[int] = None
 
-    # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ events and hooks
+    def add_callback(self, callback: Callback) -> None:
+        """Another receiver of the run's events (an extension's tracker, a front door's progress)."""
+        self.callbacks.append(callback)
+
+    def _hooks(self, name: str):
+        """The extensions' methods for one of HOOKS, in order."""
+        assert name in HOOKS, name
+        return [getattr(ext, name) for ext in self.extensions if callable(getattr(ext, name, None))]
+
     def emit(self, kind: str, **data: Any) -> None:
         acc = getattr(self, "accelerator", None)
         if acc is not None and not acc.is_main_process:
@@ -208,7 +123,7 @@ class Trainer:
         ev = TrainEvent.make(kind, **data)
         for cb in self.callbacks:
             cb(ev)
-        diag = getattr(self, "diagnoser", None)
+        diag = self.diagnoser
         if diag is not None and kind in ("start", "step", "val_loss", "nan"):
             for f in diag.handle_event(ev):
                 self.findings.append(f)
@@ -230,6 +145,8 @@ class Trainer:
         from accelerate import Accelerator
 
         self.device = resolve_device(cfg.device)
+        if cfg.mixed_precision == "auto":
+            self.cfg = cfg = cfg.replace(mixed_precision=resolve_precision("auto", self.device))
         self.accelerator = Accelerator(mixed_precision=cpu_bf16.accelerate_precision(cfg.mixed_precision, self.device),
                                        cpu=self.device.type == "cpu")  # CPU + bf16: fp32 compute (training/cpu_bf16.py)
         self.device = self.accelerator.device
@@ -238,7 +155,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.dataset is None:
             self.dataset = load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word, cfg.caption_extension)
-        kohya_extras.after_dataset(self)  # num_repeats, reg images (reg_data_dir)
+        for hook in self._hooks("after_dataset"):  # kohya: num_repeats, reg images (reg_data_dir)
+            hook(self)
         for w in self.dataset.warnings:
             self.emit("warning", message=w)
         if self.model is None:
@@ -323,201 +241,16 @@ class Trainer:
         val = sorted(random.Random(self.cfg.validation_seed).sample(range(n), k))
         vs = set(val)
         return [i for i in range(n) if i not in vs], val
-    # ------------------------------------------------------------------ state (resume)
-    def _trainable_named(self) -> Dict[str, torch.nn.Parameter]:
-        out = {}
-        mods = [("unet", self.model.unet), ("te", self.model.text_encoder)]
-        if self.model.text_encoder_2 is not None:
-            mods.append(("te2", self.model.text_encoder_2))
-        for prefix, mod in mods:
-            for n, p in mod.named_parameters():
-                if network.is_trainable_name(n, lora_mod.DEFAULT_ADAPTER):
-                    out[f"{prefix}.{n}"] = p
-        return out
-
-    def _snapshot(self) -> Dict[str, Any]:
-        """Everything needed to continue bit for bit, in memory."""
-        import copy
-
-        snap = {
-            "params": {k: v.detach().clone() for k, v in self._trainable_named().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "scheduler": copy.deepcopy(self.lr_scheduler.state_dict()),
-            "gen": self.gen.get_state().clone(),
-            "torch_rng": torch.random.get_rng_state().clone(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-            "pos": dict(self.pos),
-            "history": list(self.history), "val_history": list(self.val_history),
-            "recoveries": self.recoveries, "ramp": list(self.ramp) if self.ramp else None,
-        }
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            snap["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return snap
-
-    def _restore(self, snap: Dict[str, Any], params_and_optimizer_only: bool = False) -> None:
-        named = self._trainable_named()
-        with torch.no_grad():
-            for k, v in snap["params"].items():
-                named[k].copy_(v)
-        self.optimizer.load_state_dict(snap["optimizer"])
-        if params_and_optimizer_only:
-            return
-        self.lr_scheduler.load_state_dict(snap["scheduler"])
-        self.gen.set_state(snap["gen"])
-        torch.random.set_rng_state(snap["torch_rng"])
-        np.random.set_state(snap["numpy_rng"])
-        random.setstate(snap["python_rng"])
-        if "cuda_rng" in snap and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(snap["cuda_rng"])
-        self.pos = dict(snap["pos"])
-        self.history, self.val_history = list(snap["history"]), list(snap["val_history"])
-        self.recoveries, self.ramp = snap["recoveries"], snap["ramp"]
-
-    def save_state(self) -> Optional[str]:
-        """Write a resumable state folder atomically; keep the last `save_state_keep`."""
-        if not self.accelerator.is_main_process:
-            return None
-        import shutil
-        import tempfile
-
-        from safetensors.torch import save_file
-
-        snap = self._snapshot()
-        root = os.path.join(self.cfg.output_dir, STATE_DIRNAME)
-        os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"{self.cfg.output_name}-step-{self.pos['step']:08d}")
-        tmp = tempfile.mkdtemp(prefix=".tmp-state-", dir=root)
-        try:
-            save_file({k: v.float().cpu().contiguous() for k, v in snap["params"].items()},
-                      os.path.join(tmp, STATE_ADAPTER))
-            torch.save({"optimizer": snap["optimizer"], "scheduler": snap["scheduler"], "gen": snap["gen"],
-                        "torch_rng": snap["torch_rng"], "cuda_rng": snap.get("cuda_rng")},
-                       os.path.join(tmp, STATE_TORCH))
-            np_state = snap["numpy_rng"]
-            meta = {
-                "version": 1, "pos": snap["pos"], "history": snap["history"], "val_history": snap["val_history"],
-                "recoveries": snap["recoveries"], "ramp": snap["ramp"],
-                "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                              float(np_state[4])],
-                "python_rng": [snap["python_rng"][0], list(snap["python_rng"][1]), snap["python_rng"][2]],
-                "config": self.cfg.to_dict(),
-            }
-            kohya_extras.save_state_extra(self, tmp)  # EMA weights
-            with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as fh:
-                json.dump(meta, fh)
-            follow_umask(tmp)  # readable by a host running as another user, like every file we write
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-        for old in list_states(self.cfg.output_dir, self.cfg.output_name)[:-self.cfg.save_state_keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        self.last_good = snap
-        self._last_state_step = self.pos["step"]
-        self.emit("state", path=final, step=self.pos["step"])
-        return final
-
-    def _wants_final_state(self, stopped: bool) -> bool:
-        """A resumable state at the end of a run: always after a stop (user, host interrupt, non-finite loss), else
-        only when asked (`save_state`, or a periodic `save_state_every_n_*`). A finished run leaves none by
-        default: at SD1.5 a state is ~55 MB, and a host lists every .safetensors/.pt under its LoRA folder."""
-        cfg = self.cfg
-        if stopped:
-            return all(bool(torch.isfinite(p).all()) for p in self._trainable_named().values())
-        return bool(cfg.save_state or cfg.save_state_every_n_steps or cfg.save_state_every_n_epochs)
-
-    def _state_name(self, path: str) -> Optional[str]:
-        """The run name to resume in `path`: this config's output_name when that folder holds its states."""
-        if os.path.isfile(os.path.join(path, "trainer.json")):
-            return None
-        return self.cfg.output_name if list_states(path, self.cfg.output_name) else None
-
-    def load_state(self, path: str) -> None:
-        from safetensors.torch import load_file
-
-        states = list_states(path, self._state_name(path))
-        d = states[-1]
-        with open(os.path.join(d, "trainer.json"), encoding="utf-8") as fh:
-            meta = json.load(fh)
-        ts = torch.load(state_file(d, STATE_TORCH), weights_only=True)
-        npr = meta["numpy_rng"]
-        snap = {
-            "params": load_file(state_file(d, STATE_ADAPTER)),
-            "optimizer": ts["optimizer"], "scheduler": ts["scheduler"], "gen": ts["gen"],
-            "torch_rng": ts["torch_rng"],
-            "numpy_rng": (npr[0], np.array(npr[1], dtype=np.uint32), npr[2], npr[3], npr[4]),
-            "python_rng": (meta["python_rng"][0], tuple(meta["python_rng"][1]), meta["python_rng"][2]),
-            "pos": meta["pos"], "history": meta["history"], "val_history": meta["val_history"],
-            "recoveries": meta["recoveries"], "ramp": meta["ramp"],
-        }
-        if ts.get("cuda_rng") is not None:
-            snap["cuda_rng"] = ts["cuda_rng"]
-        missing = set(self._trainable_named()) ^ set(snap["params"])
-        if missing:
-            raise ValueError(f"the state in '{d}' does not fit this config (different LoRA modules, e.g. "
-                             f"{sorted(missing)[0]}): resume with the config it was saved with.")
-        self._restore(snap)
-        kohya_extras.load_state_extra(self, d)  # EMA weights
-        self.last_good = snap
-        self.emit("resumed", path=d, step=self.pos["step"], epoch=self.pos["epoch"])
-
-    # ------------------------------------------------------------------ NaN handling
-    def _on_nonfinite(self, what: str, value: float) -> bool:
-        """Returns True to continue (recovered), False to stop."""
-        cfg = self.cfg
-        step = self.pos["step"] + 1
-        advice = ("halve learning_rate, add warm-up (lr_warmup_steps 100-200), and resume from the last good "
-                  f"state with --resume {cfg.output_dir}")
-        if cfg.nan_policy == "recover" and self.recoveries < cfg.nan_max_recoveries and self.last_good is not None:
-            self.recoveries += 1
-            self._restore(self.last_good, params_and_optimizer_only=True)
-            old = [g["lr"] for g in self.optimizer.param_groups]
-            self.lr_scheduler.base_lrs = [b * 0.5 for b in self.lr_scheduler.base_lrs]
-            warm = max(10, self.warmup_steps)
-            self.ramp = [self.pos["step"], warm]
-            self.emit("nan", step=step, what=what, value=value, action="recover", recovery=self.recoveries,
-                      lr_before=old[0], lr_base_after=self.lr_scheduler.base_lrs[0], warmup_steps=warm,
-                      message=f"non-finite {what} at step {step}: rolled back to step {self.last_good['pos']['step']}'s "
-                              f"weights, halved the learning rate to {self.lr_scheduler.base_lrs[0]:.3g} and added "
-                              f"{warm} warm-up steps (recovery {self.recoveries}/{cfg.nan_max_recoveries}).")
-            return True
-        self.nan_message = (f"non-finite {what} ({value}) at step {step}: training stopped; the update was not "
-                            f"applied and the files written so far are finite. Next: {advice}.")
-        self.emit("nan", step=step, what=what, value=value, action="stop", message=self.nan_message)
-        return False
-
-    def _apply_ramp(self) -> None:
-        if not self.ramp:
-            return
-        start, length = self.ramp
-        k = (self.pos["step"] - start) / float(length)
-        if k >= 1:
-            self.ramp = None
-            return
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["lr"] * max(k, 1.0 / length)
-
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
         """Train: data and caches, network, optimizer and schedule, the epochs of steps, then the files."""
-        self._prepare()
-        early = self._prepare_data()
-        if early is not None:
-            return early
-        self._build_network()
-        self._build_optimizer_and_schedule()
-        self._begin()
+        if not self.prepare():
+            return self.early_result
         while self.pos["step"] < self.total_steps and not self.stopped:
             if self.stop_event.is_set():  # before the epoch counter moves: a stop at an epoch's end is in that epoch
                 self.stopped = True
                 break
-            if self.pos["batch"] >= self.batches_per_epoch:  # start a new epoch
-                self.pos["epoch"] += 1
-                self.pos["batch"] = 0
-                self.pos["order"] = self.sampler.batches(self.pos["epoch"])
+            self._next_epoch_if_done()
             self._train_epoch()
             if self.stopped or self.pos["batch"] < self.batches_per_epoch:  # stopped, or max steps mid-epoch
                 break
@@ -525,6 +258,78 @@ class Trainer:
         if self._ended_mid_epoch():  # max_train_steps inside an epoch: the final file gets its validation loss too
             self._record_validation(self.pos["epoch"])
         return self._finish()
+
+    # ------------------------------------------------------------------ the public surface of one step
+    def prepare(self) -> bool:
+        """Everything before the first step: the model and data, caches, the network, optimizer and schedule, the
+        position. False when a stop during caching ended the run (`early_result` holds its TrainResult)."""
+        self._prepare()
+        self.early_result = self._prepare_data()
+        if self.early_result is not None:
+            return False
+        self._build_network()
+        self._build_optimizer_and_schedule()
+        self._begin()
+        return True
+
+    def step(self, lr: Optional[float] = None) -> Optional[float]:
+        """One optimizer step on the next batch(es) of the run's data order (micro-batches accumulated as the run
+        does; a new epoch's order when one ends), with everything the run applies to a step. `lr`: this step's
+        learning rate instead of the schedule's (other param groups keep their ratio to the first: LoRA+,
+        text encoder, block-wise lr). Returns the step's loss, or None for a non-finite step (not applied)."""
+        accum, running = self.cfg.gradient_accumulation_steps, []
+        while True:
+            self._next_epoch_if_done()
+            b = self.pos["batch"]
+            running.append(self._forward_backward(list(self.pos["order"][b])))
+            self.pos["batch"] = b + 1
+            if len(running) % accum == 0 or self.pos["batch"] == self.batches_per_epoch:
+                break
+        if lr is not None:
+            for g, ratio in zip(self.optimizer.param_groups, self._lr_ratios()):
+                g["lr"] = lr * ratio
+        done = self._optimizer_step(running)
+        if done is None:
+            return None
+        self.pos["step"] += 1
+        return done[0]
+
+    @torch.no_grad()
+    def probe_loss(self, items: Sequence[int], noise: torch.Tensor, timesteps: torch.Tensor) -> float:
+        """The run's loss (its loss type, masks, prior weights, min-SNR, conditioning) of these items with the
+        given noise and timesteps, captions as written, no flip and no update: a fixed-noise measure."""
+        was = self.train_unet.training
+        self.train_unet.eval()
+        try:
+            caps = [self.dataset.items[i].caption for i in items]
+            loss = self._loss(list(items), [False] * len(items), caps, noise, timesteps, None)
+        finally:
+            self.train_unet.train(was)
+        return float(loss)
+
+    def release(self) -> None:
+        """Drop what the run holds beside the model: caches, optimizer, schedule, snapshots, the compiled forward,
+        block-swap hooks and accelerate's references. The model stays as trained (its owner restores or drops it)."""
+        if getattr(self, "block_swap", None) is not None:
+            self.block_swap.remove()
+        for k in ("latents", "latents_flip", "text_cache", "optimizer", "lr_scheduler", "train_unet", "last_good",
+                  "param_groups", "trainable", "te_trainable", "block_swap"):
+            if hasattr(self, k):
+                setattr(self, k, None)
+        acc = getattr(self, "accelerator", None)
+        if acc is not None:
+            acc.free_memory()
+
+    def _lr_ratios(self) -> List[float]:
+        groups = self.optimizer.param_groups
+        first = groups[0].get("initial_lr", groups[0]["lr"]) or 1.0
+        return [g.get("initial_lr", g["lr"]) / first for g in groups]
+
+    def _next_epoch_if_done(self) -> None:
+        if self.pos["batch"] >= self.batches_per_epoch:
+            self.pos["epoch"] += 1
+            self.pos["batch"] = 0
+            self.pos["order"] = self.sampler.batches(self.pos["epoch"])
 
     def _ended_mid_epoch(self) -> bool:
         return (not self.stopped and not self.nan_stop and self.pos["step"] >= self.total_steps
@@ -544,7 +349,6 @@ class Trainer:
         self.stopped = self.nan_stop = False
         self.epoch_files: List[str] = []
 
-        self.diagnoser = Diagnoser(cfg)
         self.started_at = time.time()
 
         m.unet.requires_grad_(False)
@@ -577,7 +381,8 @@ class Trainer:
                 for te in m.text_encoders:
                     te.to("cpu")
         self.train_idx, self.val_idx = self._split()
-        kohya_extras.after_split(self)  # reg images train only, loss masks, TensorBoard / wandb
+        for hook in self._hooks("after_split"):  # kohya: reg images train only, loss masks, TensorBoard / wandb
+            self.train_idx, self.val_idx = hook(self, self.train_idx, self.val_idx)
         self.val_groups: Dict[Tuple[int, ...], List[int]] = {}
         for i in self.val_idx:  # validation images batched by latent size (buckets)
             self.val_groups.setdefault(tuple(self.latents[i].shape), []).append(i)
@@ -599,7 +404,11 @@ class Trainer:
         if cfg.train_text_encoder:
             for _, te in conditioning.Conditioner(m).text_encoders:  # Flux / SD3: the CLIP encoders, never T5
                 params += network.build(te, "te", spec, cfg.te_lr, adapter)
-        params = kohya_extras.shape_network(self, params)  # block dims / lr, network_weights, EMA
+        names = ["unet"] + [c for c, _ in (conditioning.Conditioner(m).text_encoders if cfg.train_text_encoder
+                                            else [])]
+        for hook in self._hooks("shape_network"):  # kohya: block dims / lr, network_weights, EMA
+            params, names = hook(self, params, names)
+        self.group_names = names
         base_dtype = self.weight_dtype if self.device.type != "cpu" else None
         if cfg.fp8_base:  # cast in CPU memory first: a 12 B transformer never sits on the GPU in 16 bits
             m.unet.to(dtype=base_dtype or torch.float32)
@@ -757,24 +566,38 @@ class Trainer:
             drop = (torch.rand(n, generator=gen) < cfg.caption_dropout_rate).tolist()
             caps = ["" if d else c for c, d in zip(caps, drop)]
         idx, flips, caps = batch[lo:hi], flips[lo:hi], caps[lo:hi]
-        t_cpu = t[lo:hi]
-        noise, t = self._to_device(noise[lo:hi]), self._to_device(t_cpu)
+        loss = self._loss(idx, flips, caps, noise[lo:hi], t[lo:hi], None if in_noise is None else in_noise[lo:hi])
+        if self.loss_hook is not None:
+            loss = self.loss_hook(self.pos["step"] + 1, loss)
+        if loss.requires_grad:  # a non-finite loss makes non-finite gradients: caught by the step, not applied
+            acc.backward(loss / cfg.gradient_accumulation_steps)
+        return loss.detach().float()
+
+    def _loss(self, idx: List[int], flips: List[bool], caps: List[str], noise: torch.Tensor, t_cpu: torch.Tensor,
+              in_noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """The loss of this process's samples (loss.diffusion_loss with the run's options) from their draws."""
+        cfg, m, ds, acc = self.cfg, self.model, self.dataset, self.accelerator
+        latents, latents_flip = self.latents, self.latents_flip
+        noise, t = self._to_device(noise), self._to_device(t_cpu)
         lat = self._to_device(torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]))
         with acc.autocast():
             cond = self.text_cache.stack(caps) if self.text_cache is not None else conditioning.encode(m, caps,
                                                                                                          self.device)
         # SDXL: per-sample original size / crop / target size from the item's resize + crop plan
         tids = conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips) if conditioning.is_sdxl(m) else None
-        loss = loss_mod.diffusion_loss(m, lat, cond, noise, t, unet=self.train_unet, min_snr_gamma=cfg.min_snr_gamma,
+        return loss_mod.diffusion_loss(m, lat, cond, noise, t, unet=self.train_unet, min_snr_gamma=cfg.min_snr_gamma,
                                        time_ids=tids, resolution=cfg.resolution, in_dtype=self.in_dtype,
                                        snr_timesteps=t_cpu, autocast=acc.autocast,  # min-SNR from the CPU copy
-                                       **kohya_extras.loss_kwargs(self, idx, flips, t_cpu, None if in_noise is None
-                                                                  else self._to_device(in_noise[lo:hi]), lat.shape))
-        if self.loss_hook is not None:
-            loss = self.loss_hook(self.pos["step"] + 1, loss)
-        if loss.requires_grad:  # a non-finite loss makes non-finite gradients: caught by the step, not applied
-            acc.backward(loss / cfg.gradient_accumulation_steps)
-        return loss.detach().float()
+                                       **self._loss_kwargs(idx, flips, t_cpu, in_noise, lat.shape))
+
+    def _loss_kwargs(self, idx, flips, t_cpu, in_noise, shape) -> Dict[str, Any]:
+        """The extensions' extra loss arguments for a micro-batch (kohya: loss type, input noise, masks, reg
+        weights), merged."""
+        kw: Dict[str, Any] = {}
+        in_noise = None if in_noise is None else self._to_device(in_noise)
+        for hook in self._hooks("loss_kwargs"):
+            kw.update(hook(self, idx, flips, t_cpu, in_noise, shape))
+        return kw
 
     def _optimizer_step(self, running: List[torch.Tensor]) -> Optional[Tuple[float, float]]:
         """Accumulated gradients -> one update: text-encoder grads averaged over processes, clipping, one host
@@ -805,7 +628,8 @@ class Trainer:
         step_lr = float(optimizer.param_groups[0]["lr"])  # the lr this update uses (before the schedule moves)
         self.last_lrs, self.last_grad_norm = [float(g["lr"]) for g in optimizer.param_groups], norm_v  # tracking
         optimizer.step()
-        kohya_extras.after_optimizer_step(self)  # EMA
+        for hook in self._hooks("after_optimizer_step"):  # kohya: the EMA
+            hook(self)
         self.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return step_loss, step_lr
@@ -830,11 +654,6 @@ class Trainer:
         if cfg.save_state_every_n_steps and global_step % cfg.save_state_every_n_steps == 0:
             self.save_state()
         self.t_last = time.time()
-
-    def _checkpoint(self, path: str, epoch: int, step: int) -> None:
-        if self._save_lora(path, epoch, step):
-            self.epoch_files.append(path)
-            self.emit("checkpoint", path=path, epoch=epoch, step=step)
 
     def _end_of_epoch(self, epoch: int) -> None:
         """After an epoch's last step: validation loss, samples, the `epoch` event, the epoch file, a state."""
@@ -861,37 +680,6 @@ class Trainer:
         self.emit("val_loss", step=self.pos["step"], epoch=epoch, val_loss=vl)
         self.train_unet.train()
 
-    def _finish(self) -> TrainResult:
-        """The end of a run: a resumable state (after a stop, or when asked), the final LoRA (an all-zero one is an
-        error), the loss log and plot, the config; the `done` event with the TrainResult."""
-        cfg, acc, paths = self.cfg, self.accelerator, self.paths
-        global_step, epoch = self.pos["step"], self.pos["epoch"]
-        final = None
-        if global_step > self.start_step and self._last_state_step != global_step \
-                and self._wants_final_state(self.stopped):
-            self.save_state()  # resumable from exactly here: after a stop, or (asked) to train on to a longer end
-        self.emit("phase", message="saving the LoRA file and the loss log ...")
-        try:
-            if global_step > 0 and not self.nan_stop:
-                final = paths["lora"]
-                self._save_lora(final, epoch, global_step, final=True)
-                self.emit("checkpoint", path=final, epoch=epoch, step=global_step, final=True)
-        finally:
-            self._write_logs(paths)
-            if acc.is_main_process:
-                cfg.save(paths["config"])
-        acc.wait_for_everyone()
-        res = TrainResult(output_dir=os.path.abspath(cfg.output_dir), lora_path=final, epoch_files=self.epoch_files,
-                          config_path=paths["config"], loss_csv=paths["loss_csv"], loss_png=paths["loss_png"],
-                          steps=global_step, epochs_done=epoch, stopped=self.stopped,
-                          losses=[h["loss"] for h in self.history], seconds=time.time() - self.started_at,
-                          nan_stopped=self.nan_stop, message=self.nan_message,
-                          val_losses=[v["val_loss"] for v in self.val_history], recoveries=self.recoveries,
-                          findings=[f.to_dict() for f in self.findings])
-        self.train_unet.eval()
-        self.emit("done", result=res)
-        return res
-
     @torch.no_grad()
     def _validation_loss(self, groups: Dict[Tuple[int, ...], List[int]], latents, text_cache) -> float:
         """Deterministic denoising loss of the held-out images (fixed noise and timesteps), mean per element."""
@@ -904,167 +692,7 @@ class Trainer:
             lat = latents.stack(idx) if hasattr(latents, "stack") else torch.stack([latents[i] for i in idx])
             n = lat.numel()
             tids = conditioning.time_ids_for_items(ds, idx, self.cfg.resolution) if conditioning.is_sdxl(m) else None
-            total += fixed_noise_loss(m, lat, cond, seed=self.cfg.validation_seed, time_ids=tids,
+            total += loss_mod.fixed_noise_loss(m, lat, cond, seed=self.cfg.validation_seed, time_ids=tids,
                                       min_snr_gamma=self.cfg.min_snr_gamma) * n
             count += n
         return total / count
-
-    # ------------------------------------------------------------------ outputs
-    def metadata(self, epoch: int, step: int) -> Dict[str, str]:
-        cfg, m, ds, mc = self.cfg, self.model, self.dataset, self._meta_common
-        now = time.time()
-        res = f"({cfg.resolution}, {cfg.resolution})"
-        meta = {
-            "ss_network_dim": str(cfg.lora_rank),
-            "ss_network_alpha": f"{cfg.alpha:g}",
-            "ss_learning_rate": f"{cfg.learning_rate:g}",
-            "ss_unet_lr": f"{cfg.learning_rate:g}",
-            "ss_text_encoder_lr": f"{cfg.te_lr:g}" if cfg.train_text_encoder else "0",
-            "ss_network_train_unet_only": str(not cfg.train_text_encoder),
-            "ss_lr_scheduler": cfg.lr_scheduler,
-            "ss_lr_warmup_steps": str(getattr(self, "warmup_steps", cfg.lr_warmup_steps)),
-            "ss_optimizer": self.optimizer_desc,
-            "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
-            "ss_num_train_images": str(mc["n_samples"]),
-            "ss_num_reg_images": "0",
-            "ss_num_batches_per_epoch": str(mc["batches_per_epoch"]),
-            "ss_num_epochs": str(mc["total_epochs"]),
-            "ss_epoch": str(epoch),
-            "ss_steps": str(step),
-            "ss_max_train_steps": str(mc["total_steps"]),
-            "ss_batch_size_per_device": str(cfg.batch_size),
-            "ss_total_batch_size": str(cfg.batch_size * cfg.gradient_accumulation_steps
-                                       * self.accelerator.num_processes),
-            "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
-            "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
-            "ss_resolution": res,
-            "ss_seed": str(cfg.seed),
-            "ss_mixed_precision": cfg.mixed_precision,
-            "ss_full_fp16": "False",
-            "ss_v2": str(m.kind == "sd2"),
-            "ss_base_model_version": BASE_VERSION.get(m.kind, "sd_v1"),
-            "ss_sd_model_name": m.name,
-            "ss_sd_model_hash": m.model_hash()[:8],
-            "ss_new_sd_model_hash": m.model_hash(),
-            "ss_prediction_type": m.prediction_type,
-            "ss_clip_skip": "None",
-            "ss_noise_offset": f"{cfg.noise_offset:g}" if cfg.noise_offset else "None",
-            "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else "None",
-            "ss_caption_dropout_rate": f"{cfg.caption_dropout_rate:g}",
-            "ss_flip_aug": str(cfg.flip_aug),
-            "ss_tag_frequency": json.dumps(ds.tag_frequency()),
-            "ss_dataset_dirs": json.dumps({os.path.basename(ds.root): {"n_repeats": 1, "img_count": ds.image_count}}),
-            "ss_training_started_at": f"{self.started_at:.3f}",
-            "ss_training_finished_at": f"{now:.3f}",
-            "ss_output_name": cfg.output_name,
-            "ss_training_comment": f"trained with lora_train {__version__}",
-            "ss_caption_extension": cfg.caption_extension,
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": architecture(m.kind, m.prediction_type),
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if m.kind == "sdxl"
-            else "diffusers",
-            "modelspec.title": cfg.output_name,
-            "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-            "modelspec.prediction_type": "v" if m.prediction_type == "v_prediction" else "epsilon",  # ModelSpec
-            "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        if flow_train.is_flow(m):  # Flux / SD3: base model version, architecture, timestep options
-            meta.update(flow_train.metadata(m, cfg))
-        meta.update(network.metadata(network.NetworkSpec.from_config(cfg, m.kind), m.kind))  # ss_network_module, _args
-        meta.update(kohya_extras.metadata(cfg, self))  # the kohya options (issue 18)
-        if cfg.trigger_word:
-            meta["modelspec.trigger_phrase"] = cfg.trigger_word
-        return meta
-
-    def _sample(self, step: int, epoch: int) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        cfg, m = self.cfg, self.model
-        offloaded = [te for te in m.text_encoders if next(te.parameters()).device != self.device]
-        if self.device.type != "cpu":
-            for mod in [m.vae] + offloaded:
-                mod.to(self.device)
-        img = sample_in_training(m, lora_mod.DEFAULT_ADAPTER, cfg.sample_prompts, cfg.sample_seed, cfg.sample_steps,
-                                 cfg.sample_cfg, cfg.resolution)
-        if self.device.type != "cpu":
-            for mod in [m.vae] + offloaded:
-                mod.to("cpu")
-        path = os.path.join(cfg.output_dir, "samples", f"{cfg.output_name}_e{epoch:04d}_s{step:06d}.png")
-        save_image(img, path)
-        self.emit("sample", path=path, step=step, epoch=epoch)
-
-    def _save_lora(self, path: str, epoch: int, step: int, final: bool = False) -> bool:
-        """Write the LoRA (kohya layout + metadata); False when it is skipped. Non-finite weights are an error;
-        all-zero lora_up weights (a LoRA that does nothing) are an error for the final file and a skipped
-        checkpoint with a warning before it."""
-        if not self.accelerator.is_main_process:
-            return True
-        lw = kohya_extras.extract_for_save(self)  # the EMA copy when ema_decay is set
-        finite, nonzero = network.check_finite_and_nonzero(lw)
-        if not finite:
-            raise FloatingPointError(f"non-finite LoRA weights at step {step}; nothing written to {path}. "
-                                     f"Halve learning_rate and add warmup.")
-        if step > 0 and (lw.modules or lw.extra) and not nonzero:
-            if not final:
-                self.emit("warning", message=f"step {step}: every lora_up weight is still zero (warm-up); "
-                                             f"checkpoint '{path}' skipped.")
-                return False
-            raise ZeroLoRAError(
-                f"after {step} optimizer step(s) every lora_up weight is still exactly zero: this LoRA would do "
-                f"nothing, so '{path}' was not written (learning rate used: "
-                f"{', '.join(f'{h:.3g}' for h in sorted({r['lr'] for r in self.history})) or 'none'}). Train more "
-                f"steps (max_train_steps / epochs), use less warm-up (lr_warmup_steps), or a higher learning_rate.")
-        lora_mod.save_kohya(lw, path, self.model.kind, self.metadata(epoch, step), overwrite=True)
-        return True
-
-    def _write_logs(self, paths: Dict[str, str]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["step", "epoch", "loss", "lr", "val_loss"])
-        val = {v["step"]: v["val_loss"] for v in self.val_history}
-        for h in self.history:
-            vl = val.get(h["step"])
-            w.writerow([h["step"], h["epoch"], f"{h['loss']:.6g}", f"{h['lr']:.6g}",
-                        "" if vl is None else f"{vl:.6g}"])
-        atomic_write_text(paths["loss_csv"], buf.getvalue())
-        img = loss_plot([h["step"] for h in self.history], [h["loss"] for h in self.history],
-                        title=f"{self.cfg.output_name}: training loss",
-                        val_steps=[v["step"] for v in self.val_history],
-                        val_losses=[v["val_loss"] for v in self.val_history])
-        save_image(img, paths["loss_png"])
-
-
-def train(cfg: TrainConfig, callback: Optional[Callback] = None, model: Optional[BaseModel] = None,
-          stop_event: Optional[threading.Event] = None, resume_from: Optional[str] = None) -> TrainResult:
-    return Trainer(cfg, model=model, callback=callback, stop_event=stop_event, resume_from=resume_from).run()
-
-
-@torch.no_grad()
-def fixed_noise_loss(model: BaseModel, latents: torch.Tensor, text_embeds, seed: int = 0,
-                     n_draws: int = 4, time_ids: Optional[torch.Tensor] = None,
-                     min_snr_gamma: Optional[float] = None) -> float:
-    """The training loss (loss.diffusion_loss) with noise and timesteps held fixed by `seed` (deterministic
-    validation loss), mean over images and draws.
-
-    latents: (N, C, H, W) already scaled; text_embeds: (N, L, D), or for SDXL {"hidden", "pooled"} with optional
-    (N, 6) `time_ids` (default: the latents' size uncropped). Each image gets `n_draws` noise draws at
-    timesteps spread evenly over the schedule; min_snr_gamma weights them as the training loop does.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    T = model.noise_scheduler.config.num_train_timesteps
-    device = next(model.unet.parameters()).device
-    dtype = next(model.unet.parameters()).dtype
-    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    lat = latents.float().to(device)
-    total = 0.0
-    for d in range(n_draws):
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.full((latents.shape[0],), int((d + 0.5) * T / n_draws), dtype=torch.long)
-        per_sample = loss_mod.diffusion_loss(model, lat, text_embeds, noise.to(device), t.to(device),
-                                             min_snr_gamma=min_snr_gamma, time_ids=time_ids,
-                                             resolution=latents.shape[-1] * vae_factor, in_dtype=dtype,
-                                             snr_timesteps=t, reduction="none")
-        total += float(per_sample.double().sum())
-    return total / (n_draws * latents.shape[0])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
-from ..config import TrainConfig
+from ..config import LR_BY_BATCH, TrainConfig, learning_rate_for
 from . import flow_advice
 from .network_advice import check_network, network_advice
 from . import kohya_advice
@@ -28,8 +28,7 @@ BASES = ("sd1", "sd2", "sdxl", "flux", "sd3")  # flux / sd3: tuning/flow_advice.
 SCALINGS = ("sqrt", "linear")
 DETAILS = ("simple", "normal", "demanding")
 
-#: learning rate of the UNet LoRA by (per-step) batch size, alpha = rank, AdamW (practitioner table).
-LR_BY_BATCH: Dict[int, float] = {1: 1e-4, 2: 1.5e-4, 4: 2e-4}
+#: LR_BY_BATCH (config.py): learning rate of the UNet LoRA by batch, alpha = rank, AdamW (practitioner table).
 #: under SMALL_SET images the start is 1e-4..1.5e-4 (and more epochs).
 SMALL_SET = 50
 LARGE_SET = 200
@@ -110,8 +109,7 @@ def lr_for_batch(batch: int, scaling: str = "sqrt") -> Tuple[float, str]:
     if batch in LR_BY_BATCH:
         return LR_BY_BATCH[batch], f"batch {batch} -> {LR_BY_BATCH[batch]:.3g} (table 4: 2e-4, 2: 1.5e-4, 1: 1e-4)"
     anchor = max(b for b in LR_BY_BATCH if b <= batch)
-    factor = math.sqrt(batch / anchor) if scaling == "sqrt" else batch / anchor
-    lr = _r3(LR_BY_BATCH[anchor] * factor)
+    lr = learning_rate_for(batch, scaling)
     return lr, (f"batch {batch} is not in the table: {LR_BY_BATCH[anchor]:.3g} at batch {anchor} x {scaling}"
                 f"({batch}/{anchor}) = {lr:.3g}")
 
@@ -268,25 +266,8 @@ def _warmup_for(total_steps: int) -> Tuple[int, str]:
                f"{int(WARMUP_SHORT_FRACTION * 100)}% of it")
 
 
-def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: Optional[float] = None,
-            batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1,
-            accumulation_scaling: str = "sqrt", detail: str = "normal", resolution: Optional[int] = None,
-            samples_per_epoch: Optional[int] = None, vram_field: str = "--vram GB",
-            network_type: str = "lora", model_name: str = "", captions: Optional[Sequence[str]] = None,
-            tokenizer: Any = None) -> Suggestion:
-    """Settings for a first run, each with its reason.
-
-    image_count: distinct training images; samples_per_epoch: images x kohya repeats (default image_count).
-    task: style | character | face | object | concept | other.  base: sd1 | sd2 | sdxl.
-    vram_gb: GPU memory; None detects CUDA device 0 (no CUDA: unknown, planned as the smallest tier).
-    batch_size: a batch the user insists on (kept; rank is lowered first if it does not fit).
-    gradient_accumulation_steps / accumulation_scaling: effective batch = batch x steps, lr rescaled by sqrt
-    (default) or linearly.  detail: simple | normal | demanding (faces, logos: rank 16).
-    vram_field: how the front end lets the user give the VRAM, named in the note when it is unknown.
-    network_type: lora | locon | loha | lokr | dora (tuning/network_advice.py: its rank, lr, factor, convs).
-    model_name / captions / tokenizer: for the kohya options (tuning/kohya_advice.py: clip_skip 2 for anime SD1.5
-    models, reg images for few character images, caption shuffling for tags, long captions).
-    """
+def _check_inputs(image_count, task, base, accumulation_scaling, detail, gradient_accumulation_steps, batch_size,
+                  vram_gb) -> None:
     _check_choice("task", task, TASKS)
     _check_choice("base", base, BASES)
     _check_choice("accumulation_scaling", accumulation_scaling, SCALINGS)
@@ -299,14 +280,10 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
         raise ValueError(f"batch_size = {batch_size!r}: use an integer >= 1.")
     if vram_gb is not None and not (isinstance(vram_gb, (int, float)) and vram_gb > 0):
         raise ValueError(f"vram_gb = {vram_gb!r}: give the GPU memory in GB, e.g. 8.")
-    samples = int(samples_per_epoch or image_count)
-    res = int(resolution or NATIVE_RESOLUTION[base])
-    accum = gradient_accumulation_steps
-    s = Suggestion(inputs=dict(image_count=image_count, samples_per_epoch=samples, task=task, base=base,
-                               vram_gb=vram_gb, batch_size=batch_size, gradient_accumulation_steps=accum,
-                               accumulation_scaling=accumulation_scaling, detail=detail, resolution=res))
 
-    # --- VRAM
+
+def _vram_plan(s: "Suggestion", vram_gb: Optional[float], vram_field: str) -> Tuple[float, str, bool]:
+    """(the VRAM to plan for, how to name it, whether it is known): given, detected, or the smallest tier."""
     vram_known = vram_gb is not None
     detected = False
     if vram_gb is None:
@@ -320,10 +297,14 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
         vram_text = f"VRAM unknown (planned as {VRAM_ASSUMED_UNKNOWN:g} GB)"
         s.notes.append(f"VRAM unknown (no CUDA GPU found here): planned for the smallest tier "
                        f"(<= {VRAM_ASSUMED_UNKNOWN:g} GB). Set {vram_field} to the card you will train on.")
-    lo, hi, tier = vram_batch_range(plan_vram, base, res)
-    short_vram = lo <= 1
+    return plan_vram, vram_text, vram_known
 
-    # --- rank (lowered before batch when VRAM is short)
+
+def _rank_and_batch(s: "Suggestion", task: str, detail: str, batch_size: Optional[int], image_count: int,
+                    samples: int, vram_text: str, lo: int, hi: int, tier: str, short_vram: bool
+                    ) -> Tuple[int, str, int, str]:
+    """(rank, why, batch, why): the task's rank; the VRAM tier's batch (a user's batch is kept: rank is lowered
+    first when it does not fit)."""
     rank = RANK_BY_TASK[task][DETAILS.index(detail)]
     rank_reason = {
         "style": "4-6 for a simple style, 8-12 for a specific style",
@@ -362,8 +343,12 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
         rank_reason = (f"VRAM short ({tier}): lowered from {rank} to {RANK_SHORT_VRAM} before touching the batch "
                        f"({rank_reason})")
         rank = RANK_SHORT_VRAM
+    return rank, rank_reason, batch, batch_reason
 
-    # --- learning rate
+
+def _learning_rate(batch: int, accum: int, accumulation_scaling: str, image_count: int, rank: int, detail: str
+                   ) -> Tuple[float, List[str]]:
+    """The start lr and its reasons: the batch table, the small-set range, demanding detail, accumulation."""
     lr, lr_reason = lr_for_batch(batch, accumulation_scaling)
     parts = [lr_reason]
     if image_count < SMALL_SET:
@@ -384,7 +369,66 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
         new, why = rescale_lr(lr, batch, 1, batch, accum, accumulation_scaling)
         parts.append(why)
         lr = new
-    lr = _r3(lr)
+    return _r3(lr), parts
+
+
+def _precision(vram_known: bool) -> Tuple[str, str]:
+    bf16 = _cuda_bf16()
+    if not vram_known:
+        return "no", "no CUDA GPU here: full fp32 (mixed precision needs a GPU)"
+    if bf16 is False:
+        return "fp16", "this GPU has no bf16: fp16 halves activation memory"
+    return "bf16", "bf16 on RTX 30xx / A100 or newer (stable, half the memory); fp16 on older cards"
+
+
+def _checkpointing(base: str, res: int, plan_vram: float, batch_size: Optional[int], batch: int, hi: int,
+                   tier: str) -> Tuple[bool, str]:
+    halved = base == "sdxl" or res >= 768
+    checkpointing = plan_vram <= (16.0 if halved else 8.0) or (batch_size is not None and batch > hi)
+    return checkpointing, (f"{'VRAM short' if checkpointing else 'enough VRAM'} ({tier}): "
+                           + ("recompute activations to save memory (about 20-30% slower)" if checkpointing
+                              else "off, it only costs speed here"))
+
+
+def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: Optional[float] = None,
+            batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1,
+            accumulation_scaling: str = "sqrt", detail: str = "normal", resolution: Optional[int] = None,
+            samples_per_epoch: Optional[int] = None, vram_field: str = "--vram GB",
+            network_type: str = "lora", model_name: str = "", captions: Optional[Sequence[str]] = None,
+            tokenizer: Any = None) -> Suggestion:
+    """Settings for a first run, each with its reason.
+
+    image_count: distinct training images; samples_per_epoch: images x kohya repeats (default image_count).
+    task: style | character | face | object | concept | other.  base: sd1 | sd2 | sdxl.
+    vram_gb: GPU memory; None detects CUDA device 0 (no CUDA: unknown, planned as the smallest tier).
+    batch_size: a batch the user insists on (kept; rank is lowered first if it does not fit).
+    gradient_accumulation_steps / accumulation_scaling: effective batch = batch x steps, lr rescaled by sqrt
+    (default) or linearly.  detail: simple | normal | demanding (faces, logos: rank 16).
+    vram_field: how the front end lets the user give the VRAM, named in the note when it is unknown.
+    network_type: lora | locon | loha | lokr | dora (tuning/network_advice.py: its rank, lr, factor, convs).
+    model_name / captions / tokenizer: for the kohya options (tuning/kohya_advice.py: clip_skip 2 for anime SD1.5
+    models, reg images for few character images, caption shuffling for tags, long captions).
+    """
+    _check_inputs(image_count, task, base, accumulation_scaling, detail, gradient_accumulation_steps, batch_size,
+                  vram_gb)
+    samples = int(samples_per_epoch or image_count)
+    res = int(resolution or NATIVE_RESOLUTION[base])
+    accum = gradient_accumulation_steps
+    s = Suggestion(inputs=dict(image_count=image_count, samples_per_epoch=samples, task=task, base=base,
+                               vram_gb=vram_gb, batch_size=batch_size, gradient_accumulation_steps=accum,
+                               accumulation_scaling=accumulation_scaling, detail=detail, resolution=res))
+
+    # --- VRAM
+    plan_vram, vram_text, vram_known = _vram_plan(s, vram_gb, vram_field)
+    lo, hi, tier = vram_batch_range(plan_vram, base, res)
+    short_vram = lo <= 1
+
+    # --- rank (lowered before batch when VRAM is short), batch
+    rank, rank_reason, batch, batch_reason = _rank_and_batch(s, task, detail, batch_size, image_count, samples,
+                                                             vram_text, lo, hi, tier, short_vram)
+
+    # --- learning rate
+    lr, lr_parts = _learning_rate(batch, accum, accumulation_scaling, image_count, rank, detail)
 
     # --- epochs, steps, warmup
     epochs, epochs_reason = _epochs_for(image_count, samples)
@@ -394,21 +438,10 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     warmup, warmup_reason = _warmup_for(total)
 
     # --- precision, memory savers
-    bf16 = _cuda_bf16()
-    if not vram_known:
-        precision, prec_reason = "no", "no CUDA GPU here: full fp32 (mixed precision needs a GPU)"
-    elif bf16 is False:
-        precision, prec_reason = "fp16", "this GPU has no bf16: fp16 halves activation memory"
-    else:
-        precision, prec_reason = "bf16", ("bf16 on RTX 30xx / A100 or newer (stable, half the memory); "
-                                          "fp16 on older cards")
-    halved = base == "sdxl" or res >= 768
-    checkpointing = plan_vram <= (16.0 if halved else 8.0) or (batch_size is not None and batch > hi)
-    ckpt_reason = (f"{'VRAM short' if checkpointing else 'enough VRAM'} ({tier}): "
-                   + ("recompute activations to save memory (about 20-30% slower)" if checkpointing
-                      else "off, it only costs speed here"))
+    precision, prec_reason = _precision(vram_known)
+    checkpointing, ckpt_reason = _checkpointing(base, res, plan_vram, batch_size, batch, hi, tier)
 
-    s.add("learning_rate", lr, "; ".join(parts))
+    s.add("learning_rate", lr, "; ".join(lr_parts))
     s.add("text_encoder_lr", _r3(lr / 2), "half the UNet lr; the text encoder is easy to overcook "
                                           "(used only when train_text_encoder is on)")
     s.add("train_text_encoder", False, "UNet only is the safe first run; turn it on if the trigger word does "

@@ -1,27 +1,31 @@
 """LR range test (Smith 2017, as fastai's lr_find): an exponential lr sweep on the real data and model.
 
-`lr_range_test(cfg)` injects a fresh LoRA on the UNet exactly where the trainer puts it, trains it with the
-configured optimizer (optim.make_optimizer, as the trainer) on the trainer's loss (loss.diffusion_loss: prediction
-type, noise offset, min-SNR) while the lr grows exponentially from lr_min to lr_max, and records the loss. Two
-smoothings of it:
+`lr_range_test(cfg)` drives the Trainer itself (`Trainer.prepare()` / `step(lr)` / `probe_loss`): the sweep is
+the run it advises, with every option the run uses (network type and targets, block-wise lr / dims, text-encoder
+training, clip_skip and long captions, caption shuffling, loss type / Huber, multires and input-perturbation
+noise, masks, reg images, min-SNR, the optimizer and its arguments), for `steps` steps while the lr grows
+exponentially from lr_min to lr_max (`sweep_config` says what differs: constant lr set per step, no validation
+split, nothing written). Two smoothings of the recorded loss:
 - `ema`: bias-corrected exponential moving average (`smoothing`, 0.98 as fastai), online: the sweep stops when
   it passes `diverge_factor` (4) x its minimum, or at a non-finite loss;
 - `smoothed`: a centred (zero-lag) moving average, on which the lr is suggested with a named heuristic:
   steepest descent (fallback: the lr at the minimum / 10). An EMA lags, and its steepest fall sits where the raw
   loss is already at its minimum, which would suggest too high an lr.
-Afterwards the model is as it was: the adapter is removed and the wrapped layers unwrapped (same module tree and
-state_dict), requires_grad, train/eval modes, devices, peft bookkeeping, a caller's optimizer and the python /
-numpy / torch (CPU and CUDA) RNG states are restored.
+A model handed over is as it was afterwards: the adapter is removed and the wrapped layers unwrapped (same module
+tree and state_dict), requires_grad, train/eval modes, devices, peft bookkeeping, a caller's optimizer and the
+python / numpy / torch (CPU and CUDA) RNG states are restored.
 
 The loss recorded at each step is, by default, that of a fixed probe batch (the first few images with fixed
-noise and timesteps spread evenly over the schedule), measured after the step's update. Diffusion training
-loss depends mostly on the random timestep, so a range test on it would chart the draw, not the lr; the fixed
-probe (common random numbers) charts the lr. `probe="train"` records the training loss instead.
+noise and timesteps spread evenly over the schedule, through `Trainer.probe_loss`: the run's loss), measured
+after the step's update. Diffusion training loss depends mostly on the random timestep, so a range test on it
+would chart the draw, not the lr; the fixed probe (common random numbers) charts the lr. `probe="train"`
+records the training loss of each step instead.
 """
 from __future__ import annotations
 
 import math
 import random
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -31,17 +35,11 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..data.dataset import load_dataset
 from ..io_utils import save_image
-from ..models import conditioning
-from ..models.loading import load_base_model
 from ..networks import lora as lora_mod
-from ..networks import network
 from ..plots import line_plot
-from ..training import flow as flow_train
-from ..training import loss as loss_mod
-from ..training.optim import describe, make_optimizer
-from ..training.trainer import resolve_device
+from ..training.device import resolve_device
+from ..training.trainer import Trainer
 
 ADAPTER = "lr_finder"
 PROBE_SAMPLES = 8  # fixed probe: up to 4 images x 2 noise draws, timesteps spread over the schedule
@@ -203,6 +201,9 @@ class _ModelState:
         self.active = {}
         for name, m in _peft_layers(unet):
             self.active[name] = (getattr(m, "_active_adapter", None), getattr(m, "_disable_adapters", None))
+        self.vars = set(vars(unet))  # accelerate's mixed-precision wrap sets forward / _original_forward on it
+        self.dtypes = {id(p): p.dtype for top in self.modules for p in top.parameters()}
+        self.checkpointing = getattr(unet, "is_gradient_checkpointing", False)
         self.has_peft_config = "peft_config" in vars(unet)
         self.peft_config = dict(unet.peft_config) if self.has_peft_config else None
         self.optimizer = optimizer
@@ -228,6 +229,10 @@ class _ModelState:
             parent_name, _, child = name.rpartition(".")
             parent = unet.get_submodule(parent_name) if parent_name else unet
             setattr(parent, child, m.base_layer)
+        for k in set(vars(unet)) - self.vars:  # accelerate's marks and wrapped forward, a mode set on the instance
+            delattr(unet, k)
+        if not self.checkpointing and getattr(unet, "is_gradient_checkpointing", False):
+            unet.disable_gradient_checkpointing()
         if self.has_peft_config:
             unet.peft_config = self.peft_config
         elif "peft_config" in vars(unet):
@@ -236,11 +241,13 @@ class _ModelState:
             if dev is not None and _device_of(top) != dev:
                 top.to(dev)
             for m in top.modules():
-                if id(m) in self.training:
+                if id(m) in self.training and m.training != self.training[id(m)]:
                     m.training = self.training[id(m)]
             for p in top.parameters():
                 if id(p) in self.requires_grad:
                     p.requires_grad_(self.requires_grad[id(p)])
+                if id(p) in self.dtypes and p.dtype != self.dtypes[id(p)]:
+                    p.data = p.data.to(self.dtypes[id(p)])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(self.optimizer_state)
 
@@ -269,6 +276,48 @@ def _clone(obj):
 
 
 # ----------------------------------------------------------------------------- the sweep
+def sweep_config(cfg: TrainConfig, steps: int, lr_min: float, out_dir: str, handed: bool) -> Tuple[TrainConfig, List[str]]:
+    """The run's config as the sweep trains it: the same data, network, loss, text and noise options; `steps`
+    steps at a constant lr (set per step), every image in (no validation split), nothing written but into
+    `out_dir`, no EMA / tracking / samples; a non-finite step ends the sweep. A model handed over (the host's)
+    keeps its weights: no fp8 re-storing and no bf16 storage on the CPU (both would change them for good)."""
+    notes: List[str] = []
+    change = dict(output_dir=out_dir, max_train_steps=steps, learning_rate=lr_min, lr_scheduler="constant",
+                  lr_warmup_steps=0, validation_split=0.0, save_every_n_epochs=0, save_every_n_steps=0,
+                  save_state=False, save_state_every_n_steps=0, save_state_every_n_epochs=0, sample_every_n_steps=0,
+                  sample_every_n_epochs=0, ema_decay=0.0, log_with="", nan_policy="stop")
+    if handed and cfg.fp8_base:
+        change["fp8_base"] = False
+        notes.append("the sweep ran without fp8_base (it would re-store the host's model weights in fp8)")
+    if handed and cfg.mixed_precision == "bf16" and resolve_device(cfg.device).type == "cpu":
+        change["mixed_precision"] = "no"
+    return cfg.replace(**change).validate(), notes
+
+
+def _probe(tr: Trainer, n_samples: int) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
+    """The fixed probe: the first images (by latent size of the first), fixed noise, timesteps spread evenly."""
+    n_samples = max(1, n_samples)
+    first = tuple(tr.latents[0].shape)
+    same = [i for i in range(len(tr.dataset.items)) if tuple(tr.latents[i].shape) == first]
+    n_img = min(PROBE_IMAGES, len(same), n_samples)
+    items = [same[k % n_img] for k in range(n_samples)]
+    gen = torch.Generator(device="cpu").manual_seed(tr.cfg.seed + 1)
+    noise = torch.randn((n_samples,) + first, generator=gen)
+    T = int(tr.model.noise_scheduler.config.num_train_timesteps)
+    t = torch.tensor([int((k + 0.5) * T / n_samples) for k in range(n_samples)], dtype=torch.long)
+    return items, noise, t
+
+
+def _probe_loss(tr: Trainer, items: List[int], noise: torch.Tensor, t: torch.Tensor) -> float:
+    """The probe's mean loss: all at once on the CPU (per-call overhead dominates), twice the batch on a GPU."""
+    chunk = len(items) if tr.device.type == "cpu" else max(1, 2 * tr.cfg.batch_size)
+    total = 0.0
+    for a in range(0, len(items), chunk):
+        b = min(len(items), a + chunk)
+        total += tr.probe_loss(items[a:b], noise[a:b], t[a:b]) * (b - a)
+    return total / len(items)
+
+
 def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: float = 1e-1, steps: int = 100,
                   smoothing: float = 0.98, callback: Optional[Callback] = None, dataset=None,
                   diverge_factor: float = 4.0, probe: str = "fixed", probe_samples: int = PROBE_SAMPLES, optimizer=None,
@@ -292,176 +341,66 @@ def lr_range_test(cfg: TrainConfig, model=None, lr_min: float = 1e-6, lr_max: fl
     if probe not in ("fixed", "train"):
         raise ValueError(f"probe = {probe!r} is not valid: allowed fixed, train.")
     cfg = cfg.validate()
-    ds = dataset if dataset is not None else load_dataset(cfg.train_data_dir, cfg.resolution, cfg.trigger_word,
-                                                          cfg.caption_extension)
-    if model is None:
-        files = {k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl") if getattr(cfg, k)}
-        model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle,
-                                **({"files": files} if files else {}))  # Flux / SD3 component files
-    if flow_train.is_flow(model):  # Flux / SD3: the run's conditioning and timestep options
-        flow_train.configure(model, cfg)
-    pred_type = model.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
-    device = resolve_device(cfg.device)
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-    use_amp = amp_dtype is not None and device.type == "cuda"
-
-    opt_desc = ""
+    handed = model is not None
     rng = _rng_state()
-    state = _ModelState(model, optimizer)
-    adapter = ADAPTER
-    existing = {a for _, m in _peft_layers(model.unet) for a in m.lora_A.keys()}
-    n = 2
-    while adapter in existing:
-        adapter = f"{ADAPTER}_{n}"
-        n += 1
-    lrs_all = lr_schedule(lr_min, lr_max, steps)
+    state = _ModelState(model, optimizer) if handed else None
+    if handed and list(lora_mod.lora_layers(model.unet, lora_mod.DEFAULT_ADAPTER)):
+        raise ValueError(f"the model already carries a LoRA adapter named '{lora_mod.DEFAULT_ADAPTER}' (a run in "
+                         f"progress?): run the LR range test on the base model, or after that run.")
     lrs: List[float] = []
     losses: List[float] = []
-    stopped, reason = False, ""
-    try:
-        torch.manual_seed(cfg.seed)
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        unet = model.unet
-        unet.to(device)
-        for te in model.text_encoders:
-            te.to(device)
-        base_dtype = next(unet.parameters()).dtype
-        sched = model.noise_scheduler
-        T = int(sched.config.num_train_timesteps)
-        expanded = ds.expanded()
-        lat_cache: Dict[int, torch.Tensor] = {}
-        txt_cache: Dict[str, Any] = {}
-
-        @torch.no_grad()
-        def latent(i: int) -> torch.Tensor:
-            if i not in lat_cache:
-                vae = model.vae
-                if _device_of(vae) != device:
-                    vae.to(device)
-                px = ds.load_pixels(i).unsqueeze(0).to(device, dtype=next(vae.parameters()).dtype)
-                lat_cache[i] = ((vae.encode(px).latent_dist.mean - model.vae_shift) * model.vae_scale)[0].float().cpu()
-            return lat_cache[i]
-
-        @torch.no_grad()
-        def text(caption: str) -> torch.Tensor:
-            if caption not in txt_cache:
-                row = conditioning.rows(conditioning.encode(model, [caption], device))[0]
-                txt_cache[caption] = conditioning.map_cond(row, lambda x: x.float().cpu())
-            return txt_cache[caption]
-
-        def autocast():
-            return torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp)
-
-        def unet_loss(idx: List[int], noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            """The trainer's loss (loss.diffusion_loss: prediction type, min-SNR) of these items."""
-            lat = torch.stack([latent(i) for i in idx]).to(device)
-            cond = conditioning.map_cond(conditioning.stack([text(ds.items[i].caption) for i in idx]),
-                                         lambda x: x.to(device))
-            tids = (conditioning.time_ids_for_items(ds, idx, cfg.resolution)
-                    if conditioning.is_sdxl(model) else None)
-            return loss_mod.diffusion_loss(model, lat, cond, noise.to(device), t.to(device), unet=unet,
-                                           prediction_type=pred_type, min_snr_gamma=cfg.min_snr_gamma,
-                                           time_ids=tids, resolution=cfg.resolution,
-                                           in_dtype=torch.float32 if use_amp else base_dtype, snr_timesteps=t,
-                                           autocast=autocast)
-
-        # the fixed probe: first images, fixed noise, timesteps spread evenly over the schedule
-        n_img = min(PROBE_IMAGES, len(ds.items), max(1, probe_samples))
-        probe_idx = [k % n_img for k in range(max(1, probe_samples))]
-        pgen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
-        probe_noise = torch.randn((len(probe_idx),) + tuple(latent(0).shape), generator=pgen)
-        probe_t = torch.tensor([int((k + 0.5) * T / len(probe_idx)) for k in range(len(probe_idx))], dtype=torch.long)
-        # a no-grad forward holds far fewer activations than a training step: twice the batch on a GPU, all at
-        # once on the CPU (where per-call overhead dominates)
-        chunk = len(probe_idx) if device.type == "cpu" else max(1, 2 * cfg.batch_size)
-
-        @torch.no_grad()
-        def probe_loss() -> float:
-            total = 0.0
-            for a in range(0, len(probe_idx), chunk):
-                b = min(len(probe_idx), a + chunk)
-                total += float(unet_loss(probe_idx[a:b], probe_noise[a:b], probe_t[a:b])) * (b - a)
-            return total / len(probe_idx)
-
-        # the LoRA, as the trainer injects it (seeded), and only its weights train
-        unet.requires_grad_(False)
-        model.vae.requires_grad_(False)
-        for te in model.text_encoders:
-            te.requires_grad_(False)
-        with warnings.catch_warnings():  # "already found a peft_config": a second adapter is what we want
-            warnings.simplefilter("ignore")
-            network.inject(unet, "unet", network.NetworkSpec.from_config(cfg, model.kind), adapter)  # the run's type
-        lora_mod.activate(unet, adapter)
-        unet.requires_grad_(False)
-        params = lora_mod.lora_parameters(unet, adapter)
-        for p in params:
-            p.data = p.data.to(device).float()
-            p.requires_grad_(True)
-        # the optimizer the run will use (the trainer's factory, configured optimizer and arguments)
-        groups = network.param_groups(unet, params, lr_min, network.NetworkSpec.from_config(cfg, model.kind), adapter)
-        ratios = [g["lr"] / lr_min for g in groups]  # LoRA+: the up/B group keeps its ratio during the sweep
-        opt = make_optimizer(cfg.optimizer, groups, device, cfg.weight_decay,
-                             (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.optimizer_args)
-        opt_desc = describe(opt)
-        unet.train()
-        order: List[int] = []
-        best = float("inf")
-        avg = 0.0
-        ema: List[float] = []
-        for i, lr in enumerate(lrs_all):
-            if stop_event is not None and stop_event.is_set():
-                stopped, reason = True, "stopped by the user"
-                break
-            for g, ratio in zip(opt.param_groups, ratios):
-                g["lr"] = lr * ratio
-            train_losses = []
-            for _ in range(cfg.gradient_accumulation_steps):
-                if len(order) < cfg.batch_size:
-                    order += [expanded[j] for j in torch.randperm(len(expanded), generator=gen).tolist()]
-                idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-                shape = (len(idx),) + tuple(latent(idx[0]).shape)
-                noise = loss_mod.offset_noise(torch.randn(shape, generator=gen), cfg.noise_offset, gen)
-                if flow_train.is_flow(model):  # Flux / SD3: the run's timestep sampling (sigma x 1000)
-                    t = flow_train.sample_timesteps(model, cfg, len(idx), shape[-2:], gen)
+    ema: List[float] = []
+    stopped, reason, opt_desc = False, "", ""
+    with tempfile.TemporaryDirectory(prefix="lr_finder_") as tmp:
+        sweep_cfg, notes = sweep_config(cfg, steps, lr_min, tmp, handed)
+        tr = Trainer(sweep_cfg, model=model, dataset=dataset, stop_event=stop_event)
+        try:
+            if not tr.prepare():
+                raise RuntimeError("the LR range test was stopped while caching: nothing to suggest.")
+            opt_desc = tr.optimizer_desc
+            probe_items, probe_noise, probe_t = _probe(tr, probe_samples)
+            best, avg = float("inf"), 0.0
+            for i, lr in enumerate(lr_schedule(lr_min, lr_max, steps)):
+                if tr.stop_event.is_set():
+                    stopped, reason = True, "stopped by the user"
+                    break
+                train_loss = tr.step(lr)  # the run's own step: every option the run uses applies here
+                if train_loss is None:
+                    value = float("nan")
+                elif probe == "fixed":
+                    value = _probe_loss(tr, probe_items, probe_noise, probe_t)
                 else:
-                    t = torch.randint(0, T, (len(idx),), generator=gen)
-                loss = unet_loss(idx, noise, t)
-                (loss / cfg.gradient_accumulation_steps).backward()
-                train_losses.append(float(loss.detach()))
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            value = probe_loss() if probe == "fixed" else float(np.mean(train_losses))
-            lrs.append(lr)
-            losses.append(value)
-            if math.isfinite(value):
-                avg = smoothing * avg + (1 - smoothing) * value
-                s = avg / (1 - smoothing ** (len(losses)))
-            else:
-                s = float("nan")
-            ema.append(s)
-            if callback is not None:
-                callback({"kind": "lr_find", "step": i + 1, "total": steps, "lr": lr, "loss": value, "ema": s})
-            if not math.isfinite(value):
-                stopped, reason = True, f"non-finite loss at lr {lr:.3g}"
-                break
-            best = min(best, s)
-            if i > 0 and s > diverge_factor * best:
-                stopped, reason = True, f"smoothed loss {s:.4g} > {diverge_factor:g} x its minimum {best:.4g}"
-                break
-        del opt, params
-    finally:
-        state.restore(adapter)
-        _set_rng_state(rng)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                    value = train_loss
+                lrs.append(lr)
+                losses.append(value)
+                if math.isfinite(value):
+                    avg = smoothing * avg + (1 - smoothing) * value
+                    sm = avg / (1 - smoothing ** (len(losses)))
+                else:
+                    sm = float("nan")
+                ema.append(sm)
+                if callback is not None:
+                    callback({"kind": "lr_find", "step": i + 1, "total": steps, "lr": lr, "loss": value, "ema": sm})
+                if not math.isfinite(value):
+                    stopped, reason = True, f"non-finite loss at lr {lr:.3g}"
+                    break
+                best = min(best, sm)
+                if i > 0 and sm > diverge_factor * best:
+                    stopped, reason = True, f"smoothed loss {sm:.4g} > {diverge_factor:g} x its minimum {best:.4g}"
+                    break
+        finally:
+            tr.release()
+            del tr
+            if state is not None:
+                state.restore(lora_mod.DEFAULT_ADAPTER)
+            _set_rng_state(rng)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     if not lrs:
         raise RuntimeError("the LR range test was stopped before its first step: nothing to suggest.")
     smoothed = centred_average(losses, half_width_for(steps, probe))
     suggested, heuristic = suggest_lr(lrs, smoothed, lr_min, lr_max)
-    notes = []
     if heuristic != "steepest descent":
         notes.append("the curve had no clear descent: the lr at its minimum / 10 is the safe pick")
     plot = plot_result(lrs, losses, smoothed, suggested, heuristic, diverge_factor)

@@ -79,16 +79,17 @@ def check_network(cfg) -> List[str]:
     """Warnings for network settings that usually go wrong."""
     out: List[str] = []
     t = cfg.network_type
+    lr = cfg.learning_rate if cfg.learning_rate is not None else cfg.default_learning_rate  # empty: the table's
     if t == "loha" and cfg.lora_rank > 32:
         out.append(f"LoHa with lora_rank {cfg.lora_rank}: its rank is up to dim^2, so dim > 32 mostly grows the "
                    f"file and overfits; use 8-16.")
-    if t == "lokr" and not cfg.full_matrix and cfg.learning_rate < 1e-4:
-        out.append(f"LoKr at learning_rate {cfg.learning_rate:.3g}: LoKr usually needs {LOKR_LR[0]:g} .. "
+    if t == "lokr" and not cfg.full_matrix and lr < 1e-4:
+        out.append(f"LoKr at learning_rate {lr:.3g}: LoKr usually needs {LOKR_LR[0]:g} .. "
                    f"{LOKR_LR[1]:g}; at this lr it will barely learn.")
-    if t == "dora" and cfg.learning_rate > 5e-4:
-        out.append(f"DoRA at learning_rate {cfg.learning_rate:.3g}: the magnitude vector reacts strongly; about "
+    if t == "dora" and lr > 5e-4:
+        out.append(f"DoRA at learning_rate {lr:.3g}: the magnitude vector reacts strongly; about "
                    f"half the LoRA lr (1e-4) is safer.")
     if cfg.loraplus_lr_ratio and cfg.loraplus_lr_ratio > 32:
         out.append(f"loraplus_lr_ratio {cfg.loraplus_lr_ratio:g}: the up/B matrices train at "
-                   f"{cfg.learning_rate * cfg.loraplus_lr_ratio:.3g}; LoRA+ uses 16, above 32 tends to diverge.")
+                   f"{lr * cfg.loraplus_lr_ratio:.3g}; LoRA+ uses 16, above 32 tends to diverge.")
     return out

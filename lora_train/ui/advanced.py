@@ -50,7 +50,7 @@ TAB_OWNED = FRONT_DOOR_OWNED  # the tab decides its folder, run name and run fol
 
 
 def default_values() -> Dict[str, Any]:
-    d = TrainConfig()
+    d = TrainConfig().validate()
     out: Dict[str, Any] = {"kohya_config": ""}
     for key, kind, _label, _ch in FIELDS:
         v = getattr(d, key)

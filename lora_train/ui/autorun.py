@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import presets
+from ..config import DEFAULT_NAME
 from . import jobs, logic
 
 #: fields whose value, when it differs from the tab's default, overrides the auto choice of the same key
@@ -44,7 +45,7 @@ def start_auto(host, folder: str, values: Dict[str, Any], task: str, vram: Any, 
         raise logic.UserError("set the dataset folder first (Dataset section).")
     real = logic.dataset_folder(host, folder)
     spec, _path = logic.resolve_base(host, values.get("base_model", ""))
-    name = (values.get("output_name") or "my_lora").strip()
+    name = (values.get("output_name") or DEFAULT_NAME).strip()
     fam = values.get("model_type") if values.get("model_type") in ("sd1", "sd2", "sdxl") else None
     opts = AutoOptions(folder=real, name=name, task=task or "style", base=spec, family=fam,
                        vram=float(vram) if vram else None, trigger=(trigger or "").strip() or None,

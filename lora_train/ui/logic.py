@@ -12,7 +12,8 @@ import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..config import PRECISIONS, ConfigError, TrainConfig  # noqa: F401  (PRECISIONS: the tab's choices)
+from ..names import check_name, is_epoch_file
+from ..config import DEFAULT_NAME, PRECISIONS, ConfigError, TrainConfig  # noqa: F401  (PRECISIONS: the tab's choices)
 from . import advanced, jobs
 
 # ----------------------------------------------------------------------------- settings fields
@@ -112,13 +113,13 @@ def guess_model_type(model_type: str, base_value: str) -> str:
 def default_settings(host) -> Dict[str, Any]:
     _choices, base = default_base(host)
     tiny = is_tiny(_loaded_path(host) or base)
-    cfg = TrainConfig()
-    return {"base_model": base, "model_type": "auto", "output_name": "my_lora", "learning_rate": cfg.learning_rate,
+    cfg = TrainConfig().validate()
+    return {"base_model": base, "model_type": "auto", "output_name": DEFAULT_NAME, "learning_rate": cfg.learning_rate,
             "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_rank), "batch_size": cfg.batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "epochs": cfg.epochs,
             "max_train_steps": 0, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps,
             "optimizer": cfg.optimizer, "resolution": 64 if tiny else 512, "train_text_encoder": False,
-            "mixed_precision": "no", "seed": cfg.seed, "save_every_n_epochs": cfg.save_every_n_epochs,
+            "mixed_precision": cfg.mixed_precision, "seed": cfg.seed, "save_every_n_epochs": cfg.save_every_n_epochs,
             **network_settings(cfg), **advanced.default_values()}
 
 
@@ -132,7 +133,7 @@ def network_settings(cfg: TrainConfig) -> Dict[str, Any]:
 
 def network_config(values: Dict[str, Any]) -> Dict[str, Any]:
     """TrainConfig keys from the tab's network fields (missing fields: the defaults)."""
-    d = TrainConfig()
+    d = TrainConfig().validate()
     get = lambda k, default: default if values.get(k) in (None, "") else values.get(k)  # noqa: E731
 
     def num(k: str, name: str) -> float:
@@ -382,11 +383,12 @@ def build_config(host, values: Dict[str, Any], folder: str, trigger: str, name_o
     real = dataset_folder(host, folder)
     spec, base_path = resolve_base(host, values.get("base_model", ""))
     out_dir = host.output_dir()
-    stem = (values.get("output_name") or "my_lora").strip()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stem):
-        raise UserError(f"LoRA name '{stem}' is not valid: use letters, digits, '_', '-' or '.', no spaces or "
-                        f"slashes.")
+    try:
+        stem = check_name(values.get("output_name") or DEFAULT_NAME)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     max_steps = _int(values.get("max_train_steps") or 0, "max steps", 0)
+    d0 = TrainConfig().validate()  # an empty field takes the config's default
     d = dict(train_data_dir=real, base_model=base_path, output_dir=out_dir, output_name=name_override or stem,
              trigger_word=(trigger or "").strip(), learning_rate=_float(values.get("learning_rate"), "learning rate"),
              lora_rank=_int(values.get("lora_rank"), "rank", 1),
@@ -395,11 +397,14 @@ def build_config(host, values: Dict[str, Any], folder: str, trigger: str, name_o
              gradient_accumulation_steps=_int(values.get("gradient_accumulation_steps"), "gradient accumulation", 1),
              epochs=_int(values.get("epochs"), "epochs", 1), max_train_steps=max_steps or None,
              lr_scheduler=values.get("lr_scheduler") or "cosine",
-             lr_warmup_steps=_int(values.get("lr_warmup_steps") or 0, "warmup steps", 0),
+             lr_warmup_steps=_int(d0.lr_warmup_steps if values.get("lr_warmup_steps") in (None, "") else
+                                  values.get("lr_warmup_steps"), "warmup steps", 0),
              optimizer=values.get("optimizer") or "AdamW", resolution=_int(values.get("resolution"), "resolution", 8),
              train_text_encoder=bool(values.get("train_text_encoder")),
-             mixed_precision=values.get("mixed_precision") or "no", seed=_int(values.get("seed") or 0, "seed", 0),
-             save_every_n_epochs=_int(values.get("save_every_n_epochs") or 0, "save every N epochs", 0))
+             mixed_precision=values.get("mixed_precision") or d0.mixed_precision,
+             seed=_int(d0.seed if values.get("seed") in (None, "") else values.get("seed"), "seed", 0),
+             save_every_n_epochs=_int(d0.save_every_n_epochs if values.get("save_every_n_epochs") in (None, "") else
+                                      values.get("save_every_n_epochs"), "save every N epochs", 0))
     d.update(network_config(values))
     try:
         d = {**advanced.kohya_base(values), **d, **advanced.config_values(values)}  # kohya file, then the fields
@@ -476,7 +481,7 @@ def lora_names(host) -> List[str]:
     from ..prompt import LoraLibrary
 
     files = LoraLibrary(host.lora_dirs()).files()
-    names = [n for n in files if not re.search(r"-\d{6}$", n)]
+    names = [n for n in files if not is_epoch_file(n)]
     names.sort(key=lambda n: (-os.path.getmtime(files[n]) if os.path.exists(files[n]) else 0, n))
     return names
 

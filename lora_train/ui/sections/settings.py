@@ -57,7 +57,7 @@ def layout(c) -> None:
                                elem_id="lora_train_resolution")
         S["train_text_encoder"] = make(gr.Checkbox, value=False, label="Train the text encoder too",
                                        elem_id="lora_train_te")
-        S["mixed_precision"] = make(gr.Dropdown, choices=list(logic.PRECISIONS), value="no",
+        S["mixed_precision"] = make(gr.Dropdown, choices=list(logic.PRECISIONS), value=defaults["mixed_precision"],
                                     label="Mixed precision (GPU)", elem_id="lora_train_precision")
         S["seed"] = make(gr.Number, value=defaults["seed"], precision=0, label="Seed",
                          elem_id="lora_train_seed")
