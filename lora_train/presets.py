@@ -15,11 +15,12 @@ import yaml
 
 from .config import ConfigError, TrainConfig, coerce, unknown_key_message
 from .io_utils import atomic_write_text
+from .family import FAMILIES
 from .tuning.advisor import suggest
 
 BUILTIN_PREFIX = "builtin: "
 BUILTIN_TASKS = ("style", "character", "object", "concept")
-BUILTIN_FAMILIES = ("sd1", "sd2", "sdxl")
+BUILTIN_FAMILIES = FAMILIES
 BUILTIN_IMAGES = 30          # a typical first dataset; the advisor scales epochs from the image count
 EXTRA_KEYS = ("model_type",)  # the tab's own fields a preset may carry
 #: what a preset never carries: where the data and outputs of one run live

@@ -6,6 +6,7 @@ import logging
 from typing import Any, Dict
 
 from lora_train.config import DEFAULT_NAME
+from lora_train.family import FAMILIES as MODEL_FAMILIES
 from lora_train.hosts.comfyui import ComfyUIHost, pil_to_image
 from lora_train.prompt import parse_floats, parse_ints
 from lora_train.tuning.advisor import TASKS
@@ -13,7 +14,7 @@ from lora_train.tuning.advisor import TASKS
 from .names import CATEGORY
 
 log = logging.getLogger("lora_train.comfyui")
-FAMILIES = ("auto", "sd1", "sd2", "sdxl")
+FAMILIES = ("auto",) + MODEL_FAMILIES
 
 
 class LoraTrainAuto:

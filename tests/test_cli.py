@@ -51,6 +51,10 @@ def test_train_offers_rescaled_lr_when_batch_changes():
     assert "--learning_rate 5e-05 " in text and "linear" in text
     assert rescale_offer(before, after.replace(learning_rate=1e-4), {"batch_size": 1, "learning_rate": 1e-4}) == ""
     assert rescale_offer(before, before, {}) == ""
+    # an empty learning_rate follows the batch by itself: no offer
+    auto = TrainConfig.from_dict({"batch_size": 4})
+    assert rescale_offer(auto, auto.replace(batch_size=1), {"batch_size": 1}) == ""
+    assert auto.replace(batch_size=1).learning_rate == 1e-4
 
 
 def test_first_ctrl_c_stops_the_run_second_interrupts():

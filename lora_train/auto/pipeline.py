@@ -29,6 +29,7 @@ from ..config import TrainConfig
 from ..data.folder import FolderError, scan_folder
 from ..hosts.base import USED_NAMES, Host
 from ..metrics import colour_distance
+from ..family import family_of as model_family
 from ..models.loading import TINY_SPECS
 from ..names import EXT, check_name, epoch_file
 from ..run import publish_to_host, train_for_host
@@ -157,38 +158,11 @@ def check_folder(folder: str, min_images: int = MIN_IMAGES) -> FolderCheck:
 
 # ----------------------------------------------------------------------------- helpers
 def family_of(spec: Optional[str], host: Optional[Host] = None) -> Tuple[str, str]:
-    """(sd1 | sd2 | sdxl, how it was told) from a base-model spec without loading the weights."""
-    import json
-
+    """(family, how it was told) of the base model: `spec`, else the host's loaded checkpoint (lora_train.family)."""
     s = (spec or "").strip()
     if not s and host is not None and host.loaded_checkpoint():
         s = host.loaded_checkpoint()[1]
-    if s in TINY_SPECS:
-        fam = "sdxl" if "sdxl" in s else ("sd2" if "sd2" in s else "sd1")
-        return fam, f"the tiny demo model '{s}'"
-    if os.path.isdir(s) and os.path.isfile(os.path.join(s, "model_index.json")):
-        with open(os.path.join(s, "model_index.json"), encoding="utf-8") as fh:
-            idx = json.load(fh)
-        if "text_encoder_2" in idx or "XL" in str(idx.get("_class_name", "")):
-            return "sdxl", "model_index.json has two text encoders"
-        try:
-            with open(os.path.join(s, "unet", "config.json"), encoding="utf-8") as fh:
-                if json.load(fh).get("cross_attention_dim") == 1024:
-                    return "sd2", "the UNet's cross-attention width is 1024 (OpenCLIP-H)"
-        except OSError:
-            pass
-        return "sd1", "a diffusers SD folder with one text encoder"
-    if os.path.isfile(s) and s.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(s, "pt") as f:
-            keys = list(f.keys())
-        if any(k.startswith("conditioner.embedders.1") for k in keys):
-            return "sdxl", "the checkpoint has SDXL's second text encoder"
-        if any(k.startswith("cond_stage_model.model.") for k in keys):
-            return "sd2", "the checkpoint has an OpenCLIP text encoder"
-        return "sd1", "the checkpoint has a CLIP-L text encoder"
-    return "sd1", "not recognised without loading it: assumed SD1.x (set --family / the family field)"
+    return model_family(s)
 
 
 def fit_to_step_cap(values: Dict[str, Any], choices: List[Choice], user: Dict[str, Any], samples: int) -> None:

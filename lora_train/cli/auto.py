@@ -9,6 +9,7 @@ import threading
 from typing import List
 
 from ..config import parse_overrides
+from ..family import FAMILIES
 
 def _floats(text: str) -> List[float]:
     return [float(x) for x in str(text).split(",") if x.strip()]
@@ -49,7 +50,7 @@ def add_commands(sub) -> dict:
     a.add_argument("--name", required=True, help="the LoRA's name (also the trigger word unless --trigger)")
     a.add_argument("--task", default="style", choices=["style", "character", "face", "object", "concept", "other"])
     a.add_argument("--base", default=None, help="base model: 'tiny' (demo), a diffusers folder or a checkpoint file")
-    a.add_argument("--family", default=None, choices=["sd1", "sd2", "sdxl"], help="default: read from the base")
+    a.add_argument("--family", default=None, choices=list(FAMILIES), help="default: read from the base")
     a.add_argument("--vram", type=float, default=None, help="GPU memory in GB (default: detected)")
     a.add_argument("--trigger", default=None, help="trigger word (default: the name)")
     a.add_argument("--captioner", default="auto", help="auto | template | host | transformers | wd14")

@@ -118,18 +118,17 @@ def stop_on_interrupt(stop: threading.Event):
 
 
 def rescale_offer(before: TrainConfig, after: TrainConfig, overrides) -> str:
-    """When an override changes the batch or accumulation but not the lr, say which lr keeps the step size."""
-    from ..tuning.advisor import rescale_lr
+    """When an override changes the batch or accumulation but not the lr, say which lr keeps the step size (an
+    empty learning_rate follows the batch by itself: nothing to say)."""
+    from ..tuning.advisor import batch_change_offer
 
-    if "learning_rate" in overrides:
+    if "learning_rate" in overrides or after.learning_rate != before.learning_rate:
         return ""
-    if (before.batch_size, before.gradient_accumulation_steps) == (after.batch_size, after.gradient_accumulation_steps):
+    offer = batch_change_offer(before.learning_rate, (before.batch_size, before.gradient_accumulation_steps),
+                               (after.batch_size, after.gradient_accumulation_steps), ("sqrt", "linear"))
+    if not offer:
         return ""
-    lines = []
-    for scaling in ("sqrt", "linear"):
-        lr, why = rescale_lr(before.learning_rate, before.batch_size, before.gradient_accumulation_steps,
-                             after.batch_size, after.gradient_accumulation_steps, scaling)
-        lines.append(f"  {scaling}: --learning_rate {lr:.3g}   ({why})")
+    lines = [f"  {scaling}: --learning_rate {lr:.3g}   ({why})" for scaling, lr, why in offer]
     return ("note: the effective batch changed but learning_rate did not (training keeps "
             f"{after.learning_rate:.3g}). To rescale it, run again with one of:\n" + "\n".join(lines))
 

@@ -28,9 +28,9 @@ import os
 import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
+from ..family import family_of_keys
 from .base import Host, HostError
-from .comfyui_flow import (LATENT_CHANNELS, family_of_state_dict, flow_base_model_from_state_dict, graph_family,
-                           memory_plan)
+from .comfyui_flow import LATENT_CHANNELS, flow_base_model_from_state_dict, graph_family, memory_plan
 
 log = logging.getLogger("lora_train.comfyui")
 RUNS_SUBFOLDER = "lora_train"  # run folders (config, loss log, plot, resumable state) under ComfyUI's output dir
@@ -92,7 +92,7 @@ def graph_state_dict(model: Any, clip: Any, vae: Any) -> Dict[str, Any]:
     else:
         sd = sd1_parts_to_ldm(inner.state_dict(), clip_sd, vae_sd)
     sd = _tensors(sd)
-    if UNET_KEY not in sd and family_of_state_dict(sd) is None:  # Flux / SD3: hosts/comfyui_flow.py
+    if UNET_KEY not in sd and family_of_keys(sd) is None:  # Flux / SD3: hosts/comfyui_flow.py
         raise HostError("the MODEL input is not a Stable Diffusion UNet (no input_blocks) nor a Flux.1 / SD3 "
                         "transformer: this trainer takes SD1.x / SD2.x / SDXL, Flux.1 and SD3 / SD3.5 models.")
     return sd
@@ -127,7 +127,7 @@ def base_model_from_graph(model: Any, clip: Any, vae: Any, name: str = ""):
 
     with torch.inference_mode(False):
         sd = graph_state_dict(model, clip, vae)
-        if family_of_state_dict(sd) is not None:  # Flux / SD3: 16-bit copies, see comfyui_flow's memory plan
+        if family_of_keys(sd) is not None:  # Flux / SD3: 16-bit copies, see comfyui_flow's memory plan
             return flow_base_model_from_state_dict(sd, name or graph_model_name(model))
         # ComfyUI runs nodes under torch.inference_mode(): the weights it loaded there are inference tensors,
         # which autograd refuses to save for backward. The float32 cast below makes normal tensors of the

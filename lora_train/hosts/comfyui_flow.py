@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
+from ..family import family_of_keys
+
 
 FAMILY_NAMES = {"flux": "Flux.1", "sd3": "SD3 / SD3.5"}
 #: transformers at least this large are trained with fp8_base on a GPU when the node's fp8_base is "auto"
@@ -37,20 +39,12 @@ def _inner(model: Any) -> Any:
     return getattr(model, "model", None)  # ModelPatcher.model: comfy.model_base.BaseModel
 
 
-def family_of_state_dict(keys) -> Optional[str]:
-    """"flux" / "sd3" / None from state-dict keys (models.flow_single_file.family_of_keys)."""
-    # lazy: flow_single_file imports torch / diffusers; the nodes import this module at ComfyUI's start
-    from ..models.flow_single_file import family_of_keys
-
-    return family_of_keys(keys)
-
-
 def graph_family(model: Any) -> Optional[str]:
     """"flux", "sd3" or None (a UNet model) for a graph's MODEL, from its diffusion model's keys (no copies)."""
     inner = _inner(model)
     if inner is None or not hasattr(inner, "state_dict"):
         return None
-    return family_of_state_dict(k for k in inner.state_dict() if k.startswith("diffusion_model."))
+    return family_of_keys(k for k in inner.state_dict() if k.startswith("diffusion_model."))
 
 
 def transformer_params(model: Any) -> int:

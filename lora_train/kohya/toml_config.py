@@ -386,31 +386,14 @@ def _set(v: Any) -> bool:
 
 
 def base_family(spec: str) -> Optional[str]:
-    """"flux", "sd3" or "sd" (SD1 / SD2 / SDXL) of a base model told without loading it: a tiny spec, a diffusers
-    folder's model_index.json, a .safetensors header. None when that cannot tell (a missing or other file)."""
-    from ..models.flow_loading import family_of_spec
-    from ..models.loading import TINY_SPECS
-    from ..models.single_file import read_safetensors_header
+    """"flux", "sd3" or "sd" (SD1 / SD2 / SDXL) of a base model told without loading it (lora_train.family: a tiny
+    spec, a diffusers folder's model_index.json, a .safetensors header). None when that cannot tell."""
+    from ..family import told_by_spec
 
-    fam = family_of_spec(spec)
-    if fam or not spec:
-        return fam
-    path = os.path.expanduser(str(spec).strip())
-    if path in TINY_SPECS:
-        return "sd"
-    index = os.path.join(path, "model_index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as fh:
-            cls = str(json.load(fh).get("_class_name", ""))
-        return "sd" if cls.startswith("StableDiffusion") else None
-    if os.path.isfile(path) and path.lower().endswith(".safetensors"):
-        try:
-            keys = read_safetensors_header(path)[0]
-        except Exception:  # noqa: BLE001 - an unreadable file: the family is told when it is loaded
-            return None
-        unet = ("model.diffusion_model.input_blocks.", "down_blocks.")
-        return "sd" if any(k.startswith(unet) for k in keys) else None
-    return None
+    told = told_by_spec(spec)
+    if told is None:
+        return None
+    return told[0] if told[0] in ("flux", "sd3") else "sd"
 
 
 def _network_source(flat: Dict[str, Any]) -> Tuple[str, Dict[str, Any], str]:
@@ -932,16 +915,32 @@ def base_from_file(path: str) -> Dict[str, Any]:
     return {k: v for k, v in data.items() if k not in FRONT_DOOR_OWNED}
 
 
-def node_config(node_kw: Dict[str, Any], dataset_base: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
-    """A ComfyUI Train node's config: the Dataset node's kohya keys, then its own kohya_config file, then the node's
-    widgets (`node_kw`), then the node's optional kohya widgets that are not at their default (0 / empty = take
-    it from the file, or off)."""
-    options = dict(options)
-    path = str(options.pop("kohya_config", "") or "").strip()
-    d = dict(dataset_base or {})
+def layer_config(kohya_file: str, widgets: Dict[str, Any], extras: Optional[Dict[str, Any]] = None,
+                 under: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The one precedence of a kohya file and a front door's fields (the tab, the ComfyUI node): `under` (a
+    Dataset node's kohya keys), then what the kohya file maps to, then the front door's fields (`widgets`), then
+    its optional kohya fields that are set (`extras`). Returns the config keys."""
+    d = dict(under or {})
+    path = str(kohya_file or "").strip()
     if path:
         d.update(base_from_file(path))
-    d.update(node_kw)
+    d.update(widgets)
+    d.update(extras or {})
+    return d
+
+
+def node_config(node_kw: Dict[str, Any], dataset_base: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
+    """A ComfyUI Train node's config (layer_config): the Dataset node's kohya keys, its kohya_config file, the
+    node's widgets, then its optional kohya widgets that are not at their default (0 / empty = take it from the
+    file, or off)."""
+    options = dict(options)
+    path = str(options.pop("kohya_config", "") or "").strip()
+    return layer_config(path, node_kw, _set_options(options), under=dataset_base)
+
+
+def _set_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """The node's optional kohya widgets that are away from their default (clip_skip: above 1)."""
+    d: Dict[str, Any] = {}
     defaults = TrainConfig()
     for k, v in options.items():
         if k not in TrainConfig.keys() or v is None or (isinstance(v, str) and not v.strip()):

@@ -43,25 +43,6 @@ def is_flow_spec(spec: str) -> bool:
     return False
 
 
-def family_of_spec(spec: str) -> Optional[str]:
-    """"flux" / "sd3" for a tiny flow spec, a Flux / SD3 diffusers folder or single file; None otherwise (no tensor is
-    read: the folder's model_index.json or the file's header)."""
-    spec = str(spec or "").strip()
-    if spec in ("tiny-flux", "tiny-flux-schnell"):
-        return "flux"
-    if spec == "tiny-sd3":
-        return "sd3"
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        cls = str((_index(path) or {}).get("_class_name", ""))
-        return "flux" if cls.startswith("Flux") else "sd3" if cls.startswith("StableDiffusion3") else None
-    if os.path.isfile(path) and path.lower().endswith((".safetensors", ".sft")):
-        from .flow_single_file import detect_family
-
-        return detect_family(path)
-    return None
-
-
 def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseModel:
     """A tiny flow model, a Flux / SD3 diffusers folder, or single files (flow_single_file)."""
     if spec == "tiny-flux":

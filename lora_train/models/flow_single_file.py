@@ -29,6 +29,7 @@ from .base import BaseModel, ModelError
 from . import flow
 from .flux import SCHEDULER_DEV, SCHEDULER_SCHNELL, clip_config
 from .sd3 import SCHEDULER_SD3
+from ..family import family_of_keys
 from .single_file import _empty_weights, read_safetensors_header
 
 DIT_PREFIX = "model.diffusion_model."
@@ -40,15 +41,6 @@ FILE_KEYS = {"flux": ("ae", "clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5x
 
 
 # ----------------------------------------------------------------------------- detection
-def family_of_keys(keys) -> Optional[str]:
-    keys = list(keys)
-    if any("double_blocks." in k for k in keys) and any("single_blocks." in k for k in keys):
-        return "flux"
-    if any("joint_blocks." in k for k in keys):
-        return "sd3"
-    return None
-
-
 def detect_family(path: str) -> Optional[str]:
     """"flux", "sd3" or None from a .safetensors header (no tensor is read)."""
     try:

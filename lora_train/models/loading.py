@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
+from ..family import TINY_FAMILIES
 from .base import BaseModel, ModelError
 from .diffusers_folder import load_diffusers_folder
 from .single_file import load_single_file
@@ -13,7 +14,7 @@ from . import flow_loading
 from .tiny_pixel import build_tiny_pixel
 
 
-TINY_SPECS = ("tiny", "tiny-v", "tiny-sd2", "tiny-sd2-eps", "tiny-sdxl", "tiny-pixel") + flow_loading.TINY_FLOW_SPECS
+TINY_SPECS = tuple(TINY_FAMILIES)  # lora_train/family.py: the tiny demo models and their families
 
 
 def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool = False,

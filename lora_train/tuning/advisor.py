@@ -18,13 +18,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..config import LR_BY_BATCH, TrainConfig, learning_rate_for
+from ..family import FAMILIES
 from . import flow_advice
 from .network_advice import check_network, network_advice
 from . import kohya_advice
 
 # ----------------------------------------------------------------------------- the rules, as data
 TASKS = ("style", "character", "face", "object", "concept", "other")
-BASES = ("sd1", "sd2", "sdxl", "flux", "sd3")  # flux / sd3: tuning/flow_advice.py
+BASES = FAMILIES  # flux / sd3: tuning/flow_advice.py
 SCALINGS = ("sqrt", "linear")
 DETAILS = ("simple", "normal", "demanding")
 
@@ -112,6 +113,20 @@ def lr_for_batch(batch: int, scaling: str = "sqrt") -> Tuple[float, str]:
     lr = learning_rate_for(batch, scaling)
     return lr, (f"batch {batch} is not in the table: {LR_BY_BATCH[anchor]:.3g} at batch {anchor} x {scaling}"
                 f"({batch}/{anchor}) = {lr:.3g}")
+
+
+def batch_change_offer(lr: float, old: Tuple[int, int], new: Tuple[int, int], scalings: Sequence[str] = ("sqrt",)
+                       ) -> List[Tuple[str, float, str]]:
+    """What every front door offers when batch x accumulation moved from `old` to `new` while the lr stayed:
+    [(scaling, rescaled lr, why)] per scaling; empty when the effective batch or the lr does not change."""
+    if tuple(old) == tuple(new):
+        return []
+    out = []
+    for scaling in scalings:
+        new_lr, why = rescale_lr(lr, old[0], old[1], new[0], new[1], scaling)
+        if new_lr != lr:
+            out.append((scaling, new_lr, why))
+    return out
 
 
 def rescale_lr(lr: float, old_batch: int, old_accum: int, new_batch: int, new_accum: int,

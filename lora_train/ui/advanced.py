@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, ConfigError, TrainConfig
-from ..kohya.toml_config import FRONT_DOOR_OWNED, base_from_file, load_kohya
+from ..kohya.toml_config import FRONT_DOOR_OWNED, layer_config, load_kohya
 
 #: (key, kind, label, choices): kind number | int | bool | text | choice
 FIELDS: List[Tuple[str, str, str, Sequence[str]]] = [
@@ -92,13 +92,12 @@ def config_values(values: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def kohya_base(values: Dict[str, Any]) -> Dict[str, Any]:
-    """What the loaded kohya file maps to (minus the keys the tab decides), or {} when none is loaded."""
+def with_kohya_file(values: Dict[str, Any], fields: Dict[str, Any]) -> Dict[str, Any]:
+    """The tab's config keys: the loaded kohya file, then the tab's fields, then the Advanced fields that are set
+    (kohya.toml_config.layer_config, the precedence the ComfyUI node uses too)."""
     path = (values.get("kohya_config") or "").strip()
-    if not path:
-        return {}
     try:
-        return base_from_file(path)
+        return layer_config(path, fields, config_values(values))
     except ConfigError as exc:
         raise ValueError(f"kohya config '{path}': {exc}") from None
 

@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import presets
 from ..config import DEFAULT_NAME
+from ..family import FAMILIES
 from . import jobs, logic
 
 #: fields whose value, when it differs from the tab's default, overrides the auto choice of the same key
@@ -46,7 +47,7 @@ def start_auto(host, folder: str, values: Dict[str, Any], task: str, vram: Any, 
     real = logic.dataset_folder(host, folder)
     spec, _path = logic.resolve_base(host, values.get("base_model", ""))
     name = (values.get("output_name") or DEFAULT_NAME).strip()
-    fam = values.get("model_type") if values.get("model_type") in ("sd1", "sd2", "sdxl") else None
+    fam = values.get("model_type") if values.get("model_type") in FAMILIES else None
     opts = AutoOptions(folder=real, name=name, task=task or "style", base=spec, family=fam,
                        vram=float(vram) if vram else None, trigger=(trigger or "").strip() or None,
                        lr_find=bool(lr_find), overrides=overrides_from_fields(host, values), rename=True)

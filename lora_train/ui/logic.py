@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..family import FAMILIES, family_of
 from ..names import check_name, is_epoch_file
 from ..config import DEFAULT_NAME, PRECISIONS, ConfigError, TrainConfig  # noqa: F401  (PRECISIONS: the tab's choices)
 from . import advanced, jobs
@@ -26,7 +26,7 @@ NETWORK_KEYS = ["network_type", "conv_rank", "conv_alpha", "factor", "full_matri
                 "module_dropout", "loraplus_lr_ratio"]
 SETTING_KEYS += NETWORK_KEYS
 SETTING_KEYS += advanced.TAB_KEYS  # Advanced (kohya options) and the loaded kohya config (ui/advanced.py)
-MODEL_TYPES = ("auto", "sd1", "sd2", "sdxl", "flux", "sd3")
+MODEL_TYPES = ("auto",) + FAMILIES
 TASKS = ("style", "character", "face", "object", "concept", "other")
 #: suggestion keys the tab has a field for
 SUGGEST_FIELDS = ("learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps", "epochs",
@@ -91,23 +91,10 @@ def resolve_base(host, value: str) -> Tuple[Optional[str], str]:
 
 
 def guess_model_type(model_type: str, base_value: str) -> str:
-    if model_type in ("sd1", "sd2", "sdxl", "flux", "sd3"):
+    """The family chosen in the tab, else the base model's (lora_train.family: its folder, file header or name)."""
+    if model_type in FAMILIES:
         return model_type
-    from ..models.flow_loading import family_of_spec  # lazy: torch / diffusers (Flux / SD3 from the weights)
-
-    family = family_of_spec(base_value)
-    if family:
-        return family
-    name = (base_value or "").lower()
-    if "flux" in name:
-        return "flux"
-    if re.search(r"(^|[^a-z])sd_?3", name):
-        return "sd3"
-    if "xl" in name or "pony" in name or "illustrious" in name:
-        return "sdxl"
-    if re.search(r"(^|[^0-9])(v?2[-_.]?[01]|768)([^0-9]|$)", name):
-        return "sd2"
-    return "sd1"
+    return family_of(base_value)[0]
 
 
 def default_settings(host) -> Dict[str, Any]:
@@ -359,7 +346,7 @@ def suggest_settings(host, folder: str, task: str, model_type: str, base_value: 
 
 def rescale_offer(lr: Any, basis: Sequence[int], batch: Any, accum: Any) -> Tuple[Optional[float], str]:
     """(new lr or None, text) when batch/accumulation moved away from those the lr was set for."""
-    from ..tuning.advisor import rescale_lr
+    from ..tuning.advisor import batch_change_offer
 
     try:
         lr_v = _float(lr, "learning rate")
@@ -367,11 +354,10 @@ def rescale_offer(lr: Any, basis: Sequence[int], batch: Any, accum: Any) -> Tupl
         ob, oa = int(basis[0]), int(basis[1])
     except (UserError, TypeError, ValueError, IndexError):
         return None, ""
-    if (ob, oa) == (b, a):
+    offer = batch_change_offer(lr_v, (ob, oa), (b, a))
+    if not offer:
         return None, ""
-    new_lr, why = rescale_lr(lr_v, ob, oa, b, a)
-    if new_lr == lr_v:
-        return None, ""
+    _scaling, new_lr, why = offer[0]
     return new_lr, f"The learning rate {lr_v:.3g} was set for batch {ob} x accumulation {oa}. Suggested: **{new_lr:.3g}** ({why})."
 
 
@@ -407,7 +393,7 @@ def build_config(host, values: Dict[str, Any], folder: str, trigger: str, name_o
                                       values.get("save_every_n_epochs"), "save every N epochs", 0))
     d.update(network_config(values))
     try:
-        d = {**advanced.kohya_base(values), **d, **advanced.config_values(values)}  # kohya file, then the fields
+        d = advanced.with_kohya_file(values, d)  # the kohya file, then the fields
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
