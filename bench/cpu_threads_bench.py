@@ -19,6 +19,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 
 def _spin() -> None:
@@ -26,9 +28,14 @@ def _spin() -> None:
         pass
 
 
-def _run(cmd, env) -> float:
+def _run(cmd, env, timeout: float):
+    """Seconds the command took, or None when it ran past `timeout` (killed)."""
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
     return time.time() - t0
 
 
@@ -38,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--load", type=int, default=2, help="busy processes for the loaded runs")
     ap.add_argument("--demo", action="store_true", help="also time the demo (minutes)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds a run may take before it is killed "
+                                                                "(recorded as null: slower than that)")
     a = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="lora_train_threads_")
     from lora_train.data.demo import write_demo_dataset
@@ -59,17 +68,19 @@ def main(argv=None) -> int:
                 for p in procs:
                     p.start()
                 try:
-                    secs = _run(cmd(os.path.join(work, f"{job}_{name}_{load}")), env)
+                    secs = _run(cmd(os.path.join(work, f"{job}_{name}_{load}")), env, a.timeout)
                 finally:
                     for p in procs:
                         p.terminate()
                 key = f"{job} load={load} {name}"
-                results[key] = round(secs, 2)
-                print(f"{key}: {secs:.1f} s", flush=True)
+                results[key] = None if secs is None else round(secs, 2)
+                print(f"{key}: " + (f"{secs:.1f} s" if secs is not None else f"over {a.timeout:.0f} s (killed)"),
+                      flush=True)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w", encoding="utf-8") as fh:
-            json.dump({"steps": a.steps, "load": a.load, "cpus": os.cpu_count(), "seconds": results}, fh, indent=1)
+            json.dump({"steps": a.steps, "load": a.load, "cpus": os.cpu_count(), "timeout": a.timeout,
+                       "seconds": results}, fh, indent=1)
     return 0
 
 
