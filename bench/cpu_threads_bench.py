@@ -45,21 +45,28 @@ def main(argv=None) -> int:
     ap.add_argument("--load", type=int, default=2, help="busy processes for the loaded runs")
     ap.add_argument("--demo", action="store_true", help="also time the demo (minutes)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--variants", nargs="+", default=["ours", "defaults"], choices=["ours", "defaults"])
     ap.add_argument("--timeout", type=float, default=420, help="seconds a run may take before it is killed "
                                                                 "(recorded as null: slower than that)")
     a = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="lora_train_threads_")
+    from lora_train.config import TrainConfig
     from lora_train.data.demo import write_demo_dataset
 
     data = write_demo_dataset(os.path.join(work, "data"), n=8, size=64, captions=True)
-    jobs = {"tiny": lambda out: [sys.executable, "-m", "lora_train", "train", "--train_data_dir", data,
-                                 "--base_model", "tiny", "--resolution", "64", "--batch_size", "2",
-                                 "--max_train_steps", str(a.steps), "--save_every_n_epochs", "0",
-                                 "--output_dir", out, "--output_name", "bench"]}
+
+    def tiny(out: str):
+        path = out + ".yaml"
+        TrainConfig(train_data_dir=data, base_model="tiny", resolution=64, batch_size=2, max_train_steps=a.steps,
+                    save_every_n_epochs=0, output_dir=out, output_name="bench").validate().save(path)
+        return [sys.executable, "-m", "lora_train", "train", path]
+
+    jobs = {"tiny": tiny}
     if a.demo:
         jobs["demo"] = lambda out: [sys.executable, "-m", "lora_train", "demo", "--out", out]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_"))}
     variants = {"ours": base, "defaults": dict(base, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS=str(os.cpu_count()))}
+    variants = {k: v for k, v in variants.items() if k in a.variants}
     results = {}
     for job, cmd in jobs.items():
         for load in (0, a.load):

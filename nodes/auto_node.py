@@ -69,7 +69,8 @@ class LoraTrainAuto:
 
         from lora_train.auto.pipeline import AutoOptions, run_auto
 
-        from .lora_nodes import LoraTrainDatasetFromFolder, clean_lora_name
+        from .common import clean_lora_name
+        from .nodes_dataset import LoraTrainDatasetFromFolder
 
         host = ComfyUIHost(model, clip, vae, node_id=unique_id)
         overrides: Dict[str, Any] = {}

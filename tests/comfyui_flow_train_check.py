@@ -89,7 +89,8 @@ with torch.inference_mode():
     from diffusers import AutoencoderKL
 
     sys.path.insert(0, ROOT)
-    from lora_train.models.single_file import vae_to_ldm
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from ldm_writers import vae_to_ldm
 
     torch.manual_seed(2)
     ae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),

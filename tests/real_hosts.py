@@ -42,7 +42,8 @@ def sd15_checkpoint(path):
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
-from lora_train.models.single_file import bundled_config_dir, clip_tokenizer, write_original_checkpoint
+from lora_train.models.single_file import bundled_config_dir, clip_tokenizer
+from ldm_writers import write_original_checkpoint
 from lora_train.models.base import BaseModel
 import os
 d = bundled_config_dir("sd15")
@@ -57,7 +58,7 @@ write_original_checkpoint(m, {path!r}, dtype=torch.float16)
 print("wrote", {path!r})
 """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "tests")),
                    timeout=1800)
     return path
 SDXL_NAME = "lora_train_sdxl_random_fp16.safetensors"
@@ -71,7 +72,8 @@ def sdxl_checkpoint(path):
     code = f"""
 import json, math, os, struct
 import torch
-from lora_train.models.single_file import meta_model, to_original_state_dict
+from lora_train.models.single_file import meta_model
+from ldm_writers import to_original_state_dict
 m = meta_model("sdxl_base")
 g = torch.Generator().manual_seed(0)
 for mod in (m.unet, m.vae, m.text_encoder, m.text_encoder_2):
@@ -107,6 +109,6 @@ os.replace(tmp, {path!r})
 print("wrote", {path!r}, len(sd), "tensors")
 """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "tests")),
                    timeout=3600)
     return path

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import ldm_writers as W
 from lora_train.models import single_file as C
 from lora_train.models.base import ModelError
 
@@ -72,7 +73,7 @@ def _assert_same_outputs(a, b):
 @pytest.mark.parametrize("which", ["tiny_sd1", "tiny_sd2", "tiny_sdxl"])
 def test_single_file_round_trip(which, request, tmp_path):
     model = request.getfixturevalue(which)
-    path = C.write_original_checkpoint(model, str(tmp_path / f"{which}.safetensors"))
+    path = W.write_original_checkpoint(model, str(tmp_path / f"{which}.safetensors"))
     keys, _ = C.read_safetensors_header(path)
     # the file has the original layout, text_model level included (transformers 5 dropped it in memory)
     assert any(k.startswith("model.diffusion_model.input_blocks.0.0.") for k in keys)
@@ -105,7 +106,7 @@ def test_single_file_round_trip(which, request, tmp_path):
 @pytest.mark.slow
 def test_host_state_dict_in_memory(tiny_sdxl):
     """The WebUI / ComfyUI path: original-layout tensors already in memory, no file."""
-    sd = C.to_original_state_dict(tiny_sdxl)
+    sd = W.to_original_state_dict(tiny_sdxl)
     model = C.from_original_state_dict(sd, config=tiny_sdxl, name="host")
     assert model.kind == "sdxl" and model.name == "host"
     _assert_same_outputs(tiny_sdxl, model)
@@ -134,7 +135,7 @@ def test_config_folder_and_load_base_model(tiny_sd1, tmp_path):
     from lora_train.models.loading import load_base_model
     from lora_train.models.diffusers_folder import save_diffusers_folder
 
-    path = C.write_original_checkpoint(tiny_sd1, str(tmp_path / "t.safetensors"))
+    path = W.write_original_checkpoint(tiny_sd1, str(tmp_path / "t.safetensors"))
     folder = save_diffusers_folder(tiny_sd1, str(tmp_path / "cfg"))
     loaded = C.load_single_file(path, config=folder)
     _assert_same_outputs(tiny_sd1, loaded)
@@ -151,11 +152,11 @@ def test_diffusers_own_loader_reads_our_files(tiny_sd1, tiny_sdxl, tmp_path):
 
     from lora_train.models.diffusers_folder import save_diffusers_folder
 
-    p1 = C.write_original_checkpoint(tiny_sd1, str(tmp_path / "sd1.safetensors"))
+    p1 = W.write_original_checkpoint(tiny_sd1, str(tmp_path / "sd1.safetensors"))
     f1 = save_diffusers_folder(tiny_sd1, str(tmp_path / "sd1"))
     pipe = StableDiffusionPipeline.from_single_file(p1, config=f1, local_files_only=True)
     pairs = [(tiny_sd1.unet, pipe.unet), (tiny_sd1.text_encoder, pipe.text_encoder), (tiny_sd1.vae, pipe.vae)]
-    p2 = C.write_original_checkpoint(tiny_sdxl, str(tmp_path / "xl.safetensors"))
+    p2 = W.write_original_checkpoint(tiny_sdxl, str(tmp_path / "xl.safetensors"))
     m = tiny_sdxl
     StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2,
                               tokenizer=m.tokenizer, tokenizer_2=m.tokenizer_2, unet=m.unet,
@@ -170,7 +171,7 @@ def test_diffusers_own_loader_reads_our_files(tiny_sd1, tiny_sdxl, tmp_path):
 
 @pytest.mark.slow
 def test_pickle_needs_opt_in(tiny_sd2, tmp_path):
-    sd = C.to_original_state_dict(tiny_sd2)
+    sd = W.to_original_state_dict(tiny_sd2)
     path = str(tmp_path / "model.ckpt")
     torch.save({"state_dict": sd, "global_step": 10}, path)
     with pytest.raises(ModelError, match="pickle"):
@@ -230,7 +231,7 @@ def test_full_size_layout_on_meta(variant):
     assert n(model.unet) == unet_n and n(model.text_encoder) == te_n and n(model.vae) == 83653863
     if te2_n:
         assert n(model.text_encoder_2) == te2_n
-    sd = C.to_original_state_dict(model)
+    sd = W.to_original_state_dict(model)
     assert set(REAL_KEYS[variant]) <= set(sd)
     info = C.detect_checkpoint(sd)
     assert (info.kind, info.variant) == (model.kind, variant)
@@ -260,12 +261,13 @@ def test_bundled_path_offline_with_empty_cache(tmp_path):
         "def _no(*a, **k): raise RuntimeError('network')\n"
         "socket.socket.connect = _no\n"
         "from lora_train.models import single_file as C\n"
+        "import ldm_writers as W\n"
         "m = C.meta_model('sdxl_base')\n"
-        "b = C.from_original_state_dict(C.to_original_state_dict(m))\n"
+        "b = C.from_original_state_dict(W.to_original_state_dict(m))\n"
         "print(b.kind, b.tokenizer('a photo of a cat').input_ids, b.tokenizer_2.pad_token)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               HF_HUB_CACHE=str(tmp_path / "hf" / "hub"), PYTHONPATH=ROOT)
+               HF_HUB_CACHE=str(tmp_path / "hf" / "hub"), PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "tests"))
     env.pop("TRANSFORMERS_CACHE", None)
     out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                          timeout=120)

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from conftest import small_cfg
-from lora_train.models.single_file import load_single_file, unet_dtype, write_original_checkpoint
+from lora_train.models.single_file import load_single_file, unet_dtype
+from ldm_writers import write_original_checkpoint
 from lora_train.models.tiny import build_tiny_sdxl
 from lora_train.training import cpu_bf16
 from lora_train.training.trainer import Trainer

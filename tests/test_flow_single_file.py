@@ -10,7 +10,7 @@ from lora_train.models.base import ModelError
 from lora_train.models.flux import build_tiny_flux
 from lora_train.models.loading import load_base_model
 from lora_train.models.sd3 import build_tiny_sd3
-from lora_train.models.single_file import vae_to_ldm
+from ldm_writers import vae_to_ldm
 
 
 def _save(sd, path):

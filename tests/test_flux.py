@@ -100,7 +100,7 @@ def test_learning(trained):
     """Fixed-noise flow loss of the training images falls with the LoRA's strength, monotone."""
     tr, _ = trained
     m = tr.model
-    lat = torch.stack(list(tr._cache_latents()))
+    lat = torch.stack(list(tr.latents))
     cond = encode_prompts(m, [it.caption for it in tr.dataset.items], torch.device("cpu"))
     mse = []
     for s in (0.0, 0.5, 1.0):

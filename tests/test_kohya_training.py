@@ -233,9 +233,7 @@ def start_file(data, tmp_path_factory):
 
 
 def _step0_loss(tr):
-    tr._prepare()
-    tr._prepare_data()
-    tr._build_network()
+    assert tr.prepare()  # the public surface: data, caches, network (before any step)
     lat = torch.stack([tr.latents[i] for i in range(4)])
     cond = tr.text_cache.stack([tr.dataset.items[i].caption for i in range(4)])
     return fixed_noise_loss(tr.model, lat, cond, seed=3), lat, cond

@@ -225,7 +225,7 @@ def test_training_lowers_the_fixed_noise_loss(run, data, tmp_path):
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"])["algo"] == ("lora" if kw["network_type"] == "dora" else kw["network_type"])
     m = tr.model
-    lat = torch.stack(list(tr._cache_latents()))
+    lat = torch.stack(list(tr.latents))
     cond = encode_prompts(m, [it.caption for it in tr.dataset.items], torch.device("cpu"))
     losses = []
     for s in (0.0, 1.0):

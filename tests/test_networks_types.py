@@ -62,7 +62,7 @@ def runs(tmp_path_factory, data):
 
 
 def _eval(tr):
-    lat = torch.stack(list(tr._cache_latents()))
+    lat = torch.stack(list(tr.latents))
     with torch.no_grad():
         te = encode_prompts(tr.model, [it.caption for it in tr.dataset.items], torch.device("cpu"))
     return lat, te
@@ -483,7 +483,7 @@ def test_sd2_lokr_with_the_text_encoder_round_trip(data, tmp_path):
     assert any(m.startswith("lora_te_text_model_encoder_layers_") for m in mods)
     assert {k.split(".", 1)[1] for k in sd} <= LAYOUT["lokr"] | LAYOUT["lokr_full"]
     caps = [it.caption for it in tr.dataset.items]
-    lat = torch.stack(list(tr._cache_latents()))
+    lat = torch.stack(list(tr.latents))
     with torch.no_grad():
         ref = unet_out(tr.model, lat, encode_prompts(tr.model, caps, torch.device("cpu")))
         ours = load_base_model("tiny-sd2")

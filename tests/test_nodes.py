@@ -71,7 +71,7 @@ def comfy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_parts():
-    from lora_train.models.single_file import to_original_state_dict
+    from ldm_writers import to_original_state_dict
     from lora_train.models.tiny import build_tiny
     from lora_train.networks.sdxl_names import diffusers_to_sgm_path, unet_layout
 
@@ -195,7 +195,8 @@ def test_every_node_contract(comfy):
     assert maps["LoraTrainTrain"].OUTPUT_NODE is True  # it saves a file
     from lora_train.captions import BACKENDS, MODES
 
-    ln = sys.modules[PACK + ".nodes.lora_nodes"]
+    ln = sys.modules[PACK + ".nodes.common"]
+    nt = sys.modules[PACK + ".nodes.nodes_train"]
     assert set(ln.CAPTION_BACKENDS) <= set(BACKENDS) and tuple(ln.CAPTION_MODES) == tuple(MODES)
     # one set of defaults: the Train node starts where the config (and the tab) start
     from lora_train.config import PRECISIONS, TrainConfig
@@ -214,8 +215,8 @@ def test_every_node_contract(comfy):
     from types import SimpleNamespace
 
     # a run with the node's defaults prints no advice to change a default; another batch with the same lr does
-    assert not [x for x in ln._advice_lines(SimpleNamespace(findings=[]), d) if "lr note" in x]
-    assert [x for x in ln._advice_lines(SimpleNamespace(findings=[]), d.replace(batch_size=4, learning_rate=1e-4))
+    assert not [x for x in nt.advice_lines(SimpleNamespace(findings=[]), d) if "lr note" in x]
+    assert [x for x in nt.advice_lines(SimpleNamespace(findings=[]), d.replace(batch_size=4, learning_rate=1e-4))
             if "set learning_rate to 0.0002" in x]
 
 

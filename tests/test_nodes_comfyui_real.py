@@ -119,7 +119,7 @@ def server():
         os.makedirs(os.path.join(base, d), exist_ok=True)
     os.symlink(ROOT, os.path.join(base, "custom_nodes", "lora_train"))
     os.symlink(ckpt, os.path.join(base, "models", "checkpoints", SD15_NAME))
-    from lora_train.models.single_file import write_original_checkpoint
+    from ldm_writers import write_original_checkpoint
     from lora_train.data.demo import write_demo_dataset
     from lora_train.models.tiny import build_tiny
 

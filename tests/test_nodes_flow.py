@@ -17,7 +17,7 @@ pytestmark = pytest.mark.frontend
 
 
 def _ldm_vae(vae):
-    from lora_train.models.single_file import vae_to_ldm
+    from ldm_writers import vae_to_ldm
 
     return {k[len("first_stage_model."):]: v for k, v in vae_to_ldm(vae).items()}
 

@@ -90,7 +90,7 @@ def test_training_and_metadata(trained):
 def test_learning(trained):
     tr, _ = trained
     m = tr.model
-    lat = torch.stack(list(tr._cache_latents()))
+    lat = torch.stack(list(tr.latents))
     cond = encode_prompts(m, [it.caption for it in tr.dataset.items], torch.device("cpu"))
     mse = []
     for s in (0.0, 0.5, 1.0):

@@ -131,6 +131,8 @@ def test_sdxl_round_trip(xl_run, strength, tmp_path):
 
     from lora_train.models import single_file as C
 
+    import ldm_writers as W
+
     tr, res, _ = xl_run
     for mod in tr.model.text_encoders + [tr.model.unet]:
         L.set_strength(mod, strength)
@@ -146,7 +148,7 @@ def test_sdxl_round_trip(xl_run, strength, tmp_path):
     assert (ref_cond["hidden"][..., 32:] - base_cond["hidden"][..., 32:]).abs().max() > 1e-4  # te2
     assert (ref_cond["pooled"] - base_cond["pooled"]).abs().max() > 1e-4
 
-    ckpt = C.write_original_checkpoint(build_tiny_sdxl(), str(tmp_path / "tiny_xl.safetensors"))
+    ckpt = W.write_original_checkpoint(build_tiny_sdxl(), str(tmp_path / "tiny_xl.safetensors"))
     fresh = C.load_single_file(ckpt, config=build_tiny_sdxl())
     assert L.apply(fresh, L.load_file(res.lora_path, fresh), "x", strength) == []
     cond, out = _cond_and_out(fresh)
@@ -293,9 +295,10 @@ def test_architecture_per_kind():
 # ----------------------------------------------------------------------------- loading
 def test_load_base_model_allow_pickle(tmp_path, monkeypatch):
     from lora_train.models import single_file as C
+    import ldm_writers as W
 
     path = str(tmp_path / "m.ckpt")
-    torch.save({"state_dict": C.to_original_state_dict(build_tiny_sd2())}, path)
+    torch.save({"state_dict": W.to_original_state_dict(build_tiny_sd2())}, path)
     with pytest.raises(ModelError, match="pickle"):
         load_base_model(path)
     # opted in: read (weights only) and detected as SD2; the bundled full-size config does not fit the tiny one

@@ -83,7 +83,7 @@ def test_kohya_layout_and_metadata(trained, demo_data):
 
 def _eval_set(tr):
     m = tr.model
-    lat = torch.stack(list(tr._cache_latents()))
+    lat = torch.stack(list(tr.latents))
     with torch.no_grad():
         te = encode_prompts(m, [it.caption for it in tr.dataset.items], torch.device("cpu"))
     return lat, te
@@ -145,7 +145,7 @@ def test_text_encoder_lora_round_trip(tmp_path, demo_data):
     with safe_open(res.lora_path, "pt") as fh:
         assert float(fh.metadata()["ss_text_encoder_lr"]) == 5e-3
     caps = [it.caption for it in tr.dataset.items]
-    lat = torch.stack(list(tr._cache_latents()))
+    lat = torch.stack(list(tr.latents))
     with torch.no_grad():
         ref = unet_out(tr.model, lat, encode_prompts(tr.model, caps, torch.device("cpu")))
         ours = build_tiny()

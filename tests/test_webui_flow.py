@@ -29,7 +29,7 @@ def _save(sd, path):
 @pytest.fixture
 def forge_flux(tmp_path, monkeypatch):
     from lora_train.models.flux import build_tiny_flux
-    from lora_train.models.single_file import vae_to_ldm
+    from ldm_writers import vae_to_ldm
 
     tiny = build_tiny_flux()
     root = tmp_path / "forge"

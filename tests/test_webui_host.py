@@ -28,7 +28,7 @@ def _purge():
 
 @pytest.fixture(scope="module")
 def tiny_ldm():
-    from lora_train.models.single_file import to_original_state_dict
+    from ldm_writers import to_original_state_dict
     from lora_train.models.tiny import build_tiny
 
     tiny = build_tiny()
@@ -36,7 +36,7 @@ def tiny_ldm():
 
 
 def _make_webui(tmp_path, monkeypatch, tiny_ldm, flavour, hashed=True):
-    from lora_train.models.single_file import write_original_checkpoint
+    from ldm_writers import write_original_checkpoint
 
     tiny, ldm = tiny_ldm
     root = tmp_path / "webui"

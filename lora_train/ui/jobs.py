@@ -169,6 +169,15 @@ def running() -> Optional[Job]:
     return job if job is not None and job.running else None
 
 
+def forget() -> None:
+    """Drop the last finished job (a fresh page shows no old run); a running job stays: stop it first."""
+    global _CURRENT
+    with _LOCK:
+        if _CURRENT is not None and _CURRENT.running:
+            raise JobBusy(f"{_CURRENT.describe()} is running: stop it first.")
+        _CURRENT = None
+
+
 def claim(kind: str, name: str = "") -> Job:
     """Make a new job the current one, or raise JobBusy while another runs."""
     global _CURRENT
