@@ -125,7 +125,7 @@ def fresh_job_slot():
     from lora_train.hosts import USED_NAMES
     from lora_train.ui import jobs
 
-    jobs.forget()
+    jobs.forget(force=True)
     jobs.REMEMBERED.clear()
     USED_NAMES.clear()
     yield
@@ -133,7 +133,7 @@ def fresh_job_slot():
     if job is not None:
         job.stop()
         jobs.wait(job, 60)
-    jobs.forget()
+    jobs.forget(force=True)
 
 
 @pytest.fixture(scope="session")

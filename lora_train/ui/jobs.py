@@ -169,11 +169,12 @@ def running() -> Optional[Job]:
     return job if job is not None and job.running else None
 
 
-def forget() -> None:
-    """Drop the last finished job (a fresh page shows no old run); a running job stays: stop it first."""
+def forget(force: bool = False) -> None:
+    """Drop the last finished job (a fresh page shows no old run); a running job stays (stop it first) unless
+    `force` (a job whose thread is gone, e.g. in a test harness)."""
     global _CURRENT
     with _LOCK:
-        if _CURRENT is not None and _CURRENT.running:
+        if _CURRENT is not None and _CURRENT.running and not force:
             raise JobBusy(f"{_CURRENT.describe()} is running: stop it first.")
         _CURRENT = None
 
