@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import small_cfg
+from conftest import _flow_training_importable, small_cfg
 from lora_train.models.flux import build_tiny_flux
 from lora_train.models.tiny import build_tiny
 from lora_train.training.trainer import Trainer
@@ -61,13 +61,18 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """fp32 runs (per model builder) on the same seed and batches: the losses every case is held to."""
+    """fp32 runs (per model builder, made when a case first needs it) on the same seed and batches: the losses
+    every case is held to."""
     out = {}
-    for build in (build_tiny, build_tiny_flux):
-        _, res = _run(_cfg(data, tmp_path_factory.mktemp("ref")), build)
-        assert res.steps == STEPS and all(math.isfinite(x) for x in res.losses)
-        out[build] = res.losses
-    return out
+
+    def losses(build):
+        if build not in out:
+            _, res = _run(_cfg(data, tmp_path_factory.mktemp("ref")), build)
+            assert res.steps == STEPS and all(math.isfinite(x) for x in res.losses)
+            out[build] = res.losses
+        return out[build]
+
+    return losses
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -79,10 +84,13 @@ def test_case_matches_the_fp32_reference(case, data, reference, tmp_path):
         pytest.skip("this GPU has no bf16")
     if change.get("optimizer") == "AdamW8bit":
         pytest.importorskip("bitsandbytes")
+    if build is build_tiny_flux and not _flow_training_importable():
+        pytest.skip("Flux training needs diffusers.training_utils, which does not import at these versions "
+                    "(AUTOMATIC1111's transformers 4.30.2)")
     if change.get("mixed_precision") == "fp16" or (build is build_tiny_flux and ON_CUDA):
         change = dict(change, mixed_precision=change.get("mixed_precision") or ("bf16" if _bf16_ok() else "fp16"))
     tr, res = _run(_cfg(data, tmp_path, **change), build)
-    ref = reference[build]
+    ref = reference(build)
     assert res.steps == STEPS and all(math.isfinite(x) for x in res.losses), res.losses
     mean, ref_mean = sum(res.losses) / STEPS, sum(ref) / STEPS
     print(f"[gpu-check] {case} on {DEVICE}: mean loss {mean:.6f} vs fp32 {ref_mean:.6f} "

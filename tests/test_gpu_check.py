@@ -1,10 +1,13 @@
 """bench/gpu_check.sh --dry-run: the GPU check's phases on the CPU with tiny models (the same script and code the
 GPU machine runs), so the prepared device command cannot rot between GPU runs."""
-import pytest
 import json
 import os
 import subprocess
 import sys
+
+import pytest
+
+from conftest import _flow_training_importable
 
 pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
 
@@ -22,9 +25,11 @@ def test_gpu_check_dry_run_runs_every_phase(tmp_path):
     assert res["dry_run"] is True and set(ph) == {"env", "correctness", "speed", "kohya"}
     assert ph["env"]["torch"] and ph["env"]["python"]
     # correctness: the CPU cases of tests/test_gpu.py ran and compared with fp32
+    # (the Flux cases where diffusers.training_utils imports: not at AUTOMATIC1111's transformers 4.30.2)
+    want = {"bf16", "checkpointing"} | ({"flux_fp8_base", "flux_block_swap"} if _flow_training_importable() else set())
     c = ph["correctness"]
-    assert c["rc"] == 0 and c["summary"].get("passed", 0) >= 4 and not c["summary"].get("failed"), c
-    assert {x["case"] for x in c["cases"]} >= {"bf16", "checkpointing", "flux_fp8_base", "flux_block_swap"}
+    assert c["rc"] == 0 and c["summary"].get("passed", 0) >= len(want) and not c["summary"].get("failed"), c
+    assert {x["case"] for x in c["cases"]} >= want, c
     # speed: ours and the floor measured for each dry case; the Flux size math ran
     for name in ("sd15_512_b1", "sd15_512_b4_gc", "sdxl_1024_b1_gc"):
         s = ph["speed"][name]
