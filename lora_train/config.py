@@ -48,6 +48,10 @@ class ConfigError(ValueError):
         super().__init__(message)
 
 
+#: the TrainConfig fields that name a single-file base model's separate component files (Flux / SD3)
+COMPONENT_FILE_KEYS = ("ae", "clip_l", "clip_g", "t5xxl")
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -136,7 +140,7 @@ class TrainConfig:
     sample_steps: int = 20
     sample_cfg: float = 7.0
     # flow-matching models (Flux.1, SD3 / SD3.5; sd-scripts' names): training/flow.py, models/flow.py
-    ae: str = ""  # separate component files of a single-file base model (Flux: ae, clip_l, t5xxl; SD3: + clip_g)
+    ae: str = ""  # COMPONENT_FILE_KEYS: separate component files of a single-file base model (Flux: ae, clip_l, t5xxl; SD3: + clip_g)
     clip_l: str = ""
     clip_g: str = ""
     t5xxl: str = ""
@@ -189,6 +193,12 @@ class TrainConfig:
     @property
     def alpha(self) -> float:
         return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def component_files(self) -> Dict[str, str]:
+        """{"ae" / "clip_l" / "clip_g" / "t5xxl": path} of the separate component files given (Flux / SD3 single
+        files), as models.loading.load_base_model takes them."""
+        return {k: getattr(self, k) for k in COMPONENT_FILE_KEYS if getattr(self, k)}
 
     @property
     def te_lr(self) -> float:

@@ -8,8 +8,10 @@ import pytest
 import yaml
 
 from lora_train.config import TrainConfig
-from lora_train.kohya.toml_config import (MODULE_FAMILY, KohyaConfigError, from_kohya, load_kohya, read_file,
-                                          to_kohya_dict, to_kohya_toml)
+from lora_train.kohya.common import KohyaConfigError, read_file
+from lora_train.kohya.export import to_kohya_dict, to_kohya_toml
+from lora_train.kohya.networks import MODULE_FAMILY
+from lora_train.kohya.toml_config import from_kohya, load_kohya
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "data", "kohya")

@@ -153,7 +153,7 @@ def cmd_tiny_model(args, extra: List[str]) -> int:
 def cmd_demo(args, extra: List[str]) -> int:
     from ..data.demo import DEMO_TRIGGER, write_demo_dataset
     from ..io_utils import next_free_name
-    from ..metrics import learning_figure
+    from ..metrics import composition, learning_figure, main_colours
     from ..models.tiny_pixel import DEMO_MODEL, build_tiny_pixel, cache_dir, is_cached
     from ..hosts.standalone import StandaloneHost
     from ..run import train_for_host
@@ -168,17 +168,17 @@ def cmd_demo(args, extra: List[str]) -> int:
         print(f"[0/4] first run: training the demo base model briefly (generic coloured shapes; about a minute or "
               f"two on 2 cores, then cached in {cache_dir()})")
         build_tiny_pixel(progress=_pretrain_progress())
-    write_demo_dataset(data, n=8, size=64, captions=False)
+    write_demo_dataset(data, n=8, size=64, captions=False, shapes=("circle",))
     rep = caption_folder(data, make_captioner("template", template="{trigger}, {words}", trigger=DEMO_TRIGGER),
                          mode="skip")
     example = next(iter(rep.captions.values()), "")
     say_cpu_threads()
-    print(f"[1/4] dataset: {data} (8 procedural images)")
+    print(f"[1/4] dataset: {data} (8 procedural images: a red circle on blue, of varied size and place)")
     print(f"[2/4] captions (template backend, trigger word '{DEMO_TRIGGER}'): {rep.summary()}; e.g. '{example}'")
     name = next_free_name(out, "demo_lora")
     cfg = TrainConfig(train_data_dir=data, base_model=DEMO_MODEL, output_dir=out, output_name=name, resolution=64,
                       lora_rank=8, learning_rate=args.lr, batch_size=2, epochs=args.epochs, lr_scheduler="cosine",
-                      lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=10,
+                      lr_warmup_steps=5, trigger_word=DEMO_TRIGGER, seed=args.seed, save_every_n_epochs=25,
                       noise_offset=args.noise_offset)
     cfg.validate()
     res = train_for_host(StandaloneHost(DEMO_MODEL, out), cfg, DEMO_MODEL, callback=TqdmRenderer(),
@@ -199,8 +199,14 @@ def cmd_demo(args, extra: List[str]) -> int:
             with Image.open(os.path.join(data, f)) as im:
                 train_imgs.append(im.convert("RGB"))
     fig = learning_figure(train_imgs, grid.cells, grid.col_labels, seeds)
+    bg, fg = main_colours(train_imgs)
+    last = len(grid.col_labels) - 1
+    comp = {seeds[c.row]: composition(c.image, fg, bg) for c in grid.cells if c.col == last}
     print(f"loss curve: {res.loss_png}; done in {time.time() - t0:.1f}s")
     print(f"learning figure: {fig.summary()}")
+    print(f"composition at strength {grid.col_labels[last]} (a red disc on blue; shown = shape 0.08-0.6, background "
+          f">= 0.4, roundness >= 0.6): {sum(x.shown for x in comp.values())}/{len(comp)} seeds show it; "
+          + "; ".join(f"seed {s}: {x}{'' if x.shown else ' (not shown)'}" for s, x in comp.items()))
     return 0
 
 
@@ -232,12 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resulting config (e.g. of a kohya .toml) and exit without training")
     d = sub.add_parser("demo", help="procedural images -> caption -> train the tiny model on CPU -> strength grid")
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--epochs", type=int, default=40)
+    d.add_argument("--epochs", type=int, default=100, help="epochs of the 8 images at batch 2 (100: 400 steps)")
     d.add_argument("--lr", type=float, default=1e-2,
-                   help="high for a LoRA because the tiny model learns in 160 steps (3e-2 diverged: the loss rose 4x "
-                        "and the pictures turned to saturated noise); real models start at 1e-4..2e-4")
-    d.add_argument("--noise-offset", type=float, default=0.5,
-                   help="noise offset: lets the short run learn the overall colour (what the figure measures)")
+                   help="high for a LoRA because the tiny model learns in a few hundred steps (3e-2 diverged: the "
+                        "loss rose 4x and the pictures turned to saturated noise); real models start at 1e-4..2e-4")
+    d.add_argument("--noise-offset", type=float, default=0.0,
+                   help="noise offset (the demo model's zero-terminal-SNR schedule already lets it choose the colours)")
     d.add_argument("--seed", type=int, default=42)
     d.add_argument("--sample-steps", type=int, default=20)
     d.add_argument("--seeds", type=int, default=3, help="grid rows (seeds 1..N) the learning figure is measured on")

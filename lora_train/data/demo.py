@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import List
+from typing import List, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -40,8 +40,8 @@ def procedural_images(n: int, size: int, seed: int = 0) -> List[Image.Image]:
 
 
 def write_demo_dataset(folder: str, n: int = 8, size: int = 64, seed: int = 0, trigger: str = DEMO_TRIGGER,
-                       captions: bool = True) -> str:
-    """A consistent 'style' (red shapes on blue) with captions that name the trigger word.
+                       captions: bool = True, shapes: Sequence[str] = ("circle", "square", "stripes")) -> str:
+    """A consistent 'style' (red shapes on blue, the shapes in turn) with captions that name the trigger word.
 
     captions=False writes the images only, named for what they show (`a_red_circle_on_a_blue_background_000.png`),
     for a captioning step to fill in. Existing files are never overwritten: a folder that already holds the
@@ -49,9 +49,8 @@ def write_demo_dataset(folder: str, n: int = 8, size: int = 64, seed: int = 0, t
     """
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
-    shapes = ["circle", "square", "stripes"]
     for i in range(n):
-        shape = shapes[i % 3]
+        shape = shapes[i % len(shapes)]
         name = f"img_{i:03d}" if captions else f"a_red_{shape}_on_a_blue_background_{i:03d}"
         stem = os.path.join(folder, name)
         if os.path.exists(stem + ".png"):

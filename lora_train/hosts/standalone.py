@@ -41,13 +41,12 @@ class StandaloneHost(Host):
     def for_config(cls, cfg) -> "StandaloneHost":
         """The CLI's host: the config's base model (with its prediction type and pickle opt-in) and its output
         folder as the LoRA folder."""
-        files = {k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl") if getattr(cfg, k, "")}
         return cls(cfg.base_model, cfg.output_dir, prediction_type=cfg.prediction_type, allow_pickle=cfg.allow_pickle,
-                   files=files)
+                   files=cfg.component_files)
 
     def base_model(self, spec: Optional[str] = None) -> BaseModel:
         return load_base_model(spec or self.base_spec, self.prediction_type, allow_pickle=self.allow_pickle,
-                               **({"files": self.files} if self.files else {}))  # Flux / SD3 component files
+                               files=self.files)
 
     def refresh_loras(self) -> None:
         self._gen = None  # the Generator caches files by (size, mtime); a new run gets a fresh one

@@ -160,9 +160,8 @@ class Trainer(StateMixin, OutputsMixin):
         for w in self.dataset.warnings:
             self.emit("warning", message=w)
         if self.model is None:
-            files = {k: getattr(cfg, k) for k in ("ae", "clip_l", "clip_g", "t5xxl") if getattr(cfg, k)}
             self.model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle,
-                                         **({"files": files} if files else {}))  # Flux / SD3 component files
+                                         files=cfg.component_files)
         elif cfg.prediction_type != "auto" and not flow_train.is_flow(self.model):
             self.model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
         if flow_train.is_flow(self.model):  # Flux / SD3: conditioning and timestep options into model.extra
