@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
+from . import __version__, families
 from .networks import delta as delta_mod
 from .networks import lora as lora_mod
 from .models import conditioning, flow, text_chunks
@@ -79,17 +79,10 @@ def file_hash(path: str) -> str:
 def flow_pipeline(model: BaseModel):
     """diffusers' FluxPipeline / StableDiffusion3Pipeline for a flow-matching model (every sampler name runs their
     flow-matching Euler scheduler); T5's max length is the one the model trains with."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config)
-    if model.kind == "flux":
-        pipe = FluxPipeline(scheduler=sched, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                            text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2, transformer=model.unet)
-    else:
-        pipe = StableDiffusion3Pipeline(transformer=model.unet, scheduler=sched, vae=model.vae,
-                                        text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                        text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
-                                        text_encoder_3=model.text_encoder_3, tokenizer_3=model.tokenizer_3)
+    pipe = families.of(model).pipeline(model, sched)
     pipe.set_progress_bar_config(disable=True)
     pipe._lora_train_call_kwargs = {"max_sequence_length": flow.t5_max_length(model)}
     return pipe

@@ -16,7 +16,7 @@ from lora_train.data.buckets import SampleTransform
 from lora_train.models.base import ModelError
 from lora_train.models.loading import load_base_model
 from lora_train.models.tiny import build_tiny_sd2, build_tiny_sdxl
-from lora_train.training.outputs import architecture
+from lora_train import families
 from lora_train.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
@@ -286,6 +286,9 @@ def test_sd2_v_training_export_and_round_trip(tmp_path, demo_data):
 
 
 def test_architecture_per_kind():
+    def architecture(kind, prediction):
+        return families.get(kind).architecture_for(prediction)
+
     assert architecture("sd1", "epsilon") == "stable-diffusion-v1/lora"
     assert architecture("sd2", "v_prediction") == "stable-diffusion-v2-768-v/lora"
     assert architecture("sd2", "epsilon") == "stable-diffusion-v2-512/lora"
@@ -306,7 +309,7 @@ def test_load_base_model_allow_pickle(tmp_path, monkeypatch):
         load_base_model(path, allow_pickle=True)
     seen = {}
 
-    def fake(spec, prediction_type="auto", allow_pickle=False):
+    def fake(spec, prediction_type="auto", allow_pickle=False, files=None):
         seen.update(spec=spec, allow_pickle=allow_pickle)
         raise ModelError("stop here")
 

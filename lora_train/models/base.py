@@ -29,7 +29,9 @@ class BaseModel:
 
     @property
     def prediction_type(self) -> str:
-        if self.kind in ("flux", "sd3"):  # flow matching: the transformer predicts noise - latents
+        from .. import families
+
+        if families.is_flow(self):  # flow matching: the transformer predicts noise - latents
             return "flow"
         return getattr(self.noise_scheduler.config, "prediction_type", "epsilon")
 

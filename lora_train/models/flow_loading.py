@@ -69,9 +69,11 @@ def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseMo
     return load_flow_single_file(path, files or {})
 
 
+#: family -> the writer of its tiny model's diffusers pipeline folder
+TINY_FOLDER_WRITERS = {"flux": flux_mod.save_flux_folder, "sd3": sd3_mod.save_sd3_folder}
+
+
 def save_tiny_flow_folder(spec: str, folder: str) -> str:
     """Write `tiny-flux`, `tiny-flux-schnell` or `tiny-sd3` as its diffusers pipeline folder."""
     model = load_flow_model(spec)
-    if model.kind == "flux":
-        return flux_mod.save_flux_folder(model, folder)
-    return sd3_mod.save_sd3_folder(model, folder)
+    return TINY_FOLDER_WRITERS[model.kind](model, folder)

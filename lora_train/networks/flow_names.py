@@ -44,7 +44,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-FLOW_KINDS = ("flux", "sd3")
+from .. import families
+
+FLOW_KINDS = families.FLOW
 VARIANTS = {"flux": ("flux-dev", "flux-schnell"), "sd3": ("sd3-medium", "sd35-medium", "sd35-large")}
 TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 

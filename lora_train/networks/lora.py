@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 from ..io_utils import save_safetensors
+from .. import families
 from . import flow_names
 from . import delta as delta_mod
 from .layouts import NetEntry, detect as detect_type, entry_from_group, state_dict_entries
@@ -71,7 +72,7 @@ def _has_peft_parent(root: nn.Module, cname: str) -> bool:
 def denoiser_target_modules(model) -> List[str]:
     """The LoRA targets of a BaseModel's denoiser: the UNet's transformer blocks (SD1/SD2/SDXL), or sd-scripts'
     default set of a Flux / SD3 transformer (flow_names.target_modules)."""
-    if getattr(model, "kind", None) in flow_names.FLOW_KINDS:
+    if families.is_flow(model):
         return flow_names.target_modules(model.kind, model.unet)
     return unet_target_modules(model.unet)
 
@@ -92,10 +93,10 @@ def te_canonical_path(path: str) -> str:
 def kohya_name(component: str, path: str, kind: str = "sd1") -> str:
     """component: unet | te | te1 | te2 (| te3). SDXL UNet paths are renamed to kohya's SGM block names; Flux / SD3
     transformer and T5 paths are named in flow_names (a fused module's parts share one name)."""
-    if kind in flow_names.FLOW_KINDS and component in ("unet", "te3"):
+    if families.get(kind).flow and component in ("unet", "te3"):
         return flow_names.kohya_name(component, path, kind)
     if component == "unet":
-        if kind == "sdxl":
+        if families.get(kind).sgm_unet_names:
             path = diffusers_to_sgm_path(path)
         return "lora_unet_" + path.replace(".", "_")
     prefix = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}[component]
@@ -121,7 +122,7 @@ class LoraWeights:
 
 def _components(model) -> List[Tuple[str, nn.Module]]:
     """[(component, module)] of a BaseModel: unet, te (SD1/2) or te1/te2 (SDXL); Flux / SD3: flow_names.components."""
-    if getattr(model, "kind", None) in flow_names.FLOW_KINDS:
+    if families.is_flow(model):
         return flow_names.components(model)
     out = [("unet", model.unet)]
     if model.text_encoder_2 is not None:
@@ -296,7 +297,7 @@ def _apply_extra(model, lw: LoraWeights, adapter: str, strength: float, label) -
     comps = dict(_components(model))
     unmatched: List[str] = []
     kind = getattr(model, "kind", None)
-    groups = flow_names.import_groups(model) if kind in flow_names.FLOW_KINDS and lw.extra else {}
+    groups = flow_names.import_groups(model) if families.get(kind).flow and lw.extra else {}
     for (comp, path), entry in sorted(lw.extra.items()):
         named = dict(comps[comp].named_modules()) if comp in comps else {}
         layer = named.get(path)
@@ -326,7 +327,7 @@ def _apply_extra(model, lw: LoraWeights, adapter: str, strength: float, label) -
 def to_kohya_state_dict(lw: LoraWeights, kind: str = "sd1", dtype: torch.dtype = torch.float32
                         ) -> Dict[str, torch.Tensor]:
     sd: Dict[str, torch.Tensor] = {}
-    if kind in flow_names.FLOW_KINDS:  # fused modules written as sd-scripts saves them
+    if families.get(kind).flow:  # fused modules written as sd-scripts saves them
         items = flow_names.export_modules(lw.modules, kind, lambda c, p: kohya_name(c, p, kind))
     else:
         items = [(kohya_name(comp, path, kind), v) for (comp, path), v in sorted(lw.modules.items())]
@@ -358,7 +359,7 @@ def _strip_prefixes(key: str) -> str:
 def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[str, str]] = None) -> LoraWeights:
     """Read kohya, diffusers (`unet.`/`text_encoder.` + lora_A/lora_B) or plain peft layouts."""
     lw = LoraWeights(metadata=dict(metadata or {}))
-    flow = getattr(model, "kind", None) in flow_names.FLOW_KINDS
+    flow = families.is_flow(model)
     if flow:
         sd = flow_names.bfl_keys_to_kohya(sd)
     keys = list(sd)
@@ -443,7 +444,7 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
 def _te_model_path(model, comp: str, path: str) -> str:
     """Map a text-encoder path with or without `text_model.` to the one the loaded model uses."""
     te = dict(_components(model)).get(comp)  # Flux / SD3: te1, te2 (CLIP-G), te3 (T5)
-    if te is None and getattr(model, "kind", None) not in flow_names.FLOW_KINDS:
+    if te is None and not families.is_flow(model):
         te = model.text_encoder_2 if comp == "te2" else model.text_encoder
     if te is None:
         return path

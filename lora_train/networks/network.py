@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .. import families
 from . import delta as delta_mod
 from . import flow_names
 from . import lora as lora_mod
@@ -54,7 +55,7 @@ class NetworkSpec:
         conv = int(getattr(cfg, "conv_rank", 0) or 0)
         if typ == "locon" and conv == 0:
             conv = int(cfg.lora_rank)
-        flow = kind in flow_names.FLOW_KINDS
+        flow = bool(kind) and families.get(kind).flow
         if flow:
             conv, typ = 0, ("lora" if typ == "locon" else typ)
         ca = getattr(cfg, "conv_alpha", None)

@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES  # noqa: F401  (the allowed values, with the config)
+from .. import families
 from ..models import flow
 from ..networks import flow_names
 
-FLUX_SHIFT = 3.1582
-SD3_SHIFT = 3.0
 
 
 def is_flow(model) -> bool:
@@ -45,16 +44,16 @@ def is_flow(model) -> bool:
 # ----------------------------------------------------------------------------- options
 def resolve(cfg, model) -> Dict[str, Any]:
     """The timestep-sampling options of a run with `auto` resolved for the model's family."""
-    kind = getattr(model, "kind", "flux")
+    fam = families.of(model)
     ts = getattr(cfg, "timestep_sampling", "auto") or "auto"
     ws = getattr(cfg, "weighting_scheme", "auto") or "auto"
     if ts == "auto":
-        ts = "shift" if kind == "flux" else "sigma"
+        ts = fam.timestep_sampling
     if ws == "auto":
-        ws = "logit_normal" if (kind == "sd3" and ts == "sigma") else "none"
+        ws = fam.weighting_for(ts)
     shift = getattr(cfg, "discrete_flow_shift", None)
     if shift is None:
-        shift = FLUX_SHIFT if kind == "flux" else float(getattr(model.noise_scheduler.config, "shift", SD3_SHIFT))
+        shift = fam.default_shift(model)
     return {"timestep_sampling": ts, "weighting_scheme": ws, "discrete_flow_shift": float(shift),
             "sigmoid_scale": float(getattr(cfg, "sigmoid_scale", 1.0)),
             "logit_mean": float(getattr(cfg, "logit_mean", 0.0)), "logit_std": float(getattr(cfg, "logit_std", 1.0)),

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data import masks, reg_images
+from .. import families
 from ..models import conditioning
 from ..networks import blocks
 from ..networks import lora as lora_mod
@@ -213,7 +214,7 @@ def shape_network(tr, params: List[Dict[str, Any]], given_names: List[str]
     Returns the param groups and their names (unchanged when no option is on)."""
     cfg, m = tr.cfg, tr.model
     adapter = lora_mod.DEFAULT_ADAPTER
-    is_sdxl = m.kind == "sdxl"
+    is_sdxl = families.of(m).sgm_unet_names  # SDXL's block layout
     try:
         lrw = blocks.lr_weights(is_sdxl, cfg.down_lr_weight, cfg.mid_lr_weight, cfg.up_lr_weight,
                                 cfg.block_lr_zero_threshold)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
-from .. import __version__
+from .. import __version__, families
 from ..config import TrainConfig
 from ..io_utils import atomic_write_text, next_free_name, save_image
 from ..names import epoch_file, step_file
@@ -21,18 +21,6 @@ from ..networks import network
 from ..plots import loss_plot
 from ..sampler import sample_in_training
 from . import flow as flow_train
-
-
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                "sd2-512": "stable-diffusion-v2-512/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-
-
-def architecture(kind: str, prediction_type: str) -> str:
-    """modelspec.architecture as kohya writes it: SD2 epsilon models are the 512-base ones."""
-    if kind == "sd2" and prediction_type == "epsilon":
-        return ARCHITECTURE["sd2-512"]
-    return ARCHITECTURE.get(kind, ARCHITECTURE["sd1"])
 
 
 class ZeroLoRAError(ValueError):
@@ -127,6 +115,7 @@ class OutputsMixin:
 
     def metadata(self, epoch: int, step: int) -> Dict[str, str]:
         cfg, m, ds, mc = self.cfg, self.model, self.dataset, self._meta_common
+        fam = families.of(m)
         now = time.time()
         res = f"({cfg.resolution}, {cfg.resolution})"
         meta = {
@@ -156,8 +145,8 @@ class OutputsMixin:
             "ss_seed": str(cfg.seed),
             "ss_mixed_precision": cfg.mixed_precision,
             "ss_full_fp16": "False",
-            "ss_v2": str(m.kind == "sd2"),
-            "ss_base_model_version": BASE_VERSION.get(m.kind, "sd_v1"),
+            "ss_v2": str(fam.ss_v2),
+            "ss_base_model_version": fam.base_model_version,
             "ss_sd_model_name": m.name,
             "ss_sd_model_hash": m.model_hash()[:8],
             "ss_new_sd_model_hash": m.model_hash(),
@@ -175,9 +164,8 @@ class OutputsMixin:
             "ss_training_comment": f"trained with lora_train {__version__}",
             "ss_caption_extension": cfg.caption_extension,
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": architecture(m.kind, m.prediction_type),
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if m.kind == "sdxl"
-            else "diffusers",
+            "modelspec.architecture": fam.architecture_for(m.prediction_type),
+            "modelspec.implementation": fam.implementation,
             "modelspec.title": cfg.output_name,
             "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
             "modelspec.prediction_type": "v" if m.prediction_type == "v_prediction" else "epsilon",  # ModelSpec

@@ -1,0 +1,67 @@
+"""What the flow-matching families share (families/flux.py, sd3.py): the T5 length per variant, tokenising and
+encoding with T5, the parameters' device, and Flux's 2x2 latent packing (diffusers' FluxPipeline)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+#: the variant a model of the family is when its loader did not say
+DEFAULT_VARIANT = {"flux": "flux-dev", "sd3": "sd35-medium"}
+T5_MAX_LENGTH = {"flux-dev": 512, "flux-schnell": 256, "sd3-medium": 256, "sd35-medium": 256, "sd35-large": 256}
+
+
+def variant(model) -> str:
+    """The model's variant (extra["variant"], set by the loaders), else its family's most used one."""
+    return str(model.extra.get("variant", DEFAULT_VARIANT.get(getattr(model, "kind", "flux"), "flux-dev")))
+
+
+def t5_max_length(model) -> int:
+    asked = model.extra.get("t5xxl_max_token_length")
+    return int(asked) if asked else int(model.extra.get("t5_default_length", T5_MAX_LENGTH.get(variant(model), 256)))
+
+
+def param_device(mod: nn.Module, fallback) -> torch.device:
+    try:
+        return next(mod.parameters()).device
+    except StopIteration:
+        return fallback
+
+
+def token_ids(tokenizer, captions: Sequence[str], max_length: int):
+    return tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt")
+
+
+def t5_encode(model, te, tok, captions, out_device):
+    enc = token_ids(tok, captions, t5_max_length(model))
+    mask = enc.attention_mask
+    use_mask = bool(model.extra.get("apply_t5_attn_mask", False))
+    dev = param_device(te, out_device)
+    h = te(enc.input_ids.to(dev), attention_mask=mask.to(dev) if use_mask else None)[0]
+    if use_mask:  # padded positions carry nothing (sd-scripts' apply_t5_attn_mask)
+        h = h * mask.to(h.device, h.dtype).unsqueeze(-1)
+    return h.to(out_device), mask.to(out_device)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): diffusers' FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack_latents` for latents of size (h, w)."""
+    b, _, ch = packed.shape
+    x = packed.view(b, h // 2, w // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, ch // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(h/2 * w/2, 3) position ids of the packed latents: diffusers' FluxPipeline._prepare_latent_image_ids."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
