@@ -2,7 +2,8 @@
 # Sets up a venv (.venv, reused between runs), installs the test requirements and runs the whole suite;
 # then runs the core suite again in a second venv (.venv-webui, reused) at the AUTOMATIC1111 WebUI's versions
 # (tests/constraints-webui.txt: transformers 4.30.2, diffusers 0.31.0, peft 0.13.2, accelerate 0.21.0, ...),
-# leaving out tests marked `frontend` (gradio / ComfyUI / browser); and, where a Python 3.10 interpreter is
+# leaving out tests marked `frontend` (gradio / ComfyUI / browser) or `current_releases` (the demo's figure, the
+# GPU check's dry run and the bench scripts, which run at the current releases); and, where a Python 3.10 interpreter is
 # on the machine, the torch-free part of the suite on 3.10 (the WebUI's Python; torch 2.13.0's CPU wheel on
 # this disk is for 3.11 only, so the WebUI-versions venv runs on $PYTHON).
 # Fails when any run fails, and also when a run collects no test (pytest exit 5).
@@ -52,7 +53,7 @@ print("== WebUI versions:", ", ".join(f"{p} {md.version(p)}" for p in (
     "torch", "transformers", "diffusers", "peft", "accelerate", "huggingface_hub", "numpy", "safetensors", "Pillow")))
 PYEOF
   echo "== WebUI versions: venv ready in $((SECONDS - t0)) s" >&2
-  run_pytest "WebUI versions" .venv-webui/bin/python -m "not frontend" tests "$@"
+  run_pytest "WebUI versions" .venv-webui/bin/python -m "not frontend and not current_releases" tests "$@"
 fi
 
 # 3. Python 3.10 itself, where the machine has it: the tests whose modules import no torch.

@@ -40,6 +40,7 @@ def _demo(out, *args):
 
 
 @pytest.mark.slow
+@pytest.mark.current_releases  # README's first command installs them (requirements.txt)
 def test_demo_end_to_end_and_its_learning_figure(tmp_path):
     """README's first command (`python -m lora_train demo`, defaults, 3 seeds): its files, its learning figure
     (strength 1 beats the base on every seed and pooled), the trained composition on every seed, and a second run

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import _flow_training_importable
 
-pytestmark = pytest.mark.slow  # trains for more than a few steps, or starts processes
+pytestmark = [pytest.mark.slow, pytest.mark.current_releases]  # starts processes; the GPU machine has current releases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
