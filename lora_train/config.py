@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 
 
 #: the TrainConfig fields that name a single-file base model's separate component files (Flux / SD3)
-COMPONENT_FILE_KEYS = ("ae", "clip_l", "clip_g", "t5xxl")
+COMPONENT_FILE_KEYS = ("ae", "clip_l", "clip_g", "t5xxl", "components_folder")
 
 
 @dataclass
@@ -144,6 +144,7 @@ class TrainConfig:
     clip_l: str = ""
     clip_g: str = ""
     t5xxl: str = ""
+    components_folder: str = ""  # a diffusers folder with the other parts of a single-file transformer (Qwen-Image)
     timestep_sampling: str = "auto"  # auto (flux: shift, sd3: sigma) | sigma | uniform | sigmoid | shift | flux_shift
     discrete_flow_shift: Optional[float] = None  # default: flux 3.1582, sd3 the scheduler's shift (3.0)
     sigmoid_scale: float = 1.0

@@ -8,10 +8,11 @@ import os
 import re
 from typing import Optional, Tuple
 
-FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3")
+from . import families
+
+FAMILIES = families.NAMES
 #: the tiny demo models (models/loading.py builds them) and their families
-TINY_FAMILIES = {"tiny": "sd1", "tiny-v": "sd1", "tiny-pixel": "sd1", "tiny-sd2": "sd2", "tiny-sd2-eps": "sd2",
-                 "tiny-sdxl": "sdxl", "tiny-flux": "flux", "tiny-flux-schnell": "flux", "tiny-sd3": "sd3"}
+TINY_FAMILIES = families.TINY_SPECS
 
 
 def family_of(spec: Optional[str]) -> Tuple[str, str]:
@@ -41,16 +42,13 @@ def told_by_spec(spec: Optional[str]) -> Optional[Tuple[str, str]]:
 
 
 def family_of_name(name: str) -> Optional[str]:
-    """The family a checkpoint's file name suggests (flux, sd3, xl / pony / illustrious, v2 / 768), or None."""
+    """The family a checkpoint's file name suggests (flux, sd3, qwen-image, xl / pony / illustrious, v2 / 768), or
+    None (each family's `name_pattern`)."""
     n = os.path.basename(str(name or "")).lower()
-    if "flux" in n:
-        return "flux"
-    if re.search(r"(^|[^a-z])sd_?3", n):
-        return "sd3"
-    if "xl" in n or "pony" in n or "illustrious" in n:
-        return "sdxl"
-    if re.search(r"(^|[^0-9])(v?2[-_.]?[01]|768)([^0-9]|$)", n):
-        return "sd2"
+    for fam in families.DETECT_ORDER:
+        pattern = families.get(fam).name_pattern
+        if pattern and re.search(pattern, n):
+            return fam
     return None
 
 
@@ -62,10 +60,9 @@ def _of_folder(path: str) -> Tuple[str, str]:
     with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
         idx = json.load(fh)
     cls = str(idx.get("_class_name", ""))
-    if cls.startswith("Flux"):
-        return "flux", f"model_index.json names {cls}"
-    if cls.startswith("StableDiffusion3"):
-        return "sd3", f"model_index.json names {cls}"
+    for fam in families.FLOW:
+        if cls.startswith(families.get(fam).pipeline_prefixes or ("\0",)):
+            return fam, f"model_index.json names {cls}"
     if "text_encoder_2" in idx or "XL" in cls:
         return "sdxl", "model_index.json has two text encoders"
     try:
@@ -78,13 +75,9 @@ def _of_folder(path: str) -> Tuple[str, str]:
 
 
 def family_of_keys(keys) -> Optional[str]:
-    """"flux" / "sd3" for a transformer's state-dict keys (kohya / BFL / SAI layouts), else None."""
+    """The flow family of a transformer's state-dict keys (kohya / BFL / SAI / ComfyUI layouts), else None."""
     keys = list(keys)
-    if any("double_blocks." in k for k in keys) and any("single_blocks." in k for k in keys):
-        return "flux"
-    if any("joint_blocks." in k for k in keys):
-        return "sd3"
-    return None
+    return next((f for f in families.FLOW if families.get(f).detect_keys(keys)), None)
 
 
 def _of_file(path: str) -> Optional[Tuple[str, str]]:
@@ -96,13 +89,7 @@ def _of_file(path: str) -> Optional[Tuple[str, str]]:
             keys = list(fh.keys())
     except Exception:  # noqa: BLE001 - not a safetensors file, unreadable: the family is told when it loads
         return None
-    flow = family_of_keys(keys)
-    if flow:
-        return flow, f"the file's keys are {'Flux' if flow == 'flux' else 'SD3'}'s transformer blocks"
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "sdxl", "the checkpoint has SDXL's second text encoder"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2", "the checkpoint has an OpenCLIP text encoder"
-    if any(k.startswith("cond_stage_model.transformer.") or k.startswith("model.diffusion_model.") for k in keys):
-        return "sd1", "the checkpoint has a CLIP-L text encoder"
+    for fam in families.DETECT_ORDER:
+        if families.get(fam).detect_keys(keys):
+            return fam, families.get(fam).keys_reason
     return None

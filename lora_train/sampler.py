@@ -84,7 +84,8 @@ def flow_pipeline(model: BaseModel):
     sched = FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config)
     pipe = families.of(model).pipeline(model, sched)
     pipe.set_progress_bar_config(disable=True)
-    pipe._lora_train_call_kwargs = {"max_sequence_length": flow.t5_max_length(model)}
+    pipe._lora_train_call_kwargs = families.of(model).call_kwargs
+    pipe._lora_train_model = model
     return pipe
 
 
@@ -117,10 +118,13 @@ def make_pipeline(model: BaseModel, sampler: str = "DDIM"):
 def run_pipeline(pipe, p: GenParams, prompt_text: Optional[str] = None, **pipe_kwargs: Any) -> Image.Image:
     gen = torch.Generator(device="cpu").manual_seed(int(p.seed))
     embeds = "prompt_embeds" in pipe_kwargs  # text conditioning given (kohya clip_skip / long prompts)
-    out = pipe(prompt=None if embeds else prompt_text if prompt_text is not None else p.prompt,
-               negative_prompt=None if embeds else p.negative_prompt or None, num_inference_steps=p.steps,
-               guidance_scale=p.cfg_scale, width=p.width, height=p.height, generator=gen, output_type="pil",
-               **{**getattr(pipe, "_lora_train_call_kwargs", {}), **pipe_kwargs})
+    kw = dict(prompt=None if embeds else prompt_text if prompt_text is not None else p.prompt,
+              negative_prompt=None if embeds else p.negative_prompt or None, num_inference_steps=p.steps,
+              guidance_scale=p.cfg_scale, width=p.width, height=p.height, generator=gen, output_type="pil")
+    family_kwargs = getattr(pipe, "_lora_train_call_kwargs", None)  # a flow family's own arguments (flow_pipeline)
+    if family_kwargs is not None:
+        kw = family_kwargs(pipe._lora_train_model, kw)
+    out = pipe(**kw, **pipe_kwargs)
     return out.images[0]
 
 

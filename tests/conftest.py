@@ -92,6 +92,55 @@ def run_trainer(cfg, build=None, stop_at=None, resume_from=None):
     return tr, tr.run()
 
 
+def strength_losses(trainer, strengths=(0.0, 0.5, 1.0), seed=11):
+    """The fixed-noise training loss of a finished run's images (its cached latents, captions as written) with its
+    LoRA at each strength; the LoRA is left at 1."""
+    import torch
+
+    from lora_train.networks import lora as L
+    from lora_train.training.device import encode_prompts
+    from lora_train.training.loss import fixed_noise_loss
+
+    m = trainer.model
+    lat = torch.stack(list(trainer.latents))
+    cond = encode_prompts(m, [it.caption for it in trainer.dataset.items], torch.device("cpu"))
+    out = []
+    for s in strengths:
+        L.set_strength(m.unet, s)
+        out.append(fixed_noise_loss(m, lat, cond, seed=seed))
+    L.set_strength(m.unet, 1.0)
+    return out
+
+
+def assert_loss_falls_with_strength(trainer, label, at_least=0.03):
+    """The learning check of a tiny run: the fixed-noise loss at LoRA strength 0 > 0.5 > 1, and 1 at least
+    `at_least` below 0 (relative)."""
+    mse = strength_losses(trainer)
+    print(f"{label} fixed-noise loss at 0 / 0.5 / 1:", mse)
+    assert mse[0] > mse[1] > mse[2], mse
+    assert mse[2] <= (1 - at_least) * mse[0], mse
+    return mse
+
+
+def flow_file_error(trained_model, lora_path, build, captions=("a red circle", "lrtdemo"), t=(300.0, 800.0)):
+    """The largest difference between a trained flow model's prediction and a fresh `build()` with the written
+    file applied, on seeded latents (the file holds exactly what was trained when this is ~0)."""
+    import torch
+
+    from lora_train.models import flow
+    from lora_train.networks import lora as L
+
+    fresh = build()
+    L.apply(fresh, L.load_file(lora_path, fresh), "back", 1.0)
+    x = torch.randn(len(captions), 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    cond = flow.encode(fresh, list(captions))
+    ts = torch.tensor(list(t))
+    with torch.no_grad():
+        a = flow.predict(trained_model, trained_model.unet, x, ts, cond)
+        b = flow.predict(fresh, fresh.unet, x, ts, cond)
+    return float((a - b).abs().max())
+
+
 def small_cfg(data, out, **kw):
     from lora_train.config import TrainConfig
 

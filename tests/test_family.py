@@ -14,13 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("spec, fam", [("tiny", "sd1"), ("tiny-v", "sd1"), ("tiny-sd2", "sd2"), ("tiny-sdxl", "sdxl"),
-                                       ("tiny-flux", "flux"), ("tiny-flux-schnell", "flux"), ("tiny-sd3", "sd3")])
+                                       ("tiny-flux", "flux"), ("tiny-flux-schnell", "flux"), ("tiny-sd3", "sd3"),
+                                       ("tiny-qwen-image", "qwen_image")])
 def test_tiny_specs(spec, fam):
     assert family_of(spec)[0] == fam
 
 
 def test_folders_files_and_names(tmp_path):
     for cls, extra, fam in (("FluxPipeline", {}, "flux"), ("StableDiffusion3Pipeline", {}, "sd3"),
+                            ("QwenImagePipeline", {}, "qwen_image"),
                             ("StableDiffusionXLPipeline", {"text_encoder_2": ["x", "y"]}, "sdxl"),
                             ("StableDiffusionPipeline", {}, "sd1")):
         d = tmp_path / cls
@@ -30,6 +32,8 @@ def test_folders_files_and_names(tmp_path):
 
     for keys, fam in ((["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "flux"),
                       (["joint_blocks.0.x_block.attn.qkv.weight"], "sd3"),
+                      (["model.diffusion_model.txt_norm.weight",  # a ComfyUI-style Qwen-Image diffusion model
+                        "model.diffusion_model.transformer_blocks.0.txt_mod.1.weight"], "qwen_image"),
                       (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.0.weight"], "sdxl"),
                       (["cond_stage_model.model.ln_final.weight"], "sd2"),
                       (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], "sd1")):
@@ -37,6 +41,7 @@ def test_folders_files_and_names(tmp_path):
         save_file({k: torch.zeros(1) for k in keys}, str(p))
         assert family_of(str(p))[0] == fam and told_by_spec(str(p))[0] == fam
     assert family_of("/nowhere/ponyDiffusionV6XL.safetensors")[0] == "sdxl"  # only the name is left
+    assert family_of("/nowhere/qwen_image_fp8_e4m3fn.safetensors")[0] == "qwen_image"
     assert told_by_spec("/nowhere/ponyDiffusionV6XL.safetensors") is None
     fam, why = family_of("/nowhere/model.safetensors")
     assert fam == "sd1" and "assumed" in why
@@ -48,7 +53,7 @@ def test_every_front_door_lists_the_families():
     from lora_train.ui import logic
     from lora_train.presets import BUILTIN_FAMILIES
 
-    assert FAMILIES == ("sd1", "sd2", "sdxl", "flux", "sd3")
+    assert FAMILIES == ("sd1", "sd2", "sdxl", "flux", "sd3", "qwen_image", "z_image")
     assert tuple(BASES) == FAMILIES and tuple(BUILTIN_FAMILIES) == FAMILIES
     assert tuple(logic.MODEL_TYPES) == ("auto",) + FAMILIES
     auto = build_parser()._subparsers._group_actions[0].choices["auto"]
@@ -70,4 +75,7 @@ def test_the_tiny_specs_are_the_ones_the_loader_builds():
     from lora_train.models.flow_loading import TINY_FLOW_SPECS
     from lora_train.models.loading import TINY_SPECS
 
+    from lora_train import families
+
     assert set(TINY_SPECS) == set(TINY_FAMILIES) and set(TINY_FLOW_SPECS) <= set(TINY_SPECS)
+    assert TINY_FLOW_SPECS == families.TINY_FLOW_SPECS

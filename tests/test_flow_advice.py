@@ -36,3 +36,25 @@ def test_flow_training_says_when_training_utils_cannot_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers.training_utils", None)  # import -> ImportError
     with pytest.raises(RuntimeError, match="Train Flux / SD3 in Forge, ComfyUI"):
         flow._training_utils()
+
+
+@pytest.mark.parametrize("vram,fp8,swap,res", [(96, False, 0, 1024), (40, True, 0, 1024), (24, True, 16, 1024),
+                                               (16, True, 30, 768), (12, True, 45, 512)])
+def test_qwen_image_tiers(vram, fp8, swap, res):
+    """Qwen-Image (20 B): the family's tiers and musubi-tuner's settings, with the reasons."""
+    s = suggest(30, task="character", base="qwen_image", vram_gb=vram)
+    assert (s.fp8_base, s.blocks_to_swap, s.resolution) == (fp8, swap, res)
+    assert s.learning_rate == pytest.approx(5e-5) and s.lora_rank == 16 and s.batch_size == 1
+    assert suggest(80, base="qwen_image", vram_gb=vram).learning_rate == pytest.approx(1e-4)
+    assert s.timestep_sampling == "shift" and s.discrete_flow_shift == pytest.approx(2.2)
+    assert not s.train_text_encoder and "Qwen2.5-VL" in s.reason("train_text_encoder")
+    assert "musubi-tuner" in s.reason("discrete_flow_shift") and "GB" in s.reason("blocks_to_swap")
+    TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-qwen-image"))  # a valid config
+
+
+def test_z_image_advice_warns_about_turbo():
+    s = suggest(40, task="style", base="z_image", vram_gb=24)
+    assert (s.fp8_base, s.blocks_to_swap, s.resolution) == (True, 0, 1024)
+    assert s.learning_rate == pytest.approx(1e-4) and s.discrete_flow_shift == pytest.approx(2.0)
+    assert any("Turbo" in n and "adapter" in n for n in s.notes)
+    TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-z-image"))

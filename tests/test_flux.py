@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_trainer, small_cfg
+from conftest import assert_loss_falls_with_strength, flow_file_error, run_trainer, small_cfg
 from lora_train.models import conditioning, flow
 from lora_train.models.base import ModelError
 from lora_train.models.flux import build_tiny_flux, save_flux_folder
@@ -17,7 +17,6 @@ from lora_train.training import flow as ft
 from lora_train.training.loss import diffusion_loss as L_loss
 from lora_train.training.memory import BlockSwap, apply_fp8_base
 from lora_train.training.device import encode_prompts
-from lora_train.training.loss import fixed_noise_loss
 from lora_train.training.state import list_states
 from lora_train.training.trainer import Trainer
 
@@ -98,32 +97,13 @@ def test_training_files_and_metadata(trained):
 
 def test_learning(trained):
     """Fixed-noise flow loss of the training images falls with the LoRA's strength, monotone."""
-    tr, _ = trained
-    m = tr.model
-    lat = torch.stack(list(tr.latents))
-    cond = encode_prompts(m, [it.caption for it in tr.dataset.items], torch.device("cpu"))
-    mse = []
-    for s in (0.0, 0.5, 1.0):
-        L.set_strength(m.unet, s)
-        mse.append(fixed_noise_loss(m, lat, cond, seed=11))
-    L.set_strength(m.unet, 1.0)
-    print("tiny-flux fixed-noise flow loss at 0 / 0.5 / 1:", mse)
-    assert mse[0] > mse[1] > mse[2]
-    assert mse[2] <= 0.97 * mse[0]
+    assert_loss_falls_with_strength(trained[0], "tiny-flux")
 
 
 def test_round_trip_kohya_file(trained):
     """The written file read back into a fresh tiny-flux gives the trained model's output (<= 1e-5)."""
     tr, res = trained
-    fresh = build_tiny_flux()
-    L.apply(fresh, L.load_file(res.lora_path, fresh), "back", 1.0)
-    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
-    cond = flow.encode(fresh, ["a red circle", "lrtdemo"])
-    t = torch.tensor([300.0, 800.0])
-    with torch.no_grad():
-        a = flow.predict(tr.model, tr.model.unet, x, t, cond)
-        b = flow.predict(fresh, fresh.unet, x, t, cond)
-    assert (a - b).abs().max() <= 1e-5
+    assert flow_file_error(tr.model, res.lora_path, build_tiny_flux) <= 1e-5
 
 
 def _run(cfg, stop_at=None, resume_from=None):

@@ -201,6 +201,8 @@ def _export_import(cfg, tmp_path):
      ["algo=lora", "dora_wd=True", "conv_dim=3", "conv_alpha=1.5", "rank_dropout=0.05"]),
     ("tiny-flux", "flux", dict(network_type="lora", dropout=0.1), "networks.lora_flux", []),
     ("tiny-sd3", "sd3", dict(network_type="lora"), "networks.lora_sd3", []),
+    ("tiny-qwen-image", "qwen_image", dict(network_type="lora"), "networks.lora_qwen_image", []),  # musubi-tuner's
+    ("tiny-z-image", "z_image", dict(network_type="lora"), "networks.lora_zimage", []),
 ])
 def test_network_types_round_trip(tmp_path, base, kind, fields, module, args):
     """TrainConfig -> kohya TOML -> TrainConfig keeps the network: the module and network_args kohya needs, the same
@@ -225,8 +227,10 @@ def test_locon_without_conv_rank_exports_the_rank():
 
 
 def test_family_modules_match_the_files_metadata():
-    from lora_train.networks.flow_names import NETWORK_MODULE
-    assert MODULE_FAMILY == {m: f for f, m in NETWORK_MODULE.items()}
+    from lora_train.networks.network import NetworkSpec, metadata
+    assert MODULE_FAMILY["networks.lora_flux"] == "flux" and MODULE_FAMILY["networks.lora_sd3"] == "sd3"
+    for module, kind in MODULE_FAMILY.items():  # what a file says is what the kohya door reads back
+        assert metadata(NetworkSpec(), kind)["ss_network_module"] == module
 
 
 def test_flux_lora_flux_config():

@@ -194,15 +194,19 @@ def test_no_circles_between_files_or_folders_counting_lazy_imports():
 
 #: model-family branches (a family's name compared, `kind == "sdxl"`) outside lora_train/families/, per file: what
 #: is left to move into the families (issue: families as plugins). The count may only go down.
-FAMILY_BRANCHES_LEFT = {"networks/flow_names.py": 9, "models/single_file.py": 9, "tuning/flow_advice.py": 3,
-                        "tuning/advisor.py": 3, "tuning/kohya_advice.py": 2, "models/flow_single_file.py": 2,
-                        "training/kohya_extras.py": 1, "kohya/networks.py": 1, "cli/main.py": 1}
-_FAMILY_BRANCH = re.compile(r'(==|!=|\bin\b|not in) *\(?"(sd1|sd2|sdxl|flux|sd3)"|"(sd1|sd2|sdxl|flux|sd3)" *(==|!=)')
+def _family_branch_pattern():
+    from lora_train import families
+
+    names = "|".join(re.escape(n) for n in families.NAMES)
+    return re.compile(rf'(==|!=|\bin\b|not in) *\(?"({names})"|"({names})" *(==|!=)')
 
 
-def test_family_branches_only_go_down():
-    """The trainer, networks, outputs and sampler ask `families.of(model)` / `families.get(kind)`; the name
-    comparisons that remain are listed in FAMILY_BRANCHES_LEFT and may not grow or spread to other files."""
+_FAMILY_BRANCH = _family_branch_pattern()
+
+
+def test_no_family_name_branches_outside_families():
+    """The trainer, networks, loaders, advisor, outputs and sampler ask `families.of(model)` / `families.get(kind)`
+    what differs; no module outside lora_train/families/ compares a family's name."""
     pkg = os.path.join(ROOT, "lora_train")
     found = {}
     for dirpath, _, files in os.walk(pkg):
@@ -213,10 +217,10 @@ def test_family_branches_only_go_down():
             if rel.startswith("families/"):
                 continue
             with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
-                n = sum(1 for line in fh if _FAMILY_BRANCH.search(line.split("#")[0]))
-            if n:
-                found[rel] = n
-    grown = {k: (v, FAMILY_BRANCHES_LEFT.get(k, 0)) for k, v in found.items() if v > FAMILY_BRANCHES_LEFT.get(k, 0)}
-    assert not grown, f"family-name branches (found, allowed): {grown}; ask lora_train.families instead"
-    # the check sees a branch when there is one
-    assert _FAMILY_BRANCH.search('if m.kind == "sdxl":') and not _FAMILY_BRANCH.search("if families.of(m).flow:")
+                hits = [line.strip() for line in fh if _FAMILY_BRANCH.search(line.split("#")[0])]
+            if hits:
+                found[rel] = hits
+    assert not found, f"family-name branches outside lora_train/families/: {found}; ask lora_train.families instead"
+    # the check sees a branch when there is one, for every family
+    assert _FAMILY_BRANCH.search('if m.kind == "sdxl":') and _FAMILY_BRANCH.search('kind in ("qwen_image", "x")')
+    assert not _FAMILY_BRANCH.search("if families.of(m).flow:")

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_trainer, small_cfg
+from conftest import run_trainer, small_cfg, strength_losses
 from host_rules import comfy_delta
 from lora_train.models.loading import load_base_model
 from lora_train.networks import delta as D
@@ -211,8 +211,6 @@ def data(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(RUNS))
 def test_training_lowers_the_fixed_noise_loss(run, data, tmp_path):
-    from lora_train.training.device import encode_prompts
-    from lora_train.training.loss import fixed_noise_loss
     from lora_train.training.trainer import Trainer
 
     base, kw = RUNS[run]
@@ -225,13 +223,7 @@ def test_training_lowers_the_fixed_noise_loss(run, data, tmp_path):
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"])["algo"] == ("lora" if kw["network_type"] == "dora" else kw["network_type"])
     m = tr.model
-    lat = torch.stack(list(tr.latents))
-    cond = encode_prompts(m, [it.caption for it in tr.dataset.items], torch.device("cpu"))
-    losses = []
-    for s in (0.0, 1.0):
-        L.set_strength(m.unet, s)
-        losses.append(fixed_noise_loss(m, lat, cond, seed=11))
-    L.set_strength(m.unet, 1.0)
+    losses = strength_losses(tr, (0.0, 1.0))
     print(run, "fixed-noise loss at strength 0 / 1:", losses)
     assert losses[1] < losses[0]
     # the saved file, imported into a fresh model, gives the trained model's output

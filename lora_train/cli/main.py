@@ -15,6 +15,7 @@ import threading
 import time
 from typing import List, Optional
 
+from .. import families
 from ..config import ConfigError, TrainConfig, parse_overrides
 
 
@@ -140,9 +141,9 @@ def cmd_tiny_model(args, extra: List[str]) -> int:
     if os.path.exists(os.path.join(args.dir, "model_index.json")) and not args.overwrite:
         print(f"error: '{args.dir}' already holds a model; pass --overwrite or choose another folder", file=sys.stderr)
         return 2
-    if getattr(args, "family", "sd1") != "sd1":  # tiny-flux / tiny-flux-schnell / tiny-sd3 as their pipelines' folders
-        from ..models.flow_loading import save_tiny_flow_folder
+    from ..models.flow_loading import TINY_FLOW_SPECS, save_tiny_flow_folder
 
+    if getattr(args, "family", "sd1") in TINY_FLOW_SPECS:  # a tiny flow model as its pipeline's folder
         save_tiny_flow_folder(args.family, args.dir)
     else:
         save_diffusers_folder(build_tiny("v_prediction" if args.v else "epsilon"), args.dir)
@@ -250,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     tm = sub.add_parser("tiny-model", help="write the tiny demo model as a diffusers folder")
     tm.add_argument("dir")
     tm.add_argument("--v", action="store_true", help="v-prediction variant")
-    tm.add_argument("--family", default="sd1", choices=("sd1", "tiny-flux", "tiny-flux-schnell", "tiny-sd3"),
-                    help="sd1 (default), or a flow-matching demo model (FluxPipeline / StableDiffusion3Pipeline folder)")
+    tm.add_argument("--family", default="sd1", choices=("sd1",) + families.TINY_FLOW_SPECS,
+                    help="sd1 (default), or a flow-matching demo model (its diffusers pipeline's folder)")
     tm.add_argument("--overwrite", action="store_true")
     _load_extensions(sub)
     return p

@@ -6,12 +6,19 @@ from typing import Dict
 
 from .base import Family, FlowFamily, unknown
 from .flux import Flux
+from .qwen_image import QwenImage
 from .sd import SD1, SD2, SDXL
 from .sd3 import SD3
+from .z_image import ZImage
 
-REGISTRY: Dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3())}
+REGISTRY: Dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3(), QwenImage(), ZImage())}
 NAMES = tuple(REGISTRY)
 FLOW = tuple(n for n, f in REGISTRY.items() if f.flow)
+#: the order detection asks the families in (families/base.py detect_order): flow families, SDXL, SD2, SD1
+DETECT_ORDER = tuple(sorted(REGISTRY, key=lambda n: REGISTRY[n].detect_order))
+#: tiny test model spec -> family
+TINY_SPECS = {spec: n for n, f in REGISTRY.items() for spec in f.tiny_specs}
+TINY_FLOW_SPECS = tuple(spec for spec, n in TINY_SPECS.items() if REGISTRY[n].flow)
 
 
 def get(name: str) -> Family:
@@ -26,8 +33,14 @@ def of(model) -> Family:
     return get(getattr(model, "kind", "sd1"))
 
 
+def by_transformer_class(class_name: str):
+    """The flow family whose denoiser is this diffusers class, or None."""
+    return next((n for n, f in REGISTRY.items() if f.flow and f.transformer_class == class_name), None)
+
+
 def is_flow(model) -> bool:
     return getattr(model, "kind", "") in FLOW
 
 
-__all__ = ["Family", "FlowFamily", "REGISTRY", "NAMES", "FLOW", "get", "of", "is_flow"]
+__all__ = ["Family", "FlowFamily", "REGISTRY", "NAMES", "FLOW", "get", "of", "is_flow", "by_transformer_class", "DETECT_ORDER",
+           "TINY_SPECS", "TINY_FLOW_SPECS"]

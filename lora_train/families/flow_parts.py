@@ -1,14 +1,15 @@
-"""What the flow-matching families share (families/flux.py, sd3.py): the T5 length per variant, tokenising and
+"""What the flow-matching families share (families/flux.py, sd3.py, qwen_image.py; torch is imported where used, so
+that the families import without it, as the UI logic does): the T5 length per variant, tokenising and
 encoding with T5, the parameters' device, and Flux's 2x2 latent packing (diffusers' FluxPipeline)."""
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-from torch import nn
 
-#: the variant a model of the family is when its loader did not say
-DEFAULT_VARIANT = {"flux": "flux-dev", "sd3": "sd35-medium"}
+#: the variant a model of the family is when its loader did not say (each family's `variants[0]`)
+DEFAULT_VARIANT = {"flux": "flux-dev", "sd3": "sd35-medium", "qwen_image": "qwen-image",
+                   "z_image": "z-image-turbo"}
+IMPL_BFL = "https://github.com/black-forest-labs/flux"
 T5_MAX_LENGTH = {"flux-dev": 512, "flux-schnell": 256, "sd3-medium": 256, "sd35-medium": 256, "sd35-large": 256}
 
 
@@ -22,7 +23,16 @@ def t5_max_length(model) -> int:
     return int(asked) if asked else int(model.extra.get("t5_default_length", T5_MAX_LENGTH.get(variant(model), 256)))
 
 
-def param_device(mod: nn.Module, fallback) -> torch.device:
+def t5_run_metadata(model) -> dict:
+    return {"ss_t5xxl_max_token_length": str(t5_max_length(model)),
+            "ss_apply_t5_attn_mask": str(bool(model.extra.get("apply_t5_attn_mask", False)))}
+
+
+def t5_conditioning_tag(model) -> str:
+    return f"/t5len={t5_max_length(model)}/t5mask={bool(model.extra.get('apply_t5_attn_mask', False))}"
+
+
+def param_device(mod, fallback):
     try:
         return next(mod.parameters()).device
     except StopIteration:
@@ -45,23 +55,25 @@ def t5_encode(model, te, tok, captions, out_device):
     return h.to(out_device), mask.to(out_device)
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+def pack_latents(latents):
     """(B, C, H, W) -> (B, H/2 * W/2, 4C): diffusers' FluxPipeline._pack_latents."""
     b, c, h, w = latents.shape
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def unpack_latents(packed, h: int, w: int):
     """The inverse of `pack_latents` for latents of size (h, w)."""
     b, _, ch = packed.shape
     x = packed.view(b, h // 2, w // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, ch // 4, h, w)
 
 
-def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def latent_image_ids(h: int, w: int, device=None, dtype=None):
     """(h/2 * w/2, 3) position ids of the packed latents: diffusers' FluxPipeline._prepare_latent_image_ids."""
+    import torch
+
     ids = torch.zeros(h // 2, w // 2, 3)
     ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
     ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype or torch.float32)

@@ -5,10 +5,26 @@ from __future__ import annotations
 from .base import Family
 
 
+# the text encoders of an original (LDM / SGM) single-file checkpoint: (key prefix, layout "clip" (transformers'
+# CLIP names) or "open_clip", with a projection (CLIPTextModelWithProjection), what to call it)
+CLIP_L = ("cond_stage_model.transformer.", "clip", False, "text encoder (CLIP-L)")
+OPENCLIP_H = ("cond_stage_model.model.", "open_clip", False, "text encoder (OpenCLIP-H)")
+XL_CLIP_L = ("conditioner.embedders.0.transformer.", "clip", False, "text encoder 1 (CLIP-L)")
+XL_OPENCLIP_G = ("conditioner.embedders.1.model.", "open_clip", True, "text encoder 2 (OpenCLIP-bigG)")
+
+
 class SD1(Family):
     name, title = "sd1", "SD1.x"
     base_model_version = "sd_v1"
     architecture = "stable-diffusion-v1/lora"
+    tiny_specs = ("tiny", "tiny-v", "tiny-pixel")
+    detect_order = 3
+    keys_reason = "the checkpoint has a CLIP-L text encoder"
+    anime_clip_skip = True
+    ldm_text_encoders = (CLIP_L,)
+
+    def detect_keys(self, keys):  # a CLIP-L text encoder, or any original-layout UNet checkpoint
+        return any(k.startswith(("cond_stage_model.transformer.", "model.diffusion_model.")) for k in keys)
 
 
 class SD2(Family):
@@ -16,6 +32,20 @@ class SD2(Family):
     base_model_version = "sd_v2"
     architecture = "stable-diffusion-v2-768-v/lora"
     ss_v2 = True
+    native_resolution = 768
+    tiny_specs = ("tiny-sd2", "tiny-sd2-eps")
+    detect_order = 2
+    keys_reason = "the checkpoint has an OpenCLIP text encoder"
+    ldm_text_encoders = (OPENCLIP_H,)
+    clip_pad_token = "!"  # OpenCLIP's tokenizer pads with "!"
+    #: the bundled single-file config per prediction type (the 768-v model, the 512-base one)
+    single_file_variants = {"v_prediction": "sd2_768v", "epsilon": "sd2_512"}
+    #: a file that does not say its prediction type is told from its weights (ComfyUI's heuristic)
+    prediction_from_weights = True
+    name_pattern = r"(^|[^0-9])(v?2[-_.]?[01]|768)([^0-9]|$)"
+
+    def detect_keys(self, keys):  # OpenCLIP-H
+        return any(k.startswith("cond_stage_model.model.") for k in keys)
 
     def architecture_for(self, prediction_type: str) -> str:
         # SD2 epsilon models are the 512-base ones
@@ -28,3 +58,12 @@ class SDXL(Family):
     architecture = "stable-diffusion-xl-v1-base/lora"
     implementation = "https://github.com/Stability-AI/generative-models"
     sgm_unet_names = True
+    native_resolution = 1024
+    tiny_specs = ("tiny-sdxl",)
+    detect_order = 1
+    keys_reason = "the checkpoint has SDXL's second text encoder"
+    ldm_text_encoders = (XL_CLIP_L, XL_OPENCLIP_G)
+    name_pattern = r"xl|pony|illustrious"
+
+    def detect_keys(self, keys):  # the second text encoder (OpenCLIP-bigG)
+        return any(k.startswith("conditioner.embedders.1") for k in keys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import families
 from ..config import TrainConfig
 from .common import KOHYA_DEFAULTS, KohyaConfigError, is_default, resolve_path, parse_kv_list
 
@@ -14,8 +15,7 @@ LYCORIS = "lycoris.kohya"
 #: conv_dim, or LyCORIS' lora / locon (both train them unless the preset leaves them out).
 KOHYA_NETWORKS = {
     ("networks.lora", "", False): "lora",
-    ("networks.lora_flux", "", False): "lora",
-    ("networks.lora_sd3", "", False): "lora",
+    **{(families.get(k).network_module, "", False): "lora" for k in families.FLOW},  # lora_flux, lora_sd3, ...
     (LYCORIS, "loha", False): "loha",
     (LYCORIS, "lokr", False): "lokr",
     (LYCORIS, "lora", True): "dora",
@@ -24,9 +24,9 @@ KOHYA_NETWORKS = {
     (LYCORIS, "locon", False): "lora",
 }
 #: the family a kohya module trains (networks.lora and LyCORIS: any SD1 / SD2 / SDXL, LyCORIS also Flux / SD3);
-#: the same names as networks/flow_names.NETWORK_MODULE, which writes them into the files
-MODULE_FAMILY = {"networks.lora_flux": "flux", "networks.lora_sd3": "sd3"}
-FAMILY_NAMES = {"flux": "Flux.1", "sd3": "SD3 / SD3.5", "sd": "SD1 / SD2 / SDXL"}
+#: the same names the families write into the files (Family.network_module)
+MODULE_FAMILY = {families.get(k).network_module: k for k in families.FLOW}
+FAMILY_NAMES = dict({k: families.get(k).title for k in families.FLOW}, sd="SD1 / SD2 / SDXL")
 #: LyCORIS presets we train -> whether they include the ResNet blocks' 3x3 convolutions
 LYCORIS_PRESETS = {"full": True, "attn-mlp": False}
 #: kohya_ss GUI LoRA_type -> (network_module, LyCORIS algo, the GUI fields it passes as network_args), as kohya_ss'
@@ -78,14 +78,14 @@ def _set(v: Any) -> bool:
 
 
 def base_family(spec: str) -> Optional[str]:
-    """"flux", "sd3" or "sd" (SD1 / SD2 / SDXL) of a base model told without loading it (lora_train.family: a tiny
+    """The flow family ("flux", "sd3", ...) or "sd" (SD1 / SD2 / SDXL) of a base model told without loading it (lora_train.family: a tiny
     spec, a diffusers folder's model_index.json, a .safetensors header). None when that cannot tell."""
     from ..family import told_by_spec
 
     told = told_by_spec(spec)
     if told is None:
         return None
-    return told[0] if told[0] in ("flux", "sd3") else "sd"
+    return told[0] if families.get(told[0]).flow else "sd"
 
 
 def _network_source(flat: Dict[str, Any]) -> Tuple[str, Dict[str, Any], str]:

@@ -10,6 +10,27 @@ class ModelError(ValueError):
     """A base model that cannot be used; the message says what it is and what to do."""
 
 
+def require(title: str, needs) -> None:
+    """A ModelError naming the versions when this environment lacks a family's classes. `needs`: [(package,
+    (class names), "package >= version")]; the message names what is missing and what this environment has."""
+    missing = []
+    for package, names, wanted in needs:
+        try:
+            mod = __import__(package, fromlist=list(names))
+            for n in names:
+                getattr(mod, n)
+        except (ImportError, AttributeError):
+            missing.append(wanted)
+    if missing:
+        import diffusers
+        import transformers
+
+        raise ModelError(f"{title} needs {' and '.join(missing)} (here: diffusers {diffusers.__version__}, "
+                         f"transformers {transformers.__version__}). Update them in this environment (pip install "
+                         f"-U diffusers transformers), or train {title} in ComfyUI, Forge Neo or `python -m "
+                         f"lora_train`, which have current versions.")
+
+
 @dataclass
 class BaseModel:
     unet: Any

@@ -66,11 +66,19 @@ def rows(cond: Cond) -> List[Cond]:
 
 
 def stack(entries: Sequence[Cond]) -> Cond:
-    """Batch per-caption entries again (the reverse of `rows`)."""
+    """Batch per-caption entries again (the reverse of `rows`). Entries of different lengths (Qwen-Image's masked
+    text, encoded in different chunks) are padded with zeros, their mask with 0, to the longest."""
     first = entries[0]
     if isinstance(first, torch.Tensor):
-        return torch.stack(list(entries))
-    return {k: torch.stack([e[k] for e in entries]) for k in first}
+        return _stack_padded(list(entries))
+    return {k: _stack_padded([e[k] for e in entries]) for k in first}
+
+
+def _stack_padded(ts: List[torch.Tensor]) -> torch.Tensor:
+    n = max(t.shape[0] for t in ts) if ts[0].dim() else 0
+    if all(t.shape == ts[0].shape for t in ts):
+        return torch.stack(ts)
+    return torch.stack([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, n - t.shape[0])) for t in ts])
 
 
 def map_cond(cond: Cond, fn) -> Cond:

@@ -30,7 +30,7 @@ from ..families.flow_parts import (T5_MAX_LENGTH, latent_image_ids, pack_latents
                                    t5_encode, t5_max_length, token_ids, unpack_latents, variant)
 
 FLOW_KINDS = families.FLOW
-VARIANTS = ("flux-dev", "flux-schnell", "sd3-medium", "sd35-medium", "sd35-large")
+VARIANTS = tuple(v for k in families.FLOW for v in families.get(k).variants)
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CLIP_TOKENIZER = os.path.join(CONFIGS, "clip_tokenizer")
 T5_TOKENIZER = os.path.join(CONFIGS, "t5_tokenizer")
@@ -78,7 +78,7 @@ def encode_tag(model) -> str:
     """What changes the text conditioning besides the encoders' weights (part of the text cache's identity)."""
     if not is_flow(model):
         return ""
-    return f"/t5len={t5_max_length(model)}/t5mask={bool(model.extra.get('apply_t5_attn_mask', False))}"
+    return families.of(model).conditioning_tag(model)
 
 
 # ----------------------------------------------------------------------------- conditioning

@@ -1,4 +1,4 @@
-"""Loading the flow-matching families (Flux.1, SD3 / SD3.5): tiny models, diffusers folders, single files.
+"""Loading the flow-matching families (Flux.1, SD3 / SD3.5, Qwen-Image, Z-Image): tiny models, diffusers folders, single files.
 
 `load_base_model(spec, files=...)` (models/loading.py) sends a spec here when it is a tiny flow model, a diffusers
 folder whose model_index.json names a Flux / SD3 pipeline, or a .safetensors file whose keys are a Flux / SD3
@@ -10,13 +10,26 @@ import json
 import os
 from typing import Dict, Optional
 
+from .. import families
 from .base import BaseModel, ModelError
 from . import flux as flux_mod
+from . import qwen_image as qwen_mod
 from . import sd3 as sd3_mod
+from . import z_image as z_mod
 
-TINY_FLOW_SPECS = ("tiny-flux", "tiny-flux-schnell", "tiny-sd3")
+#: tiny flow models by spec
+TINY_BUILDERS = {"tiny-flux": flux_mod.build_tiny_flux, "tiny-flux-schnell": lambda: flux_mod.build_tiny_flux(True),
+                 "tiny-sd3": sd3_mod.build_tiny_sd3, "tiny-qwen-image": qwen_mod.build_tiny_qwen_image,
+                 "tiny-z-image": z_mod.build_tiny_z_image}
+TINY_FLOW_SPECS = tuple(TINY_BUILDERS)  # = families.TINY_FLOW_SPECS (a test holds them equal)
 FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+#: the pipeline classes of the flow families' folders start with these (families: pipeline_prefixes)
+PIPELINE_PREFIXES = tuple(p for k in families.FLOW for p in families.get(k).pipeline_prefixes)
+#: a diffusers folder's pipeline class (model_index.json) -> its loader
+FOLDER_LOADERS = dict({c: flux_mod.load_flux_folder for c in FLUX_PIPELINES},
+                      **{c: qwen_mod.load_qwen_image_folder for c in qwen_mod.PIPELINES},
+                      **{c: z_mod.load_z_image_folder for c in z_mod.PIPELINES})
 
 
 def _index(folder: str) -> Optional[dict]:
@@ -35,7 +48,7 @@ def is_flow_spec(spec: str) -> bool:
     path = os.path.expanduser(spec or "")
     if os.path.isdir(path):
         idx = _index(path) or {}
-        return str(idx.get("_class_name", "")).startswith(("Flux", "StableDiffusion3"))
+        return str(idx.get("_class_name", "")).startswith(PIPELINE_PREFIXES)
     if os.path.isfile(path) and path.lower().endswith(".safetensors"):
         from .flow_single_file import detect_family
 
@@ -44,22 +57,22 @@ def is_flow_spec(spec: str) -> bool:
 
 
 def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseModel:
-    """A tiny flow model, a Flux / SD3 diffusers folder, or single files (flow_single_file)."""
-    if spec == "tiny-flux":
-        return flux_mod.build_tiny_flux()
-    if spec == "tiny-flux-schnell":
-        return flux_mod.build_tiny_flux(schnell=True)
-    if spec == "tiny-sd3":
-        return sd3_mod.build_tiny_sd3()
+    """A tiny flow model, a Flux / SD3 / Qwen-Image diffusers folder, or single files (flow_single_file)."""
+    if spec in TINY_BUILDERS:
+        return TINY_BUILDERS[spec]()
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         idx = _index(path) or {}
         cls = str(idx.get("_class_name", ""))
+        if cls in FOLDER_LOADERS:
+            return FOLDER_LOADERS[cls](path)
         if cls.startswith("Flux"):
-            if cls not in FLUX_PIPELINES:
-                raise ModelError(f"'{spec}' is a {cls} folder (a Flux variant with other inputs); this trainer "
-                                 f"trains Flux.1 dev / schnell base models: use a FluxPipeline folder.")
-            return flux_mod.load_flux_folder(path)
+            raise ModelError(f"'{spec}' is a {cls} folder (a Flux variant with other inputs); this trainer "
+                             f"trains Flux.1 dev / schnell base models: use a FluxPipeline folder.")
+        if cls.startswith(("QwenImage", "ZImage")):
+            base = "QwenImagePipeline" if cls.startswith("QwenImage") else "ZImagePipeline"
+            raise ModelError(f"'{spec}' is a {cls} folder (a variant with other inputs); this trainer trains the "
+                             f"text-to-image model: use a {base} folder.")
         if cls not in SD3_PIPELINES:
             raise ModelError(f"'{spec}' is a {cls} folder; use a StableDiffusion3Pipeline folder (SD3 Medium, "
                              f"SD3.5 Medium / Large).")
@@ -70,10 +83,11 @@ def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseMo
 
 
 #: family -> the writer of its tiny model's diffusers pipeline folder
-TINY_FOLDER_WRITERS = {"flux": flux_mod.save_flux_folder, "sd3": sd3_mod.save_sd3_folder}
+TINY_FOLDER_WRITERS = {"flux": flux_mod.save_flux_folder, "sd3": sd3_mod.save_sd3_folder,
+                       "qwen_image": qwen_mod.save_qwen_image_folder, "z_image": z_mod.save_z_image_folder}
 
 
 def save_tiny_flow_folder(spec: str, folder: str) -> str:
-    """Write `tiny-flux`, `tiny-flux-schnell` or `tiny-sd3` as its diffusers pipeline folder."""
+    """Write a tiny flow model (TINY_FLOW_SPECS) as its diffusers pipeline folder."""
     model = load_flow_model(spec)
     return TINY_FOLDER_WRITERS[model.kind](model, folder)

@@ -19,6 +19,7 @@ width / 8 CLIP heads, rope axes (d/4, 3d/8, 3d/8) and 8 VAE norm groups.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Dict, Optional
@@ -37,12 +38,13 @@ VAE_FACTORS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
 TE_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                "t5xxl": "text_encoders.t5xxl.transformer."}
 VAE_PREFIXES = ("first_stage_model.", "vae.")
-FILE_KEYS = {"flux": ("ae", "clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl")}
+FILE_KEYS = {"flux": ("ae", "clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl"),
+             "qwen_image": ("components_folder",), "z_image": ("components_folder",)}
 
 
 # ----------------------------------------------------------------------------- detection
 def detect_family(path: str) -> Optional[str]:
-    """"flux", "sd3" or None from a .safetensors header (no tensor is read)."""
+    """The flow family ("flux", "sd3", "qwen_image") or None from a .safetensors header (no tensor is read)."""
     try:
         shapes, _ = read_safetensors_header(path)
     except (ModelError, OSError):
@@ -88,7 +90,7 @@ def component_files(paths, family: Optional[str] = None) -> Dict[str, str]:
         clips.sort(key=_clip_width)
         out["clip_l"], out["clip_g"] = clips[0], clips[-1]
     elif clips:
-        out["clip_g" if family == "sd3" and _clip_width(clips[0]) == 1280 else "clip_l"] = clips[0]
+        out["clip_g" if "clip_g" in FILE_KEYS.get(family, ()) and _clip_width(clips[0]) == 1280 else "clip_l"] = clips[0]
     return out
 
 
@@ -384,39 +386,51 @@ def flow_model_from_state_dict(main: Dict[str, torch.Tensor], files: Optional[Di
     `model.diffusion_model.`, with `vae.` / `first_stage_model.` and `text_encoders.*.transformer.` parts inside, as a
     ComfyUI graph's MODEL / CLIP / VAE give them through `state_dict_for_saving`) plus separate component `files`.
     Tensors are used as given (no copies unless a layout or dtype conversion needs one)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     files = files or {}
     family = family_of_keys(main)
-    if family is None:
-        raise ModelError(f"'{name or 'the model'}' holds neither a Flux.1 nor an SD3 / SD3.5 transformer.")
-    path = path or name
-    if family == "flux":
-        tr = flux_transformer(main)
-        variant = "flux-dev" if tr.config.guidance_embeds else "flux-schnell"
-        found = (f"'{os.path.basename(path)}' holds a Flux.1 {variant.split('-')[1]} transformer "
-                 f"({tr.config.num_layers} double + {tr.config.num_single_layers} single blocks, "
-                 f"{str(next(tr.parameters()).dtype).replace('torch.', '')})")
-        if not files.get("ae") and any(k.startswith(VAE_PREFIXES) for k in main):  # an all-in-one checkpoint
-            vae = vae_from({k: v for k, v in main.items() if k.startswith(VAE_PREFIXES)}, family)
-        else:
-            vae = vae_from(_component(main, files, "ae", "", family, found), family)
-        # Flux takes CLIP-L's pooler_output (a CLIPTextModel): a text_projection in the file is not used
-        clip_l = {k: v for k, v in _component(main, files, "clip_l", TE_PREFIXES["clip_l"], family, found).items()
-                  if not k.startswith("text_projection")}
-        te = clip_from(clip_l, "clip_l")
-        t5 = t5_from(_component(main, files, "t5xxl", TE_PREFIXES["t5xxl"], family, found))
-        sched = FlowMatchEulerDiscreteScheduler(**(SCHEDULER_DEV if variant == "flux-dev" else SCHEDULER_SCHNELL))
-        small = tr.config.num_layers < 8
-        extra = {"variant": variant}
-        if small:
-            extra["t5_default_length"] = 32
-        return BaseModel(unet=tr, vae=vae, text_encoder=te, tokenizer=flow.clip_tokenizer(), noise_scheduler=sched,
-                         kind="flux", name=name, path=path, text_encoder_2=t5,
-                         tokenizer_2=flow.t5_tokenizer(flow.T5_MAX_LENGTH[variant]),
-                         native_resolution=64 if small else 1024, extra=extra)
+    if family not in BUILDERS:
+        raise ModelError(f"'{name or 'the model'}' holds none of the transformers read from single files here "
+                         f"({', '.join(TITLES)}).")
+    return BUILDERS[family](main, files, name, path or name)
+
+
+def _flux(main, files, name: str, path: str) -> BaseModel:
+    """Flux.1 dev / schnell from BFL-layout weights (module docstring)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family = "flux"
+    tr = flux_transformer(main)
+    variant = "flux-dev" if tr.config.guidance_embeds else "flux-schnell"
+    found = (f"'{os.path.basename(path)}' holds a Flux.1 {variant.split('-')[1]} transformer "
+             f"({tr.config.num_layers} double + {tr.config.num_single_layers} single blocks, "
+             f"{str(next(tr.parameters()).dtype).replace('torch.', '')})")
+    if not files.get("ae") and any(k.startswith(VAE_PREFIXES) for k in main):  # an all-in-one checkpoint
+        vae = vae_from({k: v for k, v in main.items() if k.startswith(VAE_PREFIXES)}, family)
+    else:
+        vae = vae_from(_component(main, files, "ae", "", family, found), family)
+    # Flux takes CLIP-L's pooler_output (a CLIPTextModel): a text_projection in the file is not used
+    clip_l = {k: v for k, v in _component(main, files, "clip_l", TE_PREFIXES["clip_l"], family, found).items()
+              if not k.startswith("text_projection")}
+    te = clip_from(clip_l, "clip_l")
+    t5 = t5_from(_component(main, files, "t5xxl", TE_PREFIXES["t5xxl"], family, found))
+    sched = FlowMatchEulerDiscreteScheduler(**(SCHEDULER_DEV if variant == "flux-dev" else SCHEDULER_SCHNELL))
+    small = tr.config.num_layers < 8
+    extra = {"variant": variant}
+    if small:
+        extra["t5_default_length"] = 32
+    return BaseModel(unet=tr, vae=vae, text_encoder=te, tokenizer=flow.clip_tokenizer(), noise_scheduler=sched,
+                     kind="flux", name=name, path=path, text_encoder_2=t5,
+                     tokenizer_2=flow.t5_tokenizer(flow.T5_MAX_LENGTH[variant]),
+                     native_resolution=64 if small else 1024, extra=extra)
+
+
+def _sd3(main, files, name: str, path: str) -> BaseModel:
+    """SD3 / SD3.5 from MMDiT-layout weights (module docstring)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     from .sd3 import variant_of
 
+    family = "sd3"
     tr = sd3_transformer(main)
     variant = variant_of(tr)
     found = f"'{os.path.basename(path)}' holds an {variant} transformer ({tr.config.num_layers} blocks)"
@@ -437,3 +451,101 @@ def flow_model_from_state_dict(main: Dict[str, torch.Tensor], files: Optional[Di
                      path=path, text_encoder_2=te2, tokenizer_2=flow.clip_tokenizer(pad_token="!"),
                      text_encoder_3=t5, tokenizer_3=flow.t5_tokenizer(256) if t5 is not None else None,
                      native_resolution=64 if small else 1024, extra=extra)
+
+
+# ----------------------------------------------------------------------------- Qwen-Image
+def convert_qwen_image(sd: Dict[str, torch.Tensor], base_config: Optional[dict] = None):
+    """(diffusers config, state dict) of a Qwen-Image transformer file: its original names are diffusers' own
+    (diffusers' from_single_file maps them unchanged), under `model.diffusion_model.` / `diffusion_model.` in ComfyUI
+    files. The config comes from the shapes (blocks, head dim from the q norm, widths) over `base_config` (the
+    components folder's transformer/config.json: its rope axes) or the released values."""
+    from .qwen_image import FULL_TRANSFORMER
+
+    for pre in (DIT_PREFIX, "diffusion_model."):
+        if any(k.startswith(pre) for k in sd):
+            sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+            break
+    try:
+        head_dim = int(sd["transformer_blocks.0.attn.norm_q.weight"].shape[0])
+        inner = int(sd["img_in.weight"].shape[0])
+        config = dict(base_config or FULL_TRANSFORMER)
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        config.update(in_channels=int(sd["img_in.weight"].shape[1]), out_channels=int(sd["proj_out.weight"].shape[0]) // 4,
+                      num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")),
+                      attention_head_dim=head_dim, num_attention_heads=inner // head_dim,
+                      joint_attention_dim=int(sd["txt_in.weight"].shape[1]))
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the Qwen-Image transformer file misses {exc}: use the original Qwen-Image diffusion "
+                         f"model file (qwen_image_bf16.safetensors, its fp8 copy, or a fine-tune in its layout).") from exc
+    return config, sd
+
+
+def convert_z_image(sd: Dict[str, torch.Tensor], base_config: Optional[dict] = None):
+    """(diffusers config, state dict) of a Z-Image transformer file in its original layout (fused attention.qkv,
+    `x_embedder`, `final_layer`; ComfyUI's files, under `model.diffusion_model.`), through diffusers' own
+    converter; the config from the shapes over `base_config` (the components folder's transformer/config.json)."""
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    for pre in (DIT_PREFIX, "diffusion_model."):
+        if any(k.startswith(pre) for k in sd):
+            sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+            break
+    try:
+        head_dim = int(sd["layers.0.attention.q_norm.weight"].shape[0])
+        dim = int(sd["x_embedder.weight"].shape[0])
+        config = {k: v for k, v in (base_config or {}).items() if not k.startswith("_")}
+        config.update(dim=dim, n_heads=dim // head_dim, n_kv_heads=dim // head_dim,
+                      in_channels=int(sd["x_embedder.weight"].shape[1]) // 4,
+                      n_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers.")),
+                      n_refiner_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("noise_refiner.")),
+                      cap_feat_dim=int(sd["cap_embedder.1.weight"].shape[1]))
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the Z-Image transformer file misses {exc}: use the original Z-Image diffusion model file "
+                         f"(z_image_turbo_bf16.safetensors, its fp8 copy, or a fine-tune in its layout).") from exc
+    return config, convert_z_image_transformer_checkpoint_to_diffusers(dict(sd))
+
+
+#: family -> (diffusers transformer class, converter, the folder loader's module, what the family is called)
+_WITH_FOLDER = {"qwen_image": ("QwenImageTransformer2DModel", convert_qwen_image, "qwen_image", "Qwen-Image",
+                               "Qwen2.5-VL"),
+                "z_image": ("ZImageTransformer2DModel", convert_z_image, "z_image", "Z-Image", "Qwen3")}
+
+
+def _with_components_folder(family: str):
+    """A builder for a family whose single files hold the transformer only (Qwen-Image, Z-Image): the transformer
+    from the file (bf16 / fp16 / fp8 as stored), the VAE, text encoder, tokenizer and scheduler from
+    `components_folder` (a diffusers folder of that family: the release's layout)."""
+    cls_name, convert, module, title, te_name = _WITH_FOLDER[family]
+
+    def build(main, files, name: str, path: str) -> BaseModel:
+        import importlib
+
+        import diffusers
+
+        mod = importlib.import_module(f".{module}", __package__)
+        mod.require()
+        folder = os.path.expanduser(files.get("components_folder") or "")
+        if not folder or not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ModelError(f"'{os.path.basename(path)}' is a {title} transformer; its VAE, text encoder "
+                             f"({te_name}) and tokenizer come from a diffusers {title} folder: set "
+                             f"components_folder: <the folder with model_index.json, vae/, text_encoder/, "
+                             f"tokenizer/> (got {folder or 'nothing'}).")
+        base_config = None
+        cfg_path = os.path.join(folder, "transformer", "config.json")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path, encoding="utf-8") as fh:
+                base_config = json.load(fh)
+        tr = _transformer(getattr(diffusers, cls_name), convert(main, base_config), f"{title} transformer",
+                          f"Use the original {title} diffusion model file or a fine-tune in its layout.")
+        tr.eval().requires_grad_(False)
+        model = getattr(mod, f"load_{module}_folder")(folder, transformer=tr)
+        model.name, model.path = name, path
+        return model
+
+    return build
+
+
+#: the flow families read from single files here, by family
+BUILDERS = {"flux": _flux, "sd3": _sd3, "qwen_image": _with_components_folder("qwen_image"),
+            "z_image": _with_components_folder("z_image")}
+TITLES = ("Flux.1", "SD3 / SD3.5", "Qwen-Image", "Z-Image")

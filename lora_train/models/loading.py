@@ -23,7 +23,7 @@ def load_base_model(spec: str, prediction_type: str = "auto", allow_pickle: bool
     folder (SD1.x / SD2.x / SDXL base), or a single-file checkpoint (.safetensors; .ckpt/.pt pickles only with
     allow_pickle=True, then loaded with torch.load(weights_only=True)). Flux / SD3: `tiny-flux`, `tiny-flux-schnell`,
     `tiny-sd3`, their diffusers folders and single files; `files` names the separate component files
-    ({"ae", "clip_l", "clip_g", "t5xxl"}: models/flow_loading.py)."""
+    ({"ae", "clip_l", "clip_g", "t5xxl", "components_folder"}: models/flow_loading.py)."""
     spec = (spec or "").strip()
     if spec in flow_loading.TINY_FLOW_SPECS or flow_loading.is_flow_spec(spec):  # Flux / SD3 (flow matching)
         return flow_loading.load_flow_model(spec, files)

@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from .. import families
+from ..families.sd import CLIP_L, OPENCLIP_H, XL_CLIP_L, XL_OPENCLIP_G
 from .base import BaseModel, ModelError
 
 #: within `unet_dtype(d)`, single-file loads build the UNet in `d` instead of the load's dtype (training.cpu_bf16)
@@ -68,10 +70,8 @@ PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-SD1_TE_PREFIX = "cond_stage_model.transformer."
-SD2_TE_PREFIX = "cond_stage_model.model."
-XL_TE1_PREFIX = "conditioner.embedders.0.transformer."
-XL_TE2_PREFIX = "conditioner.embedders.1.model."
+SD1_TE_PREFIX, SD2_TE_PREFIX = CLIP_L[0], OPENCLIP_H[0]  # the families' text encoders (families/sd.py)
+XL_TE1_PREFIX, XL_TE2_PREFIX = XL_CLIP_L[0], XL_OPENCLIP_G[0]
 XL_REFINER_TE_PREFIX = "conditioner.embedders.0.model."
 # ComfyUI's SD2 v-prediction heuristic: this bias is wide in the v models, narrow in the epsilon ones.
 SD2_V_HEURISTIC_KEY = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
@@ -240,7 +240,7 @@ def detect_checkpoint(state_dict: Mapping[str, Any], prediction_type: str = "aut
                            ).lower() in ("v", "v_prediction", "epsilon", "eps"):
         raw = str(metadata.get("modelspec.predict_key", metadata.get("modelspec.prediction_type", ""))).lower()
         pt, source = ("v_prediction" if raw.startswith("v") else "epsilon"), "metadata"
-    elif kind == "sd2":
+    elif families.get(kind).prediction_from_weights:
         probe = _value(sd.get(SD2_V_HEURISTIC_KEY)) if SD2_V_HEURISTIC_KEY in sd else None
         if probe is not None:
             std = float(probe.float().std(unbiased=False))
@@ -253,8 +253,7 @@ def detect_checkpoint(state_dict: Mapping[str, Any], prediction_type: str = "aut
                          "prediction_type: epsilon for 512-base models")
     else:
         pt = "epsilon"
-    if kind == "sd2":
-        variant = "sd2_768v" if pt == "v_prediction" else "sd2_512"
+    variant = families.get(kind).single_file_variants.get(pt, variant)
     ztsnr = "ztsnr" in sd
     if ztsnr:
         notes.append("zero-terminal-SNR model (ztsnr marker)")
@@ -278,7 +277,7 @@ def clip_tokenizer(pad_token: Optional[str] = None, folder: Optional[str] = None
 
 
 def _pad_for(kind: str, second: bool = False) -> Optional[str]:
-    return "!" if (kind == "sd2" or second) else None
+    return "!" if second else families.get(kind).clip_pad_token
 
 
 def diffusers_config_folder(variant: str, dest: str) -> str:
@@ -287,7 +286,7 @@ def diffusers_config_folder(variant: str, dest: str) -> str:
     src = bundled_config_dir(variant)
     kind = VARIANTS[variant][0]
     shutil.copytree(src, dest, dirs_exist_ok=True)
-    subs = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
+    subs = ["tokenizer", "tokenizer_2"][:len(families.get(kind).ldm_text_encoders)]
     for i, sub in enumerate(subs):
         clip_tokenizer(_pad_for(kind, second=i == 1)).save_pretrained(os.path.join(dest, sub))
     return dest
@@ -305,7 +304,7 @@ def meta_model(variant: str) -> BaseModel:
         unet = UNet2DConditionModel.from_config(spec.unet)
         vae = AutoencoderKL.from_config(spec.vae)
         te = CLIPTextModel(spec.te)
-        te2 = CLIPTextModelWithProjection(spec.te2) if kind == "sdxl" else None
+        te2 = CLIPTextModelWithProjection(spec.te2) if spec.te2 is not None else None
     sched = DDPMScheduler.from_config(spec.scheduler)
     return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=spec.tokenizer, noise_scheduler=sched, kind=kind,
                      name=variant, path="", text_encoder_2=te2, tokenizer_2=spec.tokenizer_2,
@@ -489,15 +488,16 @@ def _spec_from_folder(folder: str, kind: str, native: Optional[int], bundled: bo
     def sub(name):
         return os.path.join(folder, name)
 
+    dual = len(families.get(kind).ldm_text_encoders) > 1  # SDXL's CLIP-L + OpenCLIP-bigG
     try:
         unet = _plain(UNet2DConditionModel.load_config(sub("unet")))
         vae = _plain(AutoencoderKL.load_config(sub("vae")))
         te = CLIPTextConfig.from_pretrained(sub("text_encoder"), local_files_only=True)
-        te2 = CLIPTextConfig.from_pretrained(sub("text_encoder_2"), local_files_only=True) if kind == "sdxl" else None
+        te2 = CLIPTextConfig.from_pretrained(sub("text_encoder_2"), local_files_only=True) if dual else None
         sched = _plain(DDPMScheduler.load_config(sub("scheduler")))
     except (OSError, ValueError) as exc:
         raise ModelError(f"config folder '{folder}' lacks a component config for a {kind} model ({exc}); it needs "
-                         f"unet/, vae/, text_encoder/{', text_encoder_2/' if kind == 'sdxl' else ''} and "
+                         f"unet/, vae/, text_encoder/{', text_encoder_2/' if dual else ''} and "
                          f"scheduler/ configs.") from exc
 
     def tok(name, second):
@@ -506,7 +506,7 @@ def _spec_from_folder(folder: str, kind: str, native: Optional[int], bundled: bo
         return clip_tokenizer(_pad_for(kind, second))
 
     tokenizer = tok("tokenizer", False)
-    tokenizer_2 = tok("tokenizer_2", True) if kind == "sdxl" else None
+    tokenizer_2 = tok("tokenizer_2", True) if dual else None
     if native is None:
         native = int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", (1, 1, 1, 1))) - 1)
     return _Spec(unet, vae, te, te2, tokenizer, tokenizer_2, sched, native,
@@ -593,18 +593,12 @@ def from_original_state_dict(state_dict: Mapping[str, torch.Tensor], kind: Optio
 
     unet = _build_ldm_part(spec, state_dict, _UNET_DTYPE.get() or dtype, "UNet")
     vae = _build_ldm_part(spec, state_dict, dtype, "VAE")
-    te2 = None
-    if info.kind == "sdxl":
-        te = _build_te(CLIPTextModel, spec.te, clip_te_from_ldm(state_dict, XL_TE1_PREFIX), "text encoder 1 (CLIP-L)",
-                       dtype)
-        te2 = _build_te(CLIPTextModelWithProjection, spec.te2, open_clip_te_from_ldm(state_dict, XL_TE2_PREFIX),
-                        "text encoder 2 (OpenCLIP-bigG)", dtype)
-    elif info.kind == "sd2":
-        te = _build_te(CLIPTextModel, spec.te, open_clip_te_from_ldm(state_dict, SD2_TE_PREFIX),
-                       "text encoder (OpenCLIP-H)", dtype)
-    else:
-        te = _build_te(CLIPTextModel, spec.te, clip_te_from_ldm(state_dict, SD1_TE_PREFIX), "text encoder (CLIP-L)",
-                       dtype)
+    readers = {"clip": clip_te_from_ldm, "open_clip": open_clip_te_from_ldm}
+    built = [_build_te(CLIPTextModelWithProjection if projection else CLIPTextModel, te_spec,
+                       readers[layout](state_dict, prefix), label, dtype)
+             for (prefix, layout, projection, label), te_spec in zip(families.get(info.kind).ldm_text_encoders,
+                                                                     (spec.te, spec.te2))]
+    te, te2 = built[0], (built[1] if len(built) > 1 else None)
     sched_cfg = dict(spec.scheduler)
     sched_cfg["prediction_type"] = pt
     if info.zero_terminal_snr:

@@ -47,67 +47,8 @@ from torch import nn
 from .. import families
 
 FLOW_KINDS = families.FLOW
-VARIANTS = {"flux": ("flux-dev", "flux-schnell"), "sd3": ("sd3-medium", "sd35-medium", "sd35-large")}
-TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 
 Lora = Tuple[torch.Tensor, torch.Tensor, float]  # (down r x in, up out x r, alpha)
-
-# (kohya suffix, diffusers paths inside the block; more than one = fused in the original model, in this order)
-_FLUX_DOUBLE: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("img_attn_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    ("txt_attn_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("img_attn_proj", ("attn.to_out.0",)),
-    ("txt_attn_proj", ("attn.to_add_out",)),
-    ("img_mlp_0", ("ff.net.0.proj",)),
-    ("img_mlp_2", ("ff.net.2",)),
-    ("txt_mlp_0", ("ff_context.net.0.proj",)),
-    ("txt_mlp_2", ("ff_context.net.2",)),
-    ("img_mod_lin", ("norm1.linear",)),
-    ("txt_mod_lin", ("norm1_context.linear",)),
-)
-_FLUX_SINGLE: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-    ("linear2", ("proj_out",)),
-    ("modulation_lin", ("norm.linear",)),
-)
-_SD3_JOINT: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("x_block_attn_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    ("context_block_attn_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("x_block_attn_proj", ("attn.to_out.0",)),
-    ("context_block_attn_proj", ("attn.to_add_out",)),
-    ("x_block_attn2_qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
-    ("x_block_attn2_proj", ("attn2.to_out.0",)),
-    ("x_block_mlp_fc1", ("ff.net.0.proj",)),
-    ("x_block_mlp_fc2", ("ff.net.2",)),
-    ("context_block_mlp_fc1", ("ff_context.net.0.proj",)),
-    ("context_block_mlp_fc2", ("ff_context.net.2",)),
-    ("x_block_adaLN_modulation_1", ("norm1.linear",)),
-    ("context_block_adaLN_modulation_1", ("norm1_context.linear",)),
-)
-# (diffusers block list, kohya block prefix, table) per kind
-_BLOCKS = {
-    "flux": (("transformer_blocks", "double_blocks", _FLUX_DOUBLE),
-             ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE)),
-    "sd3": (("transformer_blocks", "joint_blocks", _SD3_JOINT),),
-}
-# modules outside the blocks that sd-scripts adapts only on request (Flux `in_dims`, SD3 `emb_dims`): read, never
-# targeted by default. kohya suffix -> diffusers path.
-_EXTRAS = {
-    "flux": {"img_in": "x_embedder", "txt_in": "context_embedder",
-             "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
-             "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
-             "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
-             "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
-             "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
-             "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
-             "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear"},
-    "sd3": {"context_embedder": "context_embedder", "x_embedder_proj": "pos_embed.proj",
-            "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
-            "t_embedder_mlp_2": "time_text_embed.timestep_embedder.linear_2",
-            "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
-            "y_embedder_mlp_2": "time_text_embed.text_embedder.linear_2",
-            "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear"},
-}
 T5_TARGET_PARENTS = ("SelfAttention", "DenseReluDense")  # T5 attention q/k/v/o and the gated MLP wi_0/wi_1/wo
 
 
@@ -127,19 +68,24 @@ class Group:
     default: bool = True  # a default training target (extras are read only)
 
 
-def _check_kind(kind: str) -> str:
+def _family(kind: str):
     if kind not in FLOW_KINDS:
         raise FlowNameError(f"model kind {kind!r} is not a flow-matching family ({', '.join(FLOW_KINDS)}).")
+    return families.get(kind)
+
+
+def _check_kind(kind: str) -> str:
+    _family(kind)
     return kind
 
 
 def kind_of(transformer: nn.Module) -> Optional[str]:
-    """'flux' / 'sd3' for diffusers' Flux / SD3 transformers (peft-wrapped or not), else None."""
-    return TRANSFORMER_CLASSES.get(type(transformer).__name__)
+    """The flow family of a diffusers transformer (peft-wrapped or not) by its class, else None."""
+    return families.by_transformer_class(type(transformer).__name__)
 
 
 def _split_block_path(kind: str, path: str) -> Optional[Tuple[str, int, str, Tuple[Tuple[str, Tuple[str, ...]], ...]]]:
-    for block, kblock, table in _BLOCKS[kind]:
+    for block, kblock, table in _family(kind).lora_blocks:
         m = re.match(rf"^{block}\.(\d+)\.(.+)$", path)
         if m:
             return kblock, int(m.group(1)), m.group(2), table
@@ -155,7 +101,7 @@ def locate(kind: str, path: str) -> Tuple[str, int, int]:
         for suffix, parts in table:
             if rest in parts:
                 return f"lora_unet_{kblock}_{i}_{suffix}", parts.index(rest), len(parts)
-    for suffix, p in _EXTRAS[kind].items():
+    for suffix, p in _family(kind).lora_extras.items():
         if p == path:
             return f"lora_unet_{suffix}", 0, 1
     raise FlowNameError(f"{path!r} is not a module of the {kind} LoRA layout (sd-scripts names no module there).")
@@ -196,10 +142,10 @@ def _in_dim(m: nn.Module) -> int:
 
 def unet_groups(kind: str, transformer: nn.Module, extras: bool = True) -> Dict[str, Group]:
     """kohya name -> Group for every default target of this transformer (and the read-only extras)."""
-    _check_kind(kind)
+    fam = _family(kind)
     lin = _named_linears(transformer)
     out: Dict[str, Group] = {}
-    for block, kblock, table in _BLOCKS[kind]:
+    for block, kblock, table in fam.lora_blocks:
         idx = sorted({int(m.group(1)) for m in (re.match(rf"^{block}\.(\d+)\.", n) for n in lin) if m})
         for i in idx:
             for suffix, parts in table:
@@ -207,16 +153,14 @@ def unet_groups(kind: str, transformer: nn.Module, extras: bool = True) -> Dict[
                 if not all(p in lin and isinstance(lin[p], nn.Linear) for p in paths):
                     continue
                 dims = tuple(_out_dim(lin[p]) for p in paths)
-                swap = (kind == "sd3" and suffix == "context_block_adaLN_modulation_1"
-                        and dims[0] == 2 * _in_dim(lin[paths[0]]))
+                swap = suffix in fam.swapped_suffixes and dims[0] == 2 * _in_dim(lin[paths[0]])
                 name = f"lora_unet_{kblock}_{i}_{suffix}"
                 out[name] = Group(name, "unet", paths, dims, swap)
     if extras:
-        for suffix, p in _EXTRAS[kind].items():
+        for suffix, p in fam.lora_extras.items():
             if p in lin:
                 name = f"lora_unet_{suffix}"
-                out[name] = Group(name, "unet", (p,), (_out_dim(lin[p]),), suffix == "final_layer_adaLN_modulation_1",
-                                  default=False)
+                out[name] = Group(name, "unet", (p,), (_out_dim(lin[p]),), suffix in fam.swapped_extras, default=False)
     return out
 
 
@@ -238,31 +182,19 @@ def t5_groups(t5: nn.Module) -> Dict[str, Group]:
 
 
 def t5_encoder(model) -> Optional[nn.Module]:
-    """The T5 of a flow BaseModel: Flux's text_encoder_2, SD3's text_encoder_3."""
-    if model.kind == "flux":
-        return model.text_encoder_2
-    return getattr(model, "text_encoder_3", None)
+    """The T5 of a flow BaseModel (Flux's text_encoder_2, SD3's text_encoder_3), or None."""
+    return _family(model.kind).t5_encoder(model)
 
 
 def components(model) -> List[Tuple[str, nn.Module]]:
-    """[(component, module)] of a Flux / SD3 BaseModel: unet, te1 (CLIP-L), te2 (SD3's CLIP-G), te3 (T5)."""
-    _check_kind(model.kind)
-    out = [("unet", model.unet)]
-    if model.text_encoder is not None:
-        out.append(("te1", model.text_encoder))
-    if model.kind == "sd3" and model.text_encoder_2 is not None:
-        out.append(("te2", model.text_encoder_2))
-    t5 = t5_encoder(model)
-    if t5 is not None:
-        out.append(("te3", t5))
-    return out
+    """[(component, module)] of a flow BaseModel: unet, then the text encoders its family names (te1 CLIP-L, te2
+    SD3's CLIP-G, te3 T5)."""
+    return _family(model.kind).components(model)
 
 
 def diffusers_prefixes(kind: str) -> Dict[str, str]:
-    """Key prefixes of diffusers' Flux / SD3 pipelines' LoRA files -> our components."""
-    if _check_kind(kind) == "flux":
-        return {"transformer.": "unet", "text_encoder.": "te1", "text_encoder_2.": "te3"}
-    return {"transformer.": "unet", "text_encoder.": "te1", "text_encoder_2.": "te2", "text_encoder_3.": "te3"}
+    """Key prefixes of diffusers' pipelines' LoRA files -> our components (what the pipeline loads)."""
+    return dict(_family(kind).diffusers_prefixes)
 
 
 # ----------------------------------------------------------------------------- export
@@ -326,7 +258,7 @@ def export_modules(modules: Mapping[Tuple[str, str], Lora], kind: str, name_of: 
                    ) -> List[Tuple[str, Lora]]:
     """[(kohya name, (down, up, alpha))] sorted by name: transformer parts fused as sd-scripts saves them; other
     components named with `name_of(component, path)` (lora.kohya_name)."""
-    _check_kind(kind)
+    fam = _family(kind)
     out: Dict[str, Lora] = {}
     fused: Dict[str, Tuple[int, Dict[int, Lora]]] = {}
     for (comp, path), v in modules.items():
@@ -336,9 +268,8 @@ def export_modules(modules: Mapping[Tuple[str, str], Lora], kind: str, name_of: 
         name, j, n = locate(kind, path)
         if n == 1:
             down, up, alpha = v
-            swap = (name.endswith("final_layer_adaLN_modulation_1") or
-                    (kind == "sd3" and name.endswith("context_block_adaLN_modulation_1")
-                     and up.shape[0] == 2 * down.shape[1]))
+            swap = (name[len("lora_unet_"):] in fam.swapped_extras or
+                    (name.endswith(fam.swapped_suffixes or ("\0",)) and up.shape[0] == 2 * down.shape[1]))
             out[name] = (down, _swap_halves(up) if swap else up, alpha)
         else:
             fused.setdefault(name, (n, {}))[1][j] = v
@@ -454,7 +385,7 @@ def to_diffusers_state_dict(modules: Mapping[Tuple[str, str], Lora], kind: str) 
     pre = {c: p for p, c in diffusers_prefixes(kind).items()}
     out: Dict[str, torch.Tensor] = {}
     for (comp, path), (down, up, alpha) in sorted(modules.items()):
-        if comp == "te3" and kind == "flux":
+        if comp not in pre:  # a component the pipeline does not load (Flux's T5)
             continue
         key = pre[comp] + path
         out[f"{key}.lora_A.weight"] = (down.float() * (float(alpha) / down.shape[0])).contiguous()
@@ -463,57 +394,24 @@ def to_diffusers_state_dict(modules: Mapping[Tuple[str, str], Lora], kind: str) 
 
 
 # ----------------------------------------------------------------------------- metadata
-IMPL_FLUX = "https://github.com/black-forest-labs/flux"
-IMPL_DIFFUSERS = "diffusers"
-# variant -> (ss_base_model_version, modelspec.architecture, modelspec.implementation) as sd-scripts writes them:
-# flux_train_network.py (flux_utils.MODEL_VERSION_FLUX_V1 = "flux1"), sd3_train_network.py (the MMDiT model_type
-# "medium" / "5-medium" / "5-large" is its ss_base_model_version) and library/sai_model_spec.py (architectures
-# "flux-1-dev", "flux-1-schnell", "stable-diffusion-3-" + model_type; implementation BFL's repo for Flux,
-# "diffusers" for SD3).
-_META = {
-    "flux-dev": ("flux1", "flux-1-dev/lora", IMPL_FLUX),
-    "flux-schnell": ("flux1", "flux-1-schnell/lora", IMPL_FLUX),
-    "sd3-medium": ("medium", "stable-diffusion-3-medium/lora", IMPL_DIFFUSERS),
-    "sd35-medium": ("5-medium", "stable-diffusion-3-5-medium/lora", IMPL_DIFFUSERS),
-    "sd35-large": ("5-large", "stable-diffusion-3-5-large/lora", IMPL_DIFFUSERS),
-}
-# sd-scripts' --network_module for each family (ss_network_module)
-NETWORK_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
-# training settings sd-scripts records for each family (flux_train_network.update_metadata /
-# sd3_train_network.update_metadata), by the name of sd-scripts' argument
-TRAINING_KEYS = {
-    "flux": ("model_type", "apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-             "guidance_scale", "timestep_sampling", "sigmoid_scale", "model_prediction_type", "discrete_flow_shift"),
-    "sd3": ("apply_lg_attn_mask", "apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale"),
-}
-
-
 def metadata_for(kind: str, variant: Optional[str], training: Optional[Mapping[str, object]] = None) -> Dict[str, str]:
     """The family's metadata keys as sd-scripts writes them, for the trainer to merge into its `ss_*` metadata.
 
     kind/variant as BaseModel.kind / BaseModel.extra["variant"]: flux-dev -> ss_base_model_version "flux1",
     modelspec.architecture "flux-1-dev/lora"; flux-schnell -> "flux1", "flux-1-schnell/lora"; sd3-medium ->
     "medium", "stable-diffusion-3-medium/lora"; sd35-medium -> "5-medium", "stable-diffusion-3-5-medium/lora";
-    sd35-large -> "5-large", "stable-diffusion-3-5-large/lora". A Flux model of unknown variant gets sd-scripts'
-    "flux-1/lora", an SD3 one of unknown variant (None) "stable-diffusion-3/lora" (sd-scripts' ARCH_SD3 stem); a
-    variant of the other family is an error. ss_network_module is sd-scripts' module for the family (networks.lora_flux / networks.lora_sd3). `training` {sd-scripts argument name: value} adds `ss_<name>` for the keys sd-scripts records for
-    that family (TRAINING_KEYS; e.g. timestep_sampling, discrete_flow_shift, guidance_scale); others are ignored.
+    sd35-large -> "5-large", "stable-diffusion-3-5-large/lora" (each family's `file_metadata`). A variant of None
+    gets the family's stem ("flux-1/lora", "stable-diffusion-3/lora"); a variant of another family is an error.
+    ss_network_module is the family's module (networks.lora_flux / networks.lora_sd3). `training` {sd-scripts
+    argument name: value} adds `ss_<name>` for the keys the family records (its `training_keys`; e.g.
+    timestep_sampling, discrete_flow_shift, guidance_scale); others are ignored.
     """
-    _check_kind(kind)
-    if variant in _META and variant in VARIANTS[kind]:
-        version, arch, impl = _META[variant]
-    elif variant is None and kind == "flux":
-        version, arch, impl = "flux1", "flux-1/lora", IMPL_FLUX
-    elif variant is None:
-        version, arch, impl = "sd3", "stable-diffusion-3/lora", IMPL_DIFFUSERS
-    else:
-        raise FlowNameError(f"unknown {kind} variant {variant!r}: expected one of {', '.join(VARIANTS[kind])}.")
-    meta = {"ss_base_model_version": version, "modelspec.architecture": arch, "modelspec.implementation": impl,
-            "ss_v2": "False", "ss_network_module": NETWORK_MODULE[kind]}
-    if kind == "flux":
-        meta["ss_model_type"] = "flux"
+    fam = _family(kind)
+    if variant is not None and variant not in fam.variants:
+        raise FlowNameError(f"unknown {kind} variant {variant!r}: expected one of {', '.join(fam.variants)}.")
+    meta = {"ss_v2": "False", "ss_network_module": fam.network_module}
+    meta.update(fam.file_metadata(variant))
     for k, v in (training or {}).items():
-        if k in TRAINING_KEYS[kind] and v is not None:
+        if k in fam.training_keys and v is not None:
             meta[f"ss_{k}"] = v if isinstance(v, str) else (f"{v:g}" if isinstance(v, float) else str(v))
     return meta
-

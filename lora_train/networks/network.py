@@ -149,7 +149,7 @@ def metadata(spec: NetworkSpec, kind: Optional[str] = None) -> Dict[str, str]:
     families) and LyCORIS (loha, lokr, dora) write them."""
     args: Dict[str, Any] = {}
     if spec.type in ("lora", "locon"):
-        module = flow_names.NETWORK_MODULE.get(kind or "", "networks.lora")
+        module = families.get(kind).network_module if kind in families.FLOW else "networks.lora"
         if spec.conv_rank > 0:
             args.update(conv_dim=str(spec.conv_rank), conv_alpha=f"{spec.conv_alpha:g}")
         if spec.dropout:

@@ -1,4 +1,4 @@
-"""Flow matching for Flux.1 and SD3 / SD3.5: timestep sampling, the loss, the metadata of such a run.
+"""Flow matching (Flux.1, SD3 / SD3.5, Qwen-Image, Z-Image): timestep sampling, the loss, the metadata of such a run.
 
 The objective is the one diffusers' FlowMatchEulerDiscreteScheduler defines (rectified flow):
     sigma in (0, 1), timestep = sigma x 1000
@@ -13,12 +13,14 @@ Timestep sampling as sd-scripts (library/flux_train_utils.py get_noisy_model_inp
     shift       s = sigmoid(sigmoid_scale * N(0, 1)); sigma = s * shift / (1 + (shift - 1) * s)
                 (shift = discrete_flow_shift)
     flux_shift  s = sigmoid(sigmoid_scale * N(0, 1)); mu = linear(256 -> 0.5, 4096 -> 1.15) of the packed
-                image sequence length (h/2 * w/2); sigma = e^mu / (e^mu + 1/s - 1)
+                image sequence length (h/2 * w/2), the end points from the model's scheduler config where it has
+                them (Qwen-Image: 8192 -> 0.9); sigma = e^mu / (e^mu + 1/s - 1)
     sigma       u = diffusers' compute_density_for_timestep_sampling(weighting_scheme, logit_mean, logit_std,
                 mode_scale) (logit_normal / mode / uniform); sigma = the scheduler's sigma at index u * 1000
                 (the scheduler built with shift = discrete_flow_shift)
-`auto`: Flux -> shift with discrete_flow_shift 3.1582 (sd-scripts' recommendation for Flux LoRAs);
-        SD3 -> sigma with logit_normal (SD3's paper and diffusers' train script), shift 3.0.
+`auto`: the family's default (families/): Flux -> shift with discrete_flow_shift 3.1582 (sd-scripts'
+        recommendation for Flux LoRAs); SD3 -> sigma with logit_normal (SD3's paper and diffusers' train script),
+        shift 3.0; Qwen-Image -> shift 2.2, Z-Image -> shift 2.0 (musubi-tuner's).
 """
 from __future__ import annotations
 
@@ -80,6 +82,15 @@ def flux_mu(image_seq_len: int, x1: float = 256, y1: float = 0.5, x2: float = 40
     return image_seq_len * m + (y1 - m * x1)
 
 
+def dynamic_mu(model, image_seq_len: int) -> float:
+    """The resolution-dependent shift mu of the model's scheduler config (base / max image_seq_len and shift: Flux
+    256 -> 0.5, 4096 -> 1.15, which are also the defaults; Qwen-Image 256 -> 0.5, 8192 -> 0.9), as its pipeline
+    computes it."""
+    conf = dict(getattr(getattr(model, "noise_scheduler", None), "config", None) or {})
+    return flux_mu(image_seq_len, conf.get("base_image_seq_len", 256), conf.get("base_shift", 0.5),
+                   conf.get("max_image_seq_len", 4096), conf.get("max_shift", 1.15))
+
+
 def _scheduler(model, shift: float):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -105,7 +116,7 @@ def sample_sigmas(opts: Dict[str, Any], n: int, latent_hw, generator: Optional[t
             return (s * shift) / (1 + (shift - 1) * s)
         if ts == "flux_shift":
             h, w = latent_hw
-            return time_shift(flux_mu((h // 2) * (w // 2)), 1.0, s)
+            return time_shift(dynamic_mu(model, (h // 2) * (w // 2)), 1.0, s)
         return s
     if ts != "sigma":
         raise ValueError(f"timestep_sampling {ts!r} is not known: use one of {', '.join(TIMESTEP_SAMPLINGS)}.")
@@ -203,11 +214,8 @@ def metadata(model, cfg) -> Dict[str, str]:
         "ss_logit_mean": f"{opts['logit_mean']:g}", "ss_logit_std": f"{opts['logit_std']:g}",
         "ss_mode_scale": f"{opts['mode_scale']:g}",
         "ss_model_prediction_type": "raw",
-        "ss_t5xxl_max_token_length": str(flow.t5_max_length(model)),
-        "ss_apply_t5_attn_mask": str(bool(model.extra.get("apply_t5_attn_mask", False))),
         "ss_fp8_base": str(bool(getattr(cfg, "fp8_base", False))),
         "modelspec.prediction_type": "flow",
     })
-    if v == "flux-dev":  # schnell has no guidance input
-        meta["ss_guidance_scale"] = f"{float(model.extra.get('guidance_scale', 1.0)):g}"
+    meta.update(families.of(model).run_metadata(model))  # T5 length and mask, Flux dev's guidance, ...
     return meta

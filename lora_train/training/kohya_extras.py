@@ -223,7 +223,7 @@ def shape_network(tr, params: List[Dict[str, Any]], given_names: List[str]
         raise ValueError(str(exc)) from exc
     if lrw is not None or da is not None or cfg.network_weights:
         plain = cfg.network_type == "lora" and not cfg.conv_rank and not cfg.loraplus_lr_ratio
-        if not plain or getattr(m, "kind", "") not in ("sd1", "sd2", "sdxl"):
+        if not plain or families.of(m).flow:
             raise ValueError("block-wise lr / dims (down_lr_weight, mid_lr_weight, up_lr_weight, block_dims) and "
                              "network_weights work with plain LoRA on SD1.x / SD2.x / SDXL (network_type lora, no "
                              f"conv_rank, no loraplus_lr_ratio); this run is {cfg.network_type} on {m.kind}: "

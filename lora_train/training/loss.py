@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import families
 from ..models import conditioning
 from ..models.base import BaseModel
 from . import flow as flow_train
@@ -111,7 +112,7 @@ def fixed_noise_loss(model: BaseModel, latents: torch.Tensor, text_embeds, seed:
     T = model.noise_scheduler.config.num_train_timesteps
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
-    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    vae_factor = families.of(model).vae_factor(model.vae)
     lat = latents.float().to(device)
     total = 0.0
     for d in range(n_draws):

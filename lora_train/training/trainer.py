@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import families
 from ..config import TrainConfig
 from ..data.buckets import BucketBatchSampler
 from ..data import caption_aug
@@ -197,15 +198,13 @@ class Trainer(StateMixin, OutputsMixin):
         Disk mode keys entries by image content, size, crop, flip and VAE, so a changed image is re-encoded and
         nothing else, and memory stays flat however many images there are."""
         m, ds = self.model, self.dataset
-        vae = m.vae.to(self.device)
-        scale, shift = m.vae_scale, m.vae_shift
+        vae, fam = m.vae.to(self.device), families.of(m)
         if getattr(self, "_vae_id", None) is None:
-            self._vae_id = module_identity(vae, extra=f"latent_dist.mean*{scale:g}" + (f"-{shift:g}" if shift else ""))
+            self._vae_id = module_identity(vae, extra=fam.latent_tag(m))
         cache = LatentCache(self._cache_folder(self.cfg.latent_cache, "latents"), self._vae_id)
 
         def encode(px: torch.Tensor) -> torch.Tensor:
-            lat = (vae.encode(px.to(self.device, vae.dtype)).latent_dist.mean - shift) * scale
-            return lat.float().cpu()
+            return fam.encode_latents(m, vae, px.to(self.device, vae.dtype)).float().cpu()
 
         store = cache.get_or_encode(ds, encode, flip=flip, batch_size=4,
                                     progress=self._caching_progress("latents (flipped)" if flip else "latents"),

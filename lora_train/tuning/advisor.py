@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import TrainConfig
+from .. import families
 from . import flow_advice
 from .network_advice import check_network, network_advice
 from . import kohya_advice
@@ -109,10 +110,11 @@ def vram_batch_range(vram_gb: float, base: str = "sd1", resolution: Optional[int
     res = resolution or NATIVE_RESOLUTION[base]
     tier, (lo, hi) = vram_tier(vram_gb)
     tier += " tier"
-    halve = base in ("sdxl", "flux", "sd3") or res >= 768
+    fam = families.get(base)
+    halve = fam.native_resolution >= 1024 or res >= 768
     if halve:
         lo, hi = max(1, lo // 2), max(1, hi // 2)
-        why = "SDXL" if base == "sdxl" else f"{res} px"
+        why = f"{res} px" if fam.flow else fam.title
         return lo, hi, f"{tier} ({why} halves the SD1-at-512 batch)"
     return lo, hi, f"{tier} (SD1 at 512)"
 
@@ -266,7 +268,7 @@ def _precision(vram_known: bool) -> Tuple[str, str]:
 
 def _checkpointing(base: str, res: int, plan_vram: float, batch_size: Optional[int], batch: int, hi: int,
                    tier: str) -> Tuple[bool, str]:
-    halved = base == "sdxl" or res >= 768
+    halved = families.get(base).native_resolution >= 1024 or res >= 768
     checkpointing = plan_vram <= (16.0 if halved else 8.0) or (batch_size is not None and batch > hi)
     return checkpointing, (f"{'VRAM short' if checkpointing else 'enough VRAM'} ({tier}): "
                            + ("recompute activations to save memory (about 20-30% slower)" if checkpointing
@@ -349,7 +351,7 @@ def suggest(image_count: int, task: str = "other", base: str = "sd1", vram_gb: O
     s.add("gradient_checkpointing", checkpointing, ckpt_reason)
     s.add("cache_latents", True, "each image is VAE-encoded once instead of every step (the encoder is frozen)")
     s.add("cache_text_embeddings", True, "the text encoder is frozen, so each caption is encoded once")
-    if base in flow_advice.FLOW_BASES:  # Flux / SD3.5: their own lr, rank, sampling and memory tiers
+    if base in flow_advice.FLOW_BASES:  # Flux / SD3.5 / Qwen-Image: their own lr, rank, sampling, memory tiers
         flow_advice.apply(s, base, plan_vram, vram_text, image_count, task, detail, resolution is not None)
         batches_per_epoch = math.ceil(samples / s.value("batch_size"))
         steps_per_epoch = math.ceil(batches_per_epoch / accum)

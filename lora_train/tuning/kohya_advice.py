@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Sequence
 
+from .. import families
+
 #: checkpoint-name hints of SD1.x models trained / used at CLIP skip 2 (NovelAI-derived anime models)
 ANIME_HINTS = ("anime", "anything", "animefull", "novelai", "nai", "counterfeit", "orangemix", "abyssorange",
                "pastel", "meina", "anylora", "waifu", "cetus", "hassaku", "aom", "kohaku", "mistoon", "dark_sushi",
@@ -38,11 +40,9 @@ def _looks_like_tags(captions: Sequence[str]) -> bool:
 def add_suggestions(s, image_count: int, task: str, base: str, model_name: str = "",
                     captions: Optional[Sequence[str]] = None, tokenizer=None) -> None:
     """Add the kohya options that matter for this run to a `Suggestion` (settings with reasons, or notes)."""
-    if base == "sd1" and wants_clip_skip_2(model_name):
+    if families.get(base).anime_clip_skip and wants_clip_skip_2(model_name):
         s.add("clip_skip", 2, f"'{model_name}' looks like an anime SD1.5 model (NovelAI lineage): those are trained "
                               f"and used at CLIP skip 2, so the LoRA should learn with the same text features")
-    elif base == "sdxl":
-        pass  # SDXL always uses the penultimate layers: no clip_skip
     if task in REG_TASKS and image_count < FEW_CHARACTER_IMAGES:
         s.notes.append(f"only {image_count} image(s) of a {task}: regularization images (reg_data_dir, kohya N_class "
                        f"folders of the class, e.g. '1_woman', ~{max(2 * image_count, 20)} images made with the base "

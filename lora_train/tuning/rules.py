@@ -11,6 +11,7 @@ import math
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..config import LR_BY_BATCH, learning_rate_for
+from .. import families
 from ..family import FAMILIES
 
 # ----------------------------------------------------------------------------- the rules, as data
@@ -62,7 +63,7 @@ def vram_tier(vram_gb: float) -> Tuple[str, Tuple[int, int]]:
 
 VRAM_ASSUMED_UNKNOWN = 8.0  # VRAM unknown (no CUDA here, nothing passed): plan for the smallest tier
 
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024, "sd3": 1024}
+NATIVE_RESOLUTION = {n: families.get(n).native_resolution for n in families.NAMES}
 #: total images seen (epochs x images x repeats) aimed at, and the epoch bounds, by dataset size.
 TARGET_VIEWS_SMALL = 2000
 TARGET_VIEWS = 1500

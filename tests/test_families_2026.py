@@ -1,0 +1,361 @@
+"""The 2026 families (#27), each on its tiny model: Qwen-Image and Z-Image. Layout and conditioning, the names ComfyUI
+0.8.0 maps (at full size, from its own key map), training end to end with every network type, learning, resume,
+memory savers, grids, the LR finder, folders, single files and the message where the installed diffusers /
+transformers are too old."""
+import builtins
+import gzip
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import assert_loss_falls_with_strength, flow_file_error, run_trainer, small_cfg
+from lora_train import families
+from lora_train.models import conditioning, flow
+from lora_train.models.base import ModelError
+from lora_train.networks import flow_names
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Fam:
+    """What a test needs of a family: its tiny spec and builder module, the reference entry, its module counts."""
+
+    def __init__(self, kind, spec, module, builder, ref, n_tiny, n_full, n_full_default, network_module, shift):
+        self.kind, self.spec, self.module, self.builder, self.ref = kind, spec, module, builder, ref
+        self.n_tiny, self.n_full, self.n_full_default = n_tiny, n_full, n_full_default
+        self.network_module, self.shift = network_module, shift
+
+    def mod(self):
+        import importlib
+
+        return importlib.import_module(f"lora_train.models.{self.module}")
+
+    def available(self):
+        try:
+            self.mod().require()
+            return True
+        except ModelError:
+            return False
+
+    def build(self):
+        return getattr(self.mod(), self.builder)()
+
+    def __repr__(self):
+        return self.kind
+
+
+QWEN = Fam("qwen_image", "tiny-qwen-image", "qwen_image", "build_tiny_qwen_image", "qwen_image", 28, 846, 840,
+           "networks.lora_qwen_image", "2.2")
+ZIMAGE = Fam("z_image", "tiny-z-image", "z_image", "build_tiny_z_image", "z_image", 23, 208, 202,
+             "networks.lora_zimage", "2")
+FAMS = [QWEN, ZIMAGE]
+
+
+def _skip_unless(f):
+    return pytest.param(f, id=f.kind, marks=pytest.mark.skipif(not f.available(),
+                                                              reason=f"this diffusers / transformers has no {f.kind}"))
+
+
+each = pytest.mark.parametrize("fam", [_skip_unless(f) for f in FAMS])
+needs_qwen = pytest.mark.skipif(not QWEN.available(), reason="this diffusers / transformers has no Qwen-Image")
+
+
+def reference(variant="qwen_image"):
+    """ComfyUI 0.8.0's own map for the full-size model (tests/data/reference_README.md)."""
+    with gzip.open(os.path.join(HERE, "data", "families_2026_lora_names.json.gz"), "rt", encoding="utf-8") as fh:
+        return json.load(fh)[variant]
+
+
+def build():
+    return QWEN.build()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from lora_train.data.demo import write_demo_dataset
+
+    return write_demo_dataset(str(tmp_path_factory.mktemp("fam2026") / "data"), n=8, size=64)
+
+
+_TRAINED = {}
+
+
+@pytest.fixture
+def trained(data, tmp_path_factory, fam):
+    """(trainer, result) of one 60-step run per family, made once per session."""
+    from lora_train.training.trainer import Trainer
+
+    if fam.kind not in _TRAINED:
+        cfg = small_cfg(data, tmp_path_factory.mktemp(f"{fam.kind}_run"), base_model=fam.spec, output_name="fx",
+                        lora_rank=8, learning_rate=2e-3, epochs=15, lr_scheduler="cosine", lr_warmup_steps=5,
+                        trigger_word="lrtdemo")
+        tr = Trainer(cfg)
+        _TRAINED[fam.kind] = (tr, tr.run())
+    return _TRAINED[fam.kind]
+
+
+@pytest.mark.parametrize("fam, cls, title, need", [(QWEN, "Qwen2_5_VLForConditionalGeneration", "Qwen-Image", "4.49"),
+                                                   (ZIMAGE, "Qwen3Model", "Z-Image", "4.51")], ids=["qwen", "z"])
+def test_old_versions_get_a_message(monkeypatch, fam, cls, title, need):
+    """Where transformers lacks the family's text encoder (AUTOMATIC1111's 4.30.2), loading names what to install."""
+    real = builtins.__import__
+
+    def fake(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "transformers" and fromlist and cls in fromlist:
+            raise ImportError(f"cannot import name '{cls}'")
+        return real(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    from lora_train.models.loading import load_base_model
+
+    with pytest.raises(ModelError) as e:
+        load_base_model(fam.spec)
+    assert f"{title} needs" in str(e.value) and f"transformers >= {need}" in str(e.value)
+
+
+@pytest.mark.parametrize("fam", FAMS, ids=repr)
+def test_family_states_what_differs(fam):
+    f = families.get(fam.kind)
+    assert f.flow and families.by_transformer_class(f.transformer_class) == fam.kind
+    assert f.network_module == fam.network_module and fam.spec in f.tiny_specs
+    meta = flow_names.metadata_for(fam.kind, f.variants[0])
+    assert meta["ss_base_model_version"] == fam.kind and meta["modelspec.architecture"] == f"{f.title}/lora"
+    with pytest.raises(flow_names.FlowNameError):
+        flow_names.metadata_for(fam.kind, "flux-dev")
+    assert f.vram_tiers[-1][0] == 0.0 and f.advice_name
+
+
+@each
+def test_tiny_layout_and_conditioning(fam):
+    """Masked text of each caption's own length, batched again across chunks; latents as the pipeline scales them;
+    the default targets are every block Linear."""
+    m = fam.build()
+    f = families.of(m)
+    assert m.kind == fam.kind and m.prediction_type == "flow" and m.extra["variant"] in f.variants
+    assert not conditioning.is_sdxl(m) and type(m.unet).__name__ == f.transformer_class
+    cond = conditioning.encode(m, ["a red circle", "lrtdemo a red circle on a blue background"])
+    assert set(cond) == {"hidden", "mask"} and cond["hidden"].shape[0] == 2 and cond["hidden"].shape[-1] == 32
+    n_short = int(cond["mask"][0].sum())
+    assert 0 < n_short < int(cond["mask"][1].sum()) == cond["hidden"].shape[1]
+    assert not cond["hidden"][0, n_short:].any()  # padding carries nothing
+    # entries of different lengths (other chunks of the text cache) batch again, padded and masked
+    a, b = conditioning.rows(conditioning.encode(m, ["a red circle"]))[0], conditioning.rows(cond)[1]
+    batch = conditioning.stack([a, b])
+    assert batch["hidden"].shape[1] == b["hidden"].shape[0] and batch["mask"][0].sum() == a["mask"].sum()
+    # latents: one frame of the 3-D VAE, normalised by the VAE's latents_mean / latents_std
+    px = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        lat = families.of(m).encode_latents(m, m.vae, px)
+    assert lat.shape == (2, 16, 16, 16)
+    groups = flow_names.unet_groups(fam.kind, m.unet, extras=False)
+    assert len(groups) == fam.n_tiny and set(groups) <= set(reference(fam.ref)["layouts"]["lora_unet"])
+
+
+def test_qwen_template_is_dropped():
+    """Qwen-Image: the system-prompt template's tokens are counted with the model's tokenizer and dropped."""
+    if not QWEN.available():
+        pytest.skip("this diffusers / transformers has no Qwen-Image")
+    from lora_train.families.qwen_image import TEMPLATE, template_length
+
+    m = QWEN.build()
+    n = template_length(m.tokenizer)
+    ids = m.tokenizer(TEMPLATE.format("a red circle")).input_ids
+    assert 10 < n < len(ids) and ids[:n] == m.tokenizer(TEMPLATE.split("{}")[0]).input_ids
+
+
+@each
+def test_names_are_the_ones_comfyui_maps_at_full_size(fam):
+    """Our module names for the released transformer, made on the meta device from diffusers' class defaults (the
+    released configs), are exactly ComfyUI 0.8.0's `lora_unet` names for every Linear of the blocks (Qwen-Image
+    840, Z-Image 202; fused q/k/v as one) and the 6 outside, with the same (fused) weight shapes; the 1-D norms
+    ComfyUI also lists get no module."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    ref = reference(fam.ref)["layouts"]["lora_unet"]
+    with init_empty_weights():
+        tr = getattr(diffusers, families.get(fam.kind).transformer_class)()
+    groups = flow_names.unet_groups(fam.kind, tr)
+    two_d = {n: t for n, t in ref.items() if len(t[1]) == 2}
+    assert set(groups) == set(two_d) and len(groups) == fam.n_full
+    assert sum(g.default for g in groups.values()) == fam.n_full_default
+    for name, g in groups.items():
+        lin = tr.get_submodule(g.paths[0])
+        assert [sum(g.out_dims), lin.in_features] == two_d[name][1], name
+    assert all(len(t[1]) == 1 for n, t in ref.items() if n not in groups)  # what is left: norm scales
+
+
+@each
+@pytest.mark.slow
+def test_training_files_metadata_and_names(trained, fam):
+    tr, res = trained
+    assert res.steps == 60 and not res.nan_stopped and all(math.isfinite(x) for x in res.losses)
+    sd = load_file(res.lora_path)
+    names = {k.split(".")[0] for k in sd}
+    assert names == {flow_names.kohya_name("unet", t, fam.kind)
+                     for t in flow_names.target_modules(fam.kind, tr.model.unet)} and len(names) == fam.n_tiny
+    assert names <= set(reference(fam.ref)["layouts"]["lora_unet"])  # every name is one ComfyUI maps
+    with safe_open(res.lora_path, "pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_network_module"] == fam.network_module and meta["ss_base_model_version"] == fam.kind
+    assert meta["ss_timestep_sampling"] == "shift" and meta["ss_discrete_flow_shift"] == fam.shift
+    assert "ss_t5xxl_max_token_length" not in meta and meta["ss_prediction_type"] == "flow"
+
+
+@each
+@pytest.mark.slow
+def test_learning(trained, fam):
+    """Fixed-noise flow loss of the training images falls with the LoRA's strength, monotone."""
+    assert_loss_falls_with_strength(trained[0], fam.spec)
+
+
+@each
+@pytest.mark.slow
+def test_file_round_trip_and_grid(trained, fam):
+    """The file read back into a fresh model gives the trained output; the A/B grid runs through the family's
+    diffusers pipeline and the LoRA changes the picture."""
+    import numpy as np
+
+    from lora_train.sampler import Generator, GenParams, build_grid
+
+    tr, res = trained
+    assert flow_file_error(tr.model, res.lora_path, fam.build) <= 1e-5
+    gen = Generator(fam.build(), lora_dirs=[res.output_dir])
+    base = GenParams(prompt="lrtdemo a red circle", seed=3, steps=3, cfg_scale=1.0, width=64, height=64)
+    grid = build_grid(gen, base, "fx", strengths=[0.0, 1.0], seeds=[3])
+    imgs = [np.asarray(c.image, dtype=np.float32) for c in grid.cells]
+    assert len(imgs) == 2 and imgs[0].shape == (64, 64, 3)
+    again = np.asarray(build_grid(gen, base, "fx", strengths=[0.0], seeds=[3]).cells[0].image, dtype=np.float32)
+    # the same cell twice is the same picture; the LoRA at 1 changes it (the tiny VAE's decoder damps the change:
+    # about 0.5 of 255 on average here)
+    assert np.array_equal(imgs[0], again) and np.abs(imgs[0] - imgs[1]).mean() > 0.2
+
+
+@each
+@pytest.mark.slow
+def test_resume_bitwise(data, tmp_path, fam):
+    from lora_train.training.state import list_states
+
+    kw = dict(base_model=fam.spec, max_train_steps=5, lr_warmup_steps=1, flip_aug=True,
+              caption_dropout_rate=0.2, timestep_sampling="flux_shift")
+    _, ref = run_trainer(small_cfg(data, tmp_path / "a", **kw), fam.build)
+    cfg = small_cfg(data, tmp_path / "b", **kw)
+    _, r1 = run_trainer(cfg, fam.build, stop_at=2)
+    assert r1.stopped and list_states(str(tmp_path / "b"))
+    _, r2 = run_trainer(cfg, fam.build, resume_from=str(tmp_path / "b"))
+    a, b = load_file(ref.lora_path), load_file(r2.lora_path)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert r2.losses == ref.losses
+
+
+@each
+@pytest.mark.slow
+@pytest.mark.parametrize("network", ["loha", "lokr", "dora"])
+def test_network_types_train_and_read_back(data, tmp_path, network, fam):
+    cfg = small_cfg(data, tmp_path, base_model=fam.spec, max_train_steps=3, network_type=network,
+                    learning_rate=5e-3)
+    tr, res = run_trainer(cfg, fam.build)
+    assert res.steps == 3 and not res.nan_stopped
+    names = {k.split(".")[0] for k in load_file(res.lora_path)}
+    assert names <= set(reference(fam.ref)["layouts"]["lora_unet"]) and len(names) == fam.n_tiny
+    assert flow_file_error(tr.model, res.lora_path, fam.build) <= 1e-4
+
+
+@each
+@pytest.mark.slow
+def test_cli_with_memory_savers_samples_and_lr_finder(data, tmp_path, fam):
+    """fp8 base, block swap and gradient checkpointing through the CLI, a sample grid during training; the LR range
+    test on the same objective."""
+    from lora_train.cli.main import main
+    from lora_train.tuning.lr_finder import lr_range_test
+
+    cfg = small_cfg(data, tmp_path, base_model=fam.spec, max_train_steps=2, fp8_base=True,
+                    blocks_to_swap=1, gradient_checkpointing=True, sample_every_n_steps=2,
+                    sample_prompts=["a red circle"], sample_steps=2)
+    cfg.save(str(tmp_path / "c.yaml"))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as fh:
+        assert fh.metadata()["ss_fp8_base"] == "True"
+    assert os.listdir(tmp_path / "samples")
+    res = lr_range_test(small_cfg(data, tmp_path / "lr", base_model=fam.spec), steps=4, lr_min=1e-5,
+                        lr_max=1e-2)
+    assert len(res.losses) == 4 and all(math.isfinite(x) for x in res.losses)
+
+
+@each
+def test_folder_round_trip_and_wrong_folder(tmp_path, fam):
+    from lora_train.cli.main import main
+    from lora_train.models.loading import load_base_model
+
+    assert main(["tiny-model", str(tmp_path / "qi"), "--family", fam.spec]) == 0
+    m = fam.build()
+    m2 = load_base_model(str(tmp_path / "qi"))
+    assert m2.kind == fam.kind and m2.extra["variant"] in families.get(fam.kind).variants
+    c1, c2 = flow.encode(m, ["a red circle"]), flow.encode(m2, ["a red circle"])
+    assert all(torch.allclose(c1[k], c2[k], atol=1e-6) for k in c1)
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(flow.predict(m, m.unet, x, torch.tensor([400.0]), c1),
+                              flow.predict(m2, m2.unet, x, torch.tensor([400.0]), c2), atol=1e-5)
+    (tmp_path / "edit").mkdir()
+    other = {"qwen_image": ("QwenImageEditPipeline", "QwenImagePipeline"),
+             "z_image": ("ZImageControlNetPipeline", "ZImagePipeline")}[fam.kind]
+    (tmp_path / "edit" / "model_index.json").write_text(json.dumps({"_class_name": other[0]}))
+    with pytest.raises(ModelError) as e:
+        load_base_model(str(tmp_path / "edit"))
+    assert other[0] in str(e.value) and other[1] in str(e.value)
+
+
+def original_layout(kind, sd):
+    """A diffusers transformer state dict in the family's original single-file layout, as ComfyUI's files hold it
+    (`model.diffusion_model.` + Qwen-Image's own names; Z-Image's fused attention.qkv, attention.out, q_norm /
+    k_norm, x_embedder, final_layer)."""
+    out = {}
+    if kind == "z_image":
+        sd = dict(sd)
+        for k in [k for k in sd if k.endswith(".attention.to_q.weight")]:
+            stem = k[: -len(".to_q.weight")]
+            sd[f"{stem}.qkv.weight"] = torch.cat([sd.pop(f"{stem}.to_{x}.weight") for x in "qkv"])
+        ren = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+               ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
+               ".attention.norm_q.": ".attention.q_norm."}
+        for k, v in sd.items():
+            for a, b in ren.items():
+                k = k.replace(a, b)
+            out[k] = v
+        sd = out
+    return {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+
+
+@each
+def test_single_file_transformer_with_a_components_folder(tmp_path, fam):
+    """A ComfyUI-style diffusion model file (model.diffusion_model.*, original layout, bf16) loads with the VAE, text
+    encoder and tokenizer of a diffusers folder of the family; without the folder the message says what to set."""
+    from safetensors.torch import save_file
+
+    from lora_train.cli.main import main
+    from lora_train.models.loading import load_base_model
+
+    m = fam.build()
+    assert main(["tiny-model", str(tmp_path / "parts"), "--family", fam.spec]) == 0
+    f = tmp_path / f"{fam.kind}_tiny_bf16.safetensors"
+    save_file(original_layout(fam.kind, m.unet.state_dict()), str(f))
+    with pytest.raises(ModelError) as e:
+        load_base_model(str(f))
+    assert "components_folder" in str(e.value) and f"{families.get(fam.kind).title} transformer" in str(e.value)
+    m2 = load_base_model(str(f), files={"components_folder": str(tmp_path / "parts")})
+    assert m2.kind == fam.kind and m2.name == f"{fam.kind}_tiny_bf16"
+    assert next(m2.unet.parameters()).dtype == torch.bfloat16
+    assert set(m2.unet.state_dict()) == set(m.unet.state_dict())
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    c = flow.encode(m, ["a red circle"])
+    m2.unet.float()
+    with torch.no_grad():
+        a = flow.predict(m, m.unet, x, torch.tensor([400.0]), c)
+        b = flow.predict(m2, m2.unet, x, torch.tensor([400.0]), c)
+    assert (a - b).abs().max() < 0.05  # the bf16 copy of the same weights
