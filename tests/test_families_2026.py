@@ -1,4 +1,4 @@
-"""The 2026 families (#27), each on its tiny model: Qwen-Image and Z-Image. Layout and conditioning, the names ComfyUI
+"""The 2026 families (#27), each on its tiny model: Qwen-Image, Z-Image and Chroma. Layout and conditioning, the names ComfyUI
 0.8.0 maps (at full size, from its own key map), training end to end with every network type, learning, resume,
 memory savers, grids, the LR finder, folders, single files and the message where the installed diffusers /
 transformers are too old."""
@@ -25,10 +25,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Fam:
     """What a test needs of a family: its tiny spec and builder module, the reference entry, its module counts."""
 
-    def __init__(self, kind, spec, module, builder, ref, n_tiny, n_full, n_full_default, network_module, shift):
+    def __init__(self, kind, spec, module, builder, ref, n_tiny, n_full, n_full_default, network_module, sampling,
+                 shift, arch):
         self.kind, self.spec, self.module, self.builder, self.ref = kind, spec, module, builder, ref
         self.n_tiny, self.n_full, self.n_full_default = n_tiny, n_full, n_full_default
-        self.network_module, self.shift = network_module, shift
+        self.network_module, self.sampling, self.shift, self.arch = network_module, sampling, shift, arch
 
     def mod(self):
         import importlib
@@ -50,10 +51,12 @@ class Fam:
 
 
 QWEN = Fam("qwen_image", "tiny-qwen-image", "qwen_image", "build_tiny_qwen_image", "qwen_image", 28, 846, 840,
-           "networks.lora_qwen_image", "2.2")
+           "networks.lora_qwen_image", "shift", "2.2", "Qwen-Image/lora")
 ZIMAGE = Fam("z_image", "tiny-z-image", "z_image", "build_tiny_z_image", "z_image", 23, 208, 202,
-             "networks.lora_zimage", "2")
-FAMS = [QWEN, ZIMAGE]
+             "networks.lora_zimage", "shift", "2", "Z-Image/lora")
+CHROMA = Fam("chroma", "tiny-chroma", "chroma", "build_tiny_chroma", "chroma", 20, 243, 228, "networks.lora_flux",
+             "sigmoid", "1", "chroma/lora")
+FAMS = [QWEN, ZIMAGE, CHROMA]
 
 
 def _skip_unless(f):
@@ -62,6 +65,8 @@ def _skip_unless(f):
 
 
 each = pytest.mark.parametrize("fam", [_skip_unless(f) for f in FAMS])
+#: the families whose ComfyUI single files hold the transformer only (read with a components folder)
+each_single_file = pytest.mark.parametrize("fam", [_skip_unless(f) for f in (QWEN, ZIMAGE)])
 needs_qwen = pytest.mark.skipif(not QWEN.available(), reason="this diffusers / transformers has no Qwen-Image")
 
 
@@ -99,14 +104,18 @@ def trained(data, tmp_path_factory, fam):
     return _TRAINED[fam.kind]
 
 
-@pytest.mark.parametrize("fam, cls, title, need", [(QWEN, "Qwen2_5_VLForConditionalGeneration", "Qwen-Image", "4.49"),
-                                                   (ZIMAGE, "Qwen3Model", "Z-Image", "4.51")], ids=["qwen", "z"])
-def test_old_versions_get_a_message(monkeypatch, fam, cls, title, need):
-    """Where transformers lacks the family's text encoder (AUTOMATIC1111's 4.30.2), loading names what to install."""
+@pytest.mark.parametrize("fam, package, cls, need", [
+    (QWEN, "transformers", "Qwen2_5_VLForConditionalGeneration", "transformers >= 4.49"),
+    (ZIMAGE, "transformers", "Qwen3Model", "transformers >= 4.51"),
+    (CHROMA, "diffusers", "ChromaPipeline", "diffusers >= 0.35")], ids=["qwen", "z", "chroma"])
+def test_old_versions_get_a_message(monkeypatch, fam, package, cls, need):
+    """Where diffusers / transformers lack the family's classes (AUTOMATIC1111's pins), loading names what to
+    install."""
     real = builtins.__import__
+    title = families.get(fam.kind).title
 
     def fake(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "transformers" and fromlist and cls in fromlist:
+        if name == package and fromlist and cls in fromlist:
             raise ImportError(f"cannot import name '{cls}'")
         return real(name, globals, locals, fromlist, level)
 
@@ -115,7 +124,7 @@ def test_old_versions_get_a_message(monkeypatch, fam, cls, title, need):
 
     with pytest.raises(ModelError) as e:
         load_base_model(fam.spec)
-    assert f"{title} needs" in str(e.value) and f"transformers >= {need}" in str(e.value)
+    assert f"{title} needs" in str(e.value) and need in str(e.value)
 
 
 @pytest.mark.parametrize("fam", FAMS, ids=repr)
@@ -124,7 +133,7 @@ def test_family_states_what_differs(fam):
     assert f.flow and families.by_transformer_class(f.transformer_class) == fam.kind
     assert f.network_module == fam.network_module and fam.spec in f.tiny_specs
     meta = flow_names.metadata_for(fam.kind, f.variants[0])
-    assert meta["ss_base_model_version"] == fam.kind and meta["modelspec.architecture"] == f"{f.title}/lora"
+    assert meta["ss_base_model_version"] == fam.kind and meta["modelspec.architecture"] == fam.arch
     with pytest.raises(flow_names.FlowNameError):
         flow_names.metadata_for(fam.kind, "flux-dev")
     assert f.vram_tiers[-1][0] == 0.0 and f.advice_name
@@ -141,8 +150,11 @@ def test_tiny_layout_and_conditioning(fam):
     cond = conditioning.encode(m, ["a red circle", "lrtdemo a red circle on a blue background"])
     assert set(cond) == {"hidden", "mask"} and cond["hidden"].shape[0] == 2 and cond["hidden"].shape[-1] == 32
     n_short = int(cond["mask"][0].sum())
-    assert 0 < n_short < int(cond["mask"][1].sum()) == cond["hidden"].shape[1]
-    assert not cond["hidden"][0, n_short:].any()  # padding carries nothing
+    assert 0 < n_short < int(cond["mask"][1].sum()) <= cond["hidden"].shape[1]
+    if fam.kind != "chroma":  # Qwen-Image, Z-Image: padded to the longest caption here, padding carries nothing
+        assert int(cond["mask"][1].sum()) == cond["hidden"].shape[1] and not cond["hidden"][0, n_short:].any()
+    else:  # Chroma: T5 padded to its max length, the first pad token kept (ChromaPipeline's mask)
+        assert cond["hidden"].shape[1] == 32 and cond["mask"][0, n_short - 1] == 1 and cond["mask"][0, n_short] == 0
     # entries of different lengths (other chunks of the text cache) batch again, padded and masked
     a, b = conditioning.rows(conditioning.encode(m, ["a red circle"]))[0], conditioning.rows(cond)[1]
     batch = conditioning.stack([a, b])
@@ -203,8 +215,9 @@ def test_training_files_metadata_and_names(trained, fam):
     with safe_open(res.lora_path, "pt") as fh:
         meta = fh.metadata()
     assert meta["ss_network_module"] == fam.network_module and meta["ss_base_model_version"] == fam.kind
-    assert meta["ss_timestep_sampling"] == "shift" and meta["ss_discrete_flow_shift"] == fam.shift
-    assert "ss_t5xxl_max_token_length" not in meta and meta["ss_prediction_type"] == "flow"
+    assert meta["ss_timestep_sampling"] == fam.sampling and meta["ss_discrete_flow_shift"] == fam.shift
+    assert meta["ss_prediction_type"] == "flow"
+    assert ("ss_t5xxl_max_token_length" in meta) == (fam.kind == "chroma")  # the T5 families record its length
 
 
 @each
@@ -304,7 +317,8 @@ def test_folder_round_trip_and_wrong_folder(tmp_path, fam):
                               flow.predict(m2, m2.unet, x, torch.tensor([400.0]), c2), atol=1e-5)
     (tmp_path / "edit").mkdir()
     other = {"qwen_image": ("QwenImageEditPipeline", "QwenImagePipeline"),
-             "z_image": ("ZImageControlNetPipeline", "ZImagePipeline")}[fam.kind]
+             "z_image": ("ZImageControlNetPipeline", "ZImagePipeline"),
+             "chroma": ("ChromaInpaintPipeline", "ChromaPipeline")}[fam.kind]
     (tmp_path / "edit" / "model_index.json").write_text(json.dumps({"_class_name": other[0]}))
     with pytest.raises(ModelError) as e:
         load_base_model(str(tmp_path / "edit"))
@@ -332,7 +346,7 @@ def original_layout(kind, sd):
     return {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
 
 
-@each
+@each_single_file
 def test_single_file_transformer_with_a_components_folder(tmp_path, fam):
     """A ComfyUI-style diffusion model file (model.diffusion_model.*, original layout, bf16) loads with the VAE, text
     encoder and tokenizer of a diffusers folder of the family; without the folder the message says what to set."""

@@ -58,3 +58,10 @@ def test_z_image_advice_warns_about_turbo():
     assert s.learning_rate == pytest.approx(1e-4) and s.discrete_flow_shift == pytest.approx(2.0)
     assert any("Turbo" in n and "adapter" in n for n in s.notes)
     TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-z-image"))
+
+
+def test_chroma_advice():
+    s = suggest(40, task="character", base="chroma", vram_gb=24)
+    assert (s.fp8_base, s.blocks_to_swap, s.resolution) == (True, 0, 1024)
+    assert s.timestep_sampling == "sigmoid" and not s.train_text_encoder and "T5" in s.reason("train_text_encoder")
+    TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-chroma"))

@@ -203,6 +203,7 @@ def _export_import(cfg, tmp_path):
     ("tiny-sd3", "sd3", dict(network_type="lora"), "networks.lora_sd3", []),
     ("tiny-qwen-image", "qwen_image", dict(network_type="lora"), "networks.lora_qwen_image", []),  # musubi-tuner's
     ("tiny-z-image", "z_image", dict(network_type="lora"), "networks.lora_zimage", []),
+    ("tiny-chroma", "chroma", dict(network_type="lora"), "networks.lora_flux", []),  # sd-scripts' model_type chroma
 ])
 def test_network_types_round_trip(tmp_path, base, kind, fields, module, args):
     """TrainConfig -> kohya TOML -> TrainConfig keeps the network: the module and network_args kohya needs, the same
@@ -348,6 +349,9 @@ def test_family_module_against_the_base_model(tmp_path):
     with pytest.raises(KohyaConfigError, match='network_module = "networks.lora"'):
         from_kohya({"network_module": "networks.lora_sd3", "pretrained_model_name_or_path": str(sd15)})
     # a base model that cannot be checked here (missing, or not a model we can read cheaply): accepted
-    for base in ("/nowhere/flux1-dev.safetensors", "tiny-flux"):
+    for base in ("/nowhere/flux1-dev.safetensors", "tiny-flux", "tiny-chroma"):  # sd-scripts' Flux network: Chroma too
         c = from_kohya({"network_module": "networks.lora_flux", "pretrained_model_name_or_path": base}).config
         assert c.network_type == "lora" and c.base_model == base
+    with pytest.raises(KohyaConfigError) as ei:  # musubi-tuner's module for another family's base
+        from_kohya({"network_module": "networks.lora_qwen_image", "pretrained_model_name_or_path": "tiny-z-image"})
+    assert 'network_module = "networks.lora_zimage"' in str(ei.value) and "Qwen-Image" in str(ei.value)

@@ -100,6 +100,8 @@ class FlowFamily(Family):
     #: sd-scripts' defaults for `auto` (training/flow.resolve)
     timestep_sampling = "sigma"
     weighting_scheme = "none"
+    #: the diffusers text-to-image pipeline a folder of the family is (model_index.json's _class_name)
+    pipeline_class = ""
     #: the diffusers class of the denoiser (how a loaded transformer tells its family)
     transformer_class = ""
     #: the variants a model of the family can be (BaseModel.extra["variant"]); the first is the default

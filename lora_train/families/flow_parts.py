@@ -8,9 +8,10 @@ from typing import Sequence
 
 #: the variant a model of the family is when its loader did not say (each family's `variants[0]`)
 DEFAULT_VARIANT = {"flux": "flux-dev", "sd3": "sd35-medium", "qwen_image": "qwen-image",
-                   "z_image": "z-image-turbo"}
+                   "z_image": "z-image-turbo", "chroma": "chroma"}
 IMPL_BFL = "https://github.com/black-forest-labs/flux"
-T5_MAX_LENGTH = {"flux-dev": 512, "flux-schnell": 256, "sd3-medium": 256, "sd35-medium": 256, "sd35-large": 256}
+T5_MAX_LENGTH = {"chroma": 512, "flux-dev": 512, "flux-schnell": 256, "sd3-medium": 256, "sd35-medium": 256,
+                 "sd35-large": 256}
 
 
 def variant(model) -> str:

@@ -52,6 +52,7 @@ class Flux(FlowFamily):
     variants = ("flux-dev", "flux-schnell")
     tiny_specs = ("tiny-flux", "tiny-flux-schnell")
     pipeline_prefixes = ("Flux",)
+    pipeline_class = "FluxPipeline"
     name_pattern = r"flux"
     lora_blocks = (("transformer_blocks", "double_blocks", DOUBLE),
                    ("single_transformer_blocks", "single_blocks", SINGLE))
@@ -93,8 +94,9 @@ class Flux(FlowFamily):
                                  f"so small ranks still carry a lot")
         return rank, lr
 
-    def detect_keys(self, keys):  # BFL's double and single blocks (kohya / BFL / ComfyUI files)
-        return any("double_blocks." in k for k in keys) and any("single_blocks." in k for k in keys)
+    def detect_keys(self, keys):  # BFL's double and single blocks (kohya / BFL / ComfyUI files), not Chroma's
+        return any("double_blocks." in k for k in keys) and any("single_blocks." in k for k in keys) and \
+            not any("distilled_guidance_layer." in k for k in keys)
 
     def file_metadata(self, variant):
         version, arch = METADATA[variant]

@@ -62,6 +62,7 @@ class QwenImage(FlowFamily):
     native_resolution = 1328
     tiny_specs = ("tiny-qwen-image",)
     pipeline_prefixes = ("QwenImage",)
+    pipeline_class = "QwenImagePipeline"
     name_pattern = r"qwen[-_ ]?image"
     lora_blocks = (("transformer_blocks", "transformer_blocks", BLOCK),)
     lora_extras = {p.replace(".", "_"): p for p in (

@@ -44,6 +44,7 @@ class SD3(FlowFamily):
     variants = ("sd35-medium", "sd3-medium", "sd35-large")
     tiny_specs = ("tiny-sd3",)
     pipeline_prefixes = ("StableDiffusion3",)
+    pipeline_class = "StableDiffusion3Pipeline"
     name_pattern = r"(^|[^a-z])sd_?3"
     lora_blocks = (("transformer_blocks", "joint_blocks", JOINT),)
     # sd-scripts' `emb_dims` modules

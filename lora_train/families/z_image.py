@@ -47,6 +47,7 @@ class ZImage(FlowFamily):
     variants = ("z-image-turbo", "z-image")
     tiny_specs = ("tiny-z-image",)
     pipeline_prefixes = ("ZImage",)
+    pipeline_class = "ZImagePipeline"
     name_pattern = r"z[-_ ]?image"
     lora_blocks = (("layers", "layers", BLOCK), ("noise_refiner", "noise_refiner", BLOCK),
                    ("context_refiner", "context_refiner", BLOCK))

@@ -25,7 +25,11 @@ KOHYA_NETWORKS = {
 }
 #: the family a kohya module trains (networks.lora and LyCORIS: any SD1 / SD2 / SDXL, LyCORIS also Flux / SD3);
 #: the same names the families write into the files (Family.network_module)
-MODULE_FAMILY = {families.get(k).network_module: k for k in families.FLOW}
+MODULE_FAMILIES: Dict[str, Tuple[str, ...]] = {}
+for _k in families.FLOW:  # sd-scripts' networks.lora_flux trains Flux.1 and Chroma
+    MODULE_FAMILIES[families.get(_k).network_module] = MODULE_FAMILIES.get(families.get(_k).network_module, ()) + (_k,)
+#: module -> the family it is written for (the first that names it)
+MODULE_FAMILY = {m: fams[0] for m, fams in MODULE_FAMILIES.items()}
 FAMILY_NAMES = dict({k: families.get(k).title for k in families.FLOW}, sd="SD1 / SD2 / SDXL")
 #: LyCORIS presets we train -> whether they include the ResNet blocks' 3x3 convolutions
 LYCORIS_PRESETS = {"full": True, "attn-mlp": False}
@@ -164,13 +168,14 @@ def map_network(flat: Dict[str, Any], base_dir: str) -> Tuple[Dict[str, Any], Di
     algo = str(nargs.pop("algo", "lora") or "lora").lower() if lyco else ""
     dora = _set(nargs.pop("dora_wd", False)) if lyco else False
     _refuse(module, algo, dora, nargs, label)
-    want, base = MODULE_FAMILY.get(module), flat.get("pretrained_model_name_or_path")
+    want, base = MODULE_FAMILIES.get(module), flat.get("pretrained_model_name_or_path")
     have = base_family(resolve_path(str(base), base_dir)) if want and base else None
-    if have and have != want:
-        fix = next((m for m, f in MODULE_FAMILY.items() if f == have), "networks.lora")
-        raise KohyaConfigError("network_module", f"{label} trains {FAMILY_NAMES[want]}, but the base model '{base}' "
+    if have and have not in want:
+        fix = families.get(have).network_module if have in families.FLOW else "networks.lora"
+        names = " / ".join(FAMILY_NAMES[w] for w in want)
+        raise KohyaConfigError("network_module", f"{label} trains {names}, but the base model '{base}' "
                                f"is {FAMILY_NAMES[have]}: set network_module = \"{fix}\", or point "
-                               f"pretrained_model_name_or_path at a {FAMILY_NAMES[want]} model.")
+                               f"pretrained_model_name_or_path at a {names} model.")
     ours: Dict[str, Any] = {}
     notes: List[str] = []
     not_used: Dict[str, Any] = {}
@@ -215,9 +220,9 @@ def network_to_kohya(cfg: TrainConfig) -> Dict[str, Any]:
     family = base_family(cfg.base_model)
     typ = "lora" if cfg.network_type == "locon" else cfg.network_type
     module, algo, dora = next(k for k, t in KOHYA_NETWORKS.items() if t == typ)
-    if module == "networks.lora":
-        module = next((m for m, f in MODULE_FAMILY.items() if f == family), module)
-    flow = family in MODULE_FAMILY.values()
+    flow = family in families.FLOW
+    if module == "networks.lora" and flow:
+        module = families.get(family).network_module
     conv = 0 if flow else (cfg.conv_rank or (cfg.lora_rank if cfg.network_type == "locon" else 0))
     args: List[str] = [f"algo={algo}"] if algo else []
     if dora:

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 from .. import families
 from .base import BaseModel, ModelError
+from . import chroma as chroma_mod
 from . import flux as flux_mod
 from . import qwen_image as qwen_mod
 from . import sd3 as sd3_mod
@@ -20,7 +21,7 @@ from . import z_image as z_mod
 #: tiny flow models by spec
 TINY_BUILDERS = {"tiny-flux": flux_mod.build_tiny_flux, "tiny-flux-schnell": lambda: flux_mod.build_tiny_flux(True),
                  "tiny-sd3": sd3_mod.build_tiny_sd3, "tiny-qwen-image": qwen_mod.build_tiny_qwen_image,
-                 "tiny-z-image": z_mod.build_tiny_z_image}
+                 "tiny-z-image": z_mod.build_tiny_z_image, "tiny-chroma": chroma_mod.build_tiny_chroma}
 TINY_FLOW_SPECS = tuple(TINY_BUILDERS)  # = families.TINY_FLOW_SPECS (a test holds them equal)
 FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
@@ -29,7 +30,8 @@ PIPELINE_PREFIXES = tuple(p for k in families.FLOW for p in families.get(k).pipe
 #: a diffusers folder's pipeline class (model_index.json) -> its loader
 FOLDER_LOADERS = dict({c: flux_mod.load_flux_folder for c in FLUX_PIPELINES},
                       **{c: qwen_mod.load_qwen_image_folder for c in qwen_mod.PIPELINES},
-                      **{c: z_mod.load_z_image_folder for c in z_mod.PIPELINES})
+                      **{c: z_mod.load_z_image_folder for c in z_mod.PIPELINES},
+                      **{c: chroma_mod.load_chroma_folder for c in chroma_mod.PIPELINES})
 
 
 def _index(folder: str) -> Optional[dict]:
@@ -57,7 +59,7 @@ def is_flow_spec(spec: str) -> bool:
 
 
 def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseModel:
-    """A tiny flow model, a Flux / SD3 / Qwen-Image diffusers folder, or single files (flow_single_file)."""
+    """A tiny flow model, a diffusers folder of a flow family, or single files (flow_single_file)."""
     if spec in TINY_BUILDERS:
         return TINY_BUILDERS[spec]()
     path = os.path.expanduser(spec)
@@ -66,17 +68,12 @@ def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseMo
         cls = str(idx.get("_class_name", ""))
         if cls in FOLDER_LOADERS:
             return FOLDER_LOADERS[cls](path)
-        if cls.startswith("Flux"):
-            raise ModelError(f"'{spec}' is a {cls} folder (a Flux variant with other inputs); this trainer "
-                             f"trains Flux.1 dev / schnell base models: use a FluxPipeline folder.")
-        if cls.startswith(("QwenImage", "ZImage")):
-            base = "QwenImagePipeline" if cls.startswith("QwenImage") else "ZImagePipeline"
-            raise ModelError(f"'{spec}' is a {cls} folder (a variant with other inputs); this trainer trains the "
-                             f"text-to-image model: use a {base} folder.")
-        if cls not in SD3_PIPELINES:
-            raise ModelError(f"'{spec}' is a {cls} folder; use a StableDiffusion3Pipeline folder (SD3 Medium, "
-                             f"SD3.5 Medium / Large).")
-        return sd3_mod.load_sd3_folder(path, idx)
+        if cls in SD3_PIPELINES:
+            return sd3_mod.load_sd3_folder(path, idx)
+        fam = next((families.get(k) for k in families.FLOW if cls.startswith(families.get(k).pipeline_prefixes)),
+                   families.get("sd3"))
+        raise ModelError(f"'{spec}' is a {cls} folder (a {fam.title} variant with other inputs); this trainer "
+                         f"trains the text-to-image models: use a {fam.pipeline_class} folder.")
     from .flow_single_file import load_flow_single_file
 
     return load_flow_single_file(path, files or {})
@@ -84,7 +81,8 @@ def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseMo
 
 #: family -> the writer of its tiny model's diffusers pipeline folder
 TINY_FOLDER_WRITERS = {"flux": flux_mod.save_flux_folder, "sd3": sd3_mod.save_sd3_folder,
-                       "qwen_image": qwen_mod.save_qwen_image_folder, "z_image": z_mod.save_z_image_folder}
+                       "qwen_image": qwen_mod.save_qwen_image_folder, "z_image": z_mod.save_z_image_folder,
+                       "chroma": chroma_mod.save_chroma_folder}
 
 
 def save_tiny_flow_folder(spec: str, folder: str) -> str:
