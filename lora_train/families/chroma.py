@@ -18,23 +18,13 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 from .base import FlowFamily
+from .flux import DOUBLE as FLUX_DOUBLE, SINGLE as FLUX_SINGLE
 from .flow_parts import (IMPL_BFL, latent_image_ids, pack_latents, param_device, t5_max_length, token_ids,
                          unpack_latents)
 
-DOUBLE = (
-    ("img_attn_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    ("txt_attn_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("img_attn_proj", ("attn.to_out.0",)),
-    ("txt_attn_proj", ("attn.to_add_out",)),
-    ("img_mlp_0", ("ff.net.0.proj",)),
-    ("img_mlp_2", ("ff.net.2",)),
-    ("txt_mlp_0", ("ff_context.net.0.proj",)),
-    ("txt_mlp_2", ("ff_context.net.2",)),
-)
-SINGLE = (
-    ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-    ("linear2", ("proj_out",)),
-)
+# Flux's tables without the per-block modulation Linears Chroma does not have
+DOUBLE = tuple(e for e in FLUX_DOUBLE if not e[0].endswith("_mod_lin"))
+SINGLE = tuple(e for e in FLUX_SINGLE if e[0] != "modulation_lin")
 EXTRAS = dict({"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer_linear": "proj_out",
                "distilled_guidance_layer_in_proj": "distilled_guidance_layer.in_proj",
                "distilled_guidance_layer_out_proj": "distilled_guidance_layer.out_proj"},
