@@ -85,6 +85,7 @@ def flow_pipeline(model: BaseModel):
     pipe = families.of(model).pipeline(model, sched)
     pipe.set_progress_bar_config(disable=True)
     pipe._lora_train_call_kwargs = families.of(model).call_kwargs
+    pipe._lora_train_image = families.of(model).image_of
     pipe._lora_train_model = model
     return pipe
 
@@ -125,7 +126,7 @@ def run_pipeline(pipe, p: GenParams, prompt_text: Optional[str] = None, **pipe_k
     if family_kwargs is not None:
         kw = family_kwargs(pipe._lora_train_model, kw)
     out = pipe(**kw, **pipe_kwargs)
-    return out.images[0]
+    return getattr(pipe, "_lora_train_image", lambda o: o.images[0])(out)
 
 
 def _adapter_id(path: str) -> str:

@@ -1,4 +1,4 @@
-"""The 2026 families (#27), each on its tiny model: Qwen-Image, Z-Image and Chroma. Layout and conditioning, the names ComfyUI
+"""The 2026 families (#27), each on its tiny model: Qwen-Image, Z-Image, Chroma and Wan (on images). Layout and conditioning, the names ComfyUI
 0.8.0 maps (at full size, from its own key map), training end to end with every network type, learning, resume,
 memory savers, grids, the LR finder, folders, single files and the message where the installed diffusers /
 transformers are too old."""
@@ -56,7 +56,12 @@ ZIMAGE = Fam("z_image", "tiny-z-image", "z_image", "build_tiny_z_image", "z_imag
              "networks.lora_zimage", "shift", "2", "Z-Image/lora")
 CHROMA = Fam("chroma", "tiny-chroma", "chroma", "build_tiny_chroma", "chroma", 20, 243, 228, "networks.lora_flux",
              "sigmoid", "1", "chroma/lora")
-FAMS = [QWEN, ZIMAGE, CHROMA]
+# the names at full size: diffusers' class defaults are Wan 2.1 T2V 14B's (the layout of each Wan 2.2 A14B expert)
+WAN = Fam("wan", "tiny-wan", "wan", "build_tiny_wan", "wan_t2v_14b", 20, 406, 400, "networks.lora_wan", "shift", "3",
+          "wan2.1/lora")
+FAMS = [QWEN, ZIMAGE, CHROMA, WAN]
+#: the families whose text encoder is a T5 (their files record its length)
+T5_FAMILIES = ("chroma", "wan")
 
 
 def _skip_unless(f):
@@ -107,7 +112,8 @@ def trained(data, tmp_path_factory, fam):
 @pytest.mark.parametrize("fam, package, cls, need", [
     (QWEN, "transformers", "Qwen2_5_VLForConditionalGeneration", "transformers >= 4.49"),
     (ZIMAGE, "transformers", "Qwen3Model", "transformers >= 4.51"),
-    (CHROMA, "diffusers", "ChromaPipeline", "diffusers >= 0.35")], ids=["qwen", "z", "chroma"])
+    (CHROMA, "diffusers", "ChromaPipeline", "diffusers >= 0.35"),
+    (WAN, "diffusers", "WanPipeline", "diffusers >= 0.33")], ids=["qwen", "z", "chroma", "wan"])
 def test_old_versions_get_a_message(monkeypatch, fam, package, cls, need):
     """Where diffusers / transformers lack the family's classes (AUTOMATIC1111's pins), loading names what to
     install."""
@@ -151,10 +157,12 @@ def test_tiny_layout_and_conditioning(fam):
     assert set(cond) == {"hidden", "mask"} and cond["hidden"].shape[0] == 2 and cond["hidden"].shape[-1] == 32
     n_short = int(cond["mask"][0].sum())
     assert 0 < n_short < int(cond["mask"][1].sum()) <= cond["hidden"].shape[1]
-    if fam.kind != "chroma":  # Qwen-Image, Z-Image: padded to the longest caption here, padding carries nothing
+    if fam.kind not in T5_FAMILIES:  # Qwen-Image, Z-Image: padded to the longest caption here, padding carries nothing
         assert int(cond["mask"][1].sum()) == cond["hidden"].shape[1] and not cond["hidden"][0, n_short:].any()
-    else:  # Chroma: T5 padded to its max length, the first pad token kept (ChromaPipeline's mask)
+    elif fam.kind == "chroma":  # T5 padded to its max length, the first pad token kept (ChromaPipeline's mask)
         assert cond["hidden"].shape[1] == 32 and cond["mask"][0, n_short - 1] == 1 and cond["mask"][0, n_short] == 0
+    else:  # Wan: UMT5 padded to its max length with zeros after each caption (WanPipeline)
+        assert cond["hidden"].shape[1] == 32 and not cond["hidden"][0, n_short:].any()
     # entries of different lengths (other chunks of the text cache) batch again, padded and masked
     a, b = conditioning.rows(conditioning.encode(m, ["a red circle"]))[0], conditioning.rows(cond)[1]
     batch = conditioning.stack([a, b])
@@ -185,7 +193,7 @@ def test_names_are_the_ones_comfyui_maps_at_full_size(fam):
     """Our module names for the released transformer, made on the meta device from diffusers' class defaults (the
     released configs), are exactly ComfyUI 0.8.0's `lora_unet` names for every Linear of the blocks (Qwen-Image
     840, Z-Image 202; fused q/k/v as one) and the 6 outside, with the same (fused) weight shapes; the 1-D norms
-    ComfyUI also lists get no module."""
+    ComfyUI also lists get no module (nor Wan's Conv3d patch embedding)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -199,7 +207,8 @@ def test_names_are_the_ones_comfyui_maps_at_full_size(fam):
     for name, g in groups.items():
         lin = tr.get_submodule(g.paths[0])
         assert [sum(g.out_dims), lin.in_features] == two_d[name][1], name
-    assert all(len(t[1]) == 1 for n, t in ref.items() if n not in groups)  # what is left: norm scales
+    # what is left: norm scales (1-D) and Wan's Conv3d patch embedding (5-D)
+    assert all(len(t[1]) in (1, 5) for n, t in ref.items() if n not in groups)
 
 
 @each
@@ -217,7 +226,7 @@ def test_training_files_metadata_and_names(trained, fam):
     assert meta["ss_network_module"] == fam.network_module and meta["ss_base_model_version"] == fam.kind
     assert meta["ss_timestep_sampling"] == fam.sampling and meta["ss_discrete_flow_shift"] == fam.shift
     assert meta["ss_prediction_type"] == "flow"
-    assert ("ss_t5xxl_max_token_length" in meta) == (fam.kind == "chroma")  # the T5 families record its length
+    assert ("ss_t5xxl_max_token_length" in meta) == (fam.kind in T5_FAMILIES)
 
 
 @each
@@ -318,7 +327,8 @@ def test_folder_round_trip_and_wrong_folder(tmp_path, fam):
     (tmp_path / "edit").mkdir()
     other = {"qwen_image": ("QwenImageEditPipeline", "QwenImagePipeline"),
              "z_image": ("ZImageControlNetPipeline", "ZImagePipeline"),
-             "chroma": ("ChromaInpaintPipeline", "ChromaPipeline")}[fam.kind]
+             "chroma": ("ChromaInpaintPipeline", "ChromaPipeline"),
+             "wan": ("WanImageToVideoPipeline", "WanPipeline")}[fam.kind]
     (tmp_path / "edit" / "model_index.json").write_text(json.dumps({"_class_name": other[0]}))
     with pytest.raises(ModelError) as e:
         load_base_model(str(tmp_path / "edit"))

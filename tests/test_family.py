@@ -53,7 +53,7 @@ def test_every_front_door_lists_the_families():
     from lora_train.ui import logic
     from lora_train.presets import BUILTIN_FAMILIES
 
-    assert FAMILIES == ("sd1", "sd2", "sdxl", "flux", "sd3", "qwen_image", "z_image", "chroma")
+    assert FAMILIES == ("sd1", "sd2", "sdxl", "flux", "sd3", "qwen_image", "z_image", "chroma", "wan")
     assert tuple(BASES) == FAMILIES and tuple(BUILTIN_FAMILIES) == FAMILIES
     assert tuple(logic.MODEL_TYPES) == ("auto",) + FAMILIES
     auto = build_parser()._subparsers._group_actions[0].choices["auto"]

@@ -65,3 +65,10 @@ def test_chroma_advice():
     assert (s.fp8_base, s.blocks_to_swap, s.resolution) == (True, 0, 1024)
     assert s.timestep_sampling == "sigmoid" and not s.train_text_encoder and "T5" in s.reason("train_text_encoder")
     TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-chroma"))
+
+
+def test_wan_advice_says_images_only():
+    s = suggest(60, task="style", base="wan", vram_gb=16)
+    assert (s.fp8_base, s.blocks_to_swap) == (True, 20) and s.learning_rate == pytest.approx(2e-4)
+    assert s.discrete_flow_shift == pytest.approx(3.0) and any("one frame" in n for n in s.notes)
+    TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-wan"))

@@ -10,9 +10,10 @@ from .flux import Flux
 from .qwen_image import QwenImage
 from .sd import SD1, SD2, SDXL
 from .sd3 import SD3
+from .wan import Wan
 from .z_image import ZImage
 
-REGISTRY: Dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3(), QwenImage(), ZImage(), Chroma())}
+REGISTRY: Dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3(), QwenImage(), ZImage(), Chroma(), Wan())}
 NAMES = tuple(REGISTRY)
 FLOW = tuple(n for n, f in REGISTRY.items() if f.flow)
 #: the order detection asks the families in (families/base.py detect_order): flow families, SDXL, SD2, SD1

@@ -181,6 +181,10 @@ class FlowFamily(Family):
         """diffusers' text-to-image pipeline over the model's parts, for grids and samples."""
         raise NotImplementedError
 
+    def image_of(self, out):
+        """The picture of the pipeline's output (a video pipeline's first frame)."""
+        return out.images[0]
+
     def call_kwargs(self, model, kw: Dict[str, Any]) -> Dict[str, Any]:
         """The pipeline call's arguments from the sampler's (prompt, negative_prompt, guidance_scale, steps, size,
         generator): T5's max length is the one the model trains with."""

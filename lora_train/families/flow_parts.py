@@ -8,10 +8,10 @@ from typing import Sequence
 
 #: the variant a model of the family is when its loader did not say (each family's `variants[0]`)
 DEFAULT_VARIANT = {"flux": "flux-dev", "sd3": "sd35-medium", "qwen_image": "qwen-image",
-                   "z_image": "z-image-turbo", "chroma": "chroma"}
+                   "z_image": "z-image-turbo", "chroma": "chroma", "wan": "wan2.1-t2v"}
 IMPL_BFL = "https://github.com/black-forest-labs/flux"
 T5_MAX_LENGTH = {"chroma": 512, "flux-dev": 512, "flux-schnell": 256, "sd3-medium": 256, "sd35-medium": 256,
-                 "sd35-large": 256}
+                 "sd35-large": 256, "wan2.1-t2v": 512, "wan2.2-ti2v-5b": 512}
 
 
 def variant(model) -> str:
@@ -78,3 +78,20 @@ def latent_image_ids(h: int, w: int, device=None, dtype=None):
     ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
     ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype or torch.float32)
+
+
+# ----------------------------------------------------------------------------- Wan's causal 3-D VAE (Qwen-Image's too)
+def video_vae_latents(vae, pixels):
+    """Latents (B, C, h, w) of pixels (B, 3, H, W) as one frame of a Wan-style 3-D VAE (AutoencoderKLWan,
+    AutoencoderKLQwenImage): latent_dist.mean normalised per channel by its config's latents_mean / latents_std."""
+    import torch
+
+    lat = vae.encode(pixels.unsqueeze(2)).latent_dist.mean[:, :, 0]
+    mean = torch.tensor(vae.config.latents_mean, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1)
+    return (lat - mean) / std
+
+
+def video_vae_factor(vae) -> int:
+    """Pixels per latent of such a VAE: one halving per level after the first."""
+    return 2 ** len(vae.config.temperal_downsample)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 from .base import FlowFamily, identity_entries
-from .flow_parts import pack_latents, param_device, unpack_latents
+from .flow_parts import pack_latents, param_device, unpack_latents, video_vae_factor, video_vae_latents
 
 QWEN_SHIFT = 2.2
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -126,15 +126,10 @@ class QwenImage(FlowFamily):
         return {"hidden": hidden, "mask": mask.to(hidden.dtype)}
 
     def encode_latents(self, model, vae, pixels):
-        import torch
-
-        lat = vae.encode(pixels.unsqueeze(2)).latent_dist.mean[:, :, 0]
-        mean = torch.tensor(vae.config.latents_mean, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=lat.device, dtype=lat.dtype).view(1, -1, 1, 1)
-        return (lat - mean) / std
+        return video_vae_latents(vae, pixels)
 
     def vae_factor(self, vae) -> int:
-        return 2 ** len(vae.config.temperal_downsample)  # one halving per level after the first
+        return video_vae_factor(vae)
 
     def latent_tag(self, model) -> str:
         return "qwen_image/latent_dist.mean/normalised"

@@ -20,7 +20,7 @@ def save_diffusers_folder(model: BaseModel, folder: str) -> str:
 
 
 # ----------------------------------------------------------------------------- loading
-def _index_has(index: dict, key: str) -> bool:
+def index_has(index: dict, key: str) -> bool:
     """model_index.json lists a component (diffusers writes [null, null] for an absent one)."""
     v = index.get(key)
     return bool(v) and not (isinstance(v, (list, tuple)) and all(x is None for x in v))
@@ -51,11 +51,11 @@ def load_diffusers_folder(folder: str) -> BaseModel:
         index = json.load(fh)
     cls_name = index.get("_class_name", "")
     supported = "Use an SD1.x, SD2.x or SDXL base diffusers folder."
-    if _index_has(index, "transformer") or not _index_has(index, "unet"):
+    if index_has(index, "transformer") or not index_has(index, "unet"):
         raise ModelError(f"'{folder}' is a {cls_name or 'non-UNet'} folder (a transformer model, not a Stable "
                          f"Diffusion UNet); this version trains SD1.x, SD2.x and SDXL. {supported}")
-    xl = _index_has(index, "text_encoder_2")
-    if xl and not _index_has(index, "text_encoder"):
+    xl = index_has(index, "text_encoder_2")
+    if xl and not index_has(index, "text_encoder"):
         raise ModelError(f"'{folder}' is the SDXL refiner (no first text encoder); train on an SDXL base model. "
                          f"{supported}")
     if "Inpaint" in cls_name:

@@ -16,12 +16,14 @@ from . import chroma as chroma_mod
 from . import flux as flux_mod
 from . import qwen_image as qwen_mod
 from . import sd3 as sd3_mod
+from . import wan as wan_mod
 from . import z_image as z_mod
 
 #: tiny flow models by spec
 TINY_BUILDERS = {"tiny-flux": flux_mod.build_tiny_flux, "tiny-flux-schnell": lambda: flux_mod.build_tiny_flux(True),
                  "tiny-sd3": sd3_mod.build_tiny_sd3, "tiny-qwen-image": qwen_mod.build_tiny_qwen_image,
-                 "tiny-z-image": z_mod.build_tiny_z_image, "tiny-chroma": chroma_mod.build_tiny_chroma}
+                 "tiny-z-image": z_mod.build_tiny_z_image, "tiny-chroma": chroma_mod.build_tiny_chroma,
+                 "tiny-wan": wan_mod.build_tiny_wan}
 TINY_FLOW_SPECS = tuple(TINY_BUILDERS)  # = families.TINY_FLOW_SPECS (a test holds them equal)
 FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
@@ -31,7 +33,8 @@ PIPELINE_PREFIXES = tuple(p for k in families.FLOW for p in families.get(k).pipe
 FOLDER_LOADERS = dict({c: flux_mod.load_flux_folder for c in FLUX_PIPELINES},
                       **{c: qwen_mod.load_qwen_image_folder for c in qwen_mod.PIPELINES},
                       **{c: z_mod.load_z_image_folder for c in z_mod.PIPELINES},
-                      **{c: chroma_mod.load_chroma_folder for c in chroma_mod.PIPELINES})
+                      **{c: chroma_mod.load_chroma_folder for c in chroma_mod.PIPELINES},
+                      **{c: wan_mod.load_wan_folder for c in wan_mod.PIPELINES})
 
 
 def _index(folder: str) -> Optional[dict]:
@@ -82,7 +85,7 @@ def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseMo
 #: family -> the writer of its tiny model's diffusers pipeline folder
 TINY_FOLDER_WRITERS = {"flux": flux_mod.save_flux_folder, "sd3": sd3_mod.save_sd3_folder,
                        "qwen_image": qwen_mod.save_qwen_image_folder, "z_image": z_mod.save_z_image_folder,
-                       "chroma": chroma_mod.save_chroma_folder}
+                       "chroma": chroma_mod.save_chroma_folder, "wan": wan_mod.save_wan_folder}
 
 
 def save_tiny_flow_folder(spec: str, folder: str) -> str:

@@ -89,13 +89,13 @@ def load_sd3_folder(folder: str, index: dict) -> BaseModel:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from .diffusers_folder import _index_has, load_components
+    from .diffusers_folder import index_has, load_components
 
     parts = [("transformer", SD3Transformer2DModel), ("vae", AutoencoderKL),
              ("text_encoder", CLIPTextModelWithProjection), ("tokenizer", CLIPTokenizer),
              ("text_encoder_2", CLIPTextModelWithProjection), ("tokenizer_2", CLIPTokenizer),
              ("scheduler", FlowMatchEulerDiscreteScheduler)]
-    if _index_has(index, "text_encoder_3"):
+    if index_has(index, "text_encoder_3"):
         parts += [("text_encoder_3", T5EncoderModel), ("tokenizer_3", T5TokenizerFast)]
     c = load_components(folder, parts, "SD3 diffusers folder",
                         "transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/ (CLIP-G), tokenizer/, "
