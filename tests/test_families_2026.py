@@ -18,6 +18,7 @@ from lora_train import families
 from lora_train.models import conditioning, flow
 from lora_train.models.base import ModelError
 from lora_train.networks import flow_names
+from lora_train.networks import lora as L
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -383,3 +384,63 @@ def test_single_file_transformer_with_a_components_folder(tmp_path, fam):
         a = flow.predict(m, m.unet, x, torch.tensor([400.0]), c)
         b = flow.predict(m2, m2.unet, x, torch.tensor([400.0]), c)
     assert (a - b).abs().max() < 0.05  # the bf16 copy of the same weights
+
+
+@each
+@pytest.mark.slow
+def test_diffusers_load_lora_weights_and_their_layout_back(trained, fam, tmp_path):
+    """The same LoRA in diffusers' peft layout (`transformer.<diffusers path>.lora_A/B`, what diffusers' training
+    scripts and ai-toolkit's diffusers exports hold): the family's own diffusers pipeline loads it with
+    `load_lora_weights` and gives our trained output (<= 1e-5); our reader takes that layout back to the same."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from lora_train.sampler import flow_pipeline
+
+    tr, res = trained
+    fresh = fam.build()
+    lw = L.load_file(res.lora_path, fresh)
+    diff = flow_names.to_diffusers_state_dict(lw.modules, fam.kind)
+    assert diff and all(k.startswith("transformer.") for k in diff)
+    pipe_model = fam.build()
+    pipe = flow_pipeline(pipe_model)
+    pipe.load_lora_weights(copy.deepcopy(diff), adapter_name="ours")
+    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    cond = flow.encode(fresh, ["a red circle", "lrtdemo"])
+    t = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        ours = flow.predict(tr.model, tr.model.unet, x, t, cond)
+        theirs = flow.predict(pipe_model, pipe.transformer, x, t, cond)
+        plain = flow.predict(fresh, fresh.unet, x, t, cond)
+    assert float((ours - theirs).abs().max()) <= 1e-5 and float((ours - plain).abs().max()) > 1e-4
+    path = tmp_path / "diffusers_layout.safetensors"
+    save_file({k: v.contiguous() for k, v in diff.items()}, str(path))
+    assert flow_file_error(tr.model, str(path), fam.build) <= 1e-5
+
+
+@each
+@pytest.mark.slow
+def test_other_trainers_layouts_read_back(trained, fam, tmp_path):
+    """The layouts ComfyUI and the other trainers write for these families read back to our trained model: ComfyUI's
+    `diffusion_model.<original name>` (lora_A / lora_B), and `diffusion_model.<diffusers path>` (ai-toolkit)."""
+    from safetensors.torch import save_file
+
+    tr, res = trained
+    # ComfyUI's key map spells each module as its dotted path (the reference's `diffusion_model` layout)
+    ref = reference(fam.ref)["layouts"]["diffusion_model"]
+    dotted = {n[len("diffusion_model."):].replace(".", "_"): n for n in ref}
+    tags = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
+    comfy, modules = {}, set()
+    for k, v in load_file(res.lora_path).items():
+        name, _, tag = k.partition(".")
+        modules.add(dotted[name[len("lora_unet_"):]])
+        comfy[f"{dotted[name[len('lora_unet_'):]]}.{tags[tag]}"] = v
+    assert modules <= set(ref) and len(modules) == fam.n_tiny  # every name is one ComfyUI maps
+    p1 = tmp_path / "comfy_layout.safetensors"
+    save_file({k: v.contiguous() for k, v in comfy.items()}, str(p1))
+    assert flow_file_error(tr.model, str(p1), fam.build) <= 1e-5
+    diff = flow_names.to_diffusers_state_dict(L.load_file(res.lora_path, fam.build()).modules, fam.kind)
+    p2 = tmp_path / "aitoolkit_layout.safetensors"
+    save_file({"diffusion_model." + k[len("transformer."):]: v.contiguous() for k, v in diff.items()}, str(p2))
+    assert flow_file_error(tr.model, str(p2), fam.build) <= 1e-5

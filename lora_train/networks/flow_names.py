@@ -357,6 +357,27 @@ def import_groups(model) -> Dict[str, Group]:
     return out
 
 
+_LORA_TAGS = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+
+
+def diffusion_model_diffusers_names(sd: Mapping[str, torch.Tensor], transformer: nn.Module) -> Dict[str, torch.Tensor]:
+    """A file whose `diffusion_model.` keys name the diffusers transformer's own modules (ai-toolkit's Z-Image and
+    Qwen-Image LoRAs: `diffusion_model.layers.0.attention.to_q.lora_A.weight`) read as diffusers' peft layout
+    (`transformer.` + the same path); any other file is returned as it is."""
+    paths = set()
+    for k in sd:
+        if k.startswith("diffusion_model."):
+            rest = k[len("diffusion_model."):]
+            tag = next((t for t in _LORA_TAGS if rest.endswith(t)), None)
+            if tag is None:
+                return dict(sd)
+            paths.add(rest[: -len(tag)])
+    if not paths or not paths <= set(_named_linears(transformer)):
+        return dict(sd)
+    return {("transformer." + k[len("diffusion_model."):] if k.startswith("diffusion_model.") else k): v
+            for k, v in sd.items()}
+
+
 def bfl_keys_to_kohya(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """`diffusion_model.<BFL/MMDiT path>.lora_A/lora_B/lora_down/lora_up.weight` (+ `.alpha`), as ComfyUI and some
     trainers write, -> kohya keys (`lora_unet_<path with _>.lora_down.weight`). Other keys are kept as they are."""

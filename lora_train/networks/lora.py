@@ -361,7 +361,7 @@ def from_state_dict(sd: Dict[str, torch.Tensor], model, metadata: Optional[Dict[
     lw = LoraWeights(metadata=dict(metadata or {}))
     flow = families.is_flow(model)
     if flow:
-        sd = flow_names.bfl_keys_to_kohya(sd)
+        sd = flow_names.bfl_keys_to_kohya(flow_names.diffusion_model_diffusers_names(sd, model.unet))
     keys = list(sd)
     if not keys:
         raise LoraFormatError("the LoRA file holds no tensors.")
