@@ -75,3 +75,38 @@ def test_tiny_sdxl_trains_with_bf16_on_cpu(tmp_path):
     assert unet.is_gradient_checkpointing
     # the first step's loss is the fp32 run's up to the bf16 rounding of the weights
     assert abs(res.losses[0] - runs["no"][1].losses[0]) < 0.05 * runs["no"][1].losses[0]
+
+
+def test_stored_linear_keeps_the_bf16_weight_for_backward():
+    """A frozen Linear stored in bf16: the same output and input / bias gradients as upcasting it by hand, and
+    autograd saves the bf16 weight, not an fp32 copy (what made a checkpointed block's backward hold every upcast
+    weight at once)."""
+    import torch
+    from torch import nn
+
+    from lora_train.training.cpu_bf16 import store_frozen_bf16
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 256)
+    lin.requires_grad_(False)
+    lin.bias.requires_grad_(True)
+    ref_w = lin.weight.detach().to(torch.bfloat16).float()
+    store_frozen_bf16(nn.Sequential(lin))
+    assert lin.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lin(x)
+    assert all(not (d == torch.float32 and n == 64 * 256) for d, n in saved), saved
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = lin.bias.detach().clone().requires_grad_(True)
+    y2 = torch.nn.functional.linear(x2, ref_w, b2)
+    y2.square().sum().backward()
+    assert torch.equal(y, y2) and torch.allclose(x.grad, x2.grad, atol=1e-6)
+    assert torch.allclose(lin.bias.grad, b2.grad, atol=1e-5)

@@ -39,8 +39,32 @@ def unet_load_dtype(mixed_precision: str, device) -> Optional[torch.dtype]:
     return torch.bfloat16 if applies(mixed_precision, device) else None
 
 
+class _StoredLinear(torch.autograd.Function):
+    """F.linear with a frozen weight stored in a narrower dtype: upcast for the forward and again for the backward,
+    so autograd keeps the stored weight, not an upcast copy (without this, the backward of a checkpointed block holds
+    every upcast weight of the block at once: for Qwen-Image's 340 M-parameter blocks, 1.4 GB)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        ctx.bias_shape = None if bias is None else bias.shape
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        gx = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return gx, None, gb
+
+
+def stored_linear(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """F.linear of x with a frozen weight stored in another dtype (bf16, fp8), computed in x's dtype."""
+    return _StoredLinear.apply(x, weight, bias)
+
+
 def _linear(self, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, self.weight.to(x.dtype), self.bias)
+    return stored_linear(x, self.weight, self.bias)
 
 
 def _conv(self, x: torch.Tensor) -> torch.Tensor:

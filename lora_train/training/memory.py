@@ -17,13 +17,14 @@ import types
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .cpu_bf16 import stored_linear
+
 
 def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward with the stored float8 weight (and bias) upcast to the input's dtype for this call."""
-    w = self.weight.to(x.dtype)
-    return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+    return stored_linear(x, self.weight, self.bias)  # autograd keeps the fp8 weight, not an upcast copy
 
 
 def apply_fp8_base(transformer: nn.Module, compute_dtype: torch.dtype) -> int:
