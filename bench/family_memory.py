@@ -4,6 +4,7 @@ against the model's own bytes. Target: peak RSS during training - RSS before it 
 activations (no second full copy of the base weights).
 
     python bench/family_memory.py --family qwen_image [--layers 12] [--steps 2] [--fp8] [--out FILE.json]
+    python bench/family_memory.py --family qwen_image --gpu      # on a GPU: the released size and GPU_TARGETS
 
 The transformer is the family's diffusers class at the released width (Qwen-Image: 24 heads x 128 = 3072; Z-Image:
 3840; Chroma: 3072; Wan 14B: 5120) with fewer blocks (--layers) so that it fits this machine, random weights in
@@ -23,6 +24,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+#: peak VRAM targets for a device run (issue #27 item 5), at the released size, 1024 px, rank 16, batch 1, fp8 base
+#: + gradient checkpointing, with the blocks swapped that the advisor's tier names; GB
+GPU_TARGETS = {"qwen_image": dict(gb=16.0, layers=60, blocks_to_swap=16), "z_image": dict(gb=12.0, layers=30,
+                                                                                        blocks_to_swap=0)}
 
 #: family -> (tiny builder module, function, the transformer's config at the released width with `layers` blocks)
 FAMILIES = {
@@ -51,7 +57,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--fp8", action="store_true", help="fp8_base: block Linear weights stored float8_e4m3fn")
     ap.add_argument("--out", default="")
+    ap.add_argument("--gpu", action="store_true", help="on CUDA: the released block count at 1024 px with fp8 + block "
+                                                       "swap, peak VRAM against GPU_TARGETS")
     a = ap.parse_args(argv)
+    target = GPU_TARGETS.get(a.family) if a.gpu else None
+    if a.gpu:
+        if target is None:
+            ap.error(f"no GPU target for {a.family}: {', '.join(GPU_TARGETS)}")
+        a.layers, a.fp8 = target["layers"], True
 
     import importlib
 
@@ -87,10 +100,17 @@ def main(argv=None) -> int:
     build_s = time.time() - t0
     with tempfile.TemporaryDirectory() as tmp:
         data = write_demo_dataset(os.path.join(tmp, "data"), n=4, size=64)
-        cfg = TrainConfig(train_data_dir=data, output_dir=os.path.join(tmp, "out"), output_name="mem", resolution=64,
+        # the tiny VAE halves twice where the released ones halve three times: 512 px here = 1024 px's tokens there
+        res_px = 512 if a.gpu else 64
+        data = write_demo_dataset(os.path.join(tmp, "data_gpu"), n=4, size=res_px) if a.gpu else data
+        cfg = TrainConfig(train_data_dir=data, output_dir=os.path.join(tmp, "out"), output_name="mem", resolution=res_px,
                           lora_rank=a.rank, lora_alpha=float(a.rank), batch_size=1, max_train_steps=a.steps,
                           learning_rate=1e-4, lr_warmup_steps=0, save_every_n_epochs=0, mixed_precision="bf16",
-                          gradient_checkpointing=True, fp8_base=a.fp8, seed=1, base_model=model.name).validate()
+                          gradient_checkpointing=True, fp8_base=a.fp8, seed=1, base_model=model.name,
+                          blocks_to_swap=target["blocks_to_swap"] if target else 0,
+                          device="cuda" if a.gpu else "cpu").validate()
+        if a.gpu:
+            torch.cuda.reset_peak_memory_stats()
         reset_peak_rss()
         before = peak_rss_mb()
         t1 = time.time()
@@ -104,6 +124,11 @@ def main(argv=None) -> int:
                rss_before_mb=before, peak_rss_mb=peak, training_extra_mb=peak - before,
                extra_share_of_model=(peak - before) / (model_bytes / 2 ** 20), lora_params_mb=lora / 2 ** 20,
                build_s=build_s, train_s=train_s, losses=res.losses)
+    if a.gpu:
+        out.update(peak_vram_gb=torch.cuda.max_memory_allocated() / 2 ** 30, target_gb=target["gb"])
+        out["target_met"] = out["peak_vram_gb"] <= target["gb"]
+        print(f"peak VRAM {out['peak_vram_gb']:.2f} GB (target <= {target['gb']} GB): "
+              f"{'met' if out['target_met'] else 'NOT met'}")
     print(json.dumps(out, indent=1))
     print(f"{a.family}: {n_params / 1e9:.2f} B parameters, {out['model_mb']:.0f} MB stored; peak RSS during "
           f"training {peak:.0f} MB, {out['training_extra_mb']:.0f} MB above the loaded model "

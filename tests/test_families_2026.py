@@ -444,3 +444,23 @@ def test_other_trainers_layouts_read_back(trained, fam, tmp_path):
     p2 = tmp_path / "aitoolkit_layout.safetensors"
     save_file({"diffusion_model." + k[len("transformer."):]: v.contiguous() for k, v in diff.items()}, str(p2))
     assert flow_file_error(tr.model, str(p2), fam.build) <= 1e-5
+
+
+@each
+def test_fp8_and_block_swap_reach_every_block(fam):
+    """fp8_base stores every default-target Linear of the family's blocks in float8 (the rest keeps its dtype) and
+    block swap finds the family's blocks in execution order."""
+    from lora_train.training.memory import BlockSwap, apply_fp8_base, cast_except_fp8, transformer_blocks
+
+    m = fam.build()
+    blocks = transformer_blocks(m.unet)
+    n_blocks = sum(len(getattr(m.unet, b)) for b in families.get(fam.kind).block_lists)
+    assert len(blocks) == n_blocks > 0
+    n8 = apply_fp8_base(m.unet, torch.float32)
+    assert n8 >= len(flow_names.target_modules(fam.kind, m.unet))
+    cast_except_fp8(m.unet, torch.bfloat16)
+    dtypes = {p.dtype for p in m.unet.parameters()}
+    assert dtypes == {torch.float8_e4m3fn, torch.bfloat16}
+    swap = BlockSwap(m.unet, 1, "cpu")
+    assert swap.blocks == [blocks[-1]]
+    swap.remove()

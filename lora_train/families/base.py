@@ -113,6 +113,9 @@ class FlowFamily(Family):
     #: block suffixes whose Linear (when it outputs 2 x its input) orders (scale, shift) where the original has
     #: (shift, scale): lora_up's halves are swapped on export and import
     swapped_suffixes: Tuple[str, ...] = ()
+    #: the transformer's block lists in execution order (fp8_base and block swap work on their blocks); default:
+    #: the LoRA layout's lists
+    block_order: Tuple[str, ...] = ()
     #: the same for modules outside the blocks (always swapped: Flux's and SD3's final AdaLayerNormContinuous)
     swapped_extras: Tuple[str, ...] = ("final_layer_adaLN_modulation_1",)
     #: sd-scripts' (or musubi-tuner's) --network_module for the family, and the training settings it records
@@ -122,6 +125,10 @@ class FlowFamily(Family):
     diffusers_prefixes: Dict[str, str] = {"transformer.": "unet"}
     #: text-encoder packages / versions the family needs ("" = any the core supports)
     requires = ""
+
+    @property
+    def block_lists(self) -> Tuple[str, ...]:
+        return self.block_order or tuple(b for b, _, _ in self.lora_blocks)
 
     def file_metadata(self, variant: Optional[str]) -> Dict[str, str]:
         """ss_base_model_version, modelspec.architecture / implementation (and family keys) for a variant."""

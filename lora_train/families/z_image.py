@@ -51,6 +51,7 @@ class ZImage(FlowFamily):
     name_pattern = r"z[-_ ]?image"
     lora_blocks = (("layers", "layers", BLOCK), ("noise_refiner", "noise_refiner", BLOCK),
                    ("context_refiner", "context_refiner", BLOCK))
+    block_order = ("noise_refiner", "context_refiner", "layers")  # the refiners run first
     lora_extras = {"x_embedder": "all_x_embedder.2-1", "final_layer_linear": "all_final_layer.2-1.linear",
                    "final_layer_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1",
                    "t_embedder_mlp_0": "t_embedder.mlp.0", "t_embedder_mlp_2": "t_embedder.mlp.2",

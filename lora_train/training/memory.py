@@ -48,8 +48,23 @@ def apply_fp8_base(transformer: nn.Module, compute_dtype: torch.dtype) -> int:
 
 
 def transformer_blocks(transformer: nn.Module) -> List[nn.Module]:
-    """The blocks in execution order: Flux's double then single blocks, SD3's joint blocks."""
-    return list(getattr(transformer, "transformer_blocks", [])) + list(getattr(transformer, "single_transformer_blocks", []))
+    """The blocks in execution order, as the transformer's family lists them (Flux's double then single blocks,
+    SD3's joint blocks, Z-Image's noise and context refiners then its layers, Wan's blocks, ...)."""
+    from .. import families
+
+    kind = families.by_transformer_class(type(transformer).__name__)
+    names = families.get(kind).block_lists if kind else ("transformer_blocks", "single_transformer_blocks")
+    return [blk for name in names for blk in getattr(transformer, name, [])]
+
+
+def cast_except_fp8(module: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter and buffer that is not stored in float8 to `dtype` (module.to(dtype) would upcast
+    the float8 weights too)."""
+    f8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point() and t.dtype not in f8 and t.dtype != dtype:
+                t.data = t.data.to(dtype)
 
 
 class BlockSwap:

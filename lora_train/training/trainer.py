@@ -31,7 +31,7 @@ from . import kohya_extras
 from .kohya_extras import KohyaExtras
 from . import loss as loss_mod
 from . import cpu_bf16
-from .memory import BlockSwap, apply_fp8_base
+from .memory import BlockSwap, apply_fp8_base, cast_except_fp8
 from .device import resolve_device, resolve_precision
 from .events import TrainEvent
 from .outputs import OutputsMixin, TrainResult, check_outputs_free, epoch_path, output_paths, step_path
@@ -409,8 +409,8 @@ class Trainer(StateMixin, OutputsMixin):
         self.group_names = names
         base_dtype = self.weight_dtype if self.device.type != "cpu" else None
         if cfg.fp8_base:  # cast in CPU memory first: a 12 B transformer never sits on the GPU in 16 bits
-            m.unet.to(dtype=base_dtype or torch.float32)
-            n8 = apply_fp8_base(m.unet, base_dtype or torch.float32)
+            n8 = apply_fp8_base(m.unet, base_dtype or torch.float32)  # block Linears: to fp8 from the stored dtype
+            cast_except_fp8(m.unet, base_dtype or torch.float32)  # the rest to the compute dtype
             self.emit("info", message=f"fp8_base: {n8} frozen Linear layers stored as float8_e4m3fn, computed in "
                                       f"{str(base_dtype or torch.float32).replace('torch.', '')}.")
             m.unet.to(self.device)
