@@ -221,6 +221,15 @@ def test_no_family_name_branches_outside_families():
             if hits:
                 found[rel] = hits
     assert not found, f"family-name branches outside lora_train/families/: {found}; ask lora_train.families instead"
+    # and the issue's own check, literally: `grep -rn "kind ==" lora_train` finds nothing outside families/ (event,
+    # widget and component kinds have names of their own)
+    literal = re.compile(r"\bkind (==|!=|in \()")
+    for dirpath, _, files in os.walk(pkg):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), pkg).replace(os.sep, "/")
+            if f.endswith(".py") and not rel.startswith("families/"):
+                with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
+                    assert not any(literal.search(line) for line in fh), rel
     # the check sees a branch when there is one, for every family
     assert _FAMILY_BRANCH.search('if m.kind == "sdxl":') and _FAMILY_BRANCH.search('kind in ("qwen_image", "x")')
     assert not _FAMILY_BRANCH.search("if families.of(m).flow:")

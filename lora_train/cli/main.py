@@ -29,22 +29,22 @@ class TqdmRenderer:
     def __call__(self, ev):
         from tqdm.auto import tqdm
 
-        kind = ev["kind"]
-        if kind == "start":
+        event = ev["kind"]
+        if event == "start":
             self.bar = tqdm(total=ev["total_steps"], desc="training", unit="step", file=self.stream, mininterval=0.5)
-        elif kind == "step" and self.bar is not None:
+        elif event == "step" and self.bar is not None:
             self.bar.n = ev["step"]
             self.bar.set_postfix(epoch=ev["epoch"], loss=f"{ev['loss']:.4f}", lr=f"{ev['lr']:.2e}", refresh=False)
             self.bar.refresh()
-        elif kind in ("warning", "info", "nan", "diagnosis"):
-            prefix = {"warning": "warning: ", "nan": "warning: ", "diagnosis": "diagnosis: "}.get(kind, "")
+        elif event in ("warning", "info", "nan", "diagnosis"):
+            prefix = {"warning": "warning: ", "nan": "warning: ", "diagnosis": "diagnosis: "}.get(event, "")
             (self.bar.write if self.bar else print)(f"{prefix}{ev['message']}")
-        elif kind == "resumed":
+        elif event == "resumed":
             print(f"resumed from {ev['path']} at step {ev['step']} (epoch {ev['epoch']})")
-        elif kind == "checkpoint":
+        elif event == "checkpoint":
             msg = f"saved {ev['path']}"
             (self.bar.write if self.bar else print)(msg)
-        elif kind == "done" and self.bar is not None:
+        elif event == "done" and self.bar is not None:
             self.bar.close()
 
 

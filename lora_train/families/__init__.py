@@ -40,9 +40,14 @@ def by_transformer_class(class_name: str):
     return next((n for n, f in REGISTRY.items() if f.flow and f.transformer_class == class_name), None)
 
 
+def same(a: str, b: str) -> bool:
+    """Two family names (BaseModel.kind) are the same family."""
+    return get(a) is get(b)
+
+
 def is_flow(model) -> bool:
     return getattr(model, "kind", "") in FLOW
 
 
 __all__ = ["Family", "FlowFamily", "REGISTRY", "NAMES", "FLOW", "get", "of", "is_flow", "by_transformer_class", "DETECT_ORDER",
-           "TINY_SPECS", "TINY_FLOW_SPECS"]
+           "TINY_SPECS", "TINY_FLOW_SPECS", "same"]

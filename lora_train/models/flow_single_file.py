@@ -81,11 +81,11 @@ def component_files(paths, family: Optional[str] = None) -> Dict[str, str]:
     out: Dict[str, str] = {}
     clips = []
     for p in paths or []:
-        kind = component_kind(p)
-        if kind == "clip":
+        part = component_kind(p)
+        if part == "clip":
             clips.append(str(p))
-        elif kind is not None and kind not in out:
-            out[kind] = str(p)
+        elif part is not None and part not in out:
+            out[part] = str(p)
     if len(clips) >= 2:
         clips.sort(key=_clip_width)
         out["clip_l"], out["clip_g"] = clips[0], clips[-1]

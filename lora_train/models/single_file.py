@@ -526,7 +526,7 @@ def _resolve_spec(config, info: CheckpointInfo) -> _Spec:
     if config is None:
         return _spec_from_folder(bundled_config_dir(info.variant), info.kind, info.native_resolution, bundled=True)
     if isinstance(config, BaseModel):
-        if config.kind != info.kind:
+        if not families.same(config.kind, info.kind):
             raise ModelError(f"the config template is a {config.kind} model but the weights are {info.kind}.")
         return _spec_from_template(config)
     if isinstance(config, str) and config in VARIANTS:
@@ -582,7 +582,7 @@ def from_original_state_dict(state_dict: Mapping[str, torch.Tensor], kind: Optio
     """
     state_dict = normalize_host_keys(state_dict)
     info = detect_checkpoint(state_dict, prediction_type, metadata=metadata, name=name)
-    if kind not in (None, "", "auto") and kind != info.kind:
+    if kind not in (None, "", "auto") and not families.same(kind, info.kind):
         raise ModelError(f"the weights are {info.kind} ({info.description}), not {kind}.")
     spec = _resolve_spec(config, info)
     pt = info.prediction_type

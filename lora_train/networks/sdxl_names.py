@@ -63,8 +63,8 @@ def diffusers_to_sgm_path(path: str, layers_per_block: int = 2,
     m = re.match(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?$",
                  path)
     if m:
-        kind, i, sub, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5) or ""
-        if kind == "down_blocks":
+        block, i, sub, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5) or ""
+        if block == "down_blocks":
             if sub == "resnets":
                 return _join(f"input_blocks.{1 + i * step + j}.0", _swap_head(rest, _RESNET_D2S))
             if sub == "attentions":

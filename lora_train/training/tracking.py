@@ -66,8 +66,8 @@ class Tracker:
             self.wandb.log(dict(values), step=step)
 
     def __call__(self, ev) -> None:
-        kind = ev["kind"]
-        if kind == "step":
+        event = ev["kind"]
+        if event == "step":
             self.losses.append(float(ev["loss"]))
             vals = {"loss/current": float(ev["loss"]), "loss/average": float(np.mean(self.losses))}
             names = getattr(self.trainer, "group_names", None) or []
@@ -77,13 +77,13 @@ class Tracker:
             if gn is not None:
                 vals["grad_norm"] = float(gn)
             self._scalars(int(ev["step"]), vals)
-        elif kind == "val_loss":
+        elif event == "val_loss":
             self._scalars(int(ev["step"]), {"loss/validation": float(ev["val_loss"])})
-        elif kind == "epoch":
+        elif event == "epoch":
             self._scalars(int(ev["step"]), {"loss/epoch": float(ev.get("mean_loss") or 0.0)})
-        elif kind == "sample" and ev.get("path"):
+        elif event == "sample" and ev.get("path"):
             self._image(int(ev["step"]), ev["path"])
-        elif kind == "done":
+        elif event == "done":
             self.close()
 
     def _image(self, step: int, path: str) -> None:

@@ -117,15 +117,15 @@ class Trainer(StateMixin, OutputsMixin):
         assert name in HOOKS, name
         return [getattr(ext, name) for ext in self.extensions if callable(getattr(ext, name, None))]
 
-    def emit(self, kind: str, **data: Any) -> None:
+    def emit(self, event: str, **data: Any) -> None:
         acc = getattr(self, "accelerator", None)
         if acc is not None and not acc.is_main_process:
             return  # with several processes only the main one reports
-        ev = TrainEvent.make(kind, **data)
+        ev = TrainEvent.make(event, **data)
         for cb in self.callbacks:
             cb(ev)
         diag = self.diagnoser
-        if diag is not None and kind in ("start", "step", "val_loss", "nan"):
+        if diag is not None and event in ("start", "step", "val_loss", "nan"):
             for f in diag.handle_event(ev):
                 self.findings.append(f)
                 fev = TrainEvent.make("diagnosis", finding=f.to_dict(), message=str(f))

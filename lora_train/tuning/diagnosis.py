@@ -137,17 +137,17 @@ class Diagnoser:
     def handle_event(self, ev: Dict[str, Any]) -> List[Finding]:
         """Convenience for the trainer's event stream: reads `start` (total_steps, steps_per_epoch), `step`
         (step, loss), `val_loss` / `validation` (step, val_loss) and `nan` (step, value) events."""
-        kind = ev.get("kind")
-        if kind == "start":
+        event = ev.get("kind")
+        if event == "start":
             self.total_steps = ev.get("total_steps", self.total_steps)
             self.steps_per_epoch = ev.get("steps_per_epoch", self.steps_per_epoch)
             return []
         last = self.steps[-1] if self.steps else 0
-        if kind == "step" and ev.get("loss") is not None:
+        if event == "step" and ev.get("loss") is not None:
             return self.update(int(ev["step"]), ev.get("loss"), ev.get("val_loss"))
-        if kind in ("val_loss", "validation") and ev.get("val_loss") is not None:
+        if event in ("val_loss", "validation") and ev.get("val_loss") is not None:
             return self.update(int(ev.get("step", last)), None, ev["val_loss"])
-        if kind == "nan" and ev.get("value") is not None:
+        if event == "nan" and ev.get("value") is not None:
             value = float(ev["value"])
             if not math.isfinite(value):
                 if ev.get("what") in ("val_loss", "validation"):

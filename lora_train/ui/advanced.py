@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..config import HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, ConfigError, TrainConfig
 from ..kohya.toml_config import FRONT_DOOR_OWNED, layer_config, load_kohya
 
-#: (key, kind, label, choices): kind number | int | bool | text | choice
+#: (key, field_type, label, choices): field_type number | int | bool | text | choice
 FIELDS: List[Tuple[str, str, str, Sequence[str]]] = [
     ("clip_skip", "int", "clip_skip (0 or 1: off; 2 for anime SD1.5 models)", ()),
     ("max_token_length", "choice", "max_token_length (long captions: 150 / 225)", ("75", "150", "225")),
@@ -52,20 +52,20 @@ TAB_OWNED = FRONT_DOOR_OWNED  # the tab decides its folder, run name and run fol
 def default_values() -> Dict[str, Any]:
     d = TrainConfig().validate()
     out: Dict[str, Any] = {"kohya_config": ""}
-    for key, kind, _label, _ch in FIELDS:
+    for key, field_type, _label, _ch in FIELDS:
         v = getattr(d, key)
-        out[key] = _to_field(kind, v)
+        out[key] = _to_field(field_type, v)
     return out
 
 
-def _to_field(kind: str, v: Any) -> Any:
-    if kind == "choice":
+def _to_field(field_type: str, v: Any) -> Any:
+    if field_type == "choice":
         return str(v)
-    if kind == "int":
+    if field_type == "int":
         return int(v or 0)
-    if kind == "number":
+    if field_type == "number":
         return float(v or 0)
-    if kind == "bool":
+    if field_type == "bool":
         return bool(v)
     return "" if v is None else str(v)
 
@@ -73,7 +73,7 @@ def _to_field(kind: str, v: Any) -> Any:
 def config_values(values: Dict[str, Any]) -> Dict[str, Any]:
     """The config keys of the Advanced fields present in `values` (tab field values -> TrainConfig values)."""
     out: Dict[str, Any] = {}
-    for key, kind, _label, _ch in FIELDS:
+    for key, field_type, _label, _ch in FIELDS:
         if key not in values or values[key] is None:
             continue
         v = values[key]
@@ -81,11 +81,11 @@ def config_values(values: Dict[str, Any]) -> Dict[str, Any]:
             out[key] = int(v) if v and int(v) > 1 else None
         elif key == "max_token_length":
             out[key] = int(v or 75)
-        elif kind == "int":
+        elif field_type == "int":
             out[key] = int(v or 0)
-        elif kind == "number":
+        elif field_type == "number":
             out[key] = float(v or 0)
-        elif kind == "bool":
+        elif field_type == "bool":
             out[key] = bool(v)
         else:
             out[key] = str(v).strip()
@@ -110,8 +110,8 @@ def load_for_tab(path: str, setting_keys: Sequence[str]) -> Tuple[Dict[str, Any]
     values: Dict[str, Any] = {"kohya_config": path}
     for key in setting_keys:
         if key in KEYS:
-            kind = next(f[1] for f in FIELDS if f[0] == key)
-            values[key] = _to_field(kind, getattr(cfg, key))
+            field_type = next(f[1] for f in FIELDS if f[0] == key)
+            values[key] = _to_field(field_type, getattr(cfg, key))
         elif key in imp.data and hasattr(cfg, key):
             v = getattr(cfg, key)
             values[key] = 0 if v is None else v

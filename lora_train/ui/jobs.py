@@ -96,14 +96,14 @@ class Job:
     def on_train_event(self, ev: Dict[str, Any], host=None) -> None:
         """Keep what the tab shows of a Trainer event (the diagnosis is the Trainer's own `diagnosis` events);
         report progress to the host and stop when the host's own interrupt was pressed."""
-        kind = ev.get("kind")
+        event = ev.get("kind")
         with self._lock:
-            if kind == "start":
+            if event == "start":
                 self.status = "running" if not self.stop_event.is_set() else "stopping"
                 self.total_steps = int(ev.get("total_steps") or 0)
                 self.total_epochs = int(ev.get("total_epochs") or 0)
                 self.device = str(ev.get("device") or "")
-            elif kind == "step":
+            elif event == "step":
                 self.step = int(ev.get("step", self.step))
                 self.epoch = int(ev.get("epoch", self.epoch))
                 self.total_steps = int(ev.get("total_steps") or self.total_steps)
@@ -114,23 +114,23 @@ class Job:
                     self.steps.append(self.step)
                     self.losses.append(float(loss))
                 self.vram = vram_text()
-            elif kind == "val_loss":
+            elif event == "val_loss":
                 self.val_steps.append(int(ev.get("step", self.step)))
                 self.val_losses.append(float(ev.get("val_loss")))
-            elif kind == "epoch":
+            elif event == "epoch":
                 self.epoch = int(ev.get("epoch", self.epoch))
-            elif kind == "phase":
+            elif event == "phase":
                 self.message = str(ev.get("message", ""))
-            elif kind == "warning":
+            elif event == "warning":
                 self.warnings.append(str(ev.get("message", "")))
-            elif kind == "diagnosis":
+            elif event == "diagnosis":
                 self.findings.append(str(ev.get("message", "")))
-            elif kind == "checkpoint":
+            elif event == "checkpoint":
                 path = ev.get("path")
                 if path:
                     self.files.append(str(path))
             self.version += 1
-        if host is not None and kind == "step":
+        if host is not None and event == "step":
             try:
                 host.progress(self.step, self.total_steps, f"LoRA {self.name}: step {self.step}/{self.total_steps}")
                 if host.interrupted():

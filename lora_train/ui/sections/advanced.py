@@ -26,14 +26,14 @@ def layout(c) -> None:
         fields = list(advanced.FIELDS)
         for start in range(0, len(fields), 4):
             with gr.Row():
-                for key, kind, label, choices in fields[start:start + 4]:
+                for key, field, label, choices in fields[start:start + 4]:
                     eid = f"lora_train_adv_{key}"
-                    if kind == "bool":
+                    if field == "bool":
                         S[key] = make(gr.Checkbox, value=d[key], label=label, elem_id=eid)
-                    elif kind == "choice":
+                    elif field == "choice":
                         S[key] = make(gr.Dropdown, choices=list(choices), value=d[key], label=label, elem_id=eid)
-                    elif kind in ("int", "number"):
-                        S[key] = make(gr.Number, value=d[key], precision=0 if kind == "int" else None, label=label,
+                    elif field in ("int", "number"):
+                        S[key] = make(gr.Number, value=d[key], precision=0 if field == "int" else None, label=label,
                                       elem_id=eid)
                     else:
                         S[key] = make(gr.Textbox, value=d[key], label=label, elem_id=eid)
