@@ -1,0 +1,257 @@
+"""Qwen-Image / Z-Image / Chroma / Wan 2.1 LoRAs we write, applied by a real ComfyUI 0.8.0's own LoRA code. Runs
+when COMFYUI_DIR points at a ComfyUI checkout with its venv ($COMFYUI_PYTHON, else $COMFYUI_DIR/.venv/bin/python);
+skipped otherwise. The ComfyUI side is tests/comfyui_families_check.py, run with ComfyUI's python. Seen with ComfyUI
+0.8.0 (`fetch pollockjj/ComfyUI`, commit fc0cb10b "ComfyUI v0.8.0") on the CPU, its venv with its requirements.txt
+and torch 2.14.1 + torchvision 0.29.1 (torch 2.13.0+cpu has no torchvision wheel that loads here: ComfyUI imports
+torchvision); about 3 minutes on 2 cores, 8 GB at most (Z-Image's 0.9 B parameters in float32, patched).
+
+Per family: a random diffusers transformer of the smallest size ComfyUI's detection (comfy/model_detection.py,
+comfy/supported_models.py) builds right, its weights rounded to bf16, written in the original single-file layout
+(`model.diffusion_model.` + ComfyUI's names; the layout is checked by mapping it back with diffusers' own
+single-file converter, which must give our state dict exactly). ComfyUI detects and loads it (float32, no key
+missing or unexpected). Our LoRA on every default target (random, seeded, rank 4, alpha 2; fused modules written
+by our writer) goes through comfy.lora.load_lora + ModelPatcher.add_patches: 0 keys not loaded, every module of our
+file matched, and the weights ComfyUI patched equal base + our delta (alpha / rank; in ComfyUI's fused layout) on
+probes of every module; the model's output changes, and comes back once unpatched.
+
+Sizes ComfyUI fixes (0.8.0):
+- Qwen-Image: only in_channels and the block count are read; 24 heads x 128 (hidden 3072) and text width 3584 are
+  the model's defaults -> 1 block (0.38 B parameters).
+- Z-Image: a Lumina2 state dict is Z-Image only at dim 3840 (30 heads, ffn 10240); 2 noise + 2 context refiners
+  are fixed -> 1 main layer, caption width 64 (0.9 B parameters).
+- Chroma: Flux's detection fixes 24 heads with rope axes (16, 56, 56) (hidden 3072), and the distilled guidance
+  layer (64 -> 5120 x 5 layers -> 3072) -> 1 double + 1 single block, text width 64 (0.62 B parameters).
+- Wan 2.1 T2V: heads = dim / 128, freq_dim 256, text width 4096 (the model's default) -> dim 128 (1 head),
+  ffn 256, 2 blocks (1.1 M parameters).
+"""
+import gc
+import json
+import os
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_train.networks import flow_names as F
+from lora_train.networks import lora as L
+
+COMFY = os.environ.get("COMFYUI_DIR", "")
+PY = os.environ.get("COMFYUI_PYTHON") or os.path.join(COMFY, ".venv", "bin", "python")
+CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfyui_families_check.py")
+pytestmark = [pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI checkout with its venv to run"),
+              pytest.mark.slow]
+
+RANK, ALPHA = 4, 2.0
+#: kind -> (diffusers class, config, ComfyUI's model config, kohya modules of our file, text width)
+FAMILIES = {
+    "qwen_image": ("QwenImageTransformer2DModel", dict(num_layers=1), "QwenImage", 14, 3584),
+    "z_image": ("ZImageTransformer2DModel", dict(n_layers=1, cap_feat_dim=64), "ZImage", 1 * 6 + 2 * 6 + 2 * 5, 64),
+    "chroma": ("ChromaTransformer2DModel", dict(num_layers=1, num_single_layers=1, joint_attention_dim=64), "Chroma",
+               8 + 2, 64),
+    "wan": ("WanTransformer3DModel", dict(num_attention_heads=1, attention_head_dim=128, ffn_dim=256, num_layers=2,
+                                          text_dim=4096, freq_dim=256), "WAN21_T2V", 2 * 10, 4096),
+}
+
+
+# ----------------------------------------------------------------------------- diffusers -> original layout
+def _chroma_original(sd):
+    sd, out = dict(sd), {}
+
+    def take(src, dst):
+        out[dst] = sd.pop(src)
+
+    def cat(srcs, dst):
+        out[dst] = torch.cat([sd.pop(s) for s in srcs])
+
+    for k in [k for k in sd if k.startswith("distilled_guidance_layer.")]:
+        new = k.replace(".linear_1.", ".in_layer.").replace(".linear_2.", ".out_layer.")
+        if ".norms." in k:
+            new = k[: -len(".weight")] + ".scale"
+        take(k, new)
+    for a, b in (("context_embedder", "txt_in"), ("x_embedder", "img_in"), ("proj_out", "final_layer.linear")):
+        for t in ("weight", "bias"):
+            take(f"{a}.{t}", f"{b}.{t}")
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        s, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for t in ("weight", "bias"):
+            cat([f"{s}attn.to_{x}.{t}" for x in "qkv"], f"{d}img_attn.qkv.{t}")
+            cat([f"{s}attn.add_{x}_proj.{t}" for x in "qkv"], f"{d}txt_attn.qkv.{t}")
+            for a, b in (("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
+                         ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+                         ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
+                take(f"{s}{a}.{t}", f"{d}{b}.{t}")
+        for a, b in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                     ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            take(f"{s}attn.{a}.weight", f"{d}{b}.scale")
+    singles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")})
+    for i in singles:
+        s, d = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for t in ("weight", "bias"):
+            cat([f"{s}attn.to_q.{t}", f"{s}attn.to_k.{t}", f"{s}attn.to_v.{t}", f"{s}proj_mlp.{t}"],
+                f"{d}linear1.{t}")
+            take(f"{s}proj_out.{t}", f"{d}linear2.{t}")
+        take(f"{s}attn.norm_q.weight", f"{d}norm.query_norm.scale")
+        take(f"{s}attn.norm_k.weight", f"{d}norm.key_norm.scale")
+    assert not sd, f"diffusers keys left without an original name: {sorted(sd)}"
+    return out
+
+
+_WAN_RENAMES = (
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+    (".to_out.0.", ".o."), (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."), (".norm2.", ".norm3."),
+    (".scale_shift_table", ".modulation"),
+)
+
+
+def _wan_original(sd):
+    out = {}
+    for k, v in sd.items():
+        if k == "scale_shift_table":
+            new = "head.modulation"
+        elif k.startswith("proj_out."):
+            new = "head.head." + k[len("proj_out."):]
+        else:
+            new = k
+            for a, b in _WAN_RENAMES:
+                new = new.replace(a, b)
+        out[new] = v
+    return out
+
+
+def original_layout(kind, sd):
+    """`model.diffusion_model.` + the family's original (ComfyUI) names, bf16, as ComfyUI's single files hold it."""
+    if kind in ("qwen_image", "z_image"):
+        import test_families_2026 as T26
+
+        return T26.original_layout(kind, sd)
+    conv = {"chroma": _chroma_original, "wan": _wan_original}[kind](sd)
+    return {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in conv.items()}
+
+
+def diffusers_from_original(kind, orig):
+    """diffusers' own single-file converter (what `from_single_file` runs) applied to the original layout."""
+    from diffusers.loaders import single_file_utils as S
+
+    ck = dict(orig)  # the converters pop the dict's entries (the tensors are left as they are)
+    if kind == "qwen_image":  # diffusers' mapping for Qwen-Image is the identity (its names are the original ones)
+        return {k[len("model.diffusion_model."):]: v for k, v in ck.items()}
+    fn = {"z_image": S.convert_z_image_transformer_checkpoint_to_diffusers,
+          "chroma": S.convert_chroma_transformer_checkpoint_to_diffusers,
+          "wan": S.convert_wan_transformer_to_diffusers}[kind]
+    return fn(ck)
+
+
+# ----------------------------------------------------------------------------- the model and our LoRA
+def small_model(kind):
+    import diffusers
+
+    cls, cfg = FAMILIES[kind][:2]
+    torch.manual_seed(0)
+    unet = getattr(diffusers, cls)(**cfg).eval().requires_grad_(False)
+    with torch.no_grad():  # the bf16 file then holds exactly these weights
+        for p in unet.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return unet
+
+
+def random_lora(model, seed=1):
+    """Our peft LoRA on every default target, random nonzero weights (fixed seed), read out as LoraWeights."""
+    unet = model.unet
+    targets = L.denoiser_target_modules(model)
+    L.inject(unet, targets, RANK, ALPHA)
+    g = torch.Generator().manual_seed(seed)
+    for _, m in L.lora_layers(unet):
+        a, b = m.lora_A[L.DEFAULT_ADAPTER].weight, m.lora_B[L.DEFAULT_ADAPTER].weight
+        with torch.no_grad():
+            a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
+            b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    lw = L.extract(model)
+    L.remove_adapter(unet)
+    return targets, lw
+
+
+def probes_for(kind, unet, lw, seed=2):
+    """Per kohya module: x, our delta @ x and (base + delta) @ x, rows in the file's (ComfyUI's fused) order."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    groups = F.unet_groups(kind, unet, extras=False)
+    for name, grp in groups.items():
+        base = F.fused_weight(grp, unet).double()
+        delta = torch.zeros_like(base)
+        for path, rows in zip(grp.paths, F.part_rows(grp)):
+            d, u, a = lw.modules[("unet", path)]
+            delta[rows] = (float(a) / d.shape[0]) * (u.double() @ d.double())
+        x = torch.randn(base.shape[1], 3, generator=g, dtype=torch.float64)
+        out[f"{name}.x"] = x.float()
+        out[f"{name}.dy"] = (delta @ x).float()
+        out[f"{name}.wy"] = ((base + delta) @ x).float()
+    return groups, out
+
+
+def comfy(spec, tmp_path, timeout=1800):
+    sp, out = tmp_path / "spec.json", tmp_path / "out.json"
+    sp.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(PYTHONPATH=COMFY, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    r = subprocess.run([PY, CHECK, str(sp), str(out)], cwd=COMFY, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    print(r.stdout[-6000:], r.stderr[-4000:])
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_comfyui_applies_our_lora_to_a_small_real_model(kind, tmp_path):
+    t0 = time.time()
+    cls, cfg, config, n_modules, ctx_dim = FAMILIES[kind]
+    unet = small_model(kind)
+    sd = {k: v for k, v in unet.state_dict().items()}
+    orig = original_layout(kind, sd)
+    model_file = str(tmp_path / f"{kind}_small_bf16.safetensors")
+    save_file(orig, model_file)
+    # the layout is the original one: diffusers' own single-file converter maps it back to our state dict exactly
+    back = diffusers_from_original(kind, orig)
+    del orig
+    assert set(back) == set(sd), (sorted(set(back) - set(sd))[:5], sorted(set(sd) - set(back))[:5])
+    assert all(torch.equal(back[k].float(), sd[k]) for k in sd)
+    del back, sd
+    model = SimpleNamespace(kind=kind, unet=unet, text_encoder=None, text_encoder_2=None, text_encoder_3=None)
+    targets, lw = random_lora(model)
+    lora_file = L.save_kohya(lw, str(tmp_path / f"{kind}_lora.safetensors"), kind)
+    groups, probes = probes_for(kind, unet, lw)
+    assert len(groups) == n_modules and len(targets) == len(lw.modules)
+    probe_file = str(tmp_path / "probes.safetensors")
+    save_file(probes, probe_file)
+    params = sum(p.numel() for p in unet.parameters())
+    del model, unet, lw, probes
+    gc.collect()
+    t1 = time.time()
+    res = comfy({"kind": kind, "model": model_file, "lora": lora_file, "probes": probe_file, "context_dim": ctx_dim},
+                tmp_path)
+    print(f"{kind}: ComfyUI {res['model_config']} ({res['diffusion_model_class']}), {params / 1e6:.1f} M parameters, "
+          f"{len(targets)} peft layers -> {res['lora_modules']} modules, {res['patches']} patches, "
+          f"{len(res['not_loaded'])} not loaded, probe max abs diff {res['probe_max_abs_diff']:.3g} "
+          f"(delta scale {res['probe_delta_scale']:.3g}), full {res['probe_full_max_abs_diff']:.3g} "
+          f"(scale {res['probe_full_scale']:.3g}), output change {res['output_change']:.3g} "
+          f"(scale {res['output_scale']:.3g}); ours {t1 - t0:.0f} s, ComfyUI {time.time() - t1:.0f} s "
+          f"({res['max_rss_mb']} MB)")
+    assert res["comfyui_version"] == "0.8.0"
+    assert res["model_config"] == config and res["weight_dtype"] == "torch.float32"
+    assert res["load_warnings"] == [] and res["model_params"] == params  # every weight loaded, none left over
+    # every module of our file is a whole weight of ComfyUI's model (fused q/k/v included: no slices)
+    assert res["unmatched_names"] == [] and res["sliced_targets"] == [] and res["not_loaded"] == []
+    assert res["lora_modules"] == res["patches"] == res["model_patched"] == n_modules
+    assert res["probe_modules"] == n_modules
+    assert res["probe_max_abs_diff"] <= 1e-4 * max(res["probe_delta_scale"], 1.0)
+    assert res["probe_full_max_abs_diff"] <= 1e-4 * max(res["probe_full_scale"], 1.0)
+    assert res["output_finite"] and res["output_change"] > 1e-3 * max(res["output_scale"], 1.0)
+    assert res["unpatched_again_diff"] <= 1e-5
