@@ -1,14 +1,21 @@
-"""A model family: what differs between SD1, SDXL, Flux.1, SD3 / SD3.5, ... is a `Family` and its module here
-(families/sd.py, flux.py, sd3.py), in the style of peft's `tuners/<method>/`. The trainer, the networks, the
-outputs and the sampler ask the family of the model (`families.of(model)`); they do not branch on its name.
+"""A model family: what differs between SD1, SDXL, Flux.1, SD3 / SD3.5, Qwen-Image, Z-Image, Chroma, Wan is a `Family`
+and its module here (families/sd.py, flux.py, sd3.py, qwen_image.py, z_image.py, chroma.py, wan.py), in the style
+of peft's `tuners/<method>/`; the weights' side (tiny models, folders, single files) is models/<family>.py. The
+trainer, networks, loaders, advisor, outputs and sampler ask the family of the model (`families.of(model)`,
+`families.get(kind)`); they do not branch on its name (tests/test_layout.py holds that).
 
 A family states:
-- what it is: `name` (BaseModel.kind), `title`, whether it trains by flow matching (`flow`);
-- what its LoRA files say (sd-scripts' own values): `base_model_version` (ss_base_model_version),
-  `architecture_for(prediction)` (modelspec.architecture), `implementation`, `ss_v2`;
-- how kohya names and groups its UNet (`sgm_unet_names`: SDXL's SGM block names and block-weight layout);
-- flow-matching families: the default timestep sampling / weighting / shift, the text encoders a LoRA may
-  train, the text conditioning, the denoiser call and the sampling pipeline.
+- what it is: `name` (BaseModel.kind), `title`, whether it trains by flow matching (`flow`), its native resolution;
+- how it is told without loading weights: tiny specs, a diffusers folder's pipeline class prefixes, a single
+  file's keys (`detect_keys`), a file name (`name_pattern`), in `detect_order`;
+- what its LoRA files say (sd-scripts' / musubi-tuner's own values): `base_model_version`, `architecture_for`,
+  `implementation`, `ss_v2` (UNet families), `file_metadata` / `network_module` / `training_keys` (flow families);
+- how kohya names and groups its modules: `sgm_unet_names` (SDXL), `lora_blocks` / `lora_extras` and the swapped
+  halves (flow families: diffusers paths -> the original model's names, fused q/k/v as one module);
+- its latents (`encode_latents`, `vae_factor`), and for flow families the timestep sampling / weighting / shift,
+  the text encoders a LoRA may train, the text conditioning, the denoiser call, the blocks in execution order
+  (fp8_base, block swap), the sampling pipeline and its arguments, and the advisor's numbers (`vram_tiers`,
+  `advise`) with their sources.
 """
 from __future__ import annotations
 
