@@ -60,9 +60,9 @@ def _of_folder(path: str) -> Tuple[str, str]:
     with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
         idx = json.load(fh)
     cls = str(idx.get("_class_name", ""))
-    for fam in families.FLOW:
-        if cls.startswith(families.get(fam).pipeline_prefixes or ("\0",)):
-            return fam, f"model_index.json names {cls}"
+    fam = families.by_pipeline_class(cls)
+    if fam:
+        return fam, f"model_index.json names {cls}"
     if "text_encoder_2" in idx or "XL" in cls:
         return "sdxl", "model_index.json has two text encoders"
     try:

@@ -122,7 +122,8 @@ def assert_loss_falls_with_strength(trainer, label, at_least=0.03):
     return mse
 
 
-def flow_file_error(trained_model, lora_path, build, captions=("a red circle", "lrtdemo"), t=(300.0, 800.0)):
+def flow_file_error(trained_model, lora_path, build, captions=("a red circle", "lrtdemo"), t=(300.0, 800.0),
+                    shape=(16, 16, 16)):
     """The largest difference between a trained flow model's prediction and a fresh `build()` with the written
     file applied, on seeded latents (the file holds exactly what was trained when this is ~0)."""
     import torch
@@ -132,7 +133,7 @@ def flow_file_error(trained_model, lora_path, build, captions=("a red circle", "
 
     fresh = build()
     L.apply(fresh, L.load_file(lora_path, fresh), "back", 1.0)
-    x = torch.randn(len(captions), 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn((len(captions),) + tuple(shape), generator=torch.Generator().manual_seed(1))
     cond = flow.encode(fresh, list(captions))
     ts = torch.tensor(list(t))
     with torch.no_grad():

@@ -22,7 +22,7 @@ def test_tiny_specs(spec, fam):
 
 def test_folders_files_and_names(tmp_path):
     for cls, extra, fam in (("FluxPipeline", {}, "flux"), ("StableDiffusion3Pipeline", {}, "sd3"),
-                            ("QwenImagePipeline", {}, "qwen_image"),
+                            ("QwenImagePipeline", {}, "qwen_image"), ("Flux2KleinPipeline", {}, "flux2"),
                             ("StableDiffusionXLPipeline", {"text_encoder_2": ["x", "y"]}, "sdxl"),
                             ("StableDiffusionPipeline", {}, "sd1")):
         d = tmp_path / cls
@@ -32,6 +32,8 @@ def test_folders_files_and_names(tmp_path):
 
     for keys, fam in ((["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "flux"),
                       (["joint_blocks.0.x_block.attn.qkv.weight"], "sd3"),
+                      (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+                        "double_stream_modulation_img.lin.weight"], "flux2"),  # Flux.2's global modulation
                       (["model.diffusion_model.txt_norm.weight",  # a ComfyUI-style Qwen-Image diffusion model
                         "model.diffusion_model.transformer_blocks.0.txt_mod.1.weight"], "qwen_image"),
                       (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.0.weight"], "sdxl"),
@@ -53,7 +55,7 @@ def test_every_front_door_lists_the_families():
     from lora_train.ui import logic
     from lora_train.presets import BUILTIN_FAMILIES
 
-    assert FAMILIES == ("sd1", "sd2", "sdxl", "flux", "sd3", "qwen_image", "z_image", "chroma", "wan")
+    assert FAMILIES == ("sd1", "sd2", "sdxl", "flux", "sd3", "qwen_image", "z_image", "chroma", "wan", "flux2")
     assert tuple(BASES) == FAMILIES and tuple(BUILTIN_FAMILIES) == FAMILIES
     assert tuple(logic.MODEL_TYPES) == ("auto",) + FAMILIES
     auto = build_parser()._subparsers._group_actions[0].choices["auto"]

@@ -72,3 +72,9 @@ def test_wan_advice_says_images_only():
     assert (s.fp8_base, s.blocks_to_swap) == (True, 20) and s.learning_rate == pytest.approx(2e-4)
     assert s.discrete_flow_shift == pytest.approx(3.0) and any("one frame" in n for n in s.notes)
     TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-wan"))
+
+
+def test_flux2_klein_advice():
+    s = suggest(40, task="character", base="flux2", vram_gb=12)
+    assert (s.fp8_base, s.blocks_to_swap, s.resolution) == (True, 0, 1024) and s.timestep_sampling == "flux_shift"
+    TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-flux2-klein"))

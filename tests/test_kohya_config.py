@@ -205,6 +205,7 @@ def _export_import(cfg, tmp_path):
     ("tiny-z-image", "z_image", dict(network_type="lora"), "networks.lora_zimage", []),
     ("tiny-chroma", "chroma", dict(network_type="lora"), "networks.lora_flux", []),  # sd-scripts' model_type chroma
     ("tiny-wan", "wan", dict(network_type="lora"), "networks.lora_wan", []),
+    ("tiny-flux2-klein", "flux2", dict(network_type="lora"), "networks.lora_flux_2", []),
 ])
 def test_network_types_round_trip(tmp_path, base, kind, fields, module, args):
     """TrainConfig -> kohya TOML -> TrainConfig keeps the network: the module and network_args kohya needs, the same

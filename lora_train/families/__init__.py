@@ -7,13 +7,14 @@ from typing import Dict
 from .base import Family, FlowFamily, unknown
 from .chroma import Chroma
 from .flux import Flux
+from .flux2 import Flux2
 from .qwen_image import QwenImage
 from .sd import SD1, SD2, SDXL
 from .sd3 import SD3
 from .wan import Wan
 from .z_image import ZImage
 
-REGISTRY: Dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3(), QwenImage(), ZImage(), Chroma(), Wan())}
+REGISTRY: Dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3(), QwenImage(), ZImage(), Chroma(), Wan(), Flux2())}
 NAMES = tuple(REGISTRY)
 FLOW = tuple(n for n, f in REGISTRY.items() if f.flow)
 #: the order detection asks the families in (families/base.py detect_order): flow families, SDXL, SD2, SD1
@@ -40,6 +41,13 @@ def by_transformer_class(class_name: str):
     return next((n for n, f in REGISTRY.items() if f.flow and f.transformer_class == class_name), None)
 
 
+def by_pipeline_class(class_name: str):
+    """The flow family whose diffusers pipeline classes start with this name's longest matching prefix (Flux2... is
+    FLUX.2, Flux... Flux.1), or None."""
+    hits = [(len(p), n) for n, f in REGISTRY.items() if f.flow for p in f.pipeline_prefixes if class_name.startswith(p)]
+    return max(hits)[1] if hits else None
+
+
 def same(a: str, b: str) -> bool:
     """Two family names (BaseModel.kind) are the same family."""
     return get(a) is get(b)
@@ -50,4 +58,4 @@ def is_flow(model) -> bool:
 
 
 __all__ = ["Family", "FlowFamily", "REGISTRY", "NAMES", "FLOW", "get", "of", "is_flow", "by_transformer_class", "DETECT_ORDER",
-           "TINY_SPECS", "TINY_FLOW_SPECS", "same"]
+           "TINY_SPECS", "TINY_FLOW_SPECS", "same", "by_pipeline_class"]

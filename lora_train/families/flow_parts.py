@@ -8,7 +8,8 @@ from typing import Sequence
 
 #: the variant a model of the family is when its loader did not say (each family's `variants[0]`)
 DEFAULT_VARIANT = {"flux": "flux-dev", "sd3": "sd35-medium", "qwen_image": "qwen-image",
-                   "z_image": "z-image-turbo", "chroma": "chroma", "wan": "wan2.1-t2v"}
+                   "z_image": "z-image-turbo", "chroma": "chroma", "wan": "wan2.1-t2v",
+                   "flux2": "flux2-klein-4b"}
 IMPL_BFL = "https://github.com/black-forest-labs/flux"
 T5_MAX_LENGTH = {"chroma": 512, "flux-dev": 512, "flux-schnell": 256, "sd3-medium": 256, "sd35-medium": 256,
                  "sd35-large": 256, "wan2.1-t2v": 512, "wan2.2-ti2v-5b": 512}

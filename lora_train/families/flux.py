@@ -96,7 +96,7 @@ class Flux(FlowFamily):
 
     def detect_keys(self, keys):  # BFL's double and single blocks (kohya / BFL / ComfyUI files), not Chroma's
         return any("double_blocks." in k for k in keys) and any("single_blocks." in k for k in keys) and \
-            not any("distilled_guidance_layer." in k for k in keys)
+            not any("distilled_guidance_layer." in k or "double_stream_modulation" in k for k in keys)
 
     def file_metadata(self, variant):
         version, arch = METADATA[variant]

@@ -14,6 +14,7 @@ from .. import families
 from .base import BaseModel, ModelError
 from . import chroma as chroma_mod
 from . import flux as flux_mod
+from . import flux2 as flux2_mod
 from . import qwen_image as qwen_mod
 from . import sd3 as sd3_mod
 from . import wan as wan_mod
@@ -23,7 +24,7 @@ from . import z_image as z_mod
 TINY_BUILDERS = {"tiny-flux": flux_mod.build_tiny_flux, "tiny-flux-schnell": lambda: flux_mod.build_tiny_flux(True),
                  "tiny-sd3": sd3_mod.build_tiny_sd3, "tiny-qwen-image": qwen_mod.build_tiny_qwen_image,
                  "tiny-z-image": z_mod.build_tiny_z_image, "tiny-chroma": chroma_mod.build_tiny_chroma,
-                 "tiny-wan": wan_mod.build_tiny_wan}
+                 "tiny-wan": wan_mod.build_tiny_wan, "tiny-flux2-klein": flux2_mod.build_tiny_flux2_klein}
 TINY_FLOW_SPECS = tuple(TINY_BUILDERS)  # = families.TINY_FLOW_SPECS (a test holds them equal)
 FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
@@ -34,7 +35,8 @@ FOLDER_LOADERS = dict({c: flux_mod.load_flux_folder for c in FLUX_PIPELINES},
                       **{c: qwen_mod.load_qwen_image_folder for c in qwen_mod.PIPELINES},
                       **{c: z_mod.load_z_image_folder for c in z_mod.PIPELINES},
                       **{c: chroma_mod.load_chroma_folder for c in chroma_mod.PIPELINES},
-                      **{c: wan_mod.load_wan_folder for c in wan_mod.PIPELINES})
+                      **{c: wan_mod.load_wan_folder for c in wan_mod.PIPELINES},
+                      **{c: flux2_mod.load_flux2_folder for c in flux2_mod.PIPELINES})
 
 
 def _index(folder: str) -> Optional[dict]:
@@ -73,8 +75,7 @@ def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseMo
             return FOLDER_LOADERS[cls](path)
         if cls in SD3_PIPELINES:
             return sd3_mod.load_sd3_folder(path, idx)
-        fam = next((families.get(k) for k in families.FLOW if cls.startswith(families.get(k).pipeline_prefixes)),
-                   families.get("sd3"))
+        fam = families.get(families.by_pipeline_class(cls) or "sd3")
         raise ModelError(f"'{spec}' is a {cls} folder (a {fam.title} variant with other inputs); this trainer "
                          f"trains the text-to-image models: use a {fam.pipeline_class} folder.")
     from .flow_single_file import load_flow_single_file
@@ -85,7 +86,8 @@ def load_flow_model(spec: str, files: Optional[Dict[str, str]] = None) -> BaseMo
 #: family -> the writer of its tiny model's diffusers pipeline folder
 TINY_FOLDER_WRITERS = {"flux": flux_mod.save_flux_folder, "sd3": sd3_mod.save_sd3_folder,
                        "qwen_image": qwen_mod.save_qwen_image_folder, "z_image": z_mod.save_z_image_folder,
-                       "chroma": chroma_mod.save_chroma_folder, "wan": wan_mod.save_wan_folder}
+                       "chroma": chroma_mod.save_chroma_folder, "wan": wan_mod.save_wan_folder,
+                       "flux2": flux2_mod.save_flux2_folder}
 
 
 def save_tiny_flow_folder(spec: str, folder: str) -> str:
