@@ -7,7 +7,7 @@ activations (no second full copy of the base weights).
     python bench/family_memory.py --family qwen_image --gpu      # on a GPU: the released size and GPU_TARGETS
 
 The transformer is the family's diffusers class at the released width (Qwen-Image: 24 heads x 128 = 3072; Z-Image:
-3840; Chroma: 3072; Wan 14B: 5120) with fewer blocks (--layers) so that it fits this machine, random weights in
+3840; Chroma: 3072; Wan 14B: 5120; FLUX.2 klein 4B: 3072) with fewer blocks (--layers) so that it fits this machine, random weights in
 bf16; the text encoder and VAE are the family's tiny ones (their memory is not what this measures). Each run is one
 process: peak RSS is Linux's VmHWM, reset (clear_refs) after the model is built, so the figure is the training's.
 Activations at 64 px (16 x 16 latents) are small; the report states them with the LoRA's and optimizer's bytes.
@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 #: peak VRAM targets for a device run (issue #27 item 5), at the released size, 1024 px, rank 16, batch 1, fp8 base
 #: + gradient checkpointing, with the blocks swapped that the advisor's tier names; GB
-GPU_TARGETS = {"qwen_image": dict(gb=16.0, layers=60, blocks_to_swap=16), "z_image": dict(gb=12.0, layers=30,
-                                                                                        blocks_to_swap=0)}
+GPU_TARGETS = {"qwen_image": dict(gb=16.0, layers=60, blocks_to_swap=16),
+               "z_image": dict(gb=12.0, layers=30, blocks_to_swap=0),
+               "flux2": dict(gb=12.0, layers=20, blocks_to_swap=0)}  # klein 4B (5 double + 20 single); 9B: <= 16 GB
 
 #: family -> (tiny builder module, function, the transformer's config at the released width with `layers` blocks)
 FAMILIES = {
@@ -42,6 +43,10 @@ FAMILIES = {
                lambda n: dict(patch_size=1, in_channels=64, num_layers=max(1, n // 3), num_single_layers=n,
                               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=32,
                               axes_dims_rope=(16, 56, 56))),
+    "flux2": ("flux2", "build_tiny_flux2_klein",
+              lambda n: dict(patch_size=1, in_channels=32, num_layers=max(1, n // 4), num_single_layers=n,
+                             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=48,
+                             axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False)),
     "wan": ("wan", "build_tiny_wan",
             lambda n: dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=13824, num_layers=n,

@@ -110,3 +110,23 @@ def test_stored_linear_keeps_the_bf16_weight_for_backward():
     y2.square().sum().backward()
     assert torch.equal(y, y2) and torch.allclose(x.grad, x2.grad, atol=1e-6)
     assert torch.allclose(lin.bias.grad, b2.grad, atol=1e-5)
+
+
+def test_stored_linear_in_row_chunks_equals_one_piece(monkeypatch):
+    """A weight upcast in row chunks gives the same output and input gradient as upcast whole."""
+    import torch
+
+    from lora_train.training import cpu_bf16
+
+    torch.manual_seed(1)
+    w = torch.randn(10, 6).to(torch.bfloat16)
+    b = torch.randn(10)
+    x = torch.randn(4, 6, requires_grad=True)
+    y = cpu_bf16.stored_linear(x, w, b)
+    y.sum().backward()
+    g_whole = x.grad.clone()
+    monkeypatch.setattr(cpu_bf16, "CHUNK_ROWS", 3)
+    x.grad = None
+    y3 = cpu_bf16.stored_linear(x, w, b)
+    y3.sum().backward()
+    assert torch.allclose(y, y3, atol=1e-6) and torch.allclose(x.grad, g_whole, atol=1e-6)
