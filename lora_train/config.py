@@ -508,6 +508,8 @@ def coerce(key: str, value: Any, f: "dataclasses.Field") -> Any:
     typ = str(f.type)
     if typ == "str" and isinstance(value, str):
         return value
+    if typ == "str" and isinstance(value, bool):  # YAML 1.1 reads `mixed_precision: no` as False
+        return "yes" if value else "no"
     if typ.startswith("Dict"):
         if value is None:
             return {}

@@ -100,3 +100,17 @@ def test_missing_config_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         TrainConfig.load(str(bad))
+
+
+def test_yaml_no_for_a_text_field_stays_no(tmp_path):
+    """`mixed_precision: no` in a YAML file or `--mixed_precision no` on the command line (YAML 1.1 reads both as
+    False) is the text "no"."""
+    from lora_train.config import TrainConfig, parse_overrides
+
+    p = tmp_path / "c.yaml"
+    p.write_text("train_data_dir: /d\nmixed_precision: no\n")
+    assert TrainConfig.from_dict({"train_data_dir": "/d", "mixed_precision": False}, validate=False).mixed_precision == "no"
+    cfg = TrainConfig.from_dict(dict(__import__("yaml").safe_load(p.read_text())), validate=False)
+    assert cfg.mixed_precision == "no"
+    over = parse_overrides(["--mixed_precision", "no"])
+    assert TrainConfig.from_dict(dict(train_data_dir="/d", **over), validate=False).mixed_precision == "no"

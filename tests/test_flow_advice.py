@@ -48,6 +48,7 @@ def test_qwen_image_tiers(vram, fp8, swap, res):
     assert suggest(80, base="qwen_image", vram_gb=vram).learning_rate == pytest.approx(1e-4)
     assert s.timestep_sampling == "shift" and s.discrete_flow_shift == pytest.approx(2.2)
     assert not s.train_text_encoder and "Qwen2.5-VL" in s.reason("train_text_encoder")
+    assert "text_encoder_lr" not in s.to_config_dict()  # no text encoder trains: no text-encoder lr is advised
     assert "musubi-tuner" in s.reason("discrete_flow_shift") and "GB" in s.reason("blocks_to_swap")
     TrainConfig.from_dict(dict(s.to_config_dict(), base_model="tiny-qwen-image"))  # a valid config
 

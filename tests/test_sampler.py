@@ -116,6 +116,10 @@ def test_sample_cli(lora_dir, tmp_path):
                "--lora-dir", lora_dir, "--out", str(tmp_path / "e"), "--steps", "1"])
     assert rc == 0
     assert main(["sample", "--base_model", "tiny", "--prompt", "a <lora:abc:0.8>", "--lora-dir", lora_dir]) == 2
+    # --lora as the path of the file (what a user copies from the training's last line), run from elsewhere
+    rc = main(["sample", "--base_model", "tiny", "--prompt", "a cat", "--lora", os.path.join(lora_dir, "ab.safetensors"),
+               "--strengths", "0,1", "--out", str(tmp_path / "p"), "--steps", "1"])
+    assert rc == 0 and os.path.isfile(tmp_path / "p" / "ab_grid.png")
 
 
 def test_samples_during_training_keep_run_identical(tmp_path, demo_data):

@@ -27,6 +27,9 @@ def cmd_sample(args, extra) -> int:
         raise PromptError("the prompt has no <lora:NAME:w> tag and no --lora NAME was given: say which LoRA to test.")
     name = args.lora or tags[0].name
     lora_dirs = args.lora_dir or [os.getcwd()]
+    if args.lora and os.path.isfile(args.lora):  # a path to the file: its folder, its name
+        lora_dirs = [os.path.dirname(os.path.abspath(args.lora))] + (args.lora_dir or [])
+        name = os.path.splitext(os.path.basename(args.lora))[0]
     model = load_base_model(args.base_model)
     gen = Generator(model, lora_dirs=lora_dirs)
     gen.library.resolve(name)  # fail early with close names
@@ -57,7 +60,8 @@ def add_commands(sub) -> Dict[str, object]:
     p.add_argument("--base_model", "--base-model", required=True, help="'tiny', a diffusers folder or a checkpoint")
     p.add_argument("--prompt", required=True, help='e.g. "a cat <lora:my_style:0.8>"')
     p.add_argument("--negative", default="")
-    p.add_argument("--lora", default=None, help="LoRA name to sweep (default: the first tag of the prompt)")
+    p.add_argument("--lora", default=None, help="LoRA name (or path to its file) to sweep (default: the first tag "
+                                                "of the prompt)")
     p.add_argument("--strengths", default="0,0.5,1")
     p.add_argument("--seeds", default="1")
     p.add_argument("--epochs", default=None, choices=["all"], help="rows = every epoch file of the LoRA + final")

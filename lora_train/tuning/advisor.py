@@ -55,6 +55,10 @@ class Suggestion:
     def add(self, key: str, value: Any, reason: str) -> None:
         self.settings[key] = Setting(key, value, reason)
 
+    def drop(self, key: str) -> None:
+        """A setting that does not apply (e.g. a text-encoder lr where no text encoder trains)."""
+        self.settings.pop(key, None)
+
     def value(self, key: str) -> Any:
         return self.settings[key].value
 

@@ -35,6 +35,8 @@ def apply(s, base: str, vram_gb: float, vram_text: str, image_count: int, task: 
     if te_share is not None:
         s.add("text_encoder_lr", lr * te_share, f"{te_share:g} x the transformer lr, for CLIP only (T5 is never "
                                                 f"trained)")
+    else:  # the family trains no text encoder: the UNet families' text-encoder lr does not apply
+        s.drop("text_encoder_lr")
     s.add("train_text_encoder", train_te, te_reason)
     s.add("batch_size", 1, f"{name} at {res} px: batch 1 (raise gradient_accumulation_steps for a larger "
                            f"effective batch)")

@@ -26,7 +26,7 @@ def network_advice(network_type: str, task: str, lr: float, rank: int, flow: boo
     style = task in STYLE_TASKS and not flow
     out: List[Tuple[str, Any, str]] = []
     if flow and network_type == "locon":
-        return [("network_type", "lora", "lora: Flux / SD3 transformers have no ResNet convolutions, so LoCon is "
+        return [("network_type", "lora", "lora: flow transformers have no ResNet convolutions, so LoCon is "
                                          "plain LoRA there (conv_rank does not apply)")]
     conv = min(rank, 8)
     conv_reason = (f"conv_rank {conv}: the 3x3 convolutions of the ResNet blocks carry colour, texture and "
@@ -37,7 +37,7 @@ def network_advice(network_type: str, task: str, lr: float, rank: int, flow: boo
                   "; identity and objects live in attention, the convolutions mostly add file size"))
         if flow:
             why = ("lora: plain LoRA on every Linear of the transformer blocks (sd-scripts' default set), the safe "
-                   "first run; lokr makes much smaller Flux files for styles")
+                   "first run; lokr makes much smaller files for styles")
         out.append(("network_type", "lora", why))
         return out
     out.append(("network_type", network_type, {
