@@ -20,10 +20,9 @@ import logging
 import sys
 
 SPEC, OUT = sys.argv[1:3]
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options  # noqa: E402
+from comfy_side import capture_warnings, start_cpu  # noqa: E402
 
-comfy.options.enable_args_parsing()
+start_cpu()
 import torch  # noqa: E402
 
 import comfy.lora  # noqa: E402
@@ -33,17 +32,7 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
 
-class Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-WARN = Warnings()
-logging.getLogger().addHandler(WARN)
+WARN = capture_warnings()
 spec = json.load(open(SPEC))
 kind = spec["kind"]
 result = {"comfyui_version": __import__("comfyui_version").__version__, "kind": kind}

@@ -16,15 +16,13 @@ OUT: JSON with what happened.
 """
 import importlib.util
 import json
-import logging
 import os
 import sys
 
 SPEC, OUT = sys.argv[1:3]
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options  # noqa: E402
+from comfy_side import capture_warnings, start_cpu  # noqa: E402
 
-comfy.options.enable_args_parsing()
+start_cpu()
 import torch  # noqa: E402
 
 import comfy.lora  # noqa: E402
@@ -39,17 +37,7 @@ import nodes  # noqa: E402,F401  (ComfyUI's nodes.py, imported by its main.py be
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-WARN = Warnings()
-logging.getLogger().addHandler(WARN)
+WARN = capture_warnings()
 spec = json.load(open(SPEC))
 result = {"comfyui_version": __import__("comfyui_version").__version__}
 base = spec["base"]

@@ -80,17 +80,12 @@ def _skip_unless(f):
 each = pytest.mark.parametrize("fam", [_skip_unless(f) for f in FAMS])
 #: the families whose ComfyUI single files hold the transformer only (read with a components folder)
 each_single_file = pytest.mark.parametrize("fam", [_skip_unless(f) for f in (QWEN, ZIMAGE)])
-needs_qwen = pytest.mark.skipif(not QWEN.available(), reason="this diffusers / transformers has no Qwen-Image")
 
 
 def reference(variant="qwen_image"):
     """ComfyUI 0.8.0's own map for the full-size model (tests/data/reference_README.md)."""
     with gzip.open(os.path.join(HERE, "data", "families_2026_lora_names.json.gz"), "rt", encoding="utf-8") as fh:
         return json.load(fh)[variant]
-
-
-def build():
-    return QWEN.build()
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,10 @@ class Family:
         """Why `detect_keys` said yes, for the user."""
         return f"the file's keys are {self.title}'s"
 
+    def prediction_type(self, model) -> str:
+        """What the denoiser predicts: the noise scheduler's epsilon / v_prediction (flow families: "flow")."""
+        return getattr(model.noise_scheduler.config, "prediction_type", "epsilon")
+
     def architecture_for(self, prediction_type: str) -> str:
         """modelspec.architecture as sd-scripts writes it for a model of this prediction type."""
         return self.architecture
@@ -104,6 +108,9 @@ class FlowFamily(Family):
     @property
     def keys_reason(self) -> str:
         return f"the file's keys are {self.title}'s transformer blocks"
+
+    def prediction_type(self, model) -> str:
+        return "flow"  # the transformer predicts noise - latents
     #: sd-scripts' defaults for `auto` (training/flow.resolve)
     timestep_sampling = "sigma"
     weighting_scheme = "none"

@@ -52,9 +52,7 @@ class BaseModel:
     def prediction_type(self) -> str:
         from .. import families
 
-        if families.is_flow(self):  # flow matching: the transformer predicts noise - latents
-            return "flow"
-        return getattr(self.noise_scheduler.config, "prediction_type", "epsilon")
+        return families.of(self).prediction_type(self)
 
     @property
     def vae_scale(self) -> float:
