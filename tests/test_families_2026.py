@@ -27,12 +27,13 @@ class Fam:
     """What a test needs of a family: its tiny spec and builder module, the reference entry, its module counts."""
 
     def __init__(self, kind, spec, module, builder, ref, n_tiny, n_full, n_full_default, network_module, sampling,
-                 shift, arch, latent=(16, 16, 16), width=32, train_lr=2e-3):
+                 shift, arch, latent=(16, 16, 16), width=32, train_lr=2e-3, ident=None):
         self.kind, self.spec, self.module, self.builder, self.ref = kind, spec, module, builder, ref
         self.n_tiny, self.n_full, self.n_full_default = n_tiny, n_full, n_full_default
         self.network_module, self.sampling, self.shift, self.arch = network_module, sampling, shift, arch
         self.latent, self.width = latent, width  # the tiny model's latents (C, h, w) at 64 px, its text width
         self.train_lr = train_lr  # the lr at which its tiny model learns in 60 steps
+        self.ident = ident or kind  # the test id (two variants of one family differ)
 
     def mod(self):
         import importlib
@@ -50,7 +51,7 @@ class Fam:
         return getattr(self.mod(), self.builder)()
 
     def __repr__(self):
-        return self.kind
+        return self.ident
 
 
 QWEN = Fam("qwen_image", "tiny-qwen-image", "qwen_image", "build_tiny_qwen_image", "qwen_image", 28, 846, 840,
@@ -67,13 +68,16 @@ WAN = Fam("wan", "tiny-wan", "wan", "build_tiny_wan", "wan_t2v_14b", 20, 406, 40
 FLUX2 = Fam("flux2", "tiny-flux2-klein", "flux2", "build_tiny_flux2_klein", "flux2_dev", 20, 171, 160,
             "networks.lora_flux_2", "flux_shift", "3", "Flux.2-klein-4b/lora", latent=(32, 8, 8), width=48,
             train_lr=1e-2)  # the tiny FLUX.2 (no biases, global modulation) learns slowly at 2e-3: 0.4% in 60 steps
-FAMS = [QWEN, ZIMAGE, CHROMA, WAN, FLUX2]
+FLUX2DEV = Fam("flux2", "tiny-flux2-dev", "flux2", "build_tiny_flux2_dev", "flux2_dev", 20, 171, 160,
+               "networks.lora_flux_2", "flux_shift", "3", "Flux.2-dev/lora", latent=(32, 8, 8), width=48, train_lr=1e-2,
+               ident="flux2_dev")
+FAMS = [QWEN, ZIMAGE, CHROMA, WAN, FLUX2, FLUX2DEV]
 #: the families whose text encoder is a T5 (their files record its length)
 T5_FAMILIES = ("chroma", "wan")
 
 
 def _skip_unless(f):
-    return pytest.param(f, id=f.kind, marks=pytest.mark.skipif(not f.available(),
+    return pytest.param(f, id=f.ident, marks=pytest.mark.skipif(not f.available(),
                                                               reason=f"this diffusers / transformers has no {f.kind}"))
 
 
@@ -103,13 +107,13 @@ def trained(data, tmp_path_factory, fam):
     """(trainer, result) of one 60-step run per family, made once per session."""
     from lora_train.training.trainer import Trainer
 
-    if fam.kind not in _TRAINED:
-        cfg = small_cfg(data, tmp_path_factory.mktemp(f"{fam.kind}_run"), base_model=fam.spec, output_name="fx",
+    if fam.ident not in _TRAINED:
+        cfg = small_cfg(data, tmp_path_factory.mktemp(f"{fam.ident}_run"), base_model=fam.spec, output_name="fx",
                         lora_rank=8, learning_rate=fam.train_lr, epochs=15, lr_scheduler="cosine", lr_warmup_steps=5,
                         trigger_word="lrtdemo")
         tr = Trainer(cfg)
-        _TRAINED[fam.kind] = (tr, tr.run())
-    return _TRAINED[fam.kind]
+        _TRAINED[fam.ident] = (tr, tr.run())
+    return _TRAINED[fam.ident]
 
 
 @pytest.mark.parametrize("fam, package, cls, need", [
@@ -117,12 +121,14 @@ def trained(data, tmp_path_factory, fam):
     (ZIMAGE, "transformers", "Qwen3Model", "transformers >= 4.51"),
     (CHROMA, "diffusers", "ChromaPipeline", "diffusers >= 0.35"),
     (WAN, "diffusers", "WanPipeline", "diffusers >= 0.33"),
-    (FLUX2, "transformers", "Qwen3ForCausalLM", "transformers >= 4.51")], ids=["qwen", "z", "chroma", "wan", "flux2"])
+    (FLUX2, "transformers", "Qwen3ForCausalLM", "transformers >= 4.51"),
+    (FLUX2DEV, "transformers", "Mistral3ForConditionalGeneration", "transformers >= 4.50")],
+    ids=["qwen", "z", "chroma", "wan", "flux2", "flux2_dev"])
 def test_old_versions_get_a_message(monkeypatch, fam, package, cls, need):
     """Where diffusers / transformers lack the family's classes (AUTOMATIC1111's pins), loading names what to
     install."""
     real = builtins.__import__
-    title = families.get(fam.kind).title
+    title = families.get(fam.kind).title + (" [dev]" if fam is FLUX2DEV else "")
 
     def fake(name, globals=None, locals=None, fromlist=(), level=0):
         if name == package and fromlist and cls in fromlist:
@@ -142,7 +148,7 @@ def test_family_states_what_differs(fam):
     f = families.get(fam.kind)
     assert f.flow and families.by_transformer_class(f.transformer_class) == fam.kind
     assert f.network_module == fam.network_module and fam.spec in f.tiny_specs
-    meta = flow_names.metadata_for(fam.kind, f.variants[0])
+    meta = flow_names.metadata_for(fam.kind, fam.build().extra["variant"] if fam is FLUX2DEV else f.variants[0])
     assert meta["ss_base_model_version"] == fam.kind and meta["modelspec.architecture"] == fam.arch
     with pytest.raises(flow_names.FlowNameError):
         flow_names.metadata_for(fam.kind, "flux-dev")
@@ -161,8 +167,10 @@ def test_tiny_layout_and_conditioning(fam):
     assert set(cond) == {"hidden", "mask"} and cond["hidden"].shape[0] == 2 and cond["hidden"].shape[-1] == fam.width
     n_short = int(cond["mask"][0].sum())
     assert 0 < n_short < int(cond["mask"][1].sum()) <= cond["hidden"].shape[1]
-    if fam.kind == "flux2":  # Qwen3 padded to its max length (64 for the tiny model), as Flux2KleinPipeline
+    if fam is FLUX2:  # Qwen3 padded to its max length (64 for the tiny model), as Flux2KleinPipeline
         assert cond["hidden"].shape[1] == 64
+    elif fam is FLUX2DEV:  # Mistral over Flux2Pipeline's system message and the caption, padded to 128 here
+        assert cond["hidden"].shape[1] == 128 and n_short > 92
     elif fam.kind not in T5_FAMILIES:  # Qwen-Image, Z-Image: padded to the longest caption, padding carries nothing
         assert int(cond["mask"][1].sum()) == cond["hidden"].shape[1] and not cond["hidden"][0, n_short:].any()
     elif fam.kind == "chroma":  # T5 padded to its max length, the first pad token kept (ChromaPipeline's mask)
@@ -335,7 +343,7 @@ def test_folder_round_trip_and_wrong_folder(tmp_path, fam):
              "z_image": ("ZImageControlNetPipeline", "ZImagePipeline"),
              "chroma": ("ChromaInpaintPipeline", "ChromaPipeline"),
              "wan": ("WanImageToVideoPipeline", "WanPipeline"),
-             "flux2": ("Flux2Pipeline", "Flux2KleinPipeline")}[fam.kind]
+             "flux2": ("Flux2KleinInpaintPipeline", "Flux2KleinPipeline")}[fam.kind]
     (tmp_path / "edit" / "model_index.json").write_text(json.dumps({"_class_name": other[0]}))
     with pytest.raises(ModelError) as e:
         load_base_model(str(tmp_path / "edit"))
@@ -490,3 +498,26 @@ def test_flux2_klein_names_at_full_size(ref, heads, double, single, text):
     assert set(groups) == set(two_d)
     for name, g in groups.items():
         assert [sum(g.out_dims), tr.get_submodule(g.paths[0]).in_features] == two_d[name][1], name
+
+
+@each
+def test_standalone_app_trains_publishes_and_tests(data, tmp_path, fam):
+    """The standalone app's path (the tab's logic over StandaloneHost): settings -> config -> the training job ->
+    the published file -> an A/B grid over strengths through the family's pipeline."""
+    from lora_train.hosts.standalone import StandaloneHost
+    from lora_train.ui import jobs, logic
+
+    host = StandaloneHost(fam.spec, str(tmp_path / "loras"))
+    values = logic.default_settings(host)
+    values.update(output_name="app", max_train_steps=3, resolution=64, lora_rank=4, lora_alpha=4, batch_size=2,
+                  lr_warmup_steps=0, save_every_n_epochs=0, mixed_precision="no")
+    cfg, spec = logic.build_config(host, values, data, "lrtdemo")
+    job = logic.start_training(host, cfg, spec)
+    assert jobs.wait(job, 300)
+    snap = job.snapshot()
+    assert snap["status"] == "done", snap["message"]
+    assert os.path.isfile(snap["lora_path"]) and snap["result"].steps == 3
+    with safe_open(snap["lora_path"], "pt") as fh:
+        assert fh.metadata()["ss_base_model_version"] == fam.kind
+    img, msg = logic.run_grid(host, "lrtdemo a picture", "", "app", "0,1", "3", False, 2, 1.0, 64)
+    assert img is not None and img.size[0] >= 2 * 64, msg

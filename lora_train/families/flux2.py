@@ -1,13 +1,17 @@
-"""FLUX.2 [klein] 4B / 9B: Flux2Transformer2DModel over the Flux.2 VAE's latents patchified 2x2 (32 -> 128 channels)
-and normalised by the VAE's batch-norm statistics, one token per 2x2 patch, conditioned on Qwen3 hidden states
-(layers 9, 18 and 27 side by side) of the caption in Qwen3's chat template, as diffusers' Flux2KleinPipeline makes
+"""FLUX.2 [klein] 4B / 9B and FLUX.2 [dev]: Flux2Transformer2DModel over the Flux.2 VAE's latents patchified 2x2
+(32 -> 128 channels) and normalised by the VAE's batch-norm statistics, one token per 2x2 patch, conditioned on the
+text encoder's hidden states of three layers side by side, as diffusers' Flux2KleinPipeline / Flux2Pipeline make
 them.
 
-- Text: each caption as one user message (enable_thinking off), padded to `text_max_length` (default 512; tiny
-  64), the hidden states of `extra["text_layers"]` stacked along the width (klein 4B: 3 x 2560 = 7680); Qwen3 stays
-  frozen. Text position ids (t, h, w, l) = (0, 0, 0, l), image ids (0, h, w, 0).
+- Text, klein: each caption as one Qwen3 user message (enable_thinking off), padded to `text_max_length` (default
+  512; tiny 64), the hidden states of `extra["text_layers"]` (9, 18, 27) stacked along the width (klein 4B:
+  3 x 2560 = 7680). dev: Mistral Small 3.1 over Flux2Pipeline's system message and the caption, layers (10, 20, 30)
+  (3 x 5120 = 15360), through the pipeline's own function. The text encoders stay frozen. Text position ids
+  (t, h, w, l) = (0, 0, 0, l), image ids (0, h, w, 0).
 - Objective: rectified flow (training/flow.py), timestep_sampling "flux_shift" (the resolution-dependent shift of
-  the scheduler's config), no weighting; guidance is not an input of klein.
+  the scheduler's config), no weighting. dev is guidance-distilled: its guidance input is `guidance_scale` (1.0 while
+  training, as sd-scripts for Flux.1 dev and musubi-tuner's default `--guidance_scale 1.0`; recorded in the file);
+  klein has none.
 - LoRA layout: BFL's names, which ComfyUI maps (0.8.0 cannot load klein itself: the names are checked against its
   map's klein layout), one module per fused weight: `lora_unet_double_blocks_N_img_attn_qkv` (q, k, v),
   `..._img_mlp_0` (gate and up in one Linear already in diffusers: ff.linear_in), `lora_unet_single_blocks_N_linear1`
@@ -21,6 +25,14 @@ from typing import Any, Dict, List, Sequence
 from .base import FlowFamily
 from .flow_parts import IMPL_BFL, param_device
 from .qwen_image import text_max_length
+
+
+def _dev(model) -> bool:
+    return model.extra.get("variant") == "flux2-dev"
+
+
+def _layers(model):
+    return tuple(model.extra.get("text_layers", (10, 20, 30) if _dev(model) else (9, 18, 27)))
 
 DOUBLE = (
     ("img_attn_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
@@ -61,7 +73,7 @@ class Flux2(FlowFamily):
     timestep_sampling = "flux_shift"
     transformer_class = "Flux2Transformer2DModel"
     variants = ("flux2-klein-4b", "flux2-klein-9b", "flux2-dev")
-    tiny_specs = ("tiny-flux2-klein",)
+    tiny_specs = ("tiny-flux2-klein", "tiny-flux2-dev")
     pipeline_prefixes = ("Flux2",)
     pipeline_class = "Flux2KleinPipeline"
     name_pattern = r"flux[-_. ]?2"
@@ -82,8 +94,8 @@ class Flux2(FlowFamily):
     requires = "diffusers >= 0.37, transformers >= 4.51"
     vram_tiers = VRAM_TIERS
     advice_name = "FLUX.2 [klein]"
-    advice_text_encoder = (False, "Qwen3 stays frozen (musubi-tuner, ai-toolkit and diffusers train the transformer "
-                                  "only)", None)
+    advice_text_encoder = (False, "the text encoder (klein: Qwen3, dev: Mistral 3) stays frozen (musubi-tuner, "
+                                  "ai-toolkit and diffusers train the transformer only)", None)
 
     def advise(self, s, image_count, task, detail):
         rank = 8 if task in ("style", "concept") and detail == "simple" else 16
@@ -95,6 +107,10 @@ class Flux2(FlowFamily):
         s.add("weighting_scheme", "none", "uniform loss weights")
         s.add("lora_rank", rank, f"FLUX.2 [klein]: rank {rank}; the transformer is wide, so small ranks still "
                                  f"carry a lot")
+        s.notes.append("FLUX.2 [dev] (32 B transformer, 24 B Mistral text encoder: 64 GB + 48 GB in bf16) takes the "
+                       "same lr and rank; on a 24 GB card train it with fp8_base and blocks_to_swap 40 or more, and "
+                       "cache the text conditioning (cache_text_encoder_outputs) so that Mistral leaves the card "
+                       "(SimpleTuner's and musubi-tuner's FLUX.2 notes).")
         return rank, lr
 
     def default_shift(self, model) -> float:
@@ -108,26 +124,39 @@ class Flux2(FlowFamily):
         return {"ss_base_model_version": "flux2", "ss_architecture": (variant or "flux2-klein-4b").replace("-", "_"),
                 "modelspec.architecture": f"{arch}/lora", "modelspec.implementation": IMPL_BFL}
 
+    def run_metadata(self, model):
+        if not _dev(model):
+            return {}
+        return {"ss_guidance_scale": f"{float(model.extra.get('guidance_scale', 1.0)):g}"}
+
     def text_encoder_components(self, model) -> List[tuple]:
-        return []  # Qwen3 stays frozen
+        return []  # Qwen3 / Mistral 3 stay frozen
 
     def conditioning_tag(self, model) -> str:
-        return f"/qwen3_chat/layers={tuple(model.extra.get('text_layers', (9, 18, 27)))}/len={text_max_length(model)}"
+        chat = "mistral3_system" if _dev(model) else "qwen3_chat"
+        return f"/{chat}/layers={_layers(model)}/len={text_max_length(model)}"
 
     def encode(self, model, captions: Sequence[str], device) -> Dict[str, Any]:
         import torch
 
         tok, te = model.tokenizer, model.text_encoder
-        texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False) for c in captions]
-        enc = tok(texts, padding="max_length", max_length=text_max_length(model), truncation=True,
-                  return_tensors="pt")
+        if _dev(model):  # Flux2Pipeline's messages (its system message, then the caption), tokenized as it does
+            from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+            enc = tok.apply_chat_template(format_input(list(captions), system_message=SYSTEM_MESSAGE),
+                                          add_generation_prompt=False, tokenize=True, return_dict=True,
+                                          return_tensors="pt", padding="max_length", truncation=True,
+                                          max_length=text_max_length(model))
+        else:
+            texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=False) for c in captions]
+            enc = tok(texts, padding="max_length", max_length=text_max_length(model), truncation=True,
+                      return_tensors="pt")
         dev = param_device(te, device)
-        out = te(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev), output_hidden_states=True,
-                 use_cache=False)
-        layers = tuple(model.extra.get("text_layers", (9, 18, 27)))
-        hidden = torch.cat([out.hidden_states[k] for k in layers], dim=-1).to(device)
-        return {"hidden": hidden, "mask": enc.attention_mask.to(device, hidden.dtype)}
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        out = te(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True, use_cache=False)
+        hidden = torch.cat([out.hidden_states[k] for k in _layers(model)], dim=-1).to(device)
+        return {"hidden": hidden, "mask": mask.to(device, hidden.dtype)}
 
     def encode_latents(self, model, vae, pixels):
         import torch
@@ -144,23 +173,29 @@ class Flux2(FlowFamily):
         return "flux2/mode/patchify2x2/bn"
 
     def forward(self, model, transformer, noisy, timesteps, cond: Dict[str, Any]):
+        import torch
+
         dtype, dev = noisy.dtype, noisy.device
         b, c, h, w = noisy.shape
         hidden = cond["hidden"].to(dev, dtype)
         packed = noisy.reshape(b, c, h * w).permute(0, 2, 1)
-        out = transformer(hidden_states=packed, timestep=timesteps.to(dev).float().to(dtype) / 1000.0, guidance=None,
+        guidance = None
+        if _dev(model):  # the pipeline passes guidance_scale; the transformer scales it by 1000 as the timestep
+            guidance = torch.full((b,), float(model.extra.get("guidance_scale", 1.0)), device=dev, dtype=torch.float32)
+        out = transformer(hidden_states=packed, timestep=timesteps.to(dev).float().to(dtype) / 1000.0, guidance=guidance,
                           encoder_hidden_states=hidden, txt_ids=_ids(b, 1, 1, 1, hidden.shape[1], dev),
                           img_ids=_ids(b, 1, h, w, 1, dev), return_dict=False)[0]
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
     def pipeline(self, model, scheduler):
-        from diffusers import Flux2KleinPipeline
+        import diffusers
 
-        return Flux2KleinPipeline(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder,
-                                  tokenizer=model.tokenizer, transformer=model.unet)
+        cls = getattr(diffusers, "Flux2Pipeline" if _dev(model) else "Flux2KleinPipeline")
+        return cls(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                   transformer=model.unet)
 
     def call_kwargs(self, model, kw: Dict[str, Any]) -> Dict[str, Any]:
-        """Flux2KleinPipeline takes no negative prompt (its CFG runs on an empty one)."""
+        """Neither pipeline takes a negative prompt (klein's CFG runs on an empty one; dev's guidance_scale is the
+        distilled guidance input)."""
         out = {k: v for k, v in kw.items() if k != "negative_prompt"}
-        return dict(out, max_sequence_length=text_max_length(model),
-                    text_encoder_out_layers=tuple(model.extra.get("text_layers", (9, 18, 27))))
+        return dict(out, max_sequence_length=text_max_length(model), text_encoder_out_layers=_layers(model))

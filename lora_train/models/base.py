@@ -19,8 +19,8 @@ def require(title: str, needs) -> None:
             mod = __import__(package, fromlist=list(names))
             for n in names:
                 getattr(mod, n)
-        except (ImportError, AttributeError):
-            missing.append(wanted)
+        except (ImportError, AttributeError, RuntimeError):  # diffusers' lazy modules raise RuntimeError when a
+            missing.append(wanted)                          # pipeline's own imports (transformers) fail
     if missing:
         import diffusers
         import transformers
