@@ -148,7 +148,7 @@ def test_family_states_what_differs(fam):
     f = families.get(fam.kind)
     assert f.flow and families.by_transformer_class(f.transformer_class) == fam.kind
     assert f.network_module == fam.network_module and fam.spec in f.tiny_specs
-    meta = flow_names.metadata_for(fam.kind, fam.build().extra["variant"] if fam is FLUX2DEV else f.variants[0])
+    meta = flow_names.metadata_for(fam.kind, "flux2-dev" if fam is FLUX2DEV else f.variants[0])
     assert meta["ss_base_model_version"] == fam.kind and meta["modelspec.architecture"] == fam.arch
     with pytest.raises(flow_names.FlowNameError):
         flow_names.metadata_for(fam.kind, "flux-dev")
