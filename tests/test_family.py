@@ -44,6 +44,11 @@ def test_folders_files_and_names(tmp_path):
         assert family_of(str(p))[0] == fam and told_by_spec(str(p))[0] == fam
     assert family_of("/nowhere/ponyDiffusionV6XL.safetensors")[0] == "sdxl"  # only the name is left
     assert family_of("/nowhere/qwen_image_fp8_e4m3fn.safetensors")[0] == "qwen_image"
+    # the 2026 releases' ComfyUI file names (Qwen-Image-2512 is Qwen-Image's architecture with new weights)
+    for name, fam in (("qwen_image_2512_bf16", "qwen_image"), ("z_image_base_bf16", "z_image"),
+                      ("flux2-dev", "flux2"), ("flux-2-klein-9b", "flux2"), ("Chroma1-HD-fp8", "chroma"),
+                      ("wan2.2_t2v_low_noise_14B_fp8_scaled", "wan"), ("wan2.2_ti2v_5B_fp16", "wan")):
+        assert family_of(f"/nowhere/{name}.safetensors")[0] == fam, name
     assert told_by_spec("/nowhere/ponyDiffusionV6XL.safetensors") is None
     fam, why = family_of("/nowhere/model.safetensors")
     assert fam == "sd1" and "assumed" in why
