@@ -101,7 +101,7 @@ def save_flux2_folder(model: BaseModel, folder: str) -> str:
     return folder
 
 
-def load_flux2_folder(folder: str) -> BaseModel:
+def load_flux2_folder(folder: str, transformer=None) -> BaseModel:
     """A diffusers Flux2KleinPipeline folder (transformer/, vae/, text_encoder/ (Qwen3), tokenizer/, scheduler/)."""
     require()
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
@@ -109,11 +109,13 @@ def load_flux2_folder(folder: str) -> BaseModel:
 
     from .diffusers_folder import load_components
 
-    c = load_components(folder, [("transformer", Flux2Transformer2DModel), ("vae", AutoencoderKLFlux2),
-                                 ("text_encoder", Qwen3ForCausalLM), ("tokenizer", AutoTokenizer),
-                                 ("scheduler", FlowMatchEulerDiscreteScheduler)], "FLUX.2 [klein] diffusers folder",
+    parts = [("vae", AutoencoderKLFlux2), ("text_encoder", Qwen3ForCausalLM), ("tokenizer", AutoTokenizer),
+             ("scheduler", FlowMatchEulerDiscreteScheduler)]
+    if transformer is None:
+        parts.insert(0, ("transformer", Flux2Transformer2DModel))
+    c = load_components(folder, parts, "FLUX.2 [klein] diffusers folder",
                         "transformer/, vae/, text_encoder/ (Qwen3), tokenizer/ and scheduler/ with their weights")
-    tr, te = c["transformer"], c["text_encoder"]
+    tr, te = c["transformer"] if transformer is None else transformer, c["text_encoder"]
     if c["tokenizer"].chat_template is None:
         raise ModelError(f"the tokenizer in '{folder}' has no chat template: FLUX.2 [klein]'s prompts go through "
                          f"Qwen3's; use the tokenizer/ folder of the release.")
