@@ -144,7 +144,7 @@ class TrainConfig:
     clip_l: str = ""
     clip_g: str = ""
     t5xxl: str = ""
-    components_folder: str = ""  # a diffusers folder with the other parts of a single-file transformer (Qwen-Image)
+    components_folder: str = ""  # a diffusers folder with the other parts of a single-file transformer (Qwen-Image, Z-Image, Chroma, Wan, FLUX.2)
     timestep_sampling: str = "auto"  # auto (flux: shift, sd3: sigma) | sigma | uniform | sigmoid | shift | flux_shift
     discrete_flow_shift: Optional[float] = None  # default: flux 3.1582, sd3 the scheduler's shift (3.0)
     sigmoid_scale: float = 1.0

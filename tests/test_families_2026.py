@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import assert_loss_falls_with_strength, flow_file_error, run_trainer, small_cfg
+from single_file_layouts import original_layout
 from lora_train import families
 from lora_train.models import conditioning, flow
 from lora_train.models.base import ModelError
@@ -83,7 +85,7 @@ def _skip_unless(f):
 
 each = pytest.mark.parametrize("fam", [_skip_unless(f) for f in FAMS])
 #: the families whose ComfyUI single files hold the transformer only (read with a components folder)
-each_single_file = pytest.mark.parametrize("fam", [_skip_unless(f) for f in (QWEN, ZIMAGE)])
+each_single_file = pytest.mark.parametrize("fam", [_skip_unless(f) for f in (QWEN, ZIMAGE, CHROMA, WAN, FLUX2)])
 
 
 def reference(variant="qwen_image"):
@@ -350,27 +352,6 @@ def test_folder_round_trip_and_wrong_folder(tmp_path, fam):
     assert other[0] in str(e.value) and other[1] in str(e.value)
 
 
-def original_layout(kind, sd):
-    """A diffusers transformer state dict in the family's original single-file layout, as ComfyUI's files hold it
-    (`model.diffusion_model.` + Qwen-Image's own names; Z-Image's fused attention.qkv, attention.out, q_norm /
-    k_norm, x_embedder, final_layer)."""
-    out = {}
-    if kind == "z_image":
-        sd = dict(sd)
-        for k in [k for k in sd if k.endswith(".attention.to_q.weight")]:
-            stem = k[: -len(".to_q.weight")]
-            sd[f"{stem}.qkv.weight"] = torch.cat([sd.pop(f"{stem}.to_{x}.weight") for x in "qkv"])
-        ren = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
-               ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
-               ".attention.norm_q.": ".attention.q_norm."}
-        for k, v in sd.items():
-            for a, b in ren.items():
-                k = k.replace(a, b)
-            out[k] = v
-        sd = out
-    return {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
-
-
 @each_single_file
 def test_single_file_transformer_with_a_components_folder(tmp_path, fam):
     """A ComfyUI-style diffusion model file (model.diffusion_model.*, original layout, bf16) loads with the VAE, text
@@ -398,6 +379,69 @@ def test_single_file_transformer_with_a_components_folder(tmp_path, fam):
         a = flow.predict(m, m.unet, x, torch.tensor([400.0]), c)
         b = flow.predict(m2, m2.unet, x, torch.tensor([400.0]), c)
     assert (a - b).abs().max() < 0.05  # the bf16 copy of the same weights
+
+
+#: what a transformer's shapes cannot tell, from the components folder's transformer/config.json (Wan's head size)
+NOT_IN_SHAPES = {"wan": ("attention_head_dim",)}
+
+
+@each_single_file
+def test_single_file_layout_round_trip(fam):
+    """The test helper's original layout (tests/single_file_layouts.py) read back by the loader's conversion (diffusers'
+    own converters) is the tiny transformer's state dict exactly, and its config (from the shapes) the tiny one's."""
+    from lora_train.models import flow_single_file
+
+    m = fam.build()
+    sd = m.unet.state_dict()
+    folder_config = json.loads(json.dumps(dict(m.unet.config)))
+    base = folder_config if fam.kind in ("qwen_image", "z_image") else {
+        k: folder_config[k] for k in NOT_IN_SHAPES.get(fam.kind, ())}
+    config, conv = getattr(flow_single_file, f"convert_{fam.kind}")(original_layout(fam.kind, sd, dtype=None), base)
+    assert set(conv) == set(sd) and all(torch.equal(conv[k], sd[k]) for k in sd)
+    plain = lambda c: {k: list(v) if isinstance(v, tuple) else v for k, v in dict(c).items() if not k.startswith("_")}
+    assert plain(type(m.unet)(**config).config) == plain(m.unet.config)
+
+
+@pytest.mark.skipif(not WAN.available(), reason="this diffusers / transformers has no Wan")
+def test_wan_single_file_other_than_text_to_video_is_refused():
+    """Wan's image-to-video files (Wan 2.1 I2V's img_emb, Wan 2.2 I2V's 36 input channels) get a message, not a
+    wrong model."""
+    from lora_train.models.flow_single_file import convert_wan
+
+    sd = original_layout("wan", WAN.build().unet.state_dict())
+    i2v = dict(sd, **{"model.diffusion_model.img_emb.proj.0.weight": torch.zeros(4)})
+    pe = sd["model.diffusion_model.patch_embedding.weight"]
+    wide = dict(sd, **{"model.diffusion_model.patch_embedding.weight": torch.zeros((pe.shape[0], 36) + pe.shape[2:])})
+    for bad in (i2v, wide):
+        with pytest.raises(ModelError, match="image-to-video.*Wan 2.1 T2V"):
+            convert_wan(bad, {"attention_head_dim": 16})
+
+
+@each_single_file
+def test_single_file_fp8_unprefixed_and_partial(tmp_path, fam):
+    """A float8_e4m3fn file under `diffusion_model.` (ComfyUI's fp8 copies) loads as bf16 with the fp8 values; a
+    partial file (a block's weight left out) gets a message naming the file and what to use."""
+    from safetensors.torch import save_file
+
+    from lora_train.cli.main import main
+    from lora_train.models.loading import load_base_model
+
+    m = fam.build()
+    assert main(["tiny-model", str(tmp_path / "parts"), "--family", fam.spec]) == 0
+    parts = {"components_folder": str(tmp_path / "parts")}
+    sd = original_layout(fam.kind, m.unet.state_dict(), prefix="diffusion_model.", dtype=torch.float8_e4m3fn)
+    f = tmp_path / f"{fam.kind}_tiny_fp8_e4m3fn.safetensors"
+    save_file(sd, str(f))
+    m2 = load_base_model(str(f), files=parts)
+    assert m2.kind == fam.kind and {p.dtype for p in m2.unet.parameters()} == {torch.bfloat16}
+    want = {k: v.to(torch.float8_e4m3fn).to(torch.bfloat16) for k, v in m.unet.state_dict().items()}
+    assert all(torch.equal(v, want[k]) for k, v in m2.unet.state_dict().items())
+    block = next(k for k in sorted(sd) if re.search(r"blocks\.1\.|layers\.1\.", k) and k.endswith(".weight"))
+    g = tmp_path / f"{fam.kind}_partial.safetensors"
+    save_file({k: v for k, v in sd.items() if k != block}, str(g))
+    with pytest.raises(ModelError) as e:
+        load_base_model(str(g), files=parts)
+    assert str(g) in str(e.value) and f"the original {families.get(fam.kind).title}" in str(e.value).replace("Use", "use")
 
 
 @each

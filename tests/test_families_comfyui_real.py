@@ -35,6 +35,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from single_file_layouts import original_layout
 from lora_train.networks import flow_names as F
 from lora_train.networks import lora as L
 
@@ -57,84 +58,7 @@ FAMILIES = {
 
 
 # ----------------------------------------------------------------------------- diffusers -> original layout
-def _chroma_original(sd):
-    sd, out = dict(sd), {}
-
-    def take(src, dst):
-        out[dst] = sd.pop(src)
-
-    def cat(srcs, dst):
-        out[dst] = torch.cat([sd.pop(s) for s in srcs])
-
-    for k in [k for k in sd if k.startswith("distilled_guidance_layer.")]:
-        new = k.replace(".linear_1.", ".in_layer.").replace(".linear_2.", ".out_layer.")
-        if ".norms." in k:
-            new = k[: -len(".weight")] + ".scale"
-        take(k, new)
-    for a, b in (("context_embedder", "txt_in"), ("x_embedder", "img_in"), ("proj_out", "final_layer.linear")):
-        for t in ("weight", "bias"):
-            take(f"{a}.{t}", f"{b}.{t}")
-    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
-    for i in blocks:
-        s, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for t in ("weight", "bias"):
-            cat([f"{s}attn.to_{x}.{t}" for x in "qkv"], f"{d}img_attn.qkv.{t}")
-            cat([f"{s}attn.add_{x}_proj.{t}" for x in "qkv"], f"{d}txt_attn.qkv.{t}")
-            for a, b in (("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
-                         ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
-                         ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
-                take(f"{s}{a}.{t}", f"{d}{b}.{t}")
-        for a, b in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
-                     ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
-            take(f"{s}attn.{a}.weight", f"{d}{b}.scale")
-    singles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")})
-    for i in singles:
-        s, d = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for t in ("weight", "bias"):
-            cat([f"{s}attn.to_q.{t}", f"{s}attn.to_k.{t}", f"{s}attn.to_v.{t}", f"{s}proj_mlp.{t}"],
-                f"{d}linear1.{t}")
-            take(f"{s}proj_out.{t}", f"{d}linear2.{t}")
-        take(f"{s}attn.norm_q.weight", f"{d}norm.query_norm.scale")
-        take(f"{s}attn.norm_k.weight", f"{d}norm.key_norm.scale")
-    assert not sd, f"diffusers keys left without an original name: {sorted(sd)}"
-    return out
-
-
-_WAN_RENAMES = (
-    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
-    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
-    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
-    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
-    ("condition_embedder.time_proj.", "time_projection.1."),
-    (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
-    (".to_out.0.", ".o."), (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."), (".norm2.", ".norm3."),
-    (".scale_shift_table", ".modulation"),
-)
-
-
-def _wan_original(sd):
-    out = {}
-    for k, v in sd.items():
-        if k == "scale_shift_table":
-            new = "head.modulation"
-        elif k.startswith("proj_out."):
-            new = "head.head." + k[len("proj_out."):]
-        else:
-            new = k
-            for a, b in _WAN_RENAMES:
-                new = new.replace(a, b)
-        out[new] = v
-    return out
-
-
-def original_layout(kind, sd):
-    """`model.diffusion_model.` + the family's original (ComfyUI) names, bf16, as ComfyUI's single files hold it."""
-    if kind in ("qwen_image", "z_image"):
-        import test_families_2026 as T26
-
-        return T26.original_layout(kind, sd)
-    conv = {"chroma": _chroma_original, "wan": _wan_original}[kind](sd)
-    return {f"model.diffusion_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in conv.items()}
+# original_layout (tests/single_file_layouts.py): `model.diffusion_model.` + the family's original (ComfyUI) names, bf16
 
 
 def diffusers_from_original(kind, orig):

@@ -153,7 +153,7 @@ def test_not_a_flow_file(tmp_path):
     from lora_train.models.flow_single_file import load_flow_single_file
 
     p = _save({"foo.weight": torch.zeros(2)}, tmp_path / "x.safetensors")
-    with pytest.raises(ModelError, match="neither a Flux"):
+    with pytest.raises(ModelError, match="holds none of the transformers read from single files here"):
         load_flow_single_file(p, {})
 
 

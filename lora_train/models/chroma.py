@@ -61,19 +61,22 @@ def save_chroma_folder(model: BaseModel, folder: str) -> str:
     return folder
 
 
-def load_chroma_folder(folder: str) -> BaseModel:
-    """A diffusers ChromaPipeline folder (transformer/, vae/, text_encoder/ (T5), tokenizer/, scheduler/), offline."""
+def load_chroma_folder(folder: str, transformer=None) -> BaseModel:
+    """A diffusers ChromaPipeline folder (transformer/, vae/, text_encoder/ (T5), tokenizer/, scheduler/), offline;
+    with `transformer` given (a single file's), the folder's own transformer/ is not read."""
     require()
     from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
     from transformers import T5EncoderModel, T5TokenizerFast
 
     from .diffusers_folder import load_components
 
-    c = load_components(folder, [("transformer", ChromaTransformer2DModel), ("vae", AutoencoderKL),
-                                 ("text_encoder", T5EncoderModel), ("tokenizer", T5TokenizerFast),
-                                 ("scheduler", FlowMatchEulerDiscreteScheduler)], "Chroma diffusers folder",
+    parts = [("vae", AutoencoderKL), ("text_encoder", T5EncoderModel), ("tokenizer", T5TokenizerFast),
+             ("scheduler", FlowMatchEulerDiscreteScheduler)]
+    if transformer is None:
+        parts.insert(0, ("transformer", ChromaTransformer2DModel))
+    c = load_components(folder, parts, "Chroma diffusers folder",
                         "transformer/, vae/, text_encoder/ (T5), tokenizer/ and scheduler/ with their weights")
-    tr, tok = c["transformer"], c["tokenizer"]
+    tr, tok = c["transformer"] if transformer is None else transformer, c["tokenizer"]
     extra = {"variant": "chroma"}
     small = int(tr.config.num_layers) < 8
     if small:  # a tiny test model saved as a folder keeps its short T5 length

@@ -1,4 +1,5 @@
-"""Flux.1 and SD3 / SD3.5 single files, offline: the transformer file users have, plus its component files.
+"""Flow-model single files, offline: the transformer file users have (ComfyUI models/diffusion_models, Forge), plus
+its component files or a components folder.
 
 Flux (ComfyUI models/diffusion_models, Forge): the BFL transformer (`double_blocks.*`, `single_blocks.*`, optionally
   under `model.diffusion_model.`; fp32 / fp16 / bf16, or float8_e4m3fn, loaded as bf16), with `ae` (ae.safetensors:
@@ -9,13 +10,20 @@ Flux (ComfyUI models/diffusion_models, Forge): the BFL transformer (`double_bloc
 SD3 / SD3.5 (sd3_medium.safetensors, sd3.5_medium.safetensors, sd3.5_large.safetensors): `model.diffusion_model.
   joint_blocks.*`, `first_stage_model.*` and, when included, `text_encoders.clip_l / clip_g / t5xxl.transformer.*`;
   otherwise `clip_l`, `clip_g` (and optionally `t5xxl`; without it SD3 runs on zeros for T5 as diffusers does).
+Qwen-Image, Z-Image, Chroma, Wan (2.1 T2V, 2.2 TI2V-5B), FLUX.2 [klein] (qwen_image_bf16, z_image_turbo_bf16,
+  Chroma1-HD, wan2.1_t2v_14B_bf16 / wan2.2_ti2v_5B_fp16, flux-2-klein-4b; bf16 / fp16 / float8_e4m3fn, loaded as
+  bf16 from fp8; bare or under `model.diffusion_model.` / `diffusion_model.`): the transformer alone, in the
+  original layout; the VAE, text encoder, tokenizer and scheduler come from `components_folder` (a diffusers folder
+  of that family), whose transformer/config.json gives what shapes cannot tell (rope axes, Wan's head size).
 
 Conversion: diffusers' own loaders.single_file_utils (convert_flux_transformer_checkpoint_to_diffusers,
-convert_sd3_transformer_checkpoint_to_diffusers, convert_ldm_vae_checkpoint). The diffusers configs are read from the
-weights' shapes; what shapes cannot tell is taken from the released models: Flux rope axes (16, 56, 56) for
-128-wide heads, CLIP heads = width / 64 (CLIP-L quick_gelu, CLIP-G gelu), the VAEs' scaling / shift factors (Flux
-0.3611 / 0.1159, SD3 1.5305 / 0.0609), the schedulers of the releases. Narrower test-size models (tests/) get
-width / 8 CLIP heads, rope axes (d/4, 3d/8, 3d/8) and 8 VAE norm groups.
+convert_sd3_transformer_checkpoint_to_diffusers, convert_ldm_vae_checkpoint, convert_z_image_*, convert_chroma_*,
+convert_wan_transformer_to_diffusers, convert_flux2_*; Qwen-Image's names are diffusers' own). The diffusers configs
+are read from the weights' shapes; what shapes cannot tell is taken from the released models: Flux rope axes (16, 56,
+56) for 128-wide heads, CLIP heads = width / 64 (CLIP-L quick_gelu, CLIP-G gelu), the VAEs' scaling / shift factors
+(Flux 0.3611 / 0.1159, SD3 1.5305 / 0.0609), the schedulers of the releases. Narrower test-size models (tests/) get
+width / 8 CLIP heads, rope axes (d/4, 3d/8, 3d/8) and 8 VAE norm groups; Flux's and Chroma's fused single-block
+linear1 is split at the model's width (diffusers' converters split it at 3072).
 """
 from __future__ import annotations
 
@@ -39,12 +47,13 @@ TE_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_en
                "t5xxl": "text_encoders.t5xxl.transformer."}
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 FILE_KEYS = {"flux": ("ae", "clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl"),
-             "qwen_image": ("components_folder",), "z_image": ("components_folder",)}
+             "qwen_image": ("components_folder",), "z_image": ("components_folder",), "chroma": ("components_folder",),
+             "wan": ("components_folder",), "flux2": ("components_folder",)}
 
 
 # ----------------------------------------------------------------------------- detection
 def detect_family(path: str) -> Optional[str]:
-    """The flow family ("flux", "sd3", "qwen_image") or None from a .safetensors header (no tensor is read)."""
+    """The flow family ("flux", "sd3", "qwen_image", ...) or None from a .safetensors header (no tensor is read)."""
     try:
         shapes, _ = read_safetensors_header(path)
     except (ModelError, OSError):
@@ -180,19 +189,25 @@ def convert_flux(sd: Dict[str, torch.Tensor]):
     except (KeyError, ValueError) as exc:
         raise ModelError(f"the Flux transformer file lacks {exc}: it is not a complete Flux.1 dev / schnell "
                          f"transformer (a Flux variant with other inputs, or a partial file).") from exc
-    narrow = {}
-    if int(inner) != 3072:  # diffusers' converter splits single blocks' fused linear1 at Flux.1's width 3072
+    return config, _at_flux_width(sd, int(inner), convert_flux_transformer_checkpoint_to_diffusers)
+
+
+def _at_flux_width(sd: Dict[str, torch.Tensor], inner: int, convert) -> Dict[str, torch.Tensor]:
+    """`convert(sd)` (diffusers' Flux / Chroma converter) at any width: those split single blocks' fused linear1
+    at Flux.1's width 3072; at another width the same split (q, k, v, mlp) is made here at this model's width."""
+    sd, narrow = dict(sd), {}
+    if inner != 3072:
         for k in [k for k in sd if re.match(r"single_blocks\.\d+\.linear1\.", k)]:
             narrow[k] = sd.pop(k)
             sd[k] = torch.empty((4 * 3072 + 3 * 3072,) + tuple(narrow[k].shape[1:]), device="meta")
-    conv = convert_flux_transformer_checkpoint_to_diffusers(dict(sd))
-    for k, v in narrow.items():  # the same split at this model's width (q, k, v, mlp)
+    conv = convert(sd)
+    for k, v in narrow.items():
         i, kind = k.split(".")[1], k.rsplit(".", 1)[1]
-        q, kk, vv, mlp = torch.split(v, (int(inner),) * 3 + (v.shape[0] - 3 * int(inner),), dim=0)
+        q, kk, vv, mlp = torch.split(v, (inner,) * 3 + (v.shape[0] - 3 * inner,), dim=0)
         pre = f"single_transformer_blocks.{i}."
         for name, t in (("attn.to_q", q), ("attn.to_k", kk), ("attn.to_v", vv), ("proj_mlp", mlp)):
             conv[f"{pre}{name}.{kind}"] = t
-    return config, conv
+    return conv
 
 
 def _transformer(cls, converted, what: str, advice: str):
@@ -370,11 +385,11 @@ def _component(main: Dict[str, torch.Tensor], files: Dict[str, str], key: str, p
 
 
 def load_flow_single_file(path: str, files: Dict[str, str]) -> BaseModel:
-    """A Flux / SD3 single file plus its separate component files (module docstring)."""
+    """A flow-model single file plus its separate component files or components folder (module docstring)."""
     path = os.path.expanduser(path)
     family = detect_family(path)
     if family is None:
-        raise ModelError(f"'{path}' is neither a Flux.1 nor an SD3 / SD3.5 transformer file.")
+        raise ModelError(f"'{path}' holds none of the transformers read from single files here ({', '.join(TITLES)}).")
     main = read_file(path, "base model")
     name = os.path.splitext(os.path.basename(path))[0]
     return flow_model_from_state_dict(main, files, name=name, path=os.path.abspath(path))
@@ -453,7 +468,32 @@ def _sd3(main, files, name: str, path: str) -> BaseModel:
                      native_resolution=64 if small else 1024, extra=extra)
 
 
-# ----------------------------------------------------------------------------- Qwen-Image
+# ----------------------------------------------------------------------------- transformer-only files
+def _unprefixed(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A transformer file's own keys: under `model.diffusion_model.` or `diffusion_model.` (ComfyUI's files), or bare;
+    other parts (a VAE, text encoders) are left out."""
+    for pre in (DIT_PREFIX, "diffusion_model."):
+        if any(k.startswith(pre) for k in sd):
+            return {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+    return dict(sd)
+
+
+def _blocks(sd: Dict[str, torch.Tensor], prefix: str, at: int = 1) -> int:
+    """How many blocks `prefix`N.* there are (N the `at`-th dotted part of the key)."""
+    return 1 + max(int(k.split(".")[at]) for k in sd if k.startswith(prefix))
+
+
+def _over(base_config: Optional[dict]) -> dict:
+    """The components folder's transformer/config.json without diffusers' `_` entries (what shapes cannot tell)."""
+    return {k: v for k, v in (base_config or {}).items() if not k.startswith("_")}
+
+
+def _rope(config: dict, head_dim: int, default) -> tuple:
+    """The folder's rope axes when they fit this head size, else `default` (the releases' split)."""
+    axes = config.get("axes_dims_rope")
+    return tuple(axes) if axes and sum(axes) == head_dim else tuple(default)
+
+
 def convert_qwen_image(sd: Dict[str, torch.Tensor], base_config: Optional[dict] = None):
     """(diffusers config, state dict) of a Qwen-Image transformer file: its original names are diffusers' own
     (diffusers' from_single_file maps them unchanged), under `model.diffusion_model.` / `diffusion_model.` in ComfyUI
@@ -461,17 +501,13 @@ def convert_qwen_image(sd: Dict[str, torch.Tensor], base_config: Optional[dict] 
     components folder's transformer/config.json: its rope axes) or the released values."""
     from .qwen_image import FULL_TRANSFORMER
 
-    for pre in (DIT_PREFIX, "diffusion_model."):
-        if any(k.startswith(pre) for k in sd):
-            sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
-            break
+    sd = _unprefixed(sd)
     try:
         head_dim = int(sd["transformer_blocks.0.attn.norm_q.weight"].shape[0])
         inner = int(sd["img_in.weight"].shape[0])
-        config = dict(base_config or FULL_TRANSFORMER)
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        config = _over(base_config or FULL_TRANSFORMER)
         config.update(in_channels=int(sd["img_in.weight"].shape[1]), out_channels=int(sd["proj_out.weight"].shape[0]) // 4,
-                      num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")),
+                      num_layers=_blocks(sd, "transformer_blocks."),
                       attention_head_dim=head_dim, num_attention_heads=inner // head_dim,
                       joint_attention_dim=int(sd["txt_in.weight"].shape[1]))
     except (KeyError, ValueError) as exc:
@@ -486,18 +522,14 @@ def convert_z_image(sd: Dict[str, torch.Tensor], base_config: Optional[dict] = N
     converter; the config from the shapes over `base_config` (the components folder's transformer/config.json)."""
     from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
 
-    for pre in (DIT_PREFIX, "diffusion_model."):
-        if any(k.startswith(pre) for k in sd):
-            sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
-            break
+    sd = _unprefixed(sd)
     try:
         head_dim = int(sd["layers.0.attention.q_norm.weight"].shape[0])
         dim = int(sd["x_embedder.weight"].shape[0])
-        config = {k: v for k, v in (base_config or {}).items() if not k.startswith("_")}
+        config = _over(base_config)
         config.update(dim=dim, n_heads=dim // head_dim, n_kv_heads=dim // head_dim,
                       in_channels=int(sd["x_embedder.weight"].shape[1]) // 4,
-                      n_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers.")),
-                      n_refiner_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("noise_refiner.")),
+                      n_layers=_blocks(sd, "layers."), n_refiner_layers=_blocks(sd, "noise_refiner."),
                       cap_feat_dim=int(sd["cap_embedder.1.weight"].shape[1]))
     except (KeyError, ValueError) as exc:
         raise ModelError(f"the Z-Image transformer file misses {exc}: use the original Z-Image diffusion model file "
@@ -505,14 +537,110 @@ def convert_z_image(sd: Dict[str, torch.Tensor], base_config: Optional[dict] = N
     return config, convert_z_image_transformer_checkpoint_to_diffusers(dict(sd))
 
 
+def convert_chroma(sd: Dict[str, torch.Tensor], base_config: Optional[dict] = None):
+    """(diffusers config, state dict) of a Chroma transformer file in its original layout (Flux's `double_blocks` /
+    `single_blocks` without modulation, `distilled_guidance_layer`; Chroma1-HD / -Base, ComfyUI's copies), through
+    diffusers' own converter; the config from the shapes over `base_config`."""
+    from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
+
+    sd = _unprefixed(sd)
+    try:
+        inner, in_ch = (int(x) for x in sd["img_in.weight"].shape)
+        head_dim = int(sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0])
+        appr = sd["distilled_guidance_layer.in_proj.weight"]
+        config = _over(base_config)
+        out_ch = int(sd["final_layer.linear.weight"].shape[0])
+        config.update(patch_size=1, in_channels=in_ch, out_channels=None if out_ch == in_ch else out_ch,
+                      num_layers=_blocks(sd, "double_blocks."), num_single_layers=_blocks(sd, "single_blocks."),
+                      attention_head_dim=head_dim, num_attention_heads=inner // head_dim,
+                      joint_attention_dim=int(sd["txt_in.weight"].shape[1]),
+                      axes_dims_rope=_rope(config, head_dim, _flux_rope_axes(head_dim)),
+                      approximator_num_channels=int(appr.shape[1]), approximator_hidden_dim=int(appr.shape[0]),
+                      approximator_layers=_blocks(sd, "distilled_guidance_layer.layers.", at=2))
+        conv = _at_flux_width(sd, inner, convert_chroma_transformer_checkpoint_to_diffusers)
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the Chroma transformer file misses {exc}: use the original Chroma diffusion model file "
+                         f"(Chroma1-HD.safetensors, its fp8 copy, or a fine-tune in its layout).") from exc
+    return config, conv
+
+
+#: Wan variants with other inputs than text-to-video's (their keys or input channels tell them)
+_WAN_OTHER = ("img_emb.", "vace_", "face_adapter.", "motion_encoder.")
+
+
+def convert_wan(sd: Dict[str, torch.Tensor], base_config: Optional[dict] = None):
+    """(diffusers config, state dict) of a Wan transformer file in its original layout (`blocks.N.self_attn.q`,
+    `cross_attn`, `ffn.0`, `head.head`; Wan-AI's and ComfyUI's files), through diffusers' own converter; the config
+    from the shapes over `base_config` (its head size: 128 in every release)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    sd = _unprefixed(sd)
+    pe, head = sd.get("patch_embedding.weight"), sd.get("head.head.weight")
+    if any(k.startswith(_WAN_OTHER) for k in sd) or (
+            pe is not None and head is not None and head.shape[0] != pe.shape[1] * pe.shape[2:].numel()):
+        raise ModelError(f"the file holds a Wan image-to-video / VACE / Animate transformer (other inputs than "
+                         f"text-to-video's): this trainer reads the text-to-video ones (Wan 2.1 T2V 1.3B / 14B, "
+                         f"Wan 2.2 TI2V-5B). Use one of those files.")
+    try:
+        pe = sd["patch_embedding.weight"]  # (inner, in channels, *patch)
+        inner, in_ch, patch = int(pe.shape[0]), int(pe.shape[1]), tuple(int(x) for x in pe.shape[2:])
+        out_ch = int(sd["head.head.weight"].shape[0]) // (patch[0] * patch[1] * patch[2])
+        config = _over(base_config)
+        head_dim = int(config.get("attention_head_dim") or 128)
+        config.update(patch_size=patch, in_channels=in_ch, out_channels=out_ch, attention_head_dim=head_dim,
+                      num_attention_heads=inner // head_dim, text_dim=int(sd["text_embedding.0.weight"].shape[1]),
+                      freq_dim=int(sd["time_embedding.0.weight"].shape[1]),
+                      ffn_dim=int(sd["blocks.0.ffn.0.weight"].shape[0]), num_layers=_blocks(sd, "blocks."),
+                      cross_attn_norm="blocks.0.norm3.weight" in sd,
+                      qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in sd else None,
+                      image_dim=None, added_kv_proj_dim=None)
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the Wan transformer file misses {exc}: use the original Wan diffusion model file "
+                         f"(wan2.1_t2v_14B_bf16.safetensors, wan2.2_ti2v_5B_fp16.safetensors, their fp8 copies, or a "
+                         f"fine-tune in their layout).") from exc
+    return config, convert_wan_transformer_to_diffusers(dict(sd))
+
+
+def convert_flux2(sd: Dict[str, torch.Tensor], base_config: Optional[dict] = None):
+    """(diffusers config, state dict) of a FLUX.2 transformer file in BFL's layout (`double_blocks`, `single_blocks`,
+    `double_stream_modulation_img.lin`; flux-2-klein-4b.safetensors, ComfyUI's copies), through diffusers' own
+    converter; the config from the shapes over `base_config`."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    sd = _unprefixed(sd)
+    try:
+        inner, in_ch = (int(x) for x in sd["img_in.weight"].shape)
+        head_dim = int(sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0])
+        out_ch = int(sd["final_layer.linear.weight"].shape[0])
+        config = _over(base_config)
+        config.update(patch_size=1, in_channels=in_ch, out_channels=None if out_ch == in_ch else out_ch,
+                      num_layers=_blocks(sd, "double_blocks."), num_single_layers=_blocks(sd, "single_blocks."),
+                      attention_head_dim=head_dim, num_attention_heads=inner // head_dim,
+                      joint_attention_dim=int(sd["txt_in.weight"].shape[1]),
+                      timestep_guidance_channels=int(sd["time_in.in_layer.weight"].shape[1]),
+                      mlp_ratio=int(sd["double_blocks.0.img_mlp.0.weight"].shape[0]) / 2 / inner,
+                      axes_dims_rope=_rope(config, head_dim, (head_dim // 4,) * 4),
+                      guidance_embeds="guidance_in.in_layer.weight" in sd)
+        conv = convert_flux2_transformer_checkpoint_to_diffusers(dict(sd))
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"the FLUX.2 transformer file misses {exc}: use the original FLUX.2 [klein] diffusion "
+                         f"model file (flux-2-klein-4b.safetensors, its fp8 copy, or a fine-tune in its "
+                         f"layout).") from exc
+    return config, conv
+
+
 #: family -> (diffusers transformer class, converter, the folder loader's module, what the family is called)
 _WITH_FOLDER = {"qwen_image": ("QwenImageTransformer2DModel", convert_qwen_image, "qwen_image", "Qwen-Image",
                                "Qwen2.5-VL"),
-                "z_image": ("ZImageTransformer2DModel", convert_z_image, "z_image", "Z-Image", "Qwen3")}
+                "z_image": ("ZImageTransformer2DModel", convert_z_image, "z_image", "Z-Image", "Qwen3"),
+                "chroma": ("ChromaTransformer2DModel", convert_chroma, "chroma", "Chroma", "T5-XXL"),
+                "wan": ("WanTransformer3DModel", convert_wan, "wan", "Wan", "UMT5-XXL"),
+                "flux2": ("Flux2Transformer2DModel", convert_flux2, "flux2", "FLUX.2", "Qwen3")}
 
 
 def _with_components_folder(family: str):
-    """A builder for a family whose single files hold the transformer only (Qwen-Image, Z-Image): the transformer
+    """A builder for a family whose single files hold the transformer only (Qwen-Image, Z-Image, Chroma, Wan,
+    FLUX.2): the transformer
     from the file (bf16 / fp16 / fp8 as stored), the VAE, text encoder, tokenizer and scheduler from
     `components_folder` (a diffusers folder of that family: the release's layout)."""
     cls_name, convert, module, title, te_name = _WITH_FOLDER[family]
@@ -535,8 +663,11 @@ def _with_components_folder(family: str):
         if os.path.isfile(cfg_path):
             with open(cfg_path, encoding="utf-8") as fh:
                 base_config = json.load(fh)
-        tr = _transformer(getattr(diffusers, cls_name), convert(main, base_config), f"{title} transformer",
-                          f"Use the original {title} diffusion model file or a fine-tune in its layout.")
+        try:
+            tr = _transformer(getattr(diffusers, cls_name), convert(main, base_config), f"{title} transformer",
+                              f"Use the original {title} diffusion model file or a fine-tune in its layout.")
+        except ModelError as exc:  # a wrong or partial file: say which
+            raise ModelError(f"'{path}': {exc}") from exc
         tr.eval().requires_grad_(False)
         model = getattr(mod, f"load_{module}_folder")(folder, transformer=tr)
         model.name, model.path = name, path
@@ -546,6 +677,5 @@ def _with_components_folder(family: str):
 
 
 #: the flow families read from single files here, by family
-BUILDERS = {"flux": _flux, "sd3": _sd3, "qwen_image": _with_components_folder("qwen_image"),
-            "z_image": _with_components_folder("z_image")}
-TITLES = ("Flux.1", "SD3 / SD3.5", "Qwen-Image", "Z-Image")
+BUILDERS = {"flux": _flux, "sd3": _sd3, **{f: _with_components_folder(f) for f in _WITH_FOLDER}}
+TITLES = ("Flux.1", "SD3 / SD3.5", "Qwen-Image", "Z-Image", "Chroma", "Wan", "FLUX.2 [klein]")

@@ -89,8 +89,9 @@ def save_wan_folder(model: BaseModel, folder: str) -> str:
     return folder
 
 
-def load_wan_folder(folder: str) -> BaseModel:
-    """A diffusers WanPipeline folder (transformer/, vae/, text_encoder/ (UMT5), tokenizer/, scheduler/), offline."""
+def load_wan_folder(folder: str, transformer=None) -> BaseModel:
+    """A diffusers WanPipeline folder (transformer/, vae/, text_encoder/ (UMT5), tokenizer/, scheduler/), offline;
+    with `transformer` given (a single file's), the folder's own transformer/ is not read."""
     require()
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -103,9 +104,10 @@ def load_wan_folder(folder: str) -> BaseModel:
         raise ModelError(f"'{folder}' is a Wan 2.2 A14B folder (two experts: transformer for high noise, "
                          f"transformer_2 for low noise); training them is not supported yet. Use a Wan 2.1 T2V or "
                          f"Wan 2.2 TI2V-5B folder.")
-    c = load_components(folder, [("transformer", WanTransformer3DModel), ("vae", AutoencoderKLWan),
-                                 ("text_encoder", UMT5EncoderModel), ("tokenizer", AutoTokenizer)],
-                        "Wan diffusers folder", "transformer/, vae/, text_encoder/ (UMT5), tokenizer/ and scheduler/")
+    parts = [("vae", AutoencoderKLWan), ("text_encoder", UMT5EncoderModel), ("tokenizer", AutoTokenizer)]
+    if transformer is None:
+        parts.insert(0, ("transformer", WanTransformer3DModel))
+    c = load_components(folder, parts, "Wan diffusers folder", "transformer/, vae/, text_encoder/ (UMT5), tokenizer/ and scheduler/")
     shift = FLOW_SHIFT
     try:
         with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as fh:
@@ -113,7 +115,7 @@ def load_wan_folder(folder: str) -> BaseModel:
         shift = float(conf.get("flow_shift") or conf.get("shift") or FLOW_SHIFT)
     except (OSError, ValueError):
         pass
-    tr = c["transformer"]
+    tr = c["transformer"] if transformer is None else transformer
     small = int(tr.config.num_layers) < 8
     extra = {"variant": variant_of(tr)}
     if small:
