@@ -85,7 +85,7 @@ def _skip_unless(f):
 
 each = pytest.mark.parametrize("fam", [_skip_unless(f) for f in FAMS])
 #: the families whose ComfyUI single files hold the transformer only (read with a components folder)
-each_single_file = pytest.mark.parametrize("fam", [_skip_unless(f) for f in (QWEN, ZIMAGE, CHROMA, WAN, FLUX2)])
+each_single_file = pytest.mark.parametrize("fam", [_skip_unless(f) for f in (QWEN, ZIMAGE, CHROMA, WAN, FLUX2, FLUX2DEV)])
 
 
 def reference(variant="qwen_image"):
