@@ -153,6 +153,8 @@ class TrainConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     guidance_scale: float = 1.0  # Flux dev's guidance input while training
+    wan_expert: str = "auto"  # Wan 2.2 A14B: low (transformer_2, timesteps < boundary) | high (transformer) | auto (the one loaded: low, or the file's)
+    timestep_boundary: Optional[float] = None  # Wan 2.2 A14B: the experts' boundary (0..1 or 0..1000; default the folder's boundary_ratio, 0.875)
     t5xxl_max_token_length: Optional[int] = None  # default: flux-dev 512, flux-schnell 256, sd3 256
     apply_t5_attn_mask: bool = False
     fp8_base: bool = False  # frozen transformer Linear weights stored as float8_e4m3fn (LoRA stays fp32)
@@ -402,6 +404,12 @@ def _flow_checks(cfg: "TrainConfig", need) -> None:
              "Leave the default (1.0; mode_scale 1.29).")
     need(isinstance(cfg.guidance_scale, (int, float)) and 0 <= cfg.guidance_scale <= 100, "guidance_scale",
          "a number in [0, 100]", "Use 1.0 to train Flux dev (sd-scripts' default).")
+    need(cfg.wan_expert in ("auto", "low", "high"), "wan_expert", "auto, low or high",
+         "low trains Wan 2.2 A14B's low-noise expert (detail, likeness), high its high-noise expert (layout).")
+    if cfg.timestep_boundary is not None:
+        need(isinstance(cfg.timestep_boundary, (int, float)) and 0 < cfg.timestep_boundary < 1000
+             and cfg.timestep_boundary != 1, "timestep_boundary", "a number in (0, 1) or (1, 1000), or empty",
+             "Leave it empty: Wan 2.2 T2V A14B switches experts at 0.875 (875).")
     if cfg.t5xxl_max_token_length is not None:
         need(isinstance(cfg.t5xxl_max_token_length, int) and 1 <= cfg.t5xxl_max_token_length <= 512,
              "t5xxl_max_token_length", "an integer 1..512 or empty", "Flux dev uses 512, schnell and SD3 256.")

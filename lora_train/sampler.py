@@ -149,7 +149,8 @@ class Generator:
             model.to(device)
 
     def _modules(self):
-        return [("unet", self.model.unet)] + [("te", te) for te in self.model.text_encoders]
+        held = families.of(self.model).held_modules(self.model)  # Wan 2.2 A14B: the other expert
+        return [("unet", self.model.unet)] + held + [("te", te) for te in self.model.text_encoders]
 
     def _load(self, path: str) -> str:
         st = os.stat(path)

@@ -73,7 +73,10 @@ FLUX2 = Fam("flux2", "tiny-flux2-klein", "flux2", "build_tiny_flux2_klein", "flu
 FLUX2DEV = Fam("flux2", "tiny-flux2-dev", "flux2", "build_tiny_flux2_dev", "flux2_dev", 20, 171, 160,
                "networks.lora_flux_2", "flux_shift", "3", "Flux.2-dev/lora", latent=(32, 8, 8), width=48, train_lr=1e-2,
                ident="flux2_dev")
-FAMS = [QWEN, ZIMAGE, CHROMA, WAN, FLUX2, FLUX2DEV]
+# Wan 2.2 A14B: the low-noise expert of a pair (the other held for grids; tests/test_wan_experts.py: the experts)
+WAN_A14B = Fam("wan", "tiny-wan-a14b", "wan", "build_tiny_wan_a14b", "wan_t2v_14b", 20, 406, 400, "networks.lora_wan",
+               "shift", "3", "wan2.1/lora", ident="wan_a14b")
+FAMS = [QWEN, ZIMAGE, CHROMA, WAN, WAN_A14B, FLUX2, FLUX2DEV]
 #: the families whose text encoder is a T5 (their files record its length)
 T5_FAMILIES = ("chroma", "wan")
 
@@ -463,13 +466,16 @@ def test_diffusers_load_lora_weights_and_their_layout_back(trained, fam, tmp_pat
     assert diff and all(k.startswith("transformer.") for k in diff)
     pipe_model = fam.build()
     pipe = flow_pipeline(pipe_model)
-    pipe.load_lora_weights(copy.deepcopy(diff), adapter_name="ours")
+    # Wan 2.2 A14B: a low-noise expert's LoRA goes to the pipeline's transformer_2 (WanLoraLoaderMixin)
+    low = getattr(pipe_model.extra.get("wan_pair"), "expert", None) == "low"
+    pipe.load_lora_weights(copy.deepcopy(diff), adapter_name="ours", **({"load_into_transformer_2": True} if low else {}))
+    assert (pipe.transformer_2 if low else pipe.transformer) is pipe_model.unet
     x = torch.randn((2,) + fam.latent, generator=torch.Generator().manual_seed(1))
     cond = flow.encode(fresh, ["a red circle", "lrtdemo"])
     t = torch.tensor([300.0, 800.0])
     with torch.no_grad():
         ours = flow.predict(tr.model, tr.model.unet, x, t, cond)
-        theirs = flow.predict(pipe_model, pipe.transformer, x, t, cond)
+        theirs = flow.predict(pipe_model, pipe_model.unet, x, t, cond)
         plain = flow.predict(fresh, fresh.unet, x, t, cond)
     assert float((ours - theirs).abs().max()) <= 1e-5 and float((ours - plain).abs().max()) > 1e-4
     path = tmp_path / "diffusers_layout.safetensors"

@@ -83,6 +83,16 @@ class Family:
         shift = model.vae_shift
         return f"latent_dist.mean*{model.vae_scale:g}" + (f"-{shift:g}" if shift else "")
 
+    def file_components(self, model, metadata: Dict[str, str]) -> Dict[str, Any]:
+        """{component: module} a LoRA file goes into instead of the model's own, by the file's metadata (Wan 2.2
+        A14B: the expert it was trained for)."""
+        return {}
+
+    def held_modules(self, model) -> List[tuple]:
+        """[(component, module)] of the other denoisers the pipeline runs (Wan 2.2 A14B's other expert, once
+        loaded): the sampler sets LoRA strengths on them too."""
+        return []
+
     def __repr__(self) -> str:
         return f"<family {self.name}>"
 
@@ -151,6 +161,13 @@ class FlowFamily(Family):
     def run_metadata(self, model) -> Dict[str, str]:
         """The run's conditioning settings as sd-scripts records them (ss_t5xxl_max_token_length, ...)."""
         return {}
+
+    def configure(self, model, cfg) -> None:
+        """The run's family options into the model before adapters go in (Wan 2.2 A14B: which expert trains)."""
+
+    def timestep_range(self, model) -> Optional[Tuple[float, float]]:
+        """The (low, high) sigma range training draws from (None: all of (0, 1))."""
+        return None
 
     def t5_encoder(self, model):
         """The T5 a LoRA may name (te3), or None."""

@@ -11,7 +11,12 @@ causal 3-D VAE, conditioned on UMT5's last hidden state, as diffusers' WanPipeli
   `lora_unet_blocks_N_self_attn_q/k/v/o`, `..._cross_attn_q/k/v/o`, `..._ffn_0`, `..._ffn_2` (10 per block: 300 for
   TI2V-5B, 400 for 14B); outside the blocks, read but not trained by default: head_head, text_embedding_0/2,
   time_embedding_0/2, time_projection_1.
-- Grids: WanPipeline with one frame.
+- Wan 2.2 A14B (models/wan.py): a LoRA trains one expert, `wan_expert` low (default: transformer_2, timesteps below
+  boundary_ratio x 1000 = 875) or high (transformer, 875..1000), as musubi-tuner trains them (--min_timestep /
+  --max_timestep with --timestep_boundary 0.875, --preserve_distribution_shape); the file states
+  ss_wan_expert (high_noise / low_noise), ss_wan_boundary_ratio and ss_min_timestep / ss_max_timestep. Both experts
+  share Wan 2.1 14B's layout, so the file's names are the same; ComfyUI applies it to the expert it is loaded on.
+- Grids: WanPipeline with one frame; for A14B both experts and boundary_ratio (the LoRA on the trained one).
 """
 from __future__ import annotations
 
@@ -35,13 +40,17 @@ VRAM_TIERS = ((40.0, False, 0, 832, "40 GB+: bf16 weights (5B: 10 GB, 14B: 28 GB
               (0.0, True, 30, 512, "under 16 GB: fp8 + checkpointing + 30 blocks swapped, 512 px (slow)"))
 
 
+def _pair(model):
+    return (getattr(model, "extra", None) or {}).get("wan_pair")
+
+
 class Wan(FlowFamily):
     name, title = "wan", "Wan"
     timestep_sampling = "shift"
     transformer_class = "WanTransformer3DModel"
-    variants = ("wan2.1-t2v", "wan2.2-ti2v-5b")
+    variants = ("wan2.1-t2v", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b")
     native_resolution = 832
-    tiny_specs = ("tiny-wan",)
+    tiny_specs = ("tiny-wan", "tiny-wan-a14b")
     pipeline_prefixes = ("Wan",)
     pipeline_class = "WanPipeline"
     name_pattern = r"wan[-_ ]?2"
@@ -69,8 +78,42 @@ class Wan(FlowFamily):
         s.add("discrete_flow_shift", WAN_SHIFT, "the releases' flow_shift at 480p (3.0), as musubi-tuner uses it")
         s.add("weighting_scheme", "none", "uniform loss weights (musubi-tuner's Wan setting)")
         s.add("lora_rank", rank, f"Wan: rank {rank}; images only here (one frame): a LoRA of a look or a subject")
-        s.notes.append("Wan trains here on images (one frame); Wan 2.2 A14B (two experts) is not trained yet.")
+        s.notes.append("Wan trains here on images (one frame). Wan 2.2 A14B: a LoRA is for one expert. The "
+                       "low-noise expert (wan_expert: low, the default) draws detail, texture and likeness: train it "
+                       "for a face, a character or a style's surface. The high-noise expert (wan_expert: high) sets "
+                       "layout and composition: train it too (a second run, same data) when the LoRA should change "
+                       "the composition; load each file on its expert.")
         return rank, lr
+
+    # Wan 2.2 A14B: model.extra["wan_pair"] (models/wan.py ExpertPair) is the pair; None for one transformer
+    def configure(self, model, cfg):
+        pair = _pair(model)
+        expert = getattr(cfg, "wan_expert", "auto") or "auto"
+        if expert != "auto" and pair is None:
+            raise ValueError(f"wan_expert: {expert} applies to Wan 2.2 A14B (a folder with transformer/ and "
+                             f"transformer_2/, or an expert file named *_high_noise_* / *_low_noise_*); "
+                             f"'{model.name}' is one transformer. Leave wan_expert on auto.")
+        if expert != "auto":
+            pair.select(model, expert)
+        boundary = getattr(cfg, "timestep_boundary", None)
+        if boundary is not None and pair is not None:
+            pair.boundary_ratio = float(boundary) / (1000.0 if boundary > 1 else 1.0)
+
+    def file_components(self, model, metadata):
+        pair = _pair(model)
+        return {} if pair is None else pair.for_file(model, metadata)
+
+    def held_modules(self, model):
+        pair = _pair(model)
+        return [] if pair is None else [("unet", m) for m in pair.held.values()]
+
+    def timestep_range(self, model):
+        """The high-noise expert sees sigma in [boundary, 1], the low-noise one [0, boundary), as WanPipeline
+        hands timesteps to them."""
+        pair = _pair(model)
+        if pair is None:
+            return None
+        return (pair.boundary_ratio, 1.0) if pair.expert == "high" else (0.0, pair.boundary_ratio)
 
     def default_shift(self, model) -> float:
         return WAN_SHIFT
@@ -85,7 +128,13 @@ class Wan(FlowFamily):
                 "modelspec.implementation": "https://github.com/Wan-Video/Wan2.1"}
 
     def run_metadata(self, model):
-        return {"ss_t5xxl_max_token_length": str(t5_max_length(model))}
+        meta = {"ss_t5xxl_max_token_length": str(t5_max_length(model))}
+        rng = self.timestep_range(model)
+        if rng:  # musubi-tuner's keys for the range, ours for the expert and its boundary
+            pair = _pair(model)
+            meta.update(ss_wan_expert=f"{pair.expert}_noise", ss_wan_boundary_ratio=f"{pair.boundary_ratio:g}",
+                        ss_min_timestep=str(round(rng[0] * 1000)), ss_max_timestep=str(round(rng[1] * 1000)))
+        return meta
 
     def text_encoder_components(self, model) -> List[tuple]:
         return []  # UMT5 stays frozen
@@ -119,8 +168,18 @@ class Wan(FlowFamily):
     def pipeline(self, model, scheduler):
         from diffusers import WanPipeline
 
+        kw = {"transformer": model.unet}
+        pair = _pair(model)
+        other = None if pair is None else pair.other()
+        if other is not None:  # A14B: both experts, switched at the boundary as the release samples
+            dtype, dev = model.unet.dtype, param_device(model.unet, "cpu")
+            if dtype != other.dtype and dtype.itemsize > 1:  # not to fp8 (fp8_base keeps its compute dtype)
+                other.to(dtype=dtype)
+            other.to(dev)
+            high, low = (model.unet, other) if pair.expert == "high" else (other, model.unet)
+            kw = {"transformer": high, "transformer_2": low, "boundary_ratio": pair.boundary_ratio}
         return WanPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
-                           scheduler=scheduler, transformer=model.unet)
+                           scheduler=scheduler, **kw)
 
     def call_kwargs(self, model, kw: Dict[str, Any]) -> Dict[str, Any]:
         return dict(kw, max_sequence_length=t5_max_length(model), num_frames=1)

@@ -72,6 +72,7 @@ def configure(model, cfg) -> None:
     model.extra["t5xxl_max_token_length"] = getattr(cfg, "t5xxl_max_token_length", None)
     model.extra["apply_t5_attn_mask"] = bool(getattr(cfg, "apply_t5_attn_mask", False))
     model.extra["guidance_scale"] = float(getattr(cfg, "guidance_scale", 1.0))
+    families.of(model).configure(model, cfg)
 
 
 def encode_tag(model) -> str:

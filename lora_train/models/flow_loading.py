@@ -24,7 +24,8 @@ from . import z_image as z_mod
 TINY_BUILDERS = {"tiny-flux": flux_mod.build_tiny_flux, "tiny-flux-schnell": lambda: flux_mod.build_tiny_flux(True),
                  "tiny-sd3": sd3_mod.build_tiny_sd3, "tiny-qwen-image": qwen_mod.build_tiny_qwen_image,
                  "tiny-z-image": z_mod.build_tiny_z_image, "tiny-chroma": chroma_mod.build_tiny_chroma,
-                 "tiny-wan": wan_mod.build_tiny_wan, "tiny-flux2-klein": flux2_mod.build_tiny_flux2_klein,
+                 "tiny-wan": wan_mod.build_tiny_wan, "tiny-wan-a14b": wan_mod.build_tiny_wan_a14b,
+                 "tiny-flux2-klein": flux2_mod.build_tiny_flux2_klein,
                  "tiny-flux2-dev": flux2_mod.build_tiny_flux2_dev}
 TINY_FLOW_SPECS = tuple(TINY_BUILDERS)  # = families.TINY_FLOW_SPECS (a test holds them equal)
 FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")

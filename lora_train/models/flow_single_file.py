@@ -669,7 +669,8 @@ def _with_components_folder(family: str):
         except ModelError as exc:  # a wrong or partial file: say which
             raise ModelError(f"'{path}': {exc}") from exc
         tr.eval().requires_grad_(False)
-        model = getattr(mod, f"load_{module}_folder")(folder, transformer=tr)
+        options = mod.single_file_options(path) if hasattr(mod, "single_file_options") else {}  # Wan: the expert
+        model = getattr(mod, f"load_{module}_folder")(folder, transformer=tr, **options)
         model.name, model.path = name, path
         return model
 

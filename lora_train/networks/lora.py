@@ -238,6 +238,7 @@ def apply(model, lw: LoraWeights, adapter: str, strength: float = 1.0, strict: b
     for (comp, path), v in lw.modules.items():
         by_comp.setdefault(comp, {})[path] = v
     comps = dict(_components(model))
+    comps.update(families.of(model).file_components(model, lw.metadata))  # Wan 2.2 A14B: the file's expert
     unmatched: List[str] = []
     kind = getattr(model, "kind", "sd1")
 

@@ -59,7 +59,7 @@ def resolve(cfg, model) -> Dict[str, Any]:
     return {"timestep_sampling": ts, "weighting_scheme": ws, "discrete_flow_shift": float(shift),
             "sigmoid_scale": float(getattr(cfg, "sigmoid_scale", 1.0)),
             "logit_mean": float(getattr(cfg, "logit_mean", 0.0)), "logit_std": float(getattr(cfg, "logit_std", 1.0)),
-            "mode_scale": float(getattr(cfg, "mode_scale", 1.29))}
+            "mode_scale": float(getattr(cfg, "mode_scale", 1.29)), "sigma_range": fam.timestep_range(model)}
 
 
 def configure(model, cfg) -> Dict[str, Any]:
@@ -105,7 +105,26 @@ def _scheduler(model, shift: float):
 
 def sample_sigmas(opts: Dict[str, Any], n: int, latent_hw, generator: Optional[torch.Generator] = None,
                   model=None) -> torch.Tensor:
-    """(n,) sigmas in (0, 1) drawn from `generator` (float32, CPU) as the module docstring says."""
+    """(n,) sigmas in (0, 1) drawn from `generator` (float32, CPU) as the module docstring says; with
+    opts["sigma_range"] (low, high) only those in it, the distribution's shape kept (draws outside are dropped, as
+    musubi-tuner's --preserve_distribution_shape with --min/max_timestep; after 100 rounds the rest is the draw
+    mapped linearly into the range)."""
+    rng = opts.get("sigma_range")
+    if not rng:
+        return _draw_sigmas(opts, n, latent_hw, generator, model)
+    lo, hi = rng
+    kept = torch.empty(0)
+    for _ in range(100):
+        s = _draw_sigmas(opts, n, latent_hw, generator, model)
+        kept = torch.cat([kept, s[(s >= lo) & ((s < hi) | (hi >= 1.0))]])
+        if len(kept) >= n:
+            return kept[:n]
+    rest = _draw_sigmas(opts, n - len(kept), latent_hw, generator, model)
+    return torch.cat([kept, lo + rest * (hi - lo)])
+
+
+def _draw_sigmas(opts: Dict[str, Any], n: int, latent_hw, generator: Optional[torch.Generator] = None,
+                 model=None) -> torch.Tensor:
     ts = opts["timestep_sampling"]
     if ts == "uniform":
         return torch.rand(n, generator=generator)

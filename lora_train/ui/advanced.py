@@ -38,6 +38,8 @@ FIELDS: List[Tuple[str, str, str, Sequence[str]]] = [
     ("block_lr_zero_threshold", "number", "block_lr_zero_threshold", ()),
     ("block_dims", "text", "block_dims (25 ranks SD1 / 23 SDXL)", ()),
     ("block_alphas", "text", "block_alphas", ()),
+    ("wan_expert", "choice", "wan_expert (Wan 2.2 A14B: the expert this LoRA is for; auto: low, or the file's)",
+     ("auto", "low", "high")),
     ("ema_decay", "number", "ema_decay (0: off; e.g. 0.999)", ()),
     ("log_with", "choice", "log_with", LOG_WITH),
     ("logging_dir", "text", "logging_dir (default <output>/logs)", ()),
