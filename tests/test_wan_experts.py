@@ -178,3 +178,23 @@ def test_advisor_explains_the_experts():
     families.get("wan").advise(s, 30, "character", "detailed")
     text = " ".join(s.notes)
     assert "low-noise expert" in text and "high-noise expert" in text and "not trained yet" not in text
+
+
+@pytest.mark.parametrize("lo, hi, boundary, expert", [(875, 1000, None, "high"), (0, 875, None, "low"),
+                                                      (0, 900, 0.9, "low"), (100, 1000, None, None)])
+def test_musubi_tuner_per_expert_configs_read_as_the_expert(tmp_path, lo, hi, boundary, expert):
+    """musubi-tuner trains one A14B expert with --min_timestep / --max_timestep on one side of the boundary."""
+    from lora_train.kohya.toml_config import load_kohya
+
+    lines = ['task = "t2v-A14B"', 'network_module = "networks.lora_wan"', "network_dim = 16",
+             f"min_timestep = {lo}", f"max_timestep = {hi}", 'timestep_sampling = "shift"', "discrete_flow_shift = 3.0"]
+    if boundary is not None:
+        lines.append(f"timestep_boundary = {boundary}")
+    path = tmp_path / "wan22_high.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    imp = load_kohya(str(path))
+    assert imp.config.wan_expert == (expert or "auto")
+    if expert:
+        assert "min_timestep" not in imp.not_used and any(f"{expert}-noise expert" in w for w in imp.warnings)
+    else:
+        assert imp.not_used.get("min_timestep") == 100

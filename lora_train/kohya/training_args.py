@@ -81,6 +81,27 @@ def _map_optimization(flat: Dict[str, Any], ours: Dict[str, Any]) -> List[str]:
     return notes
 
 
+def _wan_expert(flat: Dict[str, Any]) -> Tuple[Optional[str], str]:
+    """musubi-tuner's Wan 2.2 A14B per-expert runs (network_module networks.lora_wan or task *A14B, with
+    --min_timestep / --max_timestep on one side of --timestep_boundary) -> our wan_expert; the two keys are then used
+    (popped from `flat`)."""
+    wan = flat.get("network_module") == "networks.lora_wan" or "a14b" in str(flat.get("task", "")).lower() \
+        or flat.get("timestep_boundary") not in (None, "")
+    lo, hi = flat.get("min_timestep"), flat.get("max_timestep")
+    if not wan or (lo in (None, "") and hi in (None, "")):
+        return None, ""
+    b = flat.get("timestep_boundary")
+    b = 875.0 if b in (None, "") else float(b) * (1000.0 if float(b) <= 1 else 1.0)
+    lo = 0 if lo in (None, "") else int(lo)
+    hi = 1000 if hi in (None, "") else int(hi)
+    expert = "high" if (lo, hi) == (round(b), 1000) else "low" if (lo, hi) == (0, round(b)) else None
+    if expert:
+        flat.pop("min_timestep", None)
+        flat.pop("max_timestep", None)
+    return expert, (f"min_timestep {lo} / max_timestep {hi}: Wan 2.2 A14B's {expert}-noise expert "
+                    f"(wan_expert: {expert}, its timesteps by the boundary {round(b)})" if expert else "")
+
+
 def map_training_args(flat: Dict[str, Any], base_dir: str) -> Tuple[Dict[str, Any], List[str], Dict[str, Any]]:
     """Flat kohya training arguments -> (our keys, notes, not-used keys)."""
     known = set(TrainConfig.keys())
@@ -119,6 +140,10 @@ def map_training_args(flat: Dict[str, Any], base_dir: str) -> Tuple[Dict[str, An
         ours["train_text_encoder"] = not bool(unet_only)  # sd-scripts trains the text encoder unless told not to
     if "v_parameterization" in flat or "v2" in flat:
         ours["prediction_type"] = "v_prediction" if flat.get("v_parameterization") else "epsilon"
+    expert, note = _wan_expert(flat)
+    if expert:
+        ours["wan_expert"] = expert
+        notes.append(note)
     if flat.get("cache_latents_to_disk"):
         ours["latent_cache"] = "disk"
     if flat.get("cache_text_encoder_outputs_to_disk"):
