@@ -88,11 +88,14 @@ KOHYA_TRAIN_OPTIONS = {
 }
 
 
-#: the Train node's Flux / SD3 memory option (optional input)
+#: the Train node's Flux / SD3 memory option and the in-place switch (optional inputs)
 FLOW_TRAIN_OPTIONS = {
     "fp8_base": (["auto", "on", "off"], {"default": "auto", "tooltip": "Flux / SD3.5: store the frozen "
                  "transformer weights in fp8 while training. auto: on for >= 4 B parameter models on a GPU "
                  "(Flux.1, SD3.5 Large). SD1 / SDXL: ignored."}),
+    "in_place": (["auto", "on", "off"], {"default": "auto", "tooltip": "Train the graph's own MODEL in place "
+                 "(ComfyUI's weights, fp8 and offloading as loaded; no copy): every family ComfyUI loads. auto: in "
+                 "place for all but SD1.x / SDXL / Flux.1 / SD3 (which are read into a trainer copy unless on)."}),
 }
 
 class LoraTrainTrain:
@@ -154,14 +157,16 @@ class LoraTrainTrain:
               module_dropout=0.0, loraplus_lr_ratio=0.0, kohya_config="", clip_skip=0,
               max_token_length="75", shuffle_caption=False, keep_tokens=0, caption_tag_dropout_rate=0.0,
               reg_data_dir="", prior_loss_weight=1.0, loss_type="l2", network_weights="", ema_decay=0.0,
-              fp8_base="auto"):
+              fp8_base="auto", in_place="auto"):
         from lora_train.config import TrainConfig
         from lora_train.plots import loss_plot
         from lora_train.run import train_for_host
 
-        host = ComfyUIHost(model, clip, vae, node_id=unique_id)
+        host = ComfyUIHost(model, clip, vae, node_id=unique_id, in_place=in_place)
         device, precision = _device_and_precision(mixed_precision)
-        plan = host.memory_plan(device, fp8_base)  # Flux / SD3 only (hosts/comfyui_flow.py); None for UNets
+        inplace = host.trains_in_place()
+        # Flux / SD3 copies only (hosts/comfyui_flow.py); in place ComfyUI keeps its own weights as it loaded them
+        plan = None if inplace else host.memory_plan(device, fp8_base)
         from lora_train.kohya.toml_config import node_config
 
         node_kw = dict(
@@ -255,6 +260,13 @@ class LoraTrainTrain:
             raise mm.InterruptProcessingException()  # end the prompt as ComfyUI's own interrupt does
         if not final:
             raise RuntimeError(f"training produced no LoRA file: {res.message or 'no step was trained'}")
+        if inplace:  # ComfyUI's own key map and load_lora on the file we wrote, for this MODEL
+            done, total, missing = host.applies(final)
+            if missing:
+                raise RuntimeError(f"ComfyUI applies {done} of {total} LoRA modules of {final}; not applied: "
+                                   f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. Report this "
+                                   f"with the model's name.")
+            report += f"\nComfyUI applies {done} of {total} LoRA modules of the file (its own key map)."
         lora_listed = os.path.relpath(final, loras_dir).replace(os.sep, "/")
         return {"ui": {"text": [report], "images": [save_preview(plot, "lora_train_loss")]},
                 "result": (lora_listed, final, pil_to_image(plot), report)}

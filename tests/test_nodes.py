@@ -604,3 +604,25 @@ def test_pyproject_has_the_comfy_registry_fields_and_web_dir_exists(comfy):
     with open(os.path.join(web, js[0]), encoding="utf-8") as fh:
         src = fh.read()
     assert all(k in src for k in ("LoraTrainTrain", "registerExtension", "serialize = false"))
+
+
+@pytest.mark.slow
+def test_train_node_trains_a_family_without_converter_in_place(comfy, dataset_dir):
+    """A Wan MODEL (no converter reads it): the node trains it in place (tests/test_comfyui_inplace.py has the
+    details), leaves its weights as they were and checks the file with ComfyUI's own key map."""
+    import inplace_fakes
+
+    mp, clip, vae = inplace_fakes.graph("wan", "flow")
+    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+    maps = comfy.pack.NODE_CLASS_MAPPINGS
+    ref = result_of(maps["LoraTrainDatasetFromFolder"]().load(dataset_dir, "zq", 64, 1))[0]
+    cls = maps["LoraTrainTrain"]
+    out = run_node(cls().train, mp, clip, vae, ref, "wan lora", unique_id="9",
+                   **dict(TRAIN_KW, train_text_encoder=False, save_every_n_epochs=0))
+    name, path, _plot, report = check_returns(cls, out)
+    assert name == "wan_lora.safetensors" and "ComfyUI applies 20 of 20 LoRA modules" in report
+    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    assert {k.split(".")[0] for k in sd} >= {"lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_1_ffn_2"}
+    after = mp.model.diffusion_model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(not getattr(m, "weight_function", []) for m in mp.model.diffusion_model.modules())

@@ -345,9 +345,12 @@ class EmbeddingStore(Mapping):
     def __len__(self) -> int:
         return len(self._refs)
 
-    def stack(self, captions: Sequence[str]) -> Tensors:
-        """Batch the embeddings of `captions` (a tensor, or a tuple / dict of stacked tensors)."""
+    def stack(self, captions: Sequence[str], collate=None) -> Tensors:
+        """Batch the embeddings of `captions` (a tensor, or a tuple / dict of stacked tensors; `collate(list)` when
+        given: the family's own batching, families/base.py)."""
         vals = [self[c] for c in captions]
+        if collate is not None:
+            return collate(vals)
         first = vals[0]
         if isinstance(first, torch.Tensor):
             return torch.stack(vals)

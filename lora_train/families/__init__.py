@@ -6,6 +6,7 @@ from typing import Dict
 
 from .base import Family, FlowFamily, unknown
 from .chroma import Chroma
+from .comfyui import ComfyUIInPlace
 from .flux import Flux
 from .flux2 import Flux2
 from .qwen_image import QwenImage
@@ -14,11 +15,13 @@ from .sd3 import SD3
 from .wan import Wan
 from .z_image import ZImage
 
-REGISTRY: Dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3(), QwenImage(), ZImage(), Chroma(), Wan(), Flux2())}
-NAMES = tuple(REGISTRY)
+REGISTRY: Dict[str, Family] = {f.name: f for f in (SD1(), SD2(), SDXL(), Flux(), SD3(), QwenImage(), ZImage(), Chroma(), Wan(), Flux2(),
+                                                   ComfyUIInPlace())}
+#: the families a user picks (the in-place one, families/comfyui.py, is made by its host)
+NAMES = tuple(n for n, f in REGISTRY.items() if not f.in_place)
 FLOW = tuple(n for n, f in REGISTRY.items() if f.flow)
 #: the order detection asks the families in (families/base.py detect_order): flow families, SDXL, SD2, SD1
-DETECT_ORDER = tuple(sorted(REGISTRY, key=lambda n: REGISTRY[n].detect_order))
+DETECT_ORDER = tuple(sorted(NAMES, key=lambda n: REGISTRY[n].detect_order))
 #: tiny test model spec -> family
 TINY_SPECS = {spec: n for n, f in REGISTRY.items() for spec in f.tiny_specs}
 TINY_FLOW_SPECS = tuple(spec for spec, n in TINY_SPECS.items() if REGISTRY[n].flow)

@@ -19,6 +19,7 @@ A family states:
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
@@ -82,6 +83,19 @@ class Family:
         """What `encode_latents` does besides the VAE's weights (part of the latent cache's identity)."""
         shift = model.vae_shift
         return f"latent_dist.mean*{model.vae_scale:g}" + (f"-{shift:g}" if shift else "")
+
+    #: the model is a host's own (ComfyUI in place, families/comfyui.py): the trainer asks the family to build the
+    #: network (`build_network`), draw timesteps, compute the loss and read the weights out, and leaves the base
+    #: weights where the host keeps them
+    in_place = False
+
+    #: how a batch's cached text conditionings (one per caption) reach the forward: None = stacked (a tensor, or a
+    #: dict / tuple of them); a function of the list otherwise (in place: one conditioning per sample)
+    collate = None
+
+    #: a regular expression over `lora_unet_<module path in the host's (original-layout) model, . -> _>` that
+    #: matches the modules a LoRA of the family trains by default (ComfyUI in place: hosts/comfyui_inplace.py)
+    native_lora_pattern: Optional[str] = None
 
     def file_components(self, model, metadata: Dict[str, str]) -> Dict[str, Any]:
         """{component: module} a LoRA file goes into instead of the model's own, by the file's metadata (Wan 2.2
@@ -149,6 +163,15 @@ class FlowFamily(Family):
     diffusers_prefixes: Dict[str, str] = {"transformer.": "unet"}
     #: text-encoder packages / versions the family needs ("" = any the core supports)
     requires = ""
+
+    @property
+    def native_lora_pattern(self) -> Optional[str]:
+        """The default modules of `lora_blocks` by their kohya names, which are the original model's paths."""
+        if not self.lora_blocks:
+            return None
+        alts = ["{}_\\d+_({})".format(re.escape(prefix), "|".join(re.escape(s) for s, _ in entries))
+                for _, prefix, entries in self.lora_blocks]
+        return r"^lora_unet_(" + "|".join(alts) + r")$"
 
     @property
     def block_lists(self) -> Tuple[str, ...]:

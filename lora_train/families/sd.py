@@ -11,9 +11,14 @@ CLIP_L = ("cond_stage_model.transformer.", "clip", False, "text encoder (CLIP-L)
 OPENCLIP_H = ("cond_stage_model.model.", "open_clip", False, "text encoder (OpenCLIP-H)")
 XL_CLIP_L = ("conditioner.embedders.0.transformer.", "clip", False, "text encoder 1 (CLIP-L)")
 XL_OPENCLIP_G = ("conditioner.embedders.1.model.", "open_clip", True, "text encoder 2 (OpenCLIP-bigG)")
+#: kohya's default LoRA modules of an LDM / SGM UNet by their original paths: the attention and feed-forward
+#: Linears of the transformer blocks and each SpatialTransformer's proj_in / proj_out (1x1 convs in SD1)
+LDM_UNET_LORA = (r"^lora_unet_(input_blocks|middle_block|output_blocks)_.*_(transformer_blocks_\d+_(attn[12]_"
+                 r"(to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2)|proj_in|proj_out)$")
 
 
 class SD1(Family):
+    native_lora_pattern = LDM_UNET_LORA
     name, title = "sd1", "SD1.x"
     base_model_version = "sd_v1"
     architecture = "stable-diffusion-v1/lora"
@@ -28,6 +33,7 @@ class SD1(Family):
 
 
 class SD2(Family):
+    native_lora_pattern = LDM_UNET_LORA
     name, title = "sd2", "SD2.x"
     base_model_version = "sd_v2"
     architecture = "stable-diffusion-v2-768-v/lora"
@@ -53,6 +59,7 @@ class SD2(Family):
 
 
 class SDXL(Family):
+    native_lora_pattern = LDM_UNET_LORA
     name, title = "sdxl", "SDXL"
     base_model_version = "sdxl_base_v1-0"
     architecture = "stable-diffusion-xl-v1-base/lora"

@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from ..family import family_of_keys
 from .base import Host, HostError
+from .comfyui_flow import FAMILY_NAMES as CONVERTER_FAMILIES
 from .comfyui_flow import LATENT_CHANNELS, flow_base_model_from_state_dict, graph_family, memory_plan
 
 log = logging.getLogger("lora_train.comfyui")
@@ -185,8 +186,11 @@ class ComfyUIHost(Host):
     title = "ComfyUI"
 
     def __init__(self, model: Any = None, clip: Any = None, vae: Any = None, sampler_name: str = "euler",
-                 scheduler: str = "normal", node_id: Optional[str] = None):
+                 scheduler: str = "normal", node_id: Optional[str] = None, in_place: str = "auto",
+                 guidance: float = 1.0):
         self.model, self.clip, self.vae = model, clip, vae
+        self.in_place, self.guidance = in_place, float(guidance)
+        self.graph = None  # the in-place model's ComfyUI side (hosts/comfyui_inplace.py) while it trains
         self.sampler_name, self.scheduler = sampler_name, scheduler
         self.node_id = node_id
         self._pbar = None
@@ -263,7 +267,35 @@ class ComfyUIHost(Host):
             return super().base_model(spec)
         if self.model is None:
             raise HostError("no MODEL connected: connect the MODEL, CLIP and VAE of a checkpoint loader.")
+        if self.trains_in_place():
+            from . import comfyui_inplace
+
+            model = comfyui_inplace.base_model(self.model, self.clip, self.vae, graph_model_name(self.model),
+                                               guidance=self.guidance)
+            self.graph = model.extra["graph"]
+            return model
         return base_model_from_graph(self.model, self.clip, self.vae)
+
+    def trains_in_place(self) -> bool:
+        """in_place "on": always; "off": the converter (SD1.x / SDXL / Flux.1 / SD3 only); "auto": in place for
+        every family the converter does not read (Qwen-Image, Z-Image, FLUX.2, Chroma, Wan, HiDream, Lumina 2, ...)."""
+        if self.in_place not in ("auto", "on", "off"):
+            raise HostError(f"in_place {self.in_place!r}: use auto, on or off.")
+        if self.in_place != "auto":
+            return self.in_place == "on"
+        inner = getattr(self.model, "model", None)
+        if inner is None or not hasattr(inner, "state_dict"):
+            return False  # not a ComfyUI model: base_model_from_graph says what to connect
+        keys = [k for k in inner.state_dict() if k.startswith("diffusion_model.")]
+        if any(k.startswith("diffusion_model.input_blocks.") for k in keys):
+            return False  # an SD UNet: the converter reads it
+        return graph_family(self.model) not in CONVERTER_FAMILIES
+
+    def applies(self, path: str) -> Tuple[int, int, List[str]]:
+        """ComfyUI's own loader on a written file: (modules applied, modules in the file, names not applied)."""
+        from . import comfyui_inplace
+
+        return comfyui_inplace.applies(self.model, self.load_lora_file(path))
 
     def memory_plan(self, device: str, fp8_base: str = "auto"):
         """The Train node's memory plan for a Flux / SD3 MODEL (hosts/comfyui_flow.py); None for UNet models."""
@@ -279,6 +311,8 @@ class ComfyUIHost(Host):
     def restore_memory(self) -> None:
         import gc
 
+        if self.graph is not None:  # our wrappers off ComfyUI's modules, its clone unloaded
+            self.graph.release()
         gc.collect()
         try:
             import comfy.model_management as mm

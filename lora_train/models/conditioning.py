@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import families
 from . import flow
 from . import text_chunks
 
@@ -42,6 +43,9 @@ def _tokens(tokenizer, captions: Sequence[str]) -> torch.Tensor:
 def encode(model, captions: Sequence[str], device: Optional[torch.device] = None) -> Cond:
     """Text conditioning of `captions` (see the module docstring); runs with grad when the encoders train."""
     captions = list(captions)
+    fam = families.of(model)
+    if fam.in_place:  # the host's own text encoders (ComfyUI in place: families/comfyui.py)
+        return fam.encode(model, captions, device)
     if flow.is_flow(model):  # Flux / SD3: {"hidden", "pooled"(, "mask")}, models/flow.py
         return flow.encode(model, captions, device)
     if text_chunks.active(model):  # kohya clip_skip / max_token_length 150-225 (models/text_chunks.py)

@@ -67,6 +67,11 @@ def diffusion_loss(model, latents: torch.Tensor, cond: Any, noise: torch.Tensor,
     `noise` (ip_noise_gamma; the target stays `noise`); elementwise(pred, target) replaces the per-element MSE
     (loss_type); mask (N, 1, h, w) weights the per-element loss per latent pixel (masked_loss); weights (N,) weight
     the per-sample losses (prior_loss_weight of reg images)."""
+    fam = families.of(model)
+    if fam.in_place:  # the host's own model and objective (ComfyUI in place: families/comfyui.py)
+        return fam.loss(model, latents, cond, noise, timesteps, autocast=autocast, reduction=reduction,
+                        input_noise=input_noise, elementwise=elementwise, mask=mask, weights=weights,
+                        min_snr_gamma=min_snr_gamma, in_dtype=in_dtype)
     if flow_train.is_flow(model):  # Flux / SD3: flow matching (training/flow.py); timesteps = sigma x 1000
         return flow_train.flow_matching_loss(model, latents, cond, noise, timesteps, unet=unet, in_dtype=in_dtype,
                                              autocast=autocast, reduction=reduction, input_noise=input_noise,

@@ -173,6 +173,8 @@ class OutputsMixin:
         }
         if flow_train.is_flow(m):  # Flux / SD3: base model version, architecture, timestep options
             meta.update(flow_train.metadata(m, cfg))
+        if fam.in_place:  # the host's model: its family's version, its objective (families/comfyui.py)
+            meta.update(fam.run_metadata(m))
         meta.update(network.metadata(network.NetworkSpec.from_config(cfg, m.kind), m.kind))  # ss_network_module, _args
         for hook in self._hooks("metadata"):  # kohya: the kohya options' ss_* keys
             meta.update(hook(self))
@@ -205,7 +207,8 @@ class OutputsMixin:
             return True
         lw = next((w for w in (hook(self) for hook in self._hooks("weights_to_save")) if w is not None), None)
         if lw is None:  # kohya: the EMA copy when ema_decay is set
-            lw = lora_mod.extract(self.model)
+            fam = families.of(self.model)
+            lw = fam.lora_weights(self.model, lora_mod.DEFAULT_ADAPTER) if fam.in_place else lora_mod.extract(self.model)
         finite, nonzero = network.check_finite_and_nonzero(lw)
         if not finite:
             raise FloatingPointError(f"non-finite LoRA weights at step {step}; nothing written to {path}. "

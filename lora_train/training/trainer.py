@@ -163,7 +163,8 @@ class Trainer(StateMixin, OutputsMixin):
         if self.model is None:
             self.model = load_base_model(cfg.base_model, cfg.prediction_type, allow_pickle=cfg.allow_pickle,
                                          files=cfg.component_files)
-        elif cfg.prediction_type != "auto" and not flow_train.is_flow(self.model):
+        elif cfg.prediction_type != "auto" and not flow_train.is_flow(self.model) and \
+                not families.of(self.model).in_place:
             self.model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
         if flow_train.is_flow(self.model):  # Flux / SD3: conditioning and timestep options into model.extra
             flow_train.configure(self.model, cfg)
@@ -394,6 +395,8 @@ class Trainer(StateMixin, OutputsMixin):
         torch.manual_seed(cfg.seed)
         adapter = lora_mod.DEFAULT_ADAPTER
         spec = network.NetworkSpec.from_config(cfg, m.kind)  # the network type, its targets and LoRA+ groups
+        if families.of(m).in_place:
+            return self._build_in_place_network(spec, adapter)
         if flow_train.is_flow(m) and (cfg.network_type == "locon" or (cfg.conv_rank or 0) > 0):
             self.emit("warning", message=f"{m.kind} transformers have no ResNet convolutions: conv_rank / LoCon do "
                                          f"not apply, the run trains {spec.type} on the Linear layers.")
@@ -441,6 +444,33 @@ class Trainer(StateMixin, OutputsMixin):
             for _, te in (conditioning.Conditioner(m).text_encoders if cfg.train_text_encoder else []):
                 if hasattr(te, "gradient_checkpointing_enable"):
                     te.gradient_checkpointing_enable()
+
+    def _build_in_place_network(self, spec, adapter: str) -> None:
+        """A host's own model (ComfyUI in place): the family puts the adapters in and says their parameter groups;
+        the base weights stay where and in the dtype the host keeps them (its casts run at each forward)."""
+        cfg, m, fam = self.cfg, self.model, families.of(self.model)
+        if cfg.train_text_encoder:
+            self.emit("warning", message="train_text_encoder: in-place training trains the diffusion model only; "
+                                         "the text encoder stays as loaded.")
+        if cfg.fp8_base or cfg.blocks_to_swap:
+            self.emit("warning", message="fp8_base / blocks_to_swap: in place the host keeps the weights as it "
+                                         "loaded them (its fp8 files and partial loading); the options are not used.")
+        params = fam.build_network(m, spec, cfg.learning_rate, adapter)
+        names = ["unet"]
+        for hook in self._hooks("shape_network"):  # kohya: block dims / lr, network_weights, EMA
+            params, names = hook(self, params, names)
+        self.group_names = names
+        self.in_dtype = self.weight_dtype if self.device.type != "cpu" else torch.float32
+        self.param_groups = params
+        self.trainable = [p for g in params for p in g["params"]]
+        self.te_trainable = []
+        for p in self.trainable:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        m.unet.to(self.device)
+        if cfg.gradient_checkpointing:
+            m.unet.enable_gradient_checkpointing()
+        self.emit("info", message=fam.describe(m))
 
     def _build_optimizer_and_schedule(self) -> None:
         """Optimizer (optim.make_optimizer), data order, step counts, warm-up (at most 10% of the run), lr schedule,
@@ -554,7 +584,10 @@ class Trainer(StateMixin, OutputsMixin):
         flips = (torch.rand(n, generator=gen) < 0.5).tolist() if latents_flip is not None else [False] * n
         shape = (n,) + tuple(latents[batch[0]].shape)
         noise = loss_mod.offset_noise(torch.randn(shape, generator=gen), cfg.noise_offset, gen)
-        if flow_train.is_flow(m):  # sigma x 1000 by timestep_sampling (training/flow.py)
+        fam = families.of(m)
+        if fam.in_place:  # the host model's own schedule (ComfyUI in place)
+            t = fam.sample_timesteps(m, cfg, n, shape[-2:], gen)
+        elif flow_train.is_flow(m):  # sigma x 1000 by timestep_sampling (training/flow.py)
             t = flow_train.sample_timesteps(m, cfg, n, shape[-2:], gen)
         else:
             t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
@@ -579,7 +612,7 @@ class Trainer(StateMixin, OutputsMixin):
         noise, t = self._to_device(noise), self._to_device(t_cpu)
         lat = self._to_device(torch.stack([(latents_flip if f else latents)[i] for i, f in zip(idx, flips)]))
         with acc.autocast():
-            cond = self.text_cache.stack(caps) if self.text_cache is not None else conditioning.encode(m, caps,
+            cond = self.text_cache.stack(caps, families.of(m).collate) if self.text_cache is not None else conditioning.encode(m, caps,
                                                                                                          self.device)
         # SDXL: per-sample original size / crop / target size from the item's resize + crop plan
         tids = conditioning.time_ids_for_items(ds, idx, cfg.resolution, flips) if conditioning.is_sdxl(m) else None
@@ -685,7 +718,7 @@ class Trainer(StateMixin, OutputsMixin):
         total, count = 0.0, 0
         for shape, idx in sorted(groups.items()):
             caps = [ds.items[i].caption for i in idx]
-            cond = (text_cache.stack(caps) if text_cache is not None
+            cond = (text_cache.stack(caps, families.of(m).collate) if text_cache is not None
                     else conditioning.map_cond(conditioning.encode(m, caps, self.device), lambda t: t.float()))
             lat = latents.stack(idx) if hasattr(latents, "stack") else torch.stack([latents[i] for i in idx])
             n = lat.numel()

@@ -47,3 +47,13 @@ def unload_all_models():
 
 def soft_empty_cache(force=False):
     CALLS.append("soft_empty_cache")
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):
+    """Loads each ModelPatcher on the (CPU) device: its weight wrappers attached (ModelPatcher.load)."""
+    CALLS.append("load_models_gpu")
+    for m in models:
+        m.load(get_torch_device(), full_load=force_full_load)
+        if m not in current_loaded_models:
+            current_loaded_models.append(m)
