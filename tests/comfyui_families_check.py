@@ -1,9 +1,10 @@
 """Run INSIDE a real ComfyUI (its python, cwd = the ComfyUI checkout; started by tests/test_families_comfyui_real.py):
-ComfyUI detects a Qwen-Image / Z-Image / Chroma / Wan 2.1 model from a state dict we made (the original single-file
-layout) and applies a LoRA file we wrote with its own LoRA code.
+ComfyUI detects a Qwen-Image / Z-Image / Chroma / Wan 2.1 / FLUX.2 [dev] model from a state dict we made (the
+original single-file layout) and applies a LoRA file we wrote with its own LoRA code.
 
     python comfyui_families_check.py SPEC.json OUT.json
-        SPEC: {"kind": "qwen_image" | "z_image" | "chroma" | "wan", "model": original-layout .safetensors (bf16),
+        SPEC: {"kind": "qwen_image" | "z_image" | "chroma" | "wan" | "flux2",
+               "model": original-layout .safetensors (bf16),
                "lora": our kohya file, "probes": .safetensors with, per kohya module NAME of our file,
                NAME.x (in x 3), NAME.dy (our delta in ComfyUI's fused layout @ x) and NAME.wy ((base + delta) @ x)}
         comfy.sd.load_diffusion_model_state_dict detects the model (comfy.model_detection) and loads it in float32
@@ -56,11 +57,14 @@ torch.manual_seed(0)
 t = torch.tensor([0.5])
 if kind in ("qwen_image", "wan"):  # 3-D latents (B, C, T, H, W): Wan21 latent format
     x = torch.randn(1, 16, 1, 16, 16)
+elif kind == "flux2":  # Flux2 latent format: 128 channels (the VAE's 32 patchified 2x2), patch size 1
+    x = torch.randn(1, 128, 16, 16)
 else:
     x = torch.randn(1, 16, 16, 16)
 ctx_dim = {"qwen_image": 3584, "wan": 4096}.get(kind) or int(spec["context_dim"])
 ctx = torch.randn(1, 8, ctx_dim)
-extra = {"z_image": {"num_tokens": 8}, "chroma": {"guidance": torch.tensor([0.0])}}.get(kind, {})
+extra = {"z_image": {"num_tokens": 8}, "chroma": {"guidance": torch.tensor([0.0])},
+         "flux2": {"guidance": torch.tensor([4.0])}}.get(kind, {})  # FLUX.2 [dev]: guidance-distilled
 
 
 def output(p):

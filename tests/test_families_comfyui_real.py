@@ -1,9 +1,11 @@
-"""Qwen-Image / Z-Image / Chroma / Wan 2.1 LoRAs we write, applied by a real ComfyUI 0.8.0's own LoRA code. Runs
-when COMFYUI_DIR points at a ComfyUI checkout with its venv ($COMFYUI_PYTHON, else $COMFYUI_DIR/.venv/bin/python);
-skipped otherwise. The ComfyUI side is tests/comfyui_families_check.py, run with ComfyUI's python. Seen with ComfyUI
-0.8.0 (`fetch pollockjj/ComfyUI`, commit fc0cb10b "ComfyUI v0.8.0") on the CPU, its venv with its requirements.txt
-and torch 2.14.1 + torchvision 0.29.1 (torch 2.13.0+cpu has no torchvision wheel that loads here: ComfyUI imports
-torchvision); about 3 minutes on 2 cores, 8 GB at most (Z-Image's 0.9 B parameters in float32, patched).
+"""Qwen-Image / Z-Image / Chroma / Wan 2.1 / FLUX.2 [dev] LoRAs we write, applied by a real ComfyUI 0.8.0's own
+LoRA code. Runs when COMFYUI_DIR points at a ComfyUI checkout with its venv ($COMFYUI_PYTHON, else
+$COMFYUI_DIR/.venv/bin/python); skipped otherwise. The ComfyUI side is tests/comfyui_families_check.py, run with
+ComfyUI's python. Seen with ComfyUI 0.8.0 (`fetch pollockjj/ComfyUI`, commit fc0cb10b "ComfyUI v0.8.0") on the
+CPU, its venv with its requirements.txt and torch 2.14.1 + torchvision 0.29.1 (torch 2.13.0+cpu has no torchvision
+wheel that loads here: ComfyUI imports torchvision); about 6 minutes on 2 cores: the first four in 2 minutes, 8 GB
+at most (Z-Image's 0.9 B parameters in float32, patched), FLUX.2 [dev] in 3-4 minutes, 15.4 GB (2.2 B parameters:
+ComfyUI fixes its width; skipped with less than NEEDS_GB free).
 
 Per family: a random diffusers transformer of the smallest size ComfyUI's detection (comfy/model_detection.py,
 comfy/supported_models.py) builds right, its weights rounded to bf16, written in the original single-file layout
@@ -23,6 +25,13 @@ Sizes ComfyUI fixes (0.8.0):
   layer (64 -> 5120 x 5 layers -> 3072) -> 1 double + 1 single block, text width 64 (0.62 B parameters).
 - Wan 2.1 T2V: heads = dim / 128, freq_dim 256, text width 4096 (the model's default) -> dim 128 (1 head),
   ffn 256, 2 blocks (1.1 M parameters).
+- FLUX.2 [dev]: found by `double_blocks.0.img_attn.norm.key_norm.scale` + `double_stream_modulation_img.lin`, so
+  at least 1 double block; read are in_channels and hidden (img_in), text width (txt_in), guidance (guidance_in
+  present: dev) and both block counts; fixed are 48 heads with rope axes (32, 32, 32, 32) (head 128: hidden 6144),
+  mlp ratio 3 (SwiGLU), theta 2000, out_channels 128 (so in_channels 128: x - sigma * v), no biases and the three
+  global modulations (6144 -> 6 / 6 / 3 x 6144, 0.57 B parameters with 0 blocks) -> 1 double + 1 single block
+  (0.98 B + 0.49 B), text width 64, guidance_embeds (2.19 B parameters; 1.70 B without the single block, the least
+  ComfyUI detects). The only family over 8 GB: float32 keeps the patched = base + delta check at 1e-4.
 """
 import gc
 import json
@@ -38,6 +47,7 @@ from safetensors.torch import save_file
 from single_file_layouts import original_layout
 from lora_train.networks import flow_names as F
 from lora_train.networks import lora as L
+from lora_train.networks.delta import base_weight
 
 COMFY = os.environ.get("COMFYUI_DIR", "")
 PY = os.environ.get("COMFYUI_PYTHON") or os.path.join(COMFY, ".venv", "bin", "python")
@@ -46,6 +56,9 @@ pytestmark = [pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI
               pytest.mark.slow]
 
 RANK, ALPHA = 4, 2.0
+#: GB of free memory a family's case needs (MemAvailable; skipped below that): FLUX.2's fixed width makes its
+#: smallest model 2.2 B parameters, ComfyUI's process peaks at 15.4 GB (float32, patched), ours at 14.3 GB
+NEEDS_GB = {"flux2": 17}
 #: kind -> (diffusers class, config, ComfyUI's model config, kohya modules of our file, text width)
 FAMILIES = {
     "qwen_image": ("QwenImageTransformer2DModel", dict(num_layers=1), "QwenImage", 14, 3584),
@@ -54,6 +67,8 @@ FAMILIES = {
                8 + 2, 64),
     "wan": ("WanTransformer3DModel", dict(num_attention_heads=1, attention_head_dim=128, ffn_dim=256, num_layers=2,
                                           text_dim=4096, freq_dim=256), "WAN21_T2V", 2 * 10, 4096),
+    "flux2": ("Flux2Transformer2DModel", dict(num_layers=1, num_single_layers=1, joint_attention_dim=64,
+                                              guidance_embeds=True), "Flux2", 8 + 2, 64),
 }
 
 
@@ -68,6 +83,9 @@ def diffusers_from_original(kind, orig):
     ck = dict(orig)  # the converters pop the dict's entries (the tensors are left as they are)
     if kind == "qwen_image":  # diffusers' mapping for Qwen-Image is the identity (its names are the original ones)
         return {k[len("model.diffusion_model."):]: v for k, v in ck.items()}
+    if kind == "flux2":  # diffusers' FLUX.2 converter takes BFL's bare names (from_single_file strips the prefix)
+        return S.convert_flux2_transformer_checkpoint_to_diffusers(
+            {k[len("model.diffusion_model."):]: v for k, v in ck.items()})
     fn = {"z_image": S.convert_z_image_transformer_checkpoint_to_diffusers,
           "chroma": S.convert_chroma_transformer_checkpoint_to_diffusers,
           "wan": S.convert_wan_transformer_to_diffusers}[kind]
@@ -109,15 +127,19 @@ def probes_for(kind, unet, lw, seed=2):
     out = {}
     groups = F.unet_groups(kind, unet, extras=False)
     for name, grp in groups.items():
-        base = F.fused_weight(grp, unet).double()
-        delta = torch.zeros_like(base)
+        n_out, n_in = F.fused_shape(grp, unet)
+        x = torch.randn(n_in, 3, generator=g, dtype=torch.float64)
+        wx, dx = torch.zeros(n_out, 3, dtype=torch.float64), torch.zeros(n_out, 3, dtype=torch.float64)
         for path, rows in zip(grp.paths, F.part_rows(grp)):
+            lin = unet.get_submodule(path)
+            w = base_weight(getattr(lin, "base_layer", lin))
+            # base @ x and delta @ x part by part, in float64 (FLUX.2's fused weights are 0.3 B entries each)
+            wx[rows] = torch.cat([c.double() @ x for c in w.detach().split(4096)])
             d, u, a = lw.modules[("unet", path)]
-            delta[rows] = (float(a) / d.shape[0]) * (u.double() @ d.double())
-        x = torch.randn(base.shape[1], 3, generator=g, dtype=torch.float64)
+            dx[rows] = (float(a) / d.shape[0]) * (u.double() @ (d.double() @ x))
         out[f"{name}.x"] = x.float()
-        out[f"{name}.dy"] = (delta @ x).float()
-        out[f"{name}.wy"] = ((base + delta) @ x).float()
+        out[f"{name}.dy"] = dx.float()
+        out[f"{name}.wy"] = (wx + dx).float()
     return groups, out
 
 
@@ -133,8 +155,17 @@ def comfy(spec, tmp_path, timeout=1800):
     return json.loads(out.read_text())
 
 
+def mem_available_gb():
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2 ** 20
+    return float("inf")
+
+
 @pytest.mark.parametrize("kind", list(FAMILIES))
 def test_comfyui_applies_our_lora_to_a_small_real_model(kind, tmp_path):
+    if mem_available_gb() < NEEDS_GB.get(kind, 0):
+        pytest.skip(f"{kind} needs about {NEEDS_GB[kind]} GB free, {mem_available_gb():.1f} GB available")
     t0 = time.time()
     cls, cfg, config, n_modules, ctx_dim = FAMILIES[kind]
     unet = small_model(kind)
