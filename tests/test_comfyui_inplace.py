@@ -234,3 +234,31 @@ def test_host_chooses_in_place_and_checks_the_file(tmp_path):
         comfyui_inplace.base_model(mp, None, vae)
     with pytest.raises(HostError, match="not a ComfyUI model"):
         comfyui_inplace.base_model(object(), clip, vae)
+
+
+def test_validation_disk_caches_and_nan_guard_in_place(data, tmp_path):
+    """The trainer's validation loss, disk caches (a second run encodes nothing) and NaN recovery on a graph."""
+    from lora_train.training.trainer import Trainer
+
+    def hook(step, loss):
+        return loss * float("nan") if step == 3 and not fired else loss
+    fired = []
+
+    def nan_once(step, loss):
+        out = hook(step, loss)
+        if step == 3:
+            fired.append(step)
+        return out
+    mp, clip, vae = _graph("wan", "flow")
+    cache = str(tmp_path / "cache")
+    kw = dict(max_train_steps=5, validation_split=0.25, latent_cache="disk", text_cache="disk", cache_dir=cache,
+              batch_size=1, nan_policy="recover")
+    tr = Trainer(_cfg(data, tmp_path / "a", **kw), model=_model(mp, clip, vae), loss_hook=nan_once)
+    res = tr.run()
+    assert res.steps == 5 and fired and tr.recoveries >= 1
+    assert tr.val_history and all(math.isfinite(v["val_loss"]) for v in tr.val_history)
+    calls = (clip.calls, vae.calls)
+    mp2, clip2, vae2 = _graph("wan", "flow")
+    tr2 = Trainer(_cfg(data, tmp_path / "b", **kw), model=_model(mp2, clip2, vae2))
+    tr2.run()
+    assert calls[0] > 0 and calls[1] > 0 and (clip2.calls, vae2.calls) == (0, 0)  # all read from the disk caches
