@@ -236,8 +236,9 @@ def test_training_job_refuses_second_start_then_grid(tmp_path, demo_data):
 
     assert snap["findings"] == [str(Finding(**f)) for f in snap["result"].findings]
     diag = logic.job_diagnosis(snap)
-    assert diag == "Diagnosis: no problem found." if not snap["findings"] else \
-        all(f in diag for f in snap["findings"])
+    # the demo's captions repeat (3 per caption): the caption checks' warnings show there too
+    assert all(f in diag for f in snap["findings"]) and (snap["findings"] or diag == "Diagnosis: no problem found."
+                                                         or "same caption" in diag)
     assert logic.loss_image(snap).size[0] > 100
     assert logic.lora_names(host) == ["t"]
     # a second run gets a new name

@@ -14,8 +14,21 @@ def add_commands(subparsers) -> Dict[str, object]:
                     "local folder or the local Hugging Face cache.")
     p.add_argument("dir", help="dataset folder")
     p.add_argument("--backend", default="template",
-                   help="template | transformers (BLIP, GIT, Florence-2) | wd14 (booru tagger, needs onnxruntime); "
+                   help="template | transformers (BLIP, GIT, Florence-2) | vlm (chat vision-language models: "
+                        "Qwen2.5-VL, Qwen3-VL, JoyCaption / LLaVA) | wd14 (booru tagger, needs onnxruntime); "
                         "default: template")
+    p.add_argument("--style", default=None,
+                   help="vlm: caption style (tags | short | detailed | edit, or one of --styles); default: the "
+                        "--family's (detailed for Flux / Qwen-Image / Z-Image / FLUX.2 / Chroma / Wan, short for SD)")
+    p.add_argument("--styles", default=None, metavar="FILE", help="vlm: your caption styles (JSON; copy "
+                   "lora_train/captions/styles.json and edit the prompts)")
+    p.add_argument("--quantize", choices=("none", "8bit", "4bit"), default=None,
+                   help="vlm: load the model in 8 / 4 bit (bitsandbytes, CUDA)")
+    p.add_argument("--family", default=None, help="the base family you will train (sd1, sdxl, flux, qwen_image, "
+                   "...): picks the style and checks the captions' length against its text encoder")
+    p.add_argument("--concept", default="", help="what the LoRA should learn (e.g. 'red hair'): the checks list "
+                   "captions that name it")
+    p.add_argument("--check-only", action="store_true", help="only run the caption checks, caption nothing")
     p.add_argument("--model", default=None,
                    help="model folder, or a repo id already in the local Hugging Face cache "
                         "(transformers: config + weights + processor; wd14: model.onnx + selected_tags.csv)")
@@ -50,7 +63,7 @@ def add_commands(subparsers) -> Dict[str, object]:
 
 
 def _captioner_opts(args) -> dict:
-    from ..captions.backends import _ALIASES
+    from ..captions.registry import _ALIASES
 
     backend = _ALIASES.get(args.backend.lower(), args.backend.lower())
     if backend == "template":
@@ -58,6 +71,12 @@ def _captioner_opts(args) -> dict:
     if backend == "transformers":
         return dict(model=args.model, device=args.device, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                     trust_remote_code=args.trust_remote_code or None)
+    if backend == "vlm":
+        from ..captions import styles
+
+        return dict(model=args.model, device=args.device, style=args.style or styles.for_family(args.family),
+                    styles_file=args.styles, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                    quantize=args.quantize, trust_remote_code=args.trust_remote_code or None)
     if backend == "wd14":
         return dict(model=args.model, threshold=args.threshold, character_threshold=args.character_threshold,
                     device=args.device)
@@ -76,6 +95,8 @@ def cmd_caption(args, extra: List[str]) -> int:
     if not os.path.isdir(args.dir):
         print(f"error: '{args.dir}' is not a folder: pass the folder that holds your images", file=sys.stderr)
         return 2
+    if args.check_only:
+        return 1 if _print_checks(args) else 0
     try:
         replace, replace_tags = parse_pairs(args.replace), parse_pairs(args.replace_tag)
         captioner = make_captioner(args.backend, **_captioner_opts(args))
@@ -119,4 +140,20 @@ def cmd_caption(args, extra: List[str]) -> int:
     if freq:
         print("tag frequency:")
         print(format_tag_frequency(freq, top=args.top))
+    if not args.dry_run:
+        _print_checks(args)
     return 1 if report.failed else 0
+
+
+def _print_checks(args) -> list:
+    """The caption checks of the folder (captions/checks.py), printed; returns the warnings."""
+    from ..captions.checks import check_captions
+    from ..captions.table import list_images
+
+    entries = [(e.path, (e.row.caption or "") if e.row else "") for e in list_images(args.dir, args.caption_extension)]
+    found = check_captions(entries, args.trigger or "", args.family, args.concept)
+    if not found:
+        print(f"caption checks: {len(entries)} captions, no problem found.")
+    for f in found:
+        print(f"{f.severity}: {f}")
+    return [f for f in found if f.severity == "warning"]

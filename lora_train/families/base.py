@@ -45,6 +45,12 @@ class Family:
     #: its anime fine-tunes (NovelAI lineage) are trained and used at CLIP skip 2 (SD1.5; SDXL always uses the
     #: penultimate layers)
     anime_clip_skip = False
+    # captions (captions/styles.py, captions/checks.py): the style its trainers caption in, and how many tokens of
+    # a caption its text encoder reads (CLIP: 75 a chunk; kohya's max_token_length 150 / 225 reads more)
+    caption_style = "short"
+    caption_tokens: Optional[int] = 75
+    #: which tokenizer counts them: clip | t5 (both bundled) | other (estimated from the words)
+    caption_tokenizer = "clip"
     # detection without loading weights (lora_train/family.py asks in `detect_order`, lowest first):
     detect_order = 9
     #: the tiny test models of the family (models/ builds them)
@@ -126,6 +132,9 @@ class FlowFamily(Family):
     """A flow-matching family (the transformer predicts noise - latents; timesteps are sigma x 1000)."""
 
     flow = True
+    caption_style = "detailed"  # T5 / Qwen / Mistral read long natural-language captions
+    caption_tokens = 512
+    caption_tokenizer = "t5"
     native_resolution = 1024
     detect_order = 0
 

@@ -27,6 +27,7 @@ class ComfyUIInPlace(Family):
     architecture = "comfyui/lora"
     implementation = "https://github.com/comfyanonymous/ComfyUI"
     detect_order = 99  # never told from a file: the ComfyUI host makes it
+    caption_style, caption_tokens, caption_tokenizer = "detailed", None, "other"
 
     def known(self, model) -> Optional[Family]:
         """Our family of the graph's model, or None (a family we have no defaults for)."""

@@ -69,6 +69,7 @@ def _ids(b: int, t: int, h: int, w: int, l: int, device):
 
 
 class Flux2(FlowFamily):
+    caption_tokens, caption_tokenizer = 512, "other"
     name, title = "flux2", "FLUX.2"
     timestep_sampling = "flux_shift"
     transformer_class = "Flux2Transformer2DModel"

@@ -55,6 +55,7 @@ VRAM_TIERS = ((80.0, False, 0, 1024, "80 GB+: the bf16 transformer (41 GB) fits 
 
 
 class QwenImage(FlowFamily):
+    caption_tokens, caption_tokenizer = 512, "other"
     name, title = "qwen_image", "Qwen-Image"
     timestep_sampling = "shift"
     transformer_class = "QwenImageTransformer2DModel"

@@ -39,6 +39,7 @@ VRAM_TIERS = ((16.0, False, 0, 1024, "16 GB+: SD3.5 Medium (2.5 B, 5 GB in bf16)
 
 
 class SD3(FlowFamily):
+    caption_tokens, caption_tokenizer = 256, "t5"
     name, title = "sd3", "SD3 / SD3.5"
     transformer_class = "SD3Transformer2DModel"
     variants = ("sd35-medium", "sd3-medium", "sd35-large")

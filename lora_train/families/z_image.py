@@ -41,6 +41,7 @@ VRAM_TIERS = ((32.0, False, 0, 1024, "32 GB+: the bf16 transformer (12 GB) with 
 
 
 class ZImage(FlowFamily):
+    caption_tokens, caption_tokenizer = 512, "other"
     name, title = "z_image", "Z-Image"
     timestep_sampling = "shift"
     transformer_class = "ZImageTransformer2DModel"

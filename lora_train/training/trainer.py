@@ -174,7 +174,24 @@ class Trainer(StateMixin, OutputsMixin):
                                              "flow-matching weighting.")
         for w in text_chunks.configure(self.model, cfg.clip_skip, cfg.max_token_length):  # kohya text options
             self.emit("warning", message=w)
+        for f in self._caption_findings():  # empty / duplicate / too long (captions/checks.py); hints: caption step
+            if f.severity == "warning":
+                self.emit("warning", message=str(f))
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+    def _caption_findings(self):
+        """The caption checks of the dataset (captions/checks.py); the length counted with the model's own tokenizer
+        where the family's text is read by it (CLIP; Qwen / Mistral), the bundled T5 one for T5 families, against
+        the family's limit (CLIP: the run's max_token_length)."""
+        from ..captions.checks import check_captions
+
+        fam, m = families.of(self.model), self.model
+        tok = getattr(m, "tokenizer", None) if fam.caption_tokenizer in ("clip", "other") else None
+        limit = fam.caption_tokens
+        if limit == 75:
+            limit = int(self.cfg.max_token_length or 75)
+        entries = [(it.path, it.caption) for it in self.dataset.items]
+        return check_captions(entries, "", m.kind, limit=limit, tokenizer=tok if callable(tok) else None)
 
     def _seed_all(self, seed: int) -> torch.Generator:
         random.seed(seed)

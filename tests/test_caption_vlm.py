@@ -1,0 +1,216 @@
+"""Vision-language captions (#30): caption styles as data, the chat-VLM captioner on tiny random models built here
+(LLaVA-style: CLIP vision + Llama text, JoyCaption's family; Qwen2-VL-style where torchvision is installed, which its
+processor needs), and the caption checks on a corpus of bad captions."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_train.captions import checks, styles
+from lora_train.captions import CaptionerError, make_captioner
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
+            "'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    """A tiny LLaVA (CLIP vision 2 layers, Llama 2 layers, byte-level BPE tokenizer made offline) saved as a
+    model folder, as a downloaded JoyCaption / LLaVA folder is laid out."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers: the PIL one is the only one
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    from lora_train.models.qwen_image import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    proc = LlavaProcessor(image_processor=ImageProcessor(size={"shortest_edge": 28},
+                                                         crop_size={"height": 28, "width": 28}),
+                          tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          chat_template=TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, image_size=28, patch_size=14),
+                      text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok),
+                                              eos_token_id=tok.convert_tokens_to_ids("<|im_end|>")),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+                      vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    folder = str(tmp_path_factory.mktemp("vlm") / "tiny-llava")
+    proc.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for i, c in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (40 + 8 * i, 32), c).save(folder / f"img{i}.png")
+    return str(folder)
+
+
+def test_styles_are_data_users_can_edit(tmp_path):
+    s = styles.load()
+    assert {"tags", "short", "detailed", "edit"} <= set(s) and s["tags"].form == "tags" and s["edit"].images == 2
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"detailed": {"prompt": "Say everything.", "max_new_tokens": 9},
+                                "product": {"prompt": "Describe the product.", "form": "sentence"}}), encoding="utf-8")
+    s2 = styles.load(str(mine))
+    assert s2["detailed"].prompt == "Say everything." and s2["product"].form == "sentence" and "tags" in s2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"x": {"form": "tags"}}), encoding="utf-8")
+    with pytest.raises(ValueError, match="'x' .* has no prompt"):
+        styles.load(str(bad))
+    with pytest.raises(ValueError, match="cannot be read"):
+        styles.load(str(tmp_path / "nope.json"))
+    assert styles.for_family("flux") == "detailed" and styles.for_family("qwen_image") == "detailed"
+    assert styles.for_family("sd1") == "short" and styles.for_family(None) == "detailed"
+
+
+def test_vlm_captions_a_folder_batched_with_the_style_and_unloads(llava_folder, images):
+    from lora_train.captions import caption_folder
+
+    cap = make_captioner("vlm", model=llava_folder, style="detailed", max_new_tokens=6, device="cpu")
+    assert cap.instruction == styles.get("detailed").prompt
+    text = cap.prompt_text()
+    assert "<image>" in text and styles.get("detailed").prompt in text and text.endswith("assistant\n")
+    calls = []
+    real = cap.model.generate
+    cap.model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw)
+    report = caption_folder(images, cap, mode="overwrite", trigger="zq", batch_size=2)
+    assert len(report.written) == 3 and sorted(calls) == [1, 2]  # 3 images in batches of 2
+    for path in report.written:
+        with open(os.path.splitext(path)[0] + ".txt", encoding="utf-8") as fh:
+            caption = fh.read()
+        assert caption.startswith("zq") and "\n" not in caption
+    # batched captions are the ones made one at a time (left padding, greedy)
+    ims = [Image.open(os.path.join(images, f"img{i}.png")) for i in range(2)]
+    assert cap.caption_batch(ims, ["a", "b"]) == [cap.caption_batch([im], [p])[0] for im, p in zip(ims, "ab")]
+    cap.unload()
+    assert cap.model is None and cap.processor is None
+    with pytest.raises(CaptionerError, match="unloaded"):
+        cap.caption_batch(ims[:1], ["a"])
+
+
+def test_vlm_errors_name_the_folder_and_the_fix(tmp_path, llava_folder):
+    with pytest.raises(CaptionerError, match="no model given"):
+        make_captioner("vlm")
+    with pytest.raises(CaptionerError, match="does not exist"):
+        make_captioner("vlm", model=str(tmp_path / "Qwen2.5-VL-7B-Instruct"))
+    with pytest.raises(CaptionerError, match="style 'poem' is not known"):
+        make_captioner("vlm", model=llava_folder, style="poem")
+    with pytest.raises(CaptionerError, match="quantize"):
+        make_captioner("vlm", model=llava_folder, quantize="2bit")
+    with pytest.raises(CaptionerError, match="8bit loading needs"):
+        make_captioner("vlm", model=llava_folder, quantize="8bit", device="cpu")
+    import shutil
+
+    plain = str(tmp_path / "no-template")
+    shutil.copytree(llava_folder, plain)
+    for name in os.listdir(plain):
+        if name.startswith("chat_template"):
+            os.remove(os.path.join(plain, name))
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        p = os.path.join(plain, name)
+        if os.path.isfile(p):
+            d = json.load(open(p, encoding="utf-8"))
+            d.pop("chat_template", None)
+            json.dump(d, open(p, "w", encoding="utf-8"))
+    with pytest.raises(CaptionerError, match="no chat template"):
+        make_captioner("vlm", model=plain)
+
+
+def test_qwen2_vl_style_model(tmp_path, images):
+    """A tiny Qwen2-VL through AutoProcessor / AutoModelForImageTextToText (its processor needs torchvision)."""
+    pytest.importorskip("torchvision", reason="Qwen2-VL's processor needs torchvision (its video processor)")
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    from lora_train.models.qwen_image import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                          "<|video_pad|>"]})
+    qt = TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56),
+                            tokenizer=tok, chat_template=qt)
+    cfg = Qwen2VLConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok),
+                                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+                        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, in_chans=3,
+                                           spatial_merge_size=2, patch_size=14, temporal_patch_size=2),
+                        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+    folder = str(tmp_path / "tiny-qwen2-vl")
+    proc.save_pretrained(folder)
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(folder)
+    cap = make_captioner("vlm", model=folder, style="tags", max_new_tokens=5, device="cpu")
+    out = cap.caption_batch([Image.open(os.path.join(images, "img0.png"))], ["a"])
+    assert len(out) == 1 and "\n" not in out[0]
+
+
+def test_answers_are_cleaned_into_the_styles_form():
+    from lora_train.captions.vlm import clean
+
+    assert clean("Here are the tags: 1girl, Red Hair,\n- smile, red hair.", "tags") == "1girl, red hair, smile"
+    assert clean('"A woman\n  in a  park."', "paragraph") == "A woman in a park."
+
+
+CORPUS = [("empty.png", ""), ("trig.png", "zq"), ("dup1.png", "zq, a woman in a red dress in a park"),
+          ("dup2.png", "zq, a woman in a red dress in a park"),
+          ("near1.png", "zq, woman red dress standing park bench sunny afternoon smiling"),
+          ("near2.png", "zq, woman red dress standing park bench sunny afternoon smiling happily"),
+          ("notrig.png", "a woman with red hair at the beach"), ("long.png", "zq, " + " ".join(["word"] * 90)),
+          ("hair.png", "zq, red hair, freckles, green eyes")]
+
+
+def test_caption_checks_find_each_problem_by_file():
+    found = checks.check_captions(CORPUS, trigger="zq", kind="sd1", concept="red hair")
+    by = {}
+    for f in found:
+        by.setdefault(f.check, []).append(f)
+    assert by["empty"][0].files == ["empty.png", "trig.png"]
+    assert by["duplicate"][0].files == ["dup1.png", "dup2.png"]
+    assert by["near_duplicate"][0].files == ["near1.png", "near2.png"]
+    assert by["too_long"][0].files == ["long.png"] and "75 tokens" in by["too_long"][0].problem
+    assert "max_token_length 225" in by["too_long"][0].fix
+    assert by["trigger_missing"][0].files == ["notrig.png"]
+    named = by["concept_named"][0].files
+    assert "hair.png" in named and "notrig.png" in named and "Leave what the LoRA should learn out" in \
+        by["concept_named"][0].fix
+    assert all(f.fix for f in found) and "dup1.png" in str(by["duplicate"][0])
+    # the family's own limit: T5 reads 512 tokens, so the 90 words pass for Flux
+    assert not [f for f in checks.check_captions(CORPUS, "zq", "flux") if f.check == "too_long"]
+    # clean captions: nothing
+    ok = [(f"{i}.png", f"zq, a {c} cat on a {p}") for i, (c, p) in enumerate([("black", "sofa"), ("white", "roof"),
+                                                                               ("grey", "car"), ("orange", "box")])]
+    assert checks.check_captions(ok, "zq", "sd1") == []
+
+
+def test_words_in_nearly_every_caption_are_pointed_out():
+    caps = [(f"{i}.png", f"zq, freckled woman, {x}") for i, x in enumerate(["park", "beach", "snow", "city", "cafe"])]
+    found = [f for f in checks.check_captions(caps, "zq", "sd1") if f.check == "concept_named"]
+    assert found and "freckled" in found[0].problem and found[0].severity == "info"
+
+
+def test_cli_check_only_and_the_trainer_report_findings(tmp_path, capsys):
+    from lora_train.cli.main import main
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for name, cap in CORPUS[2:5]:
+        Image.new("RGB", (32, 32), "red").save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(cap, encoding="utf-8")
+    rc = main(["caption", str(folder), "--check-only", "--family", "sd1", "--trigger", "zq"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "same caption" in out and "dup1.png" in out
