@@ -267,5 +267,10 @@ def test_split_files_of_another_kind_are_named(tmp_path, tiny_models):
     assert [component_kind(p) for p in (vae, te, qwen3)] == ["wan_vae", "qwen2.5-vl", "qwen3"]
     assert component_files([qwen3, te, vae], "qwen_image") == {"text_encoder": te, "vae": vae}
     assert component_files([qwen3, vae], "qwen_image") == {"vae": vae}
+    # UMT5 by its vocabulary as Neo tells it (a file whose blocks after the first have no bias of their own)
+    umt5 = str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    save_file({"shared.weight": torch.zeros(256384, 2, dtype=torch.float16),
+               "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}, umt5)
+    assert component_kind(umt5) == "umt5" and component_files([umt5], "wan") == {"text_encoder": umt5}
     with pytest.raises(ModelError, match=r"qwen_3_4b\.safetensors' does not fit Qwen2_5_VLForConditionalGeneration"):
         load_base_model(ckpt, files={"components_folder": folder, "vae": vae, "text_encoder": qwen3})

@@ -74,8 +74,10 @@ def component_kind(path: str) -> Optional[str]:
     """The kind of a separate component file, from its .safetensors header (None when it is none of these, or
     unreadable): "ae" (Flux's / an LDM VAE: Flux, Z-Image, Chroma), "wan_vae" (Wan 2.1's causal 3-D VAE, which
     Qwen-Image's VAE shares: wan_2.1_vae, qwen_image_vae), "t5xxl", "umt5" (T5 with a relative attention bias in
-    every block: umt5_xxl), "clip" (CLIP-L or CLIP-G: `component_files` tells them apart by width), "qwen2.5-vl"
-    (qwen_2.5_vl_7b: the q/k/v biases of Qwen2), "qwen3" (qwen_3_4b: Qwen3's q / k norms)."""
+    every block, or UMT5's 256384-token vocabulary: umt5_xxl), "clip" (CLIP-L or CLIP-G: `component_files` tells
+    them apart by width), "qwen2.5-vl" (qwen_2.5_vl_7b: the q/k/v biases of Qwen2), "qwen3" (qwen_3_4b: Qwen3's
+    q / k norms). The keys asked are the ones Forge Neo's loader (backend/loader.py replace_state_dict) sorts the
+    picked files by."""
     try:
         shapes, _ = read_safetensors_header(os.path.expanduser(str(path)))
     except (ModelError, OSError):
@@ -89,7 +91,8 @@ def component_kind(path: str) -> Optional[str]:
         return "wan_vae"
     if has("encoder.conv_in.weight") and any("decoder." in k for k in keys):
         return "ae"
-    if has("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"):
+    umt5_vocab = any(k.endswith("shared.weight") and shapes[k][0] == 256384 for k in keys)  # Forge Neo's own rule
+    if has("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight") or umt5_vocab:
         return "umt5"
     if has("encoder.block.0.layer.0.SelfAttention.q.weight"):
         return "t5xxl"
