@@ -124,8 +124,7 @@ def test_neo_trains_the_files_it_loaded(neo):
     assert "the VAE" in str(e.value) and "the text encoder" in str(e.value) and NEO[fam][2][1] in str(e.value)
 
 
-@pytest.mark.slow
-def test_neo_tab_trains_and_publishes(neo, demo_data):
+def test_neo_tab_trains_and_publishes(neo, demo_data):  # tiny models: seconds
     from safetensors import safe_open
 
     h, fam = neo["host"], neo["family"]
@@ -212,6 +211,31 @@ def test_split_files_equal_the_diffusers_folder(family, tmp_path, tiny_models):
     conv = diffusers_layout(type(tiny.vae).__name__, vae_file_state(tiny, family), dict(tiny.vae.config))
     assert set(conv) == set(tiny.vae.state_dict()) and all(torch.equal(conv[k], v) for k, v in
                                                            tiny.vae.state_dict().items())
+
+
+def test_z_image_over_a_tokenizer_without_chat_template(tmp_path, tiny_models):
+    """Forge Neo writes Qwen3's one-message template itself, so its bundled Z-Image tokenizer may have none: over
+    such a folder the text encoder file gets the template that writes the same text."""
+    from lora_train.models.loading import load_base_model
+    from lora_train.models.z_image import CHAT_TEMPLATE
+
+    tiny = tiny_models("z_image")
+    folder = neo_config_folder(tiny, "z_image", tmp_path / "hf")
+    conf = os.path.join(folder, "tokenizer", "tokenizer_config.json")
+    with open(conf, encoding="utf-8") as fh:
+        data = json.load(fh)
+    data.pop("chat_template", None)
+    with open(conf, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(folder, "tokenizer", extra)):
+            os.remove(os.path.join(folder, "tokenizer", extra))
+    ckpt, vae, te = split_files(tiny, "z_image", tmp_path / "models")
+    m = load_base_model(ckpt, files={"components_folder": folder, "vae": vae, "text_encoder": te})
+    assert m.tokenizer.chat_template == CHAT_TEMPLATE
+    text = m.tokenizer.apply_chat_template([{"role": "user", "content": "a fox"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert text == "<|im_start|>user\na fox<|im_end|>\n<|im_start|>assistant\n"  # Neo's z_image_engine template
 
 
 def test_split_files_take_scaled_fp8_text_encoders(tmp_path, tiny_models):

@@ -113,6 +113,10 @@ def load_z_image_folder(folder: str, transformer=None, single_files=None, varian
                         "transformer/, vae/, text_encoder/ (Qwen3), tokenizer/ and scheduler/ with their weights",
                         single_files)
     tr = c["transformer"] if transformer is None else transformer
+    if c["tokenizer"].chat_template is None and single_files and single_files.get("text_encoder"):
+        # a config-only folder (Forge Neo's bundled one) may carry no chat template: Neo writes Qwen3's one-message
+        # template itself (its text_processing/z_image_engine.py), which is the text CHAT_TEMPLATE writes
+        c["tokenizer"].chat_template = CHAT_TEMPLATE
     if c["tokenizer"].chat_template is None:
         raise ModelError(f"the tokenizer in '{folder}' has no chat template: Z-Image's prompts go through Qwen3's; "
                          f"use the tokenizer/ folder of the Z-Image release.")
