@@ -48,8 +48,9 @@ class ConfigError(ValueError):
         super().__init__(message)
 
 
-#: the TrainConfig fields that name a single-file base model's separate component files (Flux / SD3)
-COMPONENT_FILE_KEYS = ("ae", "clip_l", "clip_g", "t5xxl", "components_folder")
+#: the TrainConfig fields that name a single-file base model's separate component files (Flux / SD3; the
+#: transformer-only families' components folder and, over it, their separate VAE / text encoder files)
+COMPONENT_FILE_KEYS = ("ae", "clip_l", "clip_g", "t5xxl", "components_folder", "vae", "text_encoder")
 
 
 @dataclass
@@ -145,6 +146,8 @@ class TrainConfig:
     clip_g: str = ""
     t5xxl: str = ""
     components_folder: str = ""  # a diffusers folder with the other parts of a single-file transformer (Qwen-Image, Z-Image, Chroma, Wan, FLUX.2)
+    vae: str = ""  # Qwen-Image, Z-Image, Chroma, Wan: the VAE file over components_folder's configs (qwen_image_vae, ae, wan_2.1_vae)
+    text_encoder: str = ""  # the same for the text encoder file (qwen_2.5_vl_7b(_fp8_scaled), qwen_3_4b, t5xxl_fp16, umt5_xxl_fp16)
     timestep_sampling: str = "auto"  # auto (flux: shift, sd3: sigma) | sigma | uniform | sigmoid | shift | flux_shift
     discrete_flow_shift: Optional[float] = None  # default: flux 3.1582, sd3 the scheduler's shift (3.0)
     sigmoid_scale: float = 1.0
@@ -199,8 +202,8 @@ class TrainConfig:
 
     @property
     def component_files(self) -> Dict[str, str]:
-        """{"ae" / "clip_l" / "clip_g" / "t5xxl": path} of the separate component files given (Flux / SD3 single
-        files), as models.loading.load_base_model takes them."""
+        """{"ae" / "clip_l" / "clip_g" / "t5xxl" / "components_folder" / "vae" / "text_encoder": path} of the
+        separate component files given (single files), as models.loading.load_base_model takes them."""
         return {k: getattr(self, k) for k in COMPONENT_FILE_KEYS if getattr(self, k)}
 
     @property

@@ -102,3 +102,80 @@ def original_layout(kind, sd, prefix="model.diffusion_model.", dtype=torch.bfloa
                 break
         out[k] = v
     return {prefix + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- Wan 2.1 / Qwen-Image VAE
+_RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1.weight": "residual.2.weight", "conv1.bias": "residual.2.bias",
+             "norm2.gamma": "residual.3.gamma", "conv2.weight": "residual.6.weight", "conv2.bias": "residual.6.bias",
+             "conv_shortcut.weight": "shortcut.weight", "conv_shortcut.bias": "shortcut.bias"}
+
+
+def _wan_vae_key(k):
+    """One diffusers AutoencoderKLWan / AutoencoderKLQwenImage key in Wan 2.1's original VAE layout (what
+    wan_2.1_vae.safetensors and ComfyUI's qwen_image_vae.safetensors hold), for the released structure (4 levels,
+    2 residual blocks each: the shape diffusers' convert_wan_vae_to_diffusers is written for)."""
+    flat = {"encoder.conv_in.": "encoder.conv1.", "decoder.conv_in.": "decoder.conv1.", "quant_conv.": "conv1.",
+            "post_quant_conv.": "conv2.", "encoder.norm_out.gamma": "encoder.head.0.gamma",
+            "decoder.norm_out.gamma": "decoder.head.0.gamma", "encoder.conv_out.": "encoder.head.2.",
+            "decoder.conv_out.": "decoder.head.2."}
+    for a, b in flat.items():
+        if k.startswith(a):
+            return b + k[len(a):]
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", k)
+    if m:
+        return f"{m[1]}.middle.{2 * int(m[2])}.{_RESIDUAL[m[3]]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", k)
+    if m:
+        return f"{m[1]}.middle.1.{m[2]}"
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(.+)", k)
+    if m:
+        return f"encoder.downsamples.{m[1]}.{_RESIDUAL.get(m[2], m[2])}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k)
+    if m:
+        return f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{_RESIDUAL[m[3]]}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", k)
+    if m:
+        return f"decoder.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+    return k
+
+
+def wan_vae_original_layout(vae, dtype=None):
+    """A diffusers Wan-layout VAE's state dict in Wan 2.1's original layout (inverse of diffusers'
+    convert_wan_vae_to_diffusers; tests check the round trip exactly)."""
+    return {_wan_vae_key(k): (v if dtype is None else v.to(dtype)).detach().clone().contiguous()
+            for k, v in vae.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- text encoders as ComfyUI ships them
+def comfy_text_encoder(te, dtype=None):
+    """A transformers text encoder's state dict in the layout of ComfyUI's / Forge Neo's text encoder files:
+    Qwen2.5-VL as the original checkpoint names it (`model.layers.*`, `visual.*`, no lm_head: qwen_2.5_vl_7b),
+    Qwen3Model under `model.` (qwen_3_4b), T5 / UMT5 encoders as they are without the tied
+    `encoder.embed_tokens` (t5xxl_fp16, umt5_xxl_fp16)."""
+    out = {}
+    for k, v in te.state_dict().items():
+        if k.startswith("lm_head.") or k == "encoder.embed_tokens.weight":
+            continue
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        elif k.startswith("model.visual."):
+            k = "visual." + k[len("model.visual."):]
+        elif type(te).__name__ == "Qwen3Model":
+            k = "model." + k
+        out[k] = (v if dtype is None else v.to(dtype)).detach().clone().contiguous()
+    return out
+
+
+def scaled_fp8(sd):
+    """`sd` as ComfyUI's older *_fp8_scaled files hold it: every 2-D weight as float8_e4m3fn over a per-tensor
+    `scale_weight` (absmax / 448), a `scaled_fp8` marker; the rest as it is."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.dim() == 2 and v.is_floating_point():
+            scale = (v.float().abs().max() / 448.0).clamp_min(1e-12)
+            out[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[k] = v
+    out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    return out

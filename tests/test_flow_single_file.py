@@ -94,13 +94,21 @@ def test_flux_missing_files_message(flux_files):
     assert "t5xxl" in str(e.value)
 
 
-def test_scaled_fp8_refused(flux_files, tmp_path):
+def test_scaled_fp8_dequantised(flux_files, tmp_path):
+    """t5xxl_fp8_e4m3fn_scaled (ComfyUI's scaled fp8: float8 weights over per-layer scale_weight): each weight
+    times its scale, as bf16 (tests/test_webui_neo.py covers ComfyUI's newer weight_scale / comfy_quant layout)."""
+    from single_file_layouts import scaled_fp8
+
     m, f = flux_files
-    sd = {k: v.to(torch.float8_e4m3fn) for k, v in hf_state(m.text_encoder_2).items()}
-    sd["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
-    bad = _save(sd, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
-    with pytest.raises(ModelError, match="scaled fp8"):
-        load_base_model(f["transformer"], files={"ae": f["ae"], "clip_l": f["clip_l"], "t5xxl": bad})
+    ref = hf_state(m.text_encoder_2)
+    scaled = _save(scaled_fp8(ref), tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    base = load_base_model(f["transformer"], files={"ae": f["ae"], "clip_l": f["clip_l"], "t5xxl": scaled})
+    got = base.text_encoder_2.state_dict()
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    assert got[q].dtype == torch.bfloat16
+    for k, v in ref.items():
+        assert (got[k].float() - v.float()).abs().max() <= 0.07 * v.float().abs().max() + 1e-6, k
+    assert not torch.equal(got[q].float(), ref[q].float().to(torch.float8_e4m3fn).float())  # the scale was applied
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,13 @@ What differs between the two hosts (read from A1111 1.10.1 and Forge's current s
 - paths: with `--listen`/`--share`/`--ngrok`/`--server-name` (A1111's `cmd_opts.webui_is_non_local`), paths
   typed into the tab must lie inside the WebUI's folders, unless `--enable-insecure-extension-access` (the
   WebUI's own "trust the remote user" flag) is set.
+
+Forge Neo (Haoming02's neo branch of sd-webui-forge-classic) loads Qwen-Image, Z-Image, Wan 2.1 (and Wan 2.2's
+A14B experts, which have its shape) and Chroma from the checkpoint (models/Stable-diffusion, or diffusion_models
+through --ckpt-dirs) plus the "VAE / Text Encoder" files picked in its top bar (models/VAE, models/text_encoder),
+with every config, tokenizer and scheduler from the folder it bundles per model, backend/huggingface/<org>/<repo>/
+(backend/loader.py forge_loader: `os.path.join(<backend>/huggingface, estimated_config.huggingface_repo)`). The tab
+trains from exactly those files over that folder (`ForgeHost._load_file`, models/split_parts.py).
 """
 from __future__ import annotations
 
@@ -40,7 +47,8 @@ from .base import Host, HostError, same_file
 from ..models.single_file import from_original_state_dict, load_single_file
 from ..models.loading import load_base_model
 from ..models.base import ModelError
-from ..models.flow_single_file import component_files, detect_family
+from ..models.flow_single_file import component_files, detect_family, split_files
+from .. import families
 
 log = logging.getLogger("lora_train")
 
@@ -143,9 +151,10 @@ class WebUIHost(Host):
         cmd = _shared().cmd_opts
         first = getattr(cmd, "lora_dir", None) or os.path.join(_mod("modules.paths").models_path, "Lora")
         dirs = [os.path.abspath(first)]
-        lyco = getattr(cmd, "lyco_dir_backcompat", None)
-        if lyco and os.path.isdir(lyco) and os.path.abspath(lyco) not in dirs:
-            dirs.append(os.path.abspath(lyco))
+        # A1111's old LyCORIS folder; Forge Neo's --lora-dirs (its LoRA list reads them after --lora-dir)
+        for extra in [getattr(cmd, "lyco_dir_backcompat", None), *(getattr(cmd, "lora_dirs", None) or [])]:
+            if extra and os.path.isdir(extra) and os.path.abspath(extra) not in dirs:
+                dirs.append(os.path.abspath(extra))
         return dirs
 
     def runs_dir(self) -> str:
@@ -511,18 +520,82 @@ class ForgeHost(WebUIHost):
 
     def _load_file(self, path: str):
         """Flux / SD3 checkpoints in Forge are often the transformer alone, with the VAE and text encoders picked in
-        Forge's top bar: those files become the ae / clip_l / clip_g / t5xxl component files."""
+        Forge's top bar: those files become the ae / clip_l / clip_g / t5xxl component files. Forge Neo's Qwen-Image,
+        Z-Image, Wan and Chroma checkpoints are the transformer alone too: the picked files are the VAE and text
+        encoder, over the config folder Neo bundles for the family (`bundled_folder`)."""
         family = detect_family(path) if os.path.isfile(path) else None
         if family is None:
             return super()._load_file(path)
         files = component_files(self.additional_modules(), family)
+        split = split_files(family)
+        folder = self.bundled_folder(family) if split else None
+        if folder:
+            files["components_folder"] = folder
         try:
             return load_base_model(path, files=files)
         except ModelError as exc:
-            if "but not" not in str(exc):
-                raise
-            raise HostError(f"{exc} In Forge: pick them in the 'VAE / Text Encoder' list at the top of the page "
-                            f"(files in models/VAE and models/text_encoder), then train again.") from None
+            if "but not" in str(exc):
+                raise HostError(f"{exc} In {self.title}: pick them in the 'VAE / Text Encoder' list at the top of "
+                                f"the page (files in models/VAE and models/text_encoder), then train again.") from None
+            if split and not folder:
+                title = families.get(family).title
+                raise HostError(f"{exc} This {self.title} bundles no {title} config folder (backend/huggingface/...: "
+                                f"Forge Neo bundles Qwen-Image's, Z-Image's, Wan's and Chroma's): train {title} from "
+                                f"Forge Neo, or give a diffusers {title} folder as the base model.") from None
+            raise
+
+    @staticmethod
+    def bundled_root() -> Optional[str]:
+        """Forge's backend/huggingface folder (where backend/loader.py reads each model's bundled configs: Neo's
+        `HF`, older builds' `dir_path`/huggingface), or None."""
+        try:
+            loader = importlib.import_module("backend.loader")
+        except Exception:
+            return None
+        root = getattr(loader, "HF", None) or os.path.join(
+            getattr(loader, "dir_path", None) or os.path.dirname(os.path.abspath(loader.__file__)), "huggingface")
+        return root if os.path.isdir(root) else None
+
+    def bundled_folder(self, family: str) -> Optional[str]:
+        """The bundled config folder (backend/huggingface/<org>/<repo>) whose model_index.json names the family's
+        transformer class: the loaded engine's own (`model_config.huggingface_repo`, the folder Neo loaded it with)
+        first, then text-to-image ones (no image encoder: Wan2.1-T2V-14B before Wan2.1-I2V-14B-720P). None when this
+        Forge bundles none (classic Forge has no such family)."""
+        import json
+
+        root = self.bundled_root()
+        want = getattr(families.get(family), "transformer_class", "")
+        if not root or not want:
+            return None
+        found = []
+        for depth in (1, 2):
+            for index in sorted(self._index_files(root, depth)):
+                try:
+                    with open(index, encoding="utf-8") as fh:
+                        idx = json.load(fh)
+                except (OSError, ValueError):
+                    continue
+                part = idx.get("transformer")
+                if isinstance(part, list) and len(part) == 2 and part[1] == want:
+                    found.append((os.path.dirname(index), bool(idx.get("image_encoder"))))
+        if not found:
+            return None
+        repo = getattr(getattr(self._model(), "model_config", None), "huggingface_repo", None)
+        own = os.path.normcase(os.path.abspath(os.path.join(root, repo))) if repo else None
+        found.sort(key=lambda f: (os.path.normcase(os.path.abspath(f[0])) != own, f[1], f[0]))
+        return found[0][0]
+
+    @staticmethod
+    def _index_files(root: str, depth: int) -> List[str]:
+        """model_index.json files `depth` folders below root (<repo>/ or <org>/<repo>/)."""
+        out, level = [], [root]
+        for _ in range(depth):
+            level = [os.path.join(d, n) for d in level for n in (os.listdir(d) if os.path.isdir(d) else [])
+                     if os.path.isdir(os.path.join(d, n))]
+        for d in level:
+            if os.path.isfile(os.path.join(d, "model_index.json")):
+                out.append(os.path.join(d, "model_index.json"))
+        return out
 
     def unmerge_loras(self) -> None:
         return None  # Forge patches a clone and resets to forge_objects_original on the next load_networks

@@ -23,6 +23,8 @@ TINY_SEED = 7171
 TINY_RESOLUTION = 64
 TINY_T5_LENGTH = 32
 PIPELINES = ("ChromaPipeline", "ChromaImg2ImgPipeline")
+#: the parts a folder may take from separate files (models/split_parts.py; qwen_image.py SPLIT_FILES)
+SPLIT_FILES = {"vae": ("ae", "ae.safetensors"), "text_encoder": ("t5xxl", "t5xxl_fp16.safetensors")}
 TINY_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
                         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
                         approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1)
@@ -61,9 +63,12 @@ def save_chroma_folder(model: BaseModel, folder: str) -> str:
     return folder
 
 
-def load_chroma_folder(folder: str, transformer=None) -> BaseModel:
+def load_chroma_folder(folder: str, transformer=None, single_files=None) -> BaseModel:
     """A diffusers ChromaPipeline folder (transformer/, vae/, text_encoder/ (T5), tokenizer/, scheduler/), offline;
-    with `transformer` given (a single file's), the folder's own transformer/ is not read."""
+    with `transformer` given (a single file's), the folder's own transformer/ is not read; `single_files`
+    {"vae" / "text_encoder": file} take those parts' weights from separate files (SPLIT_FILES). A folder that is not a
+    ChromaPipeline's (Forge Neo's bundled Chroma configs call themselves a FluxPipeline and carry Flux.1 schnell's
+    unshifted scheduler) gets the scheduler Chroma is sampled with (Flux.1 dev's dynamic shift, as tiny-chroma)."""
     require()
     from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
     from transformers import T5EncoderModel, T5TokenizerFast
@@ -74,8 +79,16 @@ def load_chroma_folder(folder: str, transformer=None) -> BaseModel:
              ("scheduler", FlowMatchEulerDiscreteScheduler)]
     if transformer is None:
         parts.insert(0, ("transformer", ChromaTransformer2DModel))
+    own = _pipeline_class(folder) in PIPELINES
+    if not own:
+        parts = [p for p in parts if p[0] != "scheduler"]
     c = load_components(folder, parts, "Chroma diffusers folder",
-                        "transformer/, vae/, text_encoder/ (T5), tokenizer/ and scheduler/ with their weights")
+                        "transformer/, vae/, text_encoder/ (T5), tokenizer/ and scheduler/ with their weights",
+                        single_files)
+    if not own:
+        from .flux import SCHEDULER_DEV
+
+        c["scheduler"] = FlowMatchEulerDiscreteScheduler(**SCHEDULER_DEV)
     tr, tok = c["transformer"] if transformer is None else transformer, c["tokenizer"]
     extra = {"variant": "chroma"}
     small = int(tr.config.num_layers) < 8
@@ -84,3 +97,13 @@ def load_chroma_folder(folder: str, transformer=None) -> BaseModel:
     return BaseModel(unet=tr, vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=tok,
                      noise_scheduler=c["scheduler"], kind="chroma", name=os.path.basename(os.path.normpath(folder)),
                      path=os.path.abspath(folder), native_resolution=TINY_RESOLUTION if small else 1024, extra=extra)
+
+
+def _pipeline_class(folder: str) -> str:
+    import json
+
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as fh:
+            return str(json.load(fh).get("_class_name", ""))
+    except (OSError, ValueError):
+        return ""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .base import BaseModel, ModelError
 
@@ -26,13 +26,27 @@ def index_has(index: dict, key: str) -> bool:
     return bool(v) and not (isinstance(v, (list, tuple)) and all(x is None for x in v))
 
 
-def load_components(folder: str, parts: Sequence[Tuple[str, Any]], what: str, needs: str) -> Dict[str, Any]:
+def load_components(folder: str, parts: Sequence[Tuple[str, Any]], what: str, needs: str,
+                    single_files: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """{subfolder: loaded} for [(subfolder, class with from_pretrained)] of a diffusers folder, offline; models come
-    back in eval mode and frozen. A ModelError says what the folder (`what`) `needs` when one does not load."""
+    back in eval mode and frozen. A ModelError says what the folder (`what`) `needs` when one does not load.
+    `single_files` {subfolder: a .safetensors file}: those parts take the file's weights over the folder's
+    <subfolder>/config.json (models/split_parts.py: ComfyUI's and Forge Neo's separate VAE / text encoder files)."""
     out: Dict[str, Any] = {}
+    single_files = {k: v for k, v in (single_files or {}).items() if v}
     try:
         for sub, cls in parts:
-            out[sub] = cls.from_pretrained(folder, subfolder=sub, local_files_only=True)
+            if sub in single_files:
+                from .file_weights import read_file
+                from .split_parts import load_part
+
+                path = single_files[sub]
+                out[sub] = load_part(cls, folder, sub, read_file(path, sub.replace("_", " ")),
+                                     f"the {sub.replace('_', ' ')} file '{os.path.basename(path)}'")
+            else:
+                out[sub] = cls.from_pretrained(folder, subfolder=sub, local_files_only=True)
+    except ModelError:
+        raise  # a separate file that does not fit: its message names it
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load the {what} '{folder}': {exc}. It needs {needs}.") from exc
     for m in out.values():

@@ -15,6 +15,11 @@ Qwen-Image, Z-Image, Chroma, Wan (2.1 T2V, 2.2 TI2V-5B), FLUX.2 [klein] (qwen_im
   bf16 from fp8; bare or under `model.diffusion_model.` / `diffusion_model.`): the transformer alone, in the
   original layout; the VAE, text encoder, tokenizer and scheduler come from `components_folder` (a diffusers folder
   of that family), whose transformer/config.json gives what shapes cannot tell (rope axes, Wan's head size).
+  Qwen-Image's, Z-Image's, Chroma's and Wan's VAE and text encoder may be separate files instead (`vae`,
+  `text_encoder`: qwen_image_vae + qwen_2.5_vl_7b, ae + qwen_3_4b, ae + t5xxl_fp16, wan_2.1_vae + umt5_xxl_fp16, as
+  ComfyUI and Forge Neo users have them), over a components folder that holds only their configs (Forge Neo's
+  bundled backend/huggingface/<org>/<repo>/): models/split_parts.py.
+Every file is read by models/file_weights.py: float8 as bf16, ComfyUI's scaled fp8 dequantised.
 
 Conversion: diffusers' own loaders.single_file_utils (convert_flux_transformer_checkpoint_to_diffusers,
 convert_sd3_transformer_checkpoint_to_diffusers, convert_ldm_vae_checkpoint, convert_z_image_*, convert_chroma_*,
@@ -40,6 +45,8 @@ from .flux import SCHEDULER_DEV, SCHEDULER_SCHNELL, clip_config
 from .sd3 import SCHEDULER_SD3
 from ..family import family_of_keys
 from .single_file import _empty_weights, read_safetensors_header
+# reading and assigning a file's weights (re-exported: hosts/comfyui_flow.py uses check_not_scaled_fp8)
+from .file_weights import _assign, check_not_scaled_fp8, dequantize_scaled, read_file  # noqa: F401
 
 DIT_PREFIX = "model.diffusion_model."
 VAE_FACTORS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
@@ -47,8 +54,10 @@ TE_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_en
                "t5xxl": "text_encoders.t5xxl.transformer."}
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 FILE_KEYS = {"flux": ("ae", "clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl"),
-             "qwen_image": ("components_folder",), "z_image": ("components_folder",), "chroma": ("components_folder",),
-             "wan": ("components_folder",), "flux2": ("components_folder",)}
+             "qwen_image": ("components_folder", "vae", "text_encoder"),
+             "z_image": ("components_folder", "vae", "text_encoder"),
+             "chroma": ("components_folder", "vae", "text_encoder"), "wan": ("components_folder", "vae", "text_encoder"),
+             "flux2": ("components_folder",)}
 
 
 # ----------------------------------------------------------------------------- detection
@@ -62,19 +71,37 @@ def detect_family(path: str) -> Optional[str]:
 
 
 def component_kind(path: str) -> Optional[str]:
-    """"ae", "t5xxl" or "clip" (CLIP-L or CLIP-G: `component_files` tells them apart by width) for a separate
-    component file, from its .safetensors header; None when it is none of them (or unreadable)."""
+    """The kind of a separate component file, from its .safetensors header (None when it is none of these, or
+    unreadable): "ae" (Flux's / an LDM VAE: Flux, Z-Image, Chroma), "wan_vae" (Wan 2.1's causal 3-D VAE, which
+    Qwen-Image's VAE shares: wan_2.1_vae, qwen_image_vae), "t5xxl", "umt5" (T5 with a relative attention bias in
+    every block, or UMT5's 256384-token vocabulary: umt5_xxl), "clip" (CLIP-L or CLIP-G: `component_files` tells
+    them apart by width), "qwen2.5-vl" (qwen_2.5_vl_7b: the q/k/v biases of Qwen2), "qwen3" (qwen_3_4b: Qwen3's
+    q / k norms). The keys asked are the ones Forge Neo's loader (backend/loader.py replace_state_dict) sorts the
+    picked files by."""
     try:
         shapes, _ = read_safetensors_header(os.path.expanduser(str(path)))
     except (ModelError, OSError):
         return None
     keys = list(shapes)
-    if any(k.endswith("encoder.conv_in.weight") for k in keys) and any("decoder." in k for k in keys):
+
+    def has(suffix: str) -> bool:
+        return any(k.endswith(suffix) for k in keys)
+
+    if has("decoder.middle.0.residual.0.gamma") or has("decoder.mid_block.resnets.0.norm1.gamma"):
+        return "wan_vae"
+    if has("encoder.conv_in.weight") and any("decoder." in k for k in keys):
         return "ae"
-    if any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.weight") for k in keys):
+    umt5_vocab = any(k.endswith("shared.weight") and shapes[k][0] == 256384 for k in keys)  # Forge Neo's own rule
+    if has("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight") or umt5_vocab:
+        return "umt5"
+    if has("encoder.block.0.layer.0.SelfAttention.q.weight"):
         return "t5xxl"
-    if any(k.endswith("embeddings.token_embedding.weight") for k in keys):
+    if has("embeddings.token_embedding.weight"):
         return "clip"
+    if has("layers.0.self_attn.q_norm.weight"):
+        return "qwen3"
+    if has("layers.0.self_attn.k_proj.bias"):
+        return "qwen2.5-vl"
     return None
 
 
@@ -84,14 +111,22 @@ def _clip_width(path: str) -> int:
 
 
 def component_files(paths, family: Optional[str] = None) -> Dict[str, str]:
-    """{"ae" / "clip_l" / "clip_g" / "t5xxl": path} of a list of separate component files in any order (Forge's
-    "VAE / Text Encoder" picks, `shared.opts.forge_additional_modules`). Two CLIP files: the wider one is CLIP-G
-    (1280 vs 768); one: CLIP-L, unless it is 1280 wide in an SD3 set. Files of other kinds are left out."""
+    """The config keys of a list of separate component files in any order (Forge's "VAE / Text Encoder" picks,
+    `shared.opts.forge_additional_modules`), by each file's kind (`component_kind`). Flux / SD3: "ae" / "clip_l" /
+    "clip_g" / "t5xxl"; two CLIP files: the wider one is CLIP-G (1280 vs 768); one: CLIP-L, unless it is 1280 wide
+    in an SD3 set. The families whose single files are the transformer alone (Qwen-Image, Z-Image, Chroma, Wan):
+    "vae" / "text_encoder", the files of the kinds their models module names (`split_files`). Files of other kinds
+    are left out."""
+    split = split_files(family)
     out: Dict[str, str] = {}
     clips = []
     for p in paths or []:
         part = component_kind(p)
-        if part == "clip":
+        if split:
+            key = next((k for k, (wanted, _example) in split.items() if wanted == part), None)
+            if key is not None and key not in out:
+                out[key] = str(p)
+        elif part == "clip":
             clips.append(str(p))
         elif part is not None and part not in out:
             out[part] = str(p)
@@ -103,63 +138,19 @@ def component_files(paths, family: Optional[str] = None) -> Dict[str, str]:
     return out
 
 
+def split_files(family: Optional[str]) -> Dict[str, tuple]:
+    """{subfolder: (component kind, a released file name)} of the parts a family's components folder may take from
+    separate files instead of its own weights (models/<family>.py SPLIT_FILES); {} for Flux / SD3 and others."""
+    if family not in _WITH_FOLDER:
+        return {}
+    import importlib
+
+    return dict(getattr(importlib.import_module(f".{_WITH_FOLDER[family][2]}", __package__), "SPLIT_FILES", {}))
+
+
 # ----------------------------------------------------------------------------- reading
-def _dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype a stored tensor is loaded as: float8 -> bfloat16 (computed in 16 bits; fp8_base re-stores the
-    block weights in fp8), others as stored."""
-    if t.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
-        return torch.bfloat16
-    return t.dtype
-
-
-def read_file(path: str, what: str) -> Dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise ModelError(f"the {what} file '{path}' does not exist.")
-    if not path.lower().endswith((".safetensors", ".sft")):
-        raise ModelError(f"the {what} file '{path}' is not a .safetensors file: use the .safetensors release.")
-    read_safetensors_header(path)  # a clear error for a broken / renamed file
-    out = {}
-    with safe_open(path, framework="pt", device="cpu") as fh:
-        for k in fh.keys():
-            t = fh.get_tensor(k)
-            out[k] = t.to(_dtype(t)) if t.is_floating_point() else t
-    check_not_scaled_fp8(out, f"'{path}' is")
-    return out
-
-
-def check_not_scaled_fp8(sd, what: str) -> None:
-    """ComfyUI's "scaled fp8" weights (per-layer `scale_weight`) are refused: this trainer does not apply the scales."""
-    if "scaled_fp8" in sd or any(k.endswith(".scale_weight") for k in sd):
-        raise ModelError(f"{what} a 'scaled fp8' model (ComfyUI's *_fp8_scaled): its weights need per-layer "
-                         f"scales this trainer does not apply. Use the fp16 or plain fp8_e4m3fn release.")
-
-
 def _sub(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _assign(model: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str, hint: str,
-            optional=(r"position_ids$", r"^encoder\.embed_tokens\.weight$")) -> torch.nn.Module:
-    """Load `sd` into a meta-initialised model by assignment; a clear error when it does not fit."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd and not any(re.search(p, k) for p in optional)]
-    unexpected = [k for k in sd if k not in expected]
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in sd.items()
-           if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad:
-        parts = [f"{len(x)} {label} (e.g. {', '.join(x[:3])})" for x, label in
-                 ((missing, "weights missing"), (unexpected, "unexpected weights"), (bad, "with other shapes")) if x]
-        raise ModelError(f"the {what} weights do not fit: {'; '.join(parts)}. {hint}")
-    model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=False, assign=True)
-    for n, p in list(model.named_parameters()):
-        if p.device.type == "meta":
-            raise ModelError(f"the {what} weights leave {n} unset. {hint}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- Flux transformer
@@ -640,15 +631,19 @@ _WITH_FOLDER = {"qwen_image": ("QwenImageTransformer2DModel", convert_qwen_image
 
 def _with_components_folder(family: str):
     """A builder for a family whose single files hold the transformer only (Qwen-Image, Z-Image, Chroma, Wan,
-    FLUX.2): the transformer
-    from the file (bf16 / fp16 / fp8 as stored), the VAE, text encoder, tokenizer and scheduler from
-    `components_folder` (a diffusers folder of that family: the release's layout)."""
+    FLUX.2): the transformer from the file (bf16 / fp16 / fp8 as stored), the VAE, text encoder, tokenizer and
+    scheduler from `components_folder` (a diffusers folder of that family: the release's layout). The VAE and text
+    encoder may come from separate files instead (`vae`, `text_encoder`: the split files ComfyUI and Forge Neo users
+    have, models/<family>.py SPLIT_FILES), over a folder that then needs only their configs (Forge Neo's
+    backend/huggingface/<org>/<repo>/: models/split_parts.py)."""
     cls_name, convert, module, title, te_name = _WITH_FOLDER[family]
 
     def build(main, files, name: str, path: str) -> BaseModel:
         import importlib
 
         import diffusers
+
+        from .split_parts import missing_parts, part_names
 
         mod = importlib.import_module(f".{module}", __package__)
         mod.require()
@@ -658,6 +653,16 @@ def _with_components_folder(family: str):
                              f"({te_name}) and tokenizer come from a diffusers {title} folder: set "
                              f"components_folder: <the folder with model_index.json, vae/, text_encoder/, "
                              f"tokenizer/> (got {folder or 'nothing'}).")
+        split = split_files(family)
+        given = {k: files[k] for k in split if files.get(k)}
+        missing = missing_parts(folder, split, given)
+        if missing:
+            raise ModelError(f"'{os.path.basename(path)}' holds a {title} transformer, but not "
+                             f"{part_names(split, missing, te_name)}: '{folder}' holds their configs without "
+                             f"weights, so "
+                             f"pass the separate files with the config keys "
+                             f"{', '.join(f'{k}: <path>' for k in missing)} (ComfyUI keeps them in models/vae and "
+                             f"models/text_encoders).")
         base_config = None
         cfg_path = os.path.join(folder, "transformer", "config.json")
         if os.path.isfile(cfg_path):
@@ -670,6 +675,8 @@ def _with_components_folder(family: str):
             raise ModelError(f"'{path}': {exc}") from exc
         tr.eval().requires_grad_(False)
         options = mod.single_file_options(path) if hasattr(mod, "single_file_options") else {}  # Wan: the expert
+        if given:
+            options["single_files"] = given
         model = getattr(mod, f"load_{module}_folder")(folder, transformer=tr, **options)
         model.name, model.path = name, path
         return model

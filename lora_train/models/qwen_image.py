@@ -44,6 +44,10 @@ SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
 FULL_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
                         num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+#: the parts a folder may take from separate files (models/split_parts.py): subfolder -> (the file's kind as
+#: flow_single_file.component_kind tells it, the released file: Comfy-Org's split files, which Forge Neo loads)
+SPLIT_FILES = {"vae": ("wan_vae", "qwen_image_vae.safetensors"),
+               "text_encoder": ("qwen2.5-vl", "qwen_2.5_vl_7b_fp8_scaled.safetensors")}
 
 
 def require() -> None:
@@ -135,9 +139,10 @@ def save_qwen_image_folder(model: BaseModel, folder: str) -> str:
     return folder
 
 
-def load_qwen_image_folder(folder: str, transformer=None) -> BaseModel:
+def load_qwen_image_folder(folder: str, transformer=None, single_files=None) -> BaseModel:
     """A diffusers QwenImagePipeline folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/), offline;
-    with `transformer` given (a single file's), the folder's own transformer/ is not read."""
+    with `transformer` given (a single file's), the folder's own transformer/ is not read; `single_files`
+    {"vae" / "text_encoder": file} take those parts' weights from separate files (SPLIT_FILES)."""
     require()
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -149,7 +154,8 @@ def load_qwen_image_folder(folder: str, transformer=None) -> BaseModel:
     if transformer is None:
         parts.insert(0, ("transformer", QwenImageTransformer2DModel))
     c = load_components(folder, parts, "Qwen-Image diffusers folder",
-                        "transformer/, vae/, text_encoder/ (Qwen2.5-VL), tokenizer/ and scheduler/ with their weights")
+                        "transformer/, vae/, text_encoder/ (Qwen2.5-VL), tokenizer/ and scheduler/ with their weights",
+                        single_files)
     tr = c["transformer"] if transformer is None else transformer
     extra = {"variant": "qwen-image"}
     if int(tr.config.num_layers) < 8:  # a tiny test model saved as a folder keeps its short text length

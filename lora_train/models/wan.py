@@ -47,6 +47,8 @@ TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_s
 FLOW_SHIFT = 3.0
 #: Wan-AI/Wan2.2-T2V-A14B-Diffusers model_index.json (I2V: 0.9); musubi-tuner's --timestep_boundary default for t2v
 BOUNDARY_RATIO = 0.875
+#: the parts a folder may take from separate files (models/split_parts.py; qwen_image.py SPLIT_FILES)
+SPLIT_FILES = {"vae": ("wan_vae", "wan_2.1_vae.safetensors"), "text_encoder": ("umt5", "umt5_xxl_fp16.safetensors")}
 #: expert -> the pair folder's subfolder (WanPipeline: transformer handles t >= boundary, transformer_2 below)
 EXPERT_FOLDERS = {"high": "transformer", "low": "transformer_2"}
 
@@ -240,10 +242,11 @@ def save_wan_folder(model: BaseModel, folder: str) -> str:
     return folder
 
 
-def load_wan_folder(folder: str, transformer=None, expert=None) -> BaseModel:
+def load_wan_folder(folder: str, transformer=None, expert=None, single_files=None) -> BaseModel:
     """A diffusers WanPipeline folder (transformer/, vae/, text_encoder/ (UMT5), tokenizer/, scheduler/; an A14B pair
     also transformer_2/ and boundary_ratio), offline; with `transformer` given (a single file's), the folder's own
-    transformers are not read: `expert` says which one it is (None: a plain Wan model)."""
+    transformers are not read: `expert` says which one it is (None: a plain Wan model); `single_files` {"vae" /
+    "text_encoder": file} take those parts' weights from separate files (SPLIT_FILES)."""
     require()
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -260,7 +263,8 @@ def load_wan_folder(folder: str, transformer=None, expert=None) -> BaseModel:
     parts = [("vae", AutoencoderKLWan), ("text_encoder", UMT5EncoderModel), ("tokenizer", AutoTokenizer)]
     if transformer is None:
         parts.insert(0, (EXPERT_FOLDERS[expert] if pair else "transformer", WanTransformer3DModel))
-    c = load_components(folder, parts, "Wan diffusers folder", "transformer/, vae/, text_encoder/ (UMT5), tokenizer/ and scheduler/")
+    c = load_components(folder, parts, "Wan diffusers folder", "transformer/, vae/, text_encoder/ (UMT5), tokenizer/ and scheduler/",
+                        single_files)
     shift = FLOW_SHIFT
     try:
         with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as fh:

@@ -31,6 +31,8 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_
 #: the released scheduler (Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json)
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 #: Qwen3's chat template for one user message with a generation prompt (enable_thinking=True adds nothing)
+#: the parts a folder may take from separate files (models/split_parts.py; qwen_image.py SPLIT_FILES)
+SPLIT_FILES = {"vae": ("ae", "ae.safetensors"), "text_encoder": ("qwen3", "qwen_3_4b.safetensors")}
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -73,7 +75,14 @@ def build_tiny_z_image(seed: int = TINY_SEED) -> BaseModel:
 
 
 def variant_of(folder: str) -> str:
+    """The variant a folder's or a file's name says (z_image_turbo_bf16.safetensors, Z-Image-Turbo/: Turbo)."""
     return "z-image-turbo" if "turbo" in os.path.basename(os.path.normpath(folder)).lower() else "z-image"
+
+
+def single_file_options(path: str) -> dict:
+    """load_z_image_folder's arguments for a single transformer file: its variant by the file's name (not the
+    components folder's: Forge Neo's bundled folder is Z-Image-Turbo's for the base model's files too)."""
+    return {"variant": variant_of(path)}
 
 
 def save_z_image_folder(model: BaseModel, folder: str) -> str:
@@ -85,9 +94,11 @@ def save_z_image_folder(model: BaseModel, folder: str) -> str:
     return folder
 
 
-def load_z_image_folder(folder: str, transformer=None) -> BaseModel:
+def load_z_image_folder(folder: str, transformer=None, single_files=None, variant=None) -> BaseModel:
     """A diffusers ZImagePipeline folder (transformer/, vae/, text_encoder/ (Qwen3), tokenizer/, scheduler/),
-    offline; with `transformer` given (a single file's), the folder's own transformer/ is not read."""
+    offline; with `transformer` given (a single file's), the folder's own transformer/ is not read; `single_files`
+    {"vae" / "text_encoder": file} take those parts' weights from separate files (SPLIT_FILES); `variant` (a
+    single file's, by its name) overrides the folder name's."""
     require()
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen3Model
@@ -99,13 +110,18 @@ def load_z_image_folder(folder: str, transformer=None) -> BaseModel:
     if transformer is None:
         parts.insert(0, ("transformer", ZImageTransformer2DModel))
     c = load_components(folder, parts, "Z-Image diffusers folder",
-                        "transformer/, vae/, text_encoder/ (Qwen3), tokenizer/ and scheduler/ with their weights")
+                        "transformer/, vae/, text_encoder/ (Qwen3), tokenizer/ and scheduler/ with their weights",
+                        single_files)
     tr = c["transformer"] if transformer is None else transformer
+    if c["tokenizer"].chat_template is None and single_files and single_files.get("text_encoder"):
+        # a config-only folder (Forge Neo's bundled one) may carry no chat template: Neo writes Qwen3's one-message
+        # template itself (its text_processing/z_image_engine.py), which is the text CHAT_TEMPLATE writes
+        c["tokenizer"].chat_template = CHAT_TEMPLATE
     if c["tokenizer"].chat_template is None:
         raise ModelError(f"the tokenizer in '{folder}' has no chat template: Z-Image's prompts go through Qwen3's; "
                          f"use the tokenizer/ folder of the Z-Image release.")
     small = int(tr.config.n_layers) < 8
-    extra = {"variant": variant_of(folder)}
+    extra = {"variant": variant or variant_of(folder)}
     if small:
         extra["text_default_length"] = 64
     return BaseModel(unet=tr, vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],

@@ -236,3 +236,34 @@ class FakeForgeFluxEngine(FakeForgeEngine):
         self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = False
         self.sd_checkpoint_info = info
         self.filename = info.filename
+
+
+#: Forge Neo's engine class per family (backend/diffusion_engine/qwen.py QwenImage, zimage.py ZImage, wan.py Wan,
+#: chroma.py Chroma), each matched from huggingface_guess's model_list (its `huggingface_repo` names the bundled
+#: config folder)
+NEO_ENGINES = {"qwen_image": "QwenImage", "z_image": "ZImage", "wan": "Wan", "chroma": "Chroma"}
+
+
+class _NeoModelConfig:
+    """huggingface_guess's estimated config as the engine keeps it (`engine.model_config`)."""
+
+    def __init__(self, repo):
+        self.huggingface_repo = repo
+
+
+class FakeForgeNeoEngine(FakeForgeFluxEngine):
+    """A Forge Neo engine (ForgeDiffusionEngine subclass) of the 2026 families: forge_objects.unet.model.
+    diffusion_model holds the transformer's original keys (Neo loads a transformer-only checkpoint, the VAE and text
+    encoder from shared.opts.forge_additional_modules), model_config.huggingface_repo the bundled folder it was
+    loaded with; not a WebUI legacy model; Qwen-Image's and Wan's engines set is_wan (their VAE is Wan's)."""
+
+    def __init__(self, transformer_sd, info, repo, wan_vae=False):
+        super().__init__(transformer_sd, info, is_sd1=False)
+        self.model_config = _NeoModelConfig(repo)
+        self.is_wan = wan_vae
+
+
+def neo_engine(family, transformer_sd, info, repo):
+    """A FakeForgeNeoEngine whose class has the name of Neo's engine for `family` (type(model).__name__)."""
+    cls = type(NEO_ENGINES[family], (FakeForgeNeoEngine,), {})
+    return cls(transformer_sd, info, repo, wan_vae=family in ("qwen_image", "wan"))
