@@ -11,7 +11,7 @@ from lora_train.config import PRECISIONS, TrainConfig
 
 log = logging.getLogger("lora_train.comfyui")
 
-CAPTION_BACKENDS = ("template", "transformers", "wd14")  # lora_train.captions.BACKENDS minus the WebUI-only "host"
+CAPTION_BACKENDS = ("template", "transformers", "vlm", "wd14")  # lora_train.captions.BACKENDS minus the WebUI-only "host"
 CAPTION_MODES = ("skip", "overwrite", "append")            # lora_train.captions.MODES
 PRECISION_CHOICES = tuple(PRECISIONS)  # "auto" first: bf16 / fp16 on CUDA, fp32 on the CPU
 #: every front door starts from the config's defaults (the advisor's starting point)

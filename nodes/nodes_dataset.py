@@ -136,7 +136,9 @@ class LoraTrainCaptionDataset:
             "dataset": (DATASET_TYPE, {"tooltip": "The dataset from 'Dataset from folder'."}),
             "backend": (list(CAPTION_BACKENDS), {"default": "template",
                         "tooltip": "template: from file/folder names (no model); transformers: a local image-to-text "
-                                   "model (BLIP, GIT, Florence-2); wd14: a local WD14 tagger (onnx)."}),
+                                   "model (BLIP, GIT, Florence-2); vlm: a local chat vision-language model "
+                                   "(Qwen2.5-VL, Qwen3-VL, JoyCaption / LLaVA) asked in the chosen style; wd14: a "
+                                   "local WD14 tagger (onnx)."}),
             "mode": (list(CAPTION_MODES), {"default": "skip",
                      "tooltip": "skip: keep existing captions; overwrite: replace them; append: add after them."}),
             "trigger_word": ("STRING", {"default": "", "tooltip": "Put first in every caption (empty: the dataset's "
@@ -147,6 +149,13 @@ class LoraTrainCaptionDataset:
                                                            "already in the Hugging Face cache (nothing is downloaded)."}),
             "save_captions": ("BOOLEAN", {"default": False, "tooltip": "Write the captions as .txt files beside the "
                                                                        "images (existing ones only per mode)."}),
+        }, "optional": {
+            "style": (["auto", "tags", "short", "detailed", "edit"], {"default": "auto", "tooltip": "vlm: what the "
+                      "model is asked (lora_train/captions/styles.json). auto: the family's (family input)."}),
+            "family": (["auto"] + list(BASES), {"default": "auto", "tooltip": "The base you will train: "
+                       "picks the style and checks the captions' length against its text encoder."}),
+            "concept": ("STRING", {"default": "", "tooltip": "What the LoRA should learn (e.g. 'red hair'): the "
+                                                             "checks list captions that name it."}),
         }}
 
     RETURN_TYPES = (DATASET_TYPE, "STRING")
@@ -160,7 +169,8 @@ class LoraTrainCaptionDataset:
     def IS_CHANGED(cls, **kw):
         return _values_hash(**{k: v for k, v in kw.items() if isinstance(v, (str, int, float, bool))})
 
-    def caption(self, dataset, backend, mode, trigger_word, template, model, save_captions):
+    def caption(self, dataset, backend, mode, trigger_word, template, model, save_captions, style="auto",
+                family="auto", concept=""):
         import comfy.model_management as mm
         import comfy.utils
 
@@ -172,6 +182,12 @@ class LoraTrainCaptionDataset:
             opts = {"template": template, "trigger": trigger}
         elif model and str(model).strip():
             opts = {"model": str(model).strip()}
+        fam = None if family == "auto" else family
+        if backend == "vlm":
+            from lora_train.captions import styles
+
+            opts["style"] = styles.for_family(fam) if style == "auto" else style
+            opts["device"] = str(mm.get_torch_device())
         pbar = comfy.utils.ProgressBar(max(1, dataset.image_count or 1))
         with make_captioner(backend, **opts) as cap:
             report = caption_folder(dataset.folder, cap, mode=mode, trigger=trigger or None,
@@ -185,6 +201,11 @@ class LoraTrainCaptionDataset:
         text = report.summary() + ("" if save_captions else " (in the graph only; save_captions writes .txt files)")
         if report.failed:
             text += "\n" + "\n".join(f"failed: {line}" for line in report.failure_lines(10))
+        from lora_train.captions.checks import check_captions
+
+        found = check_captions([(it.path, it.caption) for it in ds.items], trigger, fam, concept)
+        if found:
+            text += "\ncaption checks:\n" + "\n".join(f"{f.severity}: {f}" for f in found)
         text += "\n" + _caption_preview(ds, limit=50)
         return {"ui": {"text": [text]}, "result": (ref, text)}
 

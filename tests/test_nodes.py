@@ -626,3 +626,20 @@ def test_train_node_trains_a_family_without_converter_in_place(comfy, dataset_di
     after = mp.model.diffusion_model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert all(not getattr(m, "weight_function", []) for m in mp.model.diffusion_model.modules())
+
+
+def test_caption_node_with_a_vision_language_model(comfy, dataset_dir, tmp_path):
+    """The Caption node's vlm backend: a local chat VLM (a tiny LLaVA here) asked in the family's style; the
+    captions stay in the graph and the caption checks are in its text."""
+    from tiny_vlm import write_tiny_llava
+
+    folder = write_tiny_llava(str(tmp_path / "tiny-llava"))
+    maps = comfy.pack.NODE_CLASS_MAPPINGS
+    ref = result_of(maps["LoraTrainDatasetFromFolder"]().load(dataset_dir, "zq", 64, 1))[0]
+    ccls = maps["LoraTrainCaptionDataset"]
+    out = ccls().caption(ref, "vlm", "overwrite", "", "", folder, False, style="auto", family="flux",
+                         concept="")
+    ref2, text = check_returns(ccls, out)
+    assert len(ref2.captions) == 4 and all(c.startswith("zq") for c in ref2.captions.values())
+    assert "in the graph only" in text
+    assert "vlm" in ccls.INPUT_TYPES()["required"]["backend"][0]
