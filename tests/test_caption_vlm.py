@@ -185,3 +185,26 @@ def test_cli_check_only_and_the_trainer_report_findings(tmp_path, capsys):
     rc = main(["caption", str(folder), "--check-only", "--family", "sd1", "--trigger", "zq"])
     out = capsys.readouterr().out
     assert rc == 1 and "same caption" in out and "dup1.png" in out
+
+
+def test_tab_previews_three_images_then_captions_and_checks(llava_folder, tmp_path):
+    from lora_train.ui import logic
+
+    class Host:
+        def captioners(self):
+            return {}
+
+        def loaded_checkpoint(self):
+            return None
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(folder / f"p{i}.png")
+    label = next(k for k, v in logic.caption_backends(Host()).items() if v == "vlm")
+    assert "Qwen2.5-VL" in label
+    msg = logic.auto_caption(Host(), str(folder), "vlm", llava_folder, "skip", "zq", style="short", preview=3)
+    assert msg.startswith("**Preview**") and msg.count("\n- `") == 3
+    assert not [n for n in os.listdir(folder) if n.endswith(".txt")]  # a preview writes nothing
+    msg = logic.auto_caption(Host(), str(folder), "vlm", llava_folder, "skip", "zq", style="short")
+    assert len([n for n in os.listdir(folder) if n.endswith(".txt")]) == 5
+    assert logic.caption_style(Host(), "auto") == "detailed"  # no model loaded: the default style

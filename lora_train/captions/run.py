@@ -81,7 +81,7 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
                    caption_extension: str = ".txt", progress: Optional[ProgressFn] = None, *,
                    replace_tags: Pairs = (), remove_tags: Iterable[str] = (), add_tags: Iterable[str] = (),
                    sort: Optional[str] = None, batch_size: int = 1, should_stop: Optional[Callable[[], bool]] = None,
-                   dry_run: bool = False) -> CaptionReport:
+                   dry_run: bool = False, limit: Optional[int] = None) -> CaptionReport:
     """Caption every image of `folder` (and its kohya `N_name` subfolders) with `captioner`.
 
     mode: ``skip`` leaves images that already have a caption alone (their files byte for byte, and the
@@ -94,12 +94,15 @@ def caption_folder(folder: str, captioner: Captioner, mode: str = "skip", trigge
     images and captioner errors are reported in ``report.failed`` and the run goes on. ``progress(i, n,
     path)`` is called once per image after it is handled (i = 1..n). ``should_stop()`` -> True stops after
     the current image (what was done is saved). ``dry_run`` computes everything and writes nothing.
+    ``limit``: only the first N images (a preview, with dry_run, before the whole folder).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
     entries = list_images(folder, caption_extension)
+    if limit is not None:
+        entries = entries[:max(0, int(limit))]
     report = CaptionReport(dry_run=dry_run)
     if not entries:
         report.warnings.append(f"no images in '{os.path.abspath(folder)}' (looked for {', '.join(IMAGE_EXTS)} "

@@ -256,6 +256,7 @@ def caption_backends(host) -> Dict[str, str]:
         out[f"host: {name}"] = f"host:{name}"
     out["template (trigger, folder, file name)"] = "template"
     out["transformers image-to-text model (BLIP / GIT / Florence-2 folder)"] = "transformers"
+    out["vision-language model (Qwen2.5-VL / Qwen3-VL / JoyCaption / LLaVA folder)"] = "vlm"
     out["WD14 tagger (ONNX, needs onnxruntime)"] = "wd14"
     return out
 
@@ -268,8 +269,34 @@ def host_captioners(host) -> Dict[str, Any]:
         return {}
 
 
+#: the tab's caption-style choices (captions/styles.json); "auto" is the loaded model's family's style
+CAPTION_STYLES = ("auto", "tags", "short", "detailed", "edit")
+
+
+def caption_style(host, style: str) -> str:
+    """The style to ask a VLM for: the one chosen, or the family of the host's model (styles.for_family)."""
+    from ..captions import styles
+
+    if style and style != "auto":
+        return style
+    return styles.for_family(_loaded_family(host))
+
+
+def _loaded_family(host):
+    """The family of the host's loaded model, None when there is none or it cannot be told."""
+    path = _loaded_path(host)
+    if not path:
+        return None
+    try:
+        return family_of(path)[0]
+    except Exception:  # noqa: BLE001 - no family: the checks and styles use their defaults
+        return None
+
+
 def auto_caption(host, folder: str, backend: str, model: str, mode: str, trigger: str,
-                 should_stop=None, progress=None) -> str:
+                 should_stop=None, progress=None, style: str = "auto", preview: int = 0, concept: str = "") -> str:
+    """Caption the folder (or, with `preview` N, the first N images without writing: what the captioner would
+    write); then the caption checks of the folder (captions/checks.py)."""
     from ..captions import CaptionerError, caption_folder, make_captioner
 
     if backend.startswith("host:"):
@@ -284,19 +311,35 @@ def auto_caption(host, folder: str, backend: str, model: str, mode: str, trigger
             opts["trigger"] = trigger or ""
         elif (model or "").strip():
             opts["model"] = model.strip()
+        if backend == "vlm":
+            opts["style"] = caption_style(host, style)
         try:
             captioner = make_captioner(backend, **opts)
         except CaptionerError as exc:
             raise UserError(str(exc)) from None
     with captioner:
-        report = caption_folder(folder, captioner, mode=mode, trigger=(trigger or None), should_stop=should_stop,
-                                progress=progress)
+        report = caption_folder(folder, captioner, mode="overwrite" if preview else mode, trigger=(trigger or None),
+                                should_stop=should_stop, progress=progress, dry_run=bool(preview),
+                                limit=int(preview) if preview else None)
+    if preview:
+        lines = [f"- `{os.path.basename(p)}`: {report.captions[p]}" for p in report.written]
+        return "**Preview** (nothing written; Caption the folder writes them):\n" + "\n".join(lines)
     msg = report.summary()
     if report.failed:
         msg += ". Failed: " + "; ".join(report.failure_lines())
     if report.warnings:
         msg += "; " + "; ".join(report.warnings)
-    return msg
+    return msg + caption_checks(host, folder, trigger, concept)
+
+
+def caption_checks(host, folder: str, trigger: str = "", concept: str = "") -> str:
+    """The caption checks of the folder for the host's model family, as Markdown lines ("" when none)."""
+    from ..captions.checks import check_captions
+    from ..captions.table import list_images
+
+    entries = [(e.path, (e.row.caption or "") if e.row else "") for e in list_images(folder)]
+    found = check_captions(entries, trigger or "", _loaded_family(host), concept)
+    return "".join(f"\n- {f.severity}: {f}" for f in found)
 
 
 # ----------------------------------------------------------------------------- settings helpers

@@ -35,21 +35,27 @@ def layout(c) -> None:
         with gr.Row():
             backend = make(gr.Dropdown, choices=list(backends), value=list(backends)[0],
                            label="Captioner", elem_id="lora_train_backend")
-            model_path = make(gr.Textbox, label="Model folder or cached repo id (transformers / WD14; "
+            model_path = make(gr.Textbox, label="Model folder or cached repo id (transformers / vision-language / WD14; "
                                                 "empty = the default if cached)",
                               elem_id="lora_train_caption_model")
             mode = make(gr.Dropdown, choices=["skip", "overwrite", "append"], value="skip",
                         label="Images that have a caption", elem_id="lora_train_caption_mode")
-        caption_btn = make(gr.Button, "Caption the folder", elem_id="lora_train_autocaption")
+            style = make(gr.Dropdown, choices=list(logic.CAPTION_STYLES), value="auto",
+                         label="Style (vision-language model; auto: the loaded model's family)",
+                         elem_id="lora_train_caption_style")
+        with gr.Row():
+            preview_btn = make(gr.Button, "Preview on 3 images", elem_id="lora_train_caption_preview")
+            caption_btn = make(gr.Button, "Caption the folder", elem_id="lora_train_autocaption")
         autocap_msg = make(gr.Markdown, "Nothing is downloaded: model captioners need their files on "
                                         "this machine; the template captioner needs nothing.")
     tags_md = make(gr.Markdown, "", elem_id="lora_train_tags")
-    keep(c, {"autocap_msg": autocap_msg, "backend": backend, "caption_box": caption_box, "caption_btn": caption_btn, "caption_msg": caption_msg, "ds_status": ds_status, "folder": folder, "gallery": gallery, "image_pick": image_pick, "load_btn": load_btn, "mode": mode, "model_path": model_path, "save_cap_btn": save_cap_btn, "tags_md": tags_md, "trigger": trigger})
+    keep(c, {"autocap_msg": autocap_msg, "backend": backend, "caption_box": caption_box, "caption_btn": caption_btn, "caption_msg": caption_msg, "ds_status": ds_status, "folder": folder, "gallery": gallery, "image_pick": image_pick, "load_btn": load_btn, "mode": mode, "model_path": model_path, "save_cap_btn": save_cap_btn, "tags_md": tags_md, "trigger": trigger, "style": style, "preview_btn": preview_btn})
 
 
 def wire(c, blocks) -> None:
     (host, backends, folder_state, rows_state, autocap_msg, backend, caption_box, caption_btn, caption_msg, ds_status, folder, gallery, image_pick, load_btn, mode, model_path, save_cap_btn, tags_md, trigger) = \
         (c.host, c.backends, c.folder_state, c.rows_state, c.autocap_msg, c.backend, c.caption_box, c.caption_btn, c.caption_msg, c.ds_status, c.folder, c.gallery, c.image_pick, c.load_btn, c.mode, c.model_path, c.save_cap_btn, c.tags_md, c.trigger)
+    style, preview_btn = c.style, c.preview_btn
     def show_folder(path, sel=None):
         rows = logic.caption_rows(path)
         names = [os.path.basename(r[0]) for r in rows]
@@ -115,17 +121,19 @@ def wire(c, blocks) -> None:
     on(save_cap_btn.click, do_save_caption, [folder_state, rows_state, image_pick, caption_box],
        ds_outputs + [caption_msg])
 
-    def do_autocaption(path, label, model, mode_v, trig, pick):
+    def do_autocaption(path, label, model, mode_v, trig, pick, style_v="auto", preview=0):
         if not path:
             return (update(),) * 7 + ("**Cannot do that:** load a dataset folder first.",)
         try:
             job = jobs.claim("caption")
             msg = jobs.run_here(job, lambda j: logic.auto_caption(
                 host, path, backends.get(label, "template"), model, mode_v, trig,
-                should_stop=j.stop_event.is_set))
+                should_stop=j.stop_event.is_set, style=style_v, preview=preview))
             return show_folder(path, pick) + (msg,)
         except Exception as exc:
             return (update(),) * 7 + (_err(exc),)
 
-    on(caption_btn.click, do_autocaption, [folder_state, backend, model_path, mode, trigger, image_pick],
+    on(caption_btn.click, do_autocaption, [folder_state, backend, model_path, mode, trigger, image_pick, style],
        ds_outputs + [autocap_msg])
+    on(preview_btn.click, lambda *a: do_autocaption(*a, preview=3),
+       [folder_state, backend, model_path, mode, trigger, image_pick, style], ds_outputs + [autocap_msg])
