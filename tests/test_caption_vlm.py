@@ -208,3 +208,14 @@ def test_tab_previews_three_images_then_captions_and_checks(llava_folder, tmp_pa
     msg = logic.auto_caption(Host(), str(folder), "vlm", llava_folder, "skip", "zq", style="short")
     assert len([n for n in os.listdir(folder) if n.endswith(".txt")]) == 5
     assert logic.caption_style(Host(), "auto") == "detailed"  # no model loaded: the default style
+
+
+def test_auto_mode_picks_the_vlm_in_the_familys_style(llava_folder):
+    from lora_train.auto.pipeline import pick_captioner
+
+    cap, name, why = pick_captioner(None, "auto", "zq", llava_folder, "qwen_image")
+    assert cap.name == "vlm" and cap.style.name == "detailed" and "detailed" in why and name.startswith("vlm")
+    cap.unload()
+    cap, _, _ = pick_captioner(None, "vlm", "zq", llava_folder, "sdxl")
+    assert cap.style.name == "short"
+    cap.unload()

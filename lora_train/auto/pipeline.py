@@ -68,7 +68,8 @@ class AutoOptions:
     family: Optional[str] = None        # sd1 | sd2 | sdxl (None: from the base model)
     vram: Optional[float] = None
     trigger: Optional[str] = None       # default: the name
-    captioner: str = "auto"             # auto | template | host | transformers | wd14
+    captioner: str = "auto"             # auto | template | host | transformers | vlm | wd14
+    caption_model: str = ""             # vlm / transformers / wd14: a local model folder (auto + a VLM folder: vlm)
     lr_find: bool = False               # an LR range test before training (costs about 100 steps)
     tolerance: Optional[float] = None   # epoch choice tie tolerance; None = the noise sigma
     strengths: Sequence[float] = DEFAULT_STRENGTHS
@@ -184,9 +185,16 @@ def fit_to_step_cap(values: Dict[str, Any], choices: List[Choice], user: Dict[st
         values["save_every_n_epochs"] = 1
 
 
-def pick_captioner(host: Optional[Host], choice: str, trigger: str):
-    """(captioner, name, reason): the host's interrogator, else a local captioning model already on disk, else
-    template + trigger (never a download)."""
+def pick_captioner(host: Optional[Host], choice: str, trigger: str, model: str = "", family: Optional[str] = None):
+    """(captioner, name, reason): a vision-language model folder given (in the family's caption style), else the
+    host's interrogator, else a local captioning model already on disk, else template + trigger (never a
+    download)."""
+    if choice == "vlm" or (choice in ("auto", "", None) and model):
+        from ..captions import styles
+
+        style = styles.for_family(family)
+        return (make_captioner("vlm", model=model or None, style=style), f"vlm ({os.path.basename(model)})",
+                f"a vision-language model, asked in the {style} style {family or 'the base'} is captioned in")
     if choice not in ("auto", "", None):
         if choice == "host":
             fns = host.captioners() if host is not None else {}
@@ -197,7 +205,7 @@ def pick_captioner(host: Optional[Host], choice: str, trigger: str):
         if choice == "template":
             return (make_captioner("template", template="{trigger}, {words}", trigger=trigger),
                     "template", "your choice: '{trigger}, {words}' (file name words after the trigger)")
-        return make_captioner(choice), choice, "your choice"
+        return make_captioner(choice, **({"model": model} if model else {})), choice, "your choice"
     fns = host.captioners() if host is not None else {}
     if fns:
         name, fn = next(iter(fns.items()))
@@ -309,7 +317,7 @@ class _AutoRun:
         """2. captions for the images that have none (existing captions are never touched)."""
         opts, trigger = self.opts, self.trigger
         if self.chk.uncaptioned:
-            cap, cap_name, cap_why = pick_captioner(self.host, opts.captioner, trigger)
+            cap, cap_name, cap_why = pick_captioner(self.host, opts.captioner, trigger, opts.caption_model, self.fam)
             rep = caption_folder(self.folder, cap, mode="skip", trigger=trigger if cap_name != "template" else None)
             self.written = list(rep.written)
             if rep.failed:

@@ -24,7 +24,8 @@ def cmd_auto(args, extra: List[str]) -> int:
     base = args.base or overrides.pop("base_model", None) or "tiny"
     host = StandaloneHost(base, args.lora_dir)
     opts = AutoOptions(folder=args.dir, name=args.name, task=args.task, base=base, family=args.family,
-                       vram=args.vram, trigger=args.trigger, captioner=args.captioner, lr_find=args.lr_find,
+                       vram=args.vram, trigger=args.trigger, captioner=args.captioner,
+                       caption_model=args.caption_model, lr_find=args.lr_find,
                        tolerance=args.tolerance, strengths=_floats(args.strengths),
                        seeds=[int(s) for s in _floats(args.seeds)], prompt=args.prompt,
                        sample_steps=args.sample_steps, cfg_scale=args.cfg, overrides=overrides, rename=False)
@@ -53,7 +54,9 @@ def add_commands(sub) -> dict:
     a.add_argument("--family", default=None, choices=list(FAMILIES), help="default: read from the base")
     a.add_argument("--vram", type=float, default=None, help="GPU memory in GB (default: detected)")
     a.add_argument("--trigger", default=None, help="trigger word (default: the name)")
-    a.add_argument("--captioner", default="auto", help="auto | template | host | transformers | wd14")
+    a.add_argument("--captioner", default="auto", help="auto | template | host | transformers | vlm | wd14")
+    a.add_argument("--caption-model", default="", help="a local captioning model folder (a vision-language model "
+                   "folder with --captioner auto or vlm: captions in the family's style)")
     a.add_argument("--lr-find", action="store_true", help="run an LR range test first (about 100 extra steps)")
     a.add_argument("--tolerance", type=float, default=None,
                    help="epoch choice: loss difference counted as a tie (default: the curve's noise; 0: plain argmin)")
