@@ -219,3 +219,14 @@ def test_auto_mode_picks_the_vlm_in_the_familys_style(llava_folder):
     cap, _, _ = pick_captioner(None, "vlm", "zq", llava_folder, "sdxl")
     assert cap.style.name == "short"
     cap.unload()
+
+
+def test_edit_style_writes_one_instruction_per_image_pair(llava_folder):
+    cap = make_captioner("vlm", model=llava_folder, style="edit", max_new_tokens=5, device="cpu")
+    assert cap.prompt_text().count("<image>") == 2
+    pairs = [(Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue"))] * 2
+    out = cap.caption_pairs(pairs)
+    assert len(out) == 2 and all("\n" not in t for t in out)
+    with pytest.raises(CaptionerError, match="takes 2 images"):
+        cap.caption_batch([pairs[0][0]], ["a"])
+    cap.unload()

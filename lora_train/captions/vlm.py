@@ -104,13 +104,27 @@ class VLMCaptioner(TransformersCaptioner):
         return self.processor.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=False)
 
     def caption_batch(self, images: Sequence[Image.Image], paths: Sequence[str]) -> List[str]:
+        if self.style.images != 1:
+            raise CaptionerError("vlm", f"style '{self.style.name}' takes {self.style.images} images a caption",
+                                 fix="caption image pairs with caption_pairs (control, target), or pick a "
+                                     "one-image style")
+        return self._generate([[im] for im in images])
+
+    def caption_pairs(self, pairs: Sequence[Sequence[Image.Image]]) -> List[str]:
+        """One instruction per (control, target) pair, with a two-image style such as "edit"."""
+        if self.style.images != 2:
+            raise CaptionerError("vlm", f"style '{self.style.name}' takes one image", fix="use the edit style for "
+                                 "pairs")
+        return self._generate([list(p) for p in pairs])
+
+    def _generate(self, groups: Sequence[Sequence[Image.Image]]) -> List[str]:
         import torch
 
         if self.model is None:
             raise CaptionerError("vlm", "the model was unloaded", fix="build a new captioner")
-        images = [im.convert("RGB") for im in images]
+        images = [im.convert("RGB") for g in groups for im in g]
         text = self.prompt_text()
-        inputs = self.processor(text=[text] * len(images), images=images, padding=True, return_tensors="pt")
+        inputs = self.processor(text=[text] * len(groups), images=images, padding=True, return_tensors="pt")
         inputs = {k: (v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device))
                   if hasattr(v, "to") else v for k, v in dict(inputs).items()}
         with torch.inference_mode():
