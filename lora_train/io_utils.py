@@ -107,3 +107,13 @@ def next_free_name(folder: str, stem: str, exists: Optional[Callable[[str], bool
     while exists(f"{stem}_v{n}"):
         n += 1
     return f"{stem}_v{n}"
+
+
+def hf_cache_dir() -> str:
+    """The local Hugging Face hub cache (HF_HUB_CACHE / HF_HOME as huggingface_hub reads them)."""
+    try:
+        from huggingface_hub import constants
+
+        return getattr(constants, "HF_HUB_CACHE", None) or getattr(constants, "HUGGINGFACE_HUB_CACHE")
+    except Exception:  # pragma: no cover - hub missing or very old
+        return os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")

@@ -230,3 +230,23 @@ def test_edit_style_writes_one_instruction_per_image_pair(llava_folder):
     with pytest.raises(CaptionerError, match="takes 2 images"):
         cap.caption_batch([pairs[0][0]], ["a"])
     cap.unload()
+
+
+def test_tab_lists_the_captioning_models_found_on_this_machine(llava_folder, tmp_path, monkeypatch):
+    import shutil
+
+    from lora_train.ui import logic
+
+    models = tmp_path / "models" / "VLM"
+    models.mkdir(parents=True)
+    shutil.copytree(llava_folder, models / "JoyCaption-tiny")
+    (models / "not-a-model").mkdir()
+    hub = tmp_path / "hub"
+    (hub / "models--Qwen--Qwen2.5-VL-7B-Instruct").mkdir(parents=True)
+    (hub / "models--some--unet").mkdir()
+    monkeypatch.setattr("lora_train.io_utils.hf_cache_dir", lambda: str(hub))
+
+    class Host:
+        def caption_model_dirs(self):
+            return [str(models)]
+    assert logic.caption_models(Host()) == [str(models / "JoyCaption-tiny"), "Qwen/Qwen2.5-VL-7B-Instruct"]

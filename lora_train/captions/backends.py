@@ -205,13 +205,7 @@ def check_host_caption(name: str, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------- model look-up helpers
-def hf_cache_dir() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return getattr(constants, "HF_HUB_CACHE", None) or getattr(constants, "HUGGINGFACE_HUB_CACHE")
-    except Exception:  # pragma: no cover - hub missing or very old
-        return os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
+from ..io_utils import hf_cache_dir  # noqa: E402  (torch-free: the tab lists the cache without importing us)
 
 
 def _looks_like_repo_id(spec: str) -> bool:

@@ -144,6 +144,11 @@ class Host:
         """The host's own interrogators {name: fn(PIL image) -> caption} (the WebUI's BLIP / DeepBooru); none here."""
         return {}
 
+    def caption_model_dirs(self) -> List[str]:
+        """Folders whose subfolders may hold local captioning models (vision-language, BLIP / Florence-2, WD14):
+        the tab lists the model folders found there (each with a config.json or model.onnx)."""
+        return []
+
     def interrupted(self) -> bool:
         return False
 

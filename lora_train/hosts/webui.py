@@ -147,6 +147,11 @@ class WebUIHost(Host):
     model_config = None  # config= for from_original_state_dict (None: the bundled config of the detected kind)
 
     # ------------------------------------------------------------------ folders
+    def caption_model_dirs(self) -> List[str]:
+        """models/VLM, models/LLM, models/captioners, models/BLIP (the WebUI's own interrogator models) that exist."""
+        root = _mod("modules.paths").models_path
+        return [d for d in (os.path.join(root, n) for n in ("VLM", "LLM", "captioners", "BLIP")) if os.path.isdir(d)]
+
     def lora_dirs(self) -> List[str]:
         cmd = _shared().cmd_opts
         first = getattr(cmd, "lora_dir", None) or os.path.join(_mod("modules.paths").models_path, "Lora")

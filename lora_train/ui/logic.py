@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -267,6 +268,30 @@ def host_captioners(host) -> Dict[str, Any]:
         return dict(host.captioners() or {})
     except Exception:
         return {}
+
+
+def caption_models(host) -> List[str]:
+    """Local captioning model folders the tab offers: the host's caption model folders' subfolders with a
+    config.json (transformers / vision-language) or a model.onnx (WD14), and the Hugging Face cache's repos whose
+    name says VL / LLaVA / JoyCaption / Florence / BLIP (nothing is downloaded)."""
+    from ..io_utils import hf_cache_dir
+
+    out: List[str] = []
+    try:
+        dirs = list(host.caption_model_dirs() or [])
+    except Exception:  # noqa: BLE001 - a host without the method
+        dirs = []
+    for d in dirs:
+        for n in sorted(os.listdir(d)):
+            p = os.path.join(d, n)
+            if os.path.isfile(os.path.join(p, "config.json")) or os.path.isfile(os.path.join(p, "model.onnx")):
+                out.append(p)
+    hub = hf_cache_dir()
+    if os.path.isdir(hub):
+        for n in sorted(os.listdir(hub)):
+            if n.startswith("models--") and re.search(r"(vl|llava|joycaption|florence|blip)", n, re.I):
+                out.append(n[len("models--"):].replace("--", "/"))
+    return out
 
 
 #: the tab's caption-style choices (captions/styles.json); "auto" is the loaded model's family's style

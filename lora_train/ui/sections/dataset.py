@@ -43,19 +43,23 @@ def layout(c) -> None:
             style = make(gr.Dropdown, choices=list(logic.CAPTION_STYLES), value="auto",
                          label="Style (vision-language model; auto: the loaded model's family)",
                          elem_id="lora_train_caption_style")
+        found = logic.caption_models(c.host)
+        found_models = make(gr.Dropdown, choices=found, value=None, label=f"Captioning models found here "
+                            f"({len(found)}; picking one fills the model folder)", elem_id="lora_train_caption_found")
         with gr.Row():
             preview_btn = make(gr.Button, "Preview on 3 images", elem_id="lora_train_caption_preview")
             caption_btn = make(gr.Button, "Caption the folder", elem_id="lora_train_autocaption")
         autocap_msg = make(gr.Markdown, "Nothing is downloaded: model captioners need their files on "
                                         "this machine; the template captioner needs nothing.")
     tags_md = make(gr.Markdown, "", elem_id="lora_train_tags")
-    keep(c, {"autocap_msg": autocap_msg, "backend": backend, "caption_box": caption_box, "caption_btn": caption_btn, "caption_msg": caption_msg, "ds_status": ds_status, "folder": folder, "gallery": gallery, "image_pick": image_pick, "load_btn": load_btn, "mode": mode, "model_path": model_path, "save_cap_btn": save_cap_btn, "tags_md": tags_md, "trigger": trigger, "style": style, "preview_btn": preview_btn})
+    keep(c, {"autocap_msg": autocap_msg, "backend": backend, "caption_box": caption_box, "caption_btn": caption_btn, "caption_msg": caption_msg, "ds_status": ds_status, "folder": folder, "gallery": gallery, "image_pick": image_pick, "load_btn": load_btn, "mode": mode, "model_path": model_path, "save_cap_btn": save_cap_btn, "tags_md": tags_md, "trigger": trigger, "style": style, "preview_btn": preview_btn, "found_models": found_models})
 
 
 def wire(c, blocks) -> None:
     (host, backends, folder_state, rows_state, autocap_msg, backend, caption_box, caption_btn, caption_msg, ds_status, folder, gallery, image_pick, load_btn, mode, model_path, save_cap_btn, tags_md, trigger) = \
         (c.host, c.backends, c.folder_state, c.rows_state, c.autocap_msg, c.backend, c.caption_box, c.caption_btn, c.caption_msg, c.ds_status, c.folder, c.gallery, c.image_pick, c.load_btn, c.mode, c.model_path, c.save_cap_btn, c.tags_md, c.trigger)
-    style, preview_btn = c.style, c.preview_btn
+    style, preview_btn, found_models = c.style, c.preview_btn, c.found_models
+    on(found_models.change, lambda v: v or update(), [found_models], [model_path])
     def show_folder(path, sel=None):
         rows = logic.caption_rows(path)
         names = [os.path.basename(r[0]) for r in rows]
