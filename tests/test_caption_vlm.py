@@ -112,8 +112,10 @@ def test_qwen2_vl_style_model(tmp_path, images):
     tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                                           "<|video_pad|>"]})
     qt = TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+    from transformers import Qwen2VLVideoProcessor
+
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56),
-                            tokenizer=tok, chat_template=qt)
+                            tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=qt)
     cfg = Qwen2VLConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok),
                                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
@@ -126,8 +128,10 @@ def test_qwen2_vl_style_model(tmp_path, images):
     proc.save_pretrained(folder)
     Qwen2VLForConditionalGeneration(cfg).save_pretrained(folder)
     cap = make_captioner("vlm", model=folder, style="tags", max_new_tokens=5, device="cpu")
-    out = cap.caption_batch([Image.open(os.path.join(images, "img0.png"))], ["a"])
-    assert len(out) == 1 and "\n" not in out[0]
+    ims = [Image.open(os.path.join(images, f"img{i}.png")) for i in range(2)]  # two sizes: two image grids
+    out = cap.caption_batch(ims, ["a", "b"])
+    assert len(out) == 2 and all("\n" not in t for t in out)
+    assert out == [cap.caption_batch([im], [p])[0] for im, p in zip(ims, "ab")]
 
 
 def test_answers_are_cleaned_into_the_styles_form():
