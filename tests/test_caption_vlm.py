@@ -13,6 +13,12 @@ from lora_train.captions import CaptionerError, make_captioner
 
 from tiny_vlm import TEMPLATE
 
+import transformers
+
+#: chat VLMs need transformers >= 4.45 (the WebUI-versions run has 4.30.2: test_old_transformers_get_a_message)
+needs_vlm = pytest.mark.skipif(not hasattr(transformers, "AutoModelForImageTextToText"),
+                               reason=f"transformers {transformers.__version__} has no chat VLMs")
+
 
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory):
@@ -48,6 +54,7 @@ def test_styles_are_data_users_can_edit(tmp_path):
     assert styles.for_family("sd1") == "short" and styles.for_family(None) == "detailed"
 
 
+@needs_vlm
 def test_vlm_captions_a_folder_batched_with_the_style_and_unloads(llava_folder, images):
     from lora_train.captions import caption_folder
 
@@ -73,6 +80,7 @@ def test_vlm_captions_a_folder_batched_with_the_style_and_unloads(llava_folder, 
         cap.caption_batch(ims[:1], ["a"])
 
 
+@needs_vlm
 def test_vlm_errors_name_the_folder_and_the_fix(tmp_path, llava_folder):
     with pytest.raises(CaptionerError, match="no model given"):
         make_captioner("vlm")
@@ -101,6 +109,7 @@ def test_vlm_errors_name_the_folder_and_the_fix(tmp_path, llava_folder):
         make_captioner("vlm", model=plain)
 
 
+@needs_vlm
 def test_qwen2_vl_style_model(tmp_path, images):
     """A tiny Qwen2-VL through AutoProcessor / AutoModelForImageTextToText (its processor needs torchvision)."""
     pytest.importorskip("torchvision", reason="Qwen2-VL's processor needs torchvision (its video processor)")
@@ -191,6 +200,7 @@ def test_cli_check_only_and_the_trainer_report_findings(tmp_path, capsys):
     assert rc == 1 and "same caption" in out and "dup1.png" in out
 
 
+@needs_vlm
 def test_tab_previews_three_images_then_captions_and_checks(llava_folder, tmp_path):
     from lora_train.ui import logic
 
@@ -214,6 +224,7 @@ def test_tab_previews_three_images_then_captions_and_checks(llava_folder, tmp_pa
     assert logic.caption_style(Host(), "auto") == "detailed"  # no model loaded: the default style
 
 
+@needs_vlm
 def test_auto_mode_picks_the_vlm_in_the_familys_style(llava_folder):
     from lora_train.auto.pipeline import pick_captioner
 
@@ -225,6 +236,7 @@ def test_auto_mode_picks_the_vlm_in_the_familys_style(llava_folder):
     cap.unload()
 
 
+@needs_vlm
 def test_edit_style_writes_one_instruction_per_image_pair(llava_folder):
     cap = make_captioner("vlm", model=llava_folder, style="edit", max_new_tokens=5, device="cpu")
     assert cap.prompt_text().count("<image>") == 2
@@ -236,6 +248,7 @@ def test_edit_style_writes_one_instruction_per_image_pair(llava_folder):
     cap.unload()
 
 
+@needs_vlm
 def test_tab_lists_the_captioning_models_found_on_this_machine(llava_folder, tmp_path, monkeypatch):
     import shutil
 
@@ -254,3 +267,13 @@ def test_tab_lists_the_captioning_models_found_on_this_machine(llava_folder, tmp
         def caption_model_dirs(self):
             return [str(models)]
     assert logic.caption_models(Host()) == [str(models / "JoyCaption-tiny"), "Qwen/Qwen2.5-VL-7B-Instruct"]
+
+
+def test_old_transformers_get_a_message(tmp_path, monkeypatch):
+    """Without AutoModelForImageTextToText (AUTOMATIC1111's transformers 4.30.2) the vlm backend says what to do."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(transformers, "AutoModelForImageTextToText", None, raising=False)
+    with pytest.raises(CaptionerError, match="need transformers >= 4.45"):
+        make_captioner("vlm", model=str(tmp_path / "m"))

@@ -7,8 +7,8 @@ Nothing is downloaded: the model is a local folder or a repo already in the Hugg
 the folder to put it in). 8-bit / 4-bit loading needs bitsandbytes (and a CUDA device); without it the message says
 so. Batched (left padding, greedy decoding); `unload()` frees the model so the host's VRAM goes back.
 
-Works with transformers >= 4.45 (AutoModelForImageTextToText; older: AutoModelForVision2Seq). Qwen2-VL-family
-processors need torchvision (their video processor); the message says so when it is missing.
+Works with transformers >= 4.45 (AutoModelForImageTextToText); older ones (AUTOMATIC1111's 4.30.2) get a message.
+Qwen2-VL-family processors need torchvision (their video processor); the message says so when it is missing.
 """
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ class VLMCaptioner(TransformersCaptioner):
     def _load(self):
         import transformers
 
+        cls = getattr(transformers, "AutoModelForImageTextToText", None)
+        if cls is None:  # AUTOMATIC1111 pins transformers 4.30.2
+            raise CaptionerError("vlm", f"chat vision-language models need transformers >= 4.45 "
+                                 f"(AutoModelForImageTextToText); this environment has {transformers.__version__}",
+                                 fix="caption in Forge, ComfyUI or `python -m lora_train caption` (current "
+                                     "transformers), or use the transformers backend (BLIP / GIT) here")
         kw = dict(local_files_only=True, trust_remote_code=self.trust_remote_code)
         try:
             processor = transformers.AutoProcessor.from_pretrained(self.folder, **kw)
@@ -73,7 +79,6 @@ class VLMCaptioner(TransformersCaptioner):
         tok = getattr(processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"  # batched generation continues each prompt where it ends
-        cls = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         load_kw = dict(kw)
         if self.use_safetensors:
             load_kw["use_safetensors"] = True
