@@ -274,6 +274,8 @@ def test_old_transformers_get_a_message(tmp_path, monkeypatch):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}", encoding="utf-8")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"")
-    monkeypatch.setattr(transformers, "AutoModelForImageTextToText", None, raising=False)
+    import sys
+
+    monkeypatch.setattr(sys.modules["transformers"], "AutoModelForImageTextToText", None, raising=False)
     with pytest.raises(CaptionerError, match="need transformers >= 4.45"):
         make_captioner("vlm", model=str(tmp_path / "m"))
