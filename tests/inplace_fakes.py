@@ -40,8 +40,8 @@ class Block(nn.Module):
             self.mlp.fc1, self.mlp.fc2 = ops.Linear(DIM, 2 * DIM), ops.Linear(2 * DIM, DIM)
 
     def forward(self, x, ctx, temb):
-        x = x + temb[:, None]
         if self.layout == "wan":
+            x = x + temb[:, None]
             a = self.self_attn
             q, k, v = a.q(x), a.k(x), a.v(x)
             x = x + a.o(torch.softmax(q @ k.transpose(1, 2) / DIM ** 0.5, -1) @ v)
@@ -49,11 +49,16 @@ class Block(nn.Module):
             q, k, v = c.q(x), c.k(ctx), c.v(ctx)
             x = x + c.o(torch.softmax(q @ k.transpose(1, 2) / DIM ** 0.5, -1) @ v)
             return x + self.ffn(x)
-        q, k, v = self.attn.qkv(x).chunk(3, -1)
+        # as ComfyUI's Flux / Chroma / FLUX.2 blocks: pre-norms (which keep their input for the backward) and
+        # residual adds in place (`x += apply_mod(...)`), on the block's own input too
+        x += temb[:, None] - temb[:, None].detach()  # an in-place add on the input (no change of value)
+        h = nn.functional.layer_norm(x, (DIM,))
+        q, k, v = self.attn.qkv(h).chunk(3, -1)
         ck, cv = self.attn.ctx(ctx).chunk(2, -1)
         k, v = torch.cat([k, ck], 1), torch.cat([v, cv], 1)
-        x = x + self.attn.proj(torch.softmax(q @ k.transpose(1, 2) / DIM ** 0.5, -1) @ v)
-        return x + self.mlp.fc2(torch.relu(self.mlp.fc1(x)))
+        x += self.attn.proj(torch.softmax(q @ k.transpose(1, 2) / DIM ** 0.5, -1) @ v)
+        x += self.mlp.fc2(torch.relu(self.mlp.fc1(nn.functional.layer_norm(x, (DIM,)))))
+        return x
 
 
 class TinyDiT(nn.Module):
@@ -129,6 +134,11 @@ class Model(nn.Module):
         out = {"c_crossattn": comfy.conds.CONDCrossAttn(kwargs["cross_attn"])}
         if kwargs.get("guidance") is not None:
             out["guidance"] = comfy.conds.CONDRegular(torch.FloatTensor([kwargs["guidance"]]))
+        pooled = kwargs["pooled_output"]  # read as Flux's encode_adm does: a KeyError when the entry is missing
+        if pooled is not None:
+            out["y"] = comfy.conds.CONDRegular(pooled)
+        if isinstance(self.model_config, UnknownDiT):  # as Lumina / Z-Image: the text length as a constant
+            out["num_tokens"] = comfy.conds.CONDConstant(int(kwargs["cross_attn"].shape[1]))
         return out
 
     def process_latent_in(self, latent):
@@ -136,11 +146,13 @@ class Model(nn.Module):
 
 
 class CLIP:
-    """tokenize / encode_from_tokens_scheduled: one row of TEXT width per word (1 + words long), deterministic."""
+    """tokenize / encode_from_tokens_scheduled: one row of TEXT width per word (1 + words long), deterministic;
+    pooled_output their mean, or None (pooled=False: as a T5-only / LLM encoder gives it)."""
 
-    def __init__(self):
+    def __init__(self, pooled=True):
         self.cond_stage_model = ops.Linear(8, TEXT)
         self.calls = 0
+        self.pooled = pooled
 
     def tokenize(self, text):
         return {"words": text.split()}
@@ -152,7 +164,7 @@ class CLIP:
             g = torch.Generator().manual_seed(int(hashlib.sha256(w.encode()).hexdigest()[:8], 16))
             rows.append(torch.randn(TEXT, generator=g))
         cond = torch.stack(rows)[None]
-        return [[cond, {"pooled_output": cond.mean(1)}]]
+        return [[cond, {"pooled_output": cond.mean(1) if self.pooled else None}]]
 
 
 class VAE:
@@ -172,9 +184,11 @@ class VAE:
             return self.first_stage_model(pixel_samples.permute(0, 3, 1, 2) * 2 - 1)
 
 
-def graph(layout="wan", objective="flow", seed=0):
-    """(MODEL patcher, CLIP, VAE) of a tiny graph."""
+def graph(layout="wan", objective="flow", seed=0, pooled=True):
+    """(MODEL patcher, CLIP, VAE) of a tiny graph, built under torch.inference_mode() as ComfyUI's executor runs
+    its loader nodes (the weights and buffers are inference tensors)."""
     torch.manual_seed(seed)
-    model = Model(layout, objective)
-    model.requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(model), CLIP(), VAE()
+    with torch.inference_mode():
+        model = Model(layout, objective)
+        model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model), CLIP(pooled), VAE()

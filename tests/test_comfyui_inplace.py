@@ -262,3 +262,186 @@ def test_validation_disk_caches_and_nan_guard_in_place(data, tmp_path):
     tr2 = Trainer(_cfg(data, tmp_path / "b", **kw), model=_model(mp2, clip2, vae2))
     tr2.run()
     assert calls[0] > 0 and calls[1] > 0 and (clip2.calls, vae2.calls) == (0, 0)  # all read from the disk caches
+
+
+# ----------------------------------------------------------------------------- what a real ComfyUI 0.8.0 showed
+# (tests/test_comfyui_inplace_real.py): inference tensors, in-place residual adds, video VAEs, None conditioning
+# entries, constant conditionings, comfy_kitchen's RoPE ops without a backward
+def _lora_graph(layout="other", objective="flow", seed=0, **kw):
+    """A graph with our adapters in and their up matrices random (so every adapter gets a gradient)."""
+    from types import SimpleNamespace
+
+    import inplace_fakes
+
+    mp, clip, vae = inplace_fakes.graph(layout, objective, **kw)
+    g = _model(mp, clip, vae).extra["graph"]
+    spec = SimpleNamespace(type="lora", rank=4, alpha=4.0, conv_rank=0, conv_alpha=0.0, rank_dropout=0.0,
+                           module_dropout=0.0, loraplus_lr_ratio=None)
+    params = [p for group in g.inject(spec, 1e-3, "default") for p in group["params"]]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    for p in params:
+        p.requires_grad_(True)
+    return mp, clip, g, params
+
+
+def _batch(g, clip, captions=("a b c", "d e f")):
+    enc = g.encode_text(list(captions))
+    rows = [{k: v[i] for k, v in enc.items()} for i in range(len(captions))]
+    gen = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(len(captions), 4, 8, 8, generator=gen), torch.randn(len(captions), 4, 8, 8, generator=gen)
+    return x0, rows, noise, torch.tensor([300.0, 700.0][:len(captions)])
+
+
+def test_inference_tensors_of_the_graph_train_and_come_back():
+    """ComfyUI's loaders run under inference_mode: its weights are inference tensors, which autograd will not save
+    for a backward. load() swaps each for a normal tensor on the same storage; release() puts ComfyUI's back."""
+    mp, clip, g, params = _lora_graph()
+    inner = mp.model
+    before = {n: t for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+    assert all(t.is_inference() for t in before.values())
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):  # ComfyUI's own model, as loaded
+        inner.apply_model(x, torch.tensor([0.5]), c_crossattn=torch.randn(1, 3, 16)).sum().backward()
+    x0, rows, noise, t = _batch(g, clip)
+    g.loss(x0, rows, noise, t).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    now = {n: t for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+    assert {n: t.data_ptr() for n, t in now.items()} == {n: t.data_ptr() for n, t in before.items()}  # no copy
+    assert not any(t.is_inference() for t in now.values())
+    g.release()
+    after = {n: t for n, t in list(inner.named_parameters()) + list(inner.named_buffers())}
+    assert all(after[n] is before[n] for n in before)  # ComfyUI's own tensor objects again
+
+
+def _grads(g, clip, params, checkpointing):
+    for p in params:
+        p.grad = None
+    if checkpointing:
+        g.gradient_checkpointing(True)
+    x0, rows, noise, t = _batch(g, clip)
+    loss = g.loss(x0, rows, noise, t)
+    loss.backward()
+    out = torch.cat([p.grad.flatten() for p in params]).clone(), float(loss.detach())
+    for block in g._ckpt:  # checkpointing off again (release() does this too)
+        block.forward = block._lora_train_forward
+        del block._lora_train_forward
+    g._ckpt = []
+    return out
+
+
+def test_in_place_residual_adds_train_exact_with_and_without_checkpointing():
+    """ComfyUI's Flux-style blocks add to their residual stream (and their own input) in place after a pre-norm
+    kept it for the backward: plain autograd refuses that; our forward keeps copies of the saved activations, and
+    our checkpointing (reentrant, on copies of each block's inputs) gives the very same gradients. (torch's
+    non-reentrant checkpoint, as ComfyUI's TrainLoraNode uses it, recomputes from the changed input.)"""
+    mp, clip, g, params = _lora_graph("other")
+    g.load()
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):  # the fake's blocks behave as ComfyUI's
+        mp.model.apply_model(x, torch.tensor([0.5]), c_crossattn=torch.randn(1, 3, 16),
+                             pooled_output=None).sum().backward()
+    plain, l0 = _grads(g, clip, params, False)
+    ckpt, l1 = _grads(g, clip, params, True)
+    assert l0 == l1 and plain.abs().sum() > 0
+    assert torch.equal(plain, ckpt)
+    g.release()
+
+
+def test_a_video_vae_encodes_each_image_as_one_frame():
+    """ComfyUI's Wan / Qwen-Image VAE (latent_dim 3) reads a batch of images as the frames of one video."""
+    mp, clip, g, _ = _lora_graph("wan")
+
+    class VideoVAE:
+        latent_dim = 3
+        calls = []
+
+        def encode(self, pixels):
+            self.calls.append(pixels.shape[0])
+            return torch.ones(1, 4, (pixels.shape[0] + 3) // 4, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+    g.vae = VideoVAE()
+    lat = g.encode_latents(torch.zeros(3, 3, 16, 16))
+    assert VideoVAE.calls == [1, 1, 1] and lat.shape == (3, 4, 1, 2, 2)
+
+
+def test_conditioning_entries_that_are_none_reach_extra_conds(data, tmp_path):
+    """A T5-only / LLM text encoder gives pooled_output None; extra_conds of Flux-like models read the key."""
+    from conftest import run_trainer
+
+    import inplace_fakes
+
+    mp, clip, vae = inplace_fakes.graph("other", "flow", pooled=False)
+    model = _model(mp, clip, vae)
+    g = model.extra["graph"]
+    enc = g.encode_text(["a b"])
+    _, extra = g.unpack({k: v[0] for k, v in enc.items()})
+    assert "pooled_output" in extra and extra["pooled_output"] is None
+    _, res = run_trainer(_cfg(data, tmp_path), lambda: model)
+    assert res.steps == 3 and all(math.isfinite(x) for x in res.losses)
+
+
+def test_the_plain_lora_weight_is_one_addmm_equal_to_the_delta_formula():
+    from lora_train.hosts.comfyui_inplace import _plain_lora
+
+    mp, clip, g, params = _lora_graph("wan")
+    w = torch.randn(32, 32)
+    for wrapped in list(g.wrapped.values())[:3]:
+        box = wrapped.parametrizations["weight"]
+        assert _plain_lora(box) is not None
+        assert torch.allclose(wrapped(w), box(w), atol=1e-6)
+        box.strength["default"] = 0.5
+        assert torch.allclose(wrapped(w), box(w), atol=1e-6)
+
+
+_ROPE_OPS = []
+
+
+def _fake_kitchen(monkeypatch):
+    """comfy_kitchen's RoPE ops as torch custom ops with no autograd formula (as comfy_kitchen 0.2.40 has them)."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "comfy_kitchen", types.ModuleType("comfy_kitchen"))
+
+    def ref(x, f):  # comfy/ldm/flux/math.py's own formula
+        x_ = x.to(dtype=f.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+        return (f[..., 0] * x_[..., 0] + f[..., 1] * x_[..., 1]).reshape(*x.shape).type_as(x)
+
+    if not _ROPE_OPS:
+        @torch.library.custom_op("comfy_kitchen::apply_rope1", mutates_args=())
+        def apply_rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+            return ref(x, freqs_cis)
+
+        @torch.library.custom_op("comfy_kitchen::apply_rope", mutates_args=())
+        def apply_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return ref(xq, freqs_cis), ref(xk, freqs_cis)
+        _ROPE_OPS.extend([apply_rope1, apply_rope])
+    return ref
+
+
+def test_comfy_kitchen_rope_gets_its_backward(monkeypatch):
+    from lora_train.hosts.comfyui_inplace import rope_autograd
+
+    ref = _fake_kitchen(monkeypatch)
+    ops = torch.ops.comfy_kitchen
+    gen = torch.Generator().manual_seed(0)
+    x, k = torch.randn(2, 3, 5, 8, generator=gen, requires_grad=True), torch.randn(2, 3, 5, 8, generator=gen)
+    f = torch.randn(1, 1, 5, 4, 2, 2, generator=gen)
+    first = rope_autograd()
+    assert sorted(first) == ["apply_rope", "apply_rope1"]
+    assert rope_autograd() == []  # once: an op with a backward is left alone
+    gy = torch.randn(2, 3, 5, 8, generator=gen)
+    (ops.apply_rope1(x, f) * gy).sum().backward()
+    got, x.grad = x.grad.clone(), None
+    (ref(x, f) * gy).sum().backward()
+    assert torch.allclose(got, x.grad, atol=1e-6)
+    k.requires_grad_(True)
+    x.grad = None
+    q2, k2 = ops.apply_rope(x, k, f)
+    (q2 * gy + 2 * k2 * gy).sum().backward()
+    gq, gk = x.grad.clone(), k.grad.clone()
+    x.grad = k.grad = None
+    (ref(x, f) * gy + 2 * ref(k, f) * gy).sum().backward()
+    assert torch.allclose(gq, x.grad, atol=1e-6) and torch.allclose(gk, k.grad, atol=1e-6)

@@ -22,6 +22,16 @@ What a run uses of ComfyUI (0.8.0's names; imported lazily, so this module impor
 - text from the graph's CLIP (`tokenize` + `encode_from_tokens_scheduled`, every text encoder ComfyUI has), latents
   from the graph's VAE (`encode` + the model's `process_latent_in`); both cached by the trainer.
 
+What a real ComfyUI (0.8.0, tests/test_comfyui_inplace_real.py) asks of a trainer, beside the above:
+- its executor runs nodes under torch.inference_mode(), so the loaders' weights are inference tensors, which autograd
+  does not save: while the clone is loaded each is a normal tensor on the same storage (`load`; put back by
+  `release`);
+- its models are written for inference: residual adds in place after a pre-norm kept the tensor (Flux / Chroma /
+  FLUX.2 blocks), so our forward keeps copies of the activations autograd saves (`_pack_saved`), and gradient
+  checkpointing runs each block on copies of its inputs (`_checkpointed`); comfy_kitchen's RoPE ops have no backward
+  (`rope_autograd` registers one); video VAEs (Wan, Qwen-Image) encode a batch as one video (one image at a time);
+  conditioning entries that are None (pooled_output of T5 / LLM encoders) are kept, extra_conds read them.
+
 The LoRA file names every module `lora_unet_<module path in ComfyUI's diffusion model, . -> _>`: ComfyUI maps that
 name for every weight of every family (comfy/lora.py `model_lora_keys_unet`), and for the families we know it is
 the kohya / sd-scripts / musubi-tuner name too (BFL names for Flux, ComfyUI's for Wan and Z-Image, ldm names for
@@ -29,6 +39,7 @@ SDXL, which A1111 and Forge read as well). `applies(path)` loads a file with Com
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -54,6 +65,54 @@ class _NoConv:
 _NO_CONV = _NoConv()
 
 
+def rope_autograd() -> List[str]:
+    """comfy_kitchen (the kernels ComfyUI >= 0.8 calls for RoPE: comfy/ldm/flux/math.py takes `apply_rope` and
+    `apply_rope1` from it; Flux, Chroma, FLUX.2, Qwen-Image, Wan, Z-Image / Lumina, HiDream use them) defines them as
+    torch custom ops with no backward ("Trying to backward through comfy_kitchen.apply_rope1.default but no autograd
+    formula was registered"), so no gradient reaches our adapters before them. RoPE rotates each pair by a 2 x 2
+    matrix of freqs_cis (..., d/2, 2, 2): the input's gradient is the same op with the matrices transposed. That
+    backward is registered for each op that has none (found by a tiny CPU probe; an op with its own is left alone);
+    forwards are unchanged. Returns the ops it registered."""
+    try:
+        import comfy_kitchen  # noqa: F401
+        ops = torch.ops.comfy_kitchen
+    except (ImportError, AttributeError, RuntimeError):
+        return []
+    done = []
+    x = torch.zeros(1, 1, 1, 2)
+    f = torch.eye(2).reshape(1, 1, 1, 1, 2, 2)
+    for name in ("apply_rope1", "apply_rope"):
+        op = getattr(ops, name, None)
+        if op is None:
+            continue
+        xr = x.clone().requires_grad_(True)
+        try:
+            out = op(xr, f) if name == "apply_rope1" else op(xr, xr * 1, f)[0]
+            out.sum().backward()
+            continue  # it has a backward
+        except RuntimeError as exc:
+            if "autograd" not in str(exc):
+                continue
+        except Exception:  # noqa: BLE001 - another signature / device: leave it
+            continue
+
+        def setup(ctx, inputs, output):
+            ctx.freqs_t = inputs[-1].transpose(-1, -2)
+
+        if name == "apply_rope1":
+            def backward(ctx, grad):
+                return ops.apply_rope1(grad.contiguous(), ctx.freqs_t), None
+        else:
+            def backward(ctx, gq, gk):
+                return (None if gq is None else ops.apply_rope1(gq.contiguous(), ctx.freqs_t),
+                        None if gk is None else ops.apply_rope1(gk.contiguous(), ctx.freqs_t), None)
+        torch.library.register_autograd(f"comfy_kitchen::{name}", backward, setup_context=setup)
+        done.append(name)
+    if done:
+        log.info("lora_train: registered the backward of comfy_kitchen's %s (RoPE) for training", ", ".join(done))
+    return done
+
+
 def _safe(path: str) -> str:
     return path.replace(".", "|")
 
@@ -71,12 +130,76 @@ class _Wrapped(nn.Module):
         dev = next(box.parameters()).device
         if dev != weight.device:
             box.to(weight.device)
-        return box(weight)
+        plain = _plain_lora(box)
+        if plain is not None:  # W + s up @ down as one addmm: no full-size temporaries beside W' (and its grad)
+            dm, s = plain
+            up = dm.lora_up.reshape(dm.lora_up.shape[0], -1).to(weight.dtype)
+            down = dm.lora_down.reshape(dm.lora_down.shape[0], -1).to(weight.dtype)
+            out = torch.addmm(weight.reshape(weight.shape[0], -1), up, down, alpha=dm.scale() * s).reshape(weight.shape)
+        else:
+            out = box(weight)
+        out._lora_train_weight = True  # saved for backward as it is (_pack_saved)
+        return out
 
     def move_to(self, device=None):  # ComfyUI's move_weight_functions
         if device is not None:
             self.to(device)
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def _pack_saved(t: torch.Tensor):
+    """Autograd's saved tensors during our forward: activations are copied when saved, the weights are not.
+    ComfyUI's models are written for inference and add to their residual streams in place (Flux / Chroma / FLUX.2
+    blocks: `x += apply_mod(...)` after `pre_norm(x)` saved x for its backward), which autograd rejects ("modified by
+    an inplace operation") or, under checkpointing, recomputes from the changed tensor. A copy of each saved
+    activation keeps the values the backward needs; parameters and our W + delta (tagged) are never changed in place
+    and are kept as they are (no copy of the weights)."""
+    if isinstance(t, nn.Parameter) or getattr(t, "_lora_train_weight", False):
+        return t
+    return t.detach().clone()
+
+
+def _unpack_saved(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _checkpointed(block_forward, args, kwargs):
+    """One block's forward with activation checkpointing that gives the same gradients as without it, although
+    ComfyUI's blocks add to their inputs in place (`x += ...`): torch's non-reentrant checkpoint would recompute the
+    block from its changed input and keep aliases of tensors the block then changes. Here (reentrant checkpoint)
+    the first pass runs without autograd on copies of the block's tensor inputs (nothing is kept: no W + delta of
+    the block lives until the backward); the backward recomputes it from the saved inputs, again on copies, with
+    saved activations copied (_pack_saved). Tensor keyword arguments are inputs too (gradients reach them), the
+    rest (transformer_options, ...) is passed as it is; a dummy input that requires grad makes the outputs require
+    grad when no input does (the first blocks: only our adapters inside them train)."""
+    from torch.utils.checkpoint import checkpoint
+
+    flat = list(args) + list(kwargs.values())
+    idx = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+    keys, n = list(kwargs), len(args)
+
+    def body(_dummy, *tensors):
+        vals = list(flat)
+        for i, t in zip(idx, tensors):
+            vals[i] = t.clone()
+        with torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved):
+            return block_forward(*vals[:n], **dict(zip(keys, vals[n:])))
+
+    dummy = torch.empty(0, requires_grad=True)
+    return checkpoint(body, dummy, *[flat[i] for i in idx], use_reentrant=True)
+
+
+def _plain_lora(box) -> Optional[Tuple[Any, float]]:
+    """(the LoRA, its strength) when the box holds one plain LoRA (no DoRA scale, no rank / module dropout), else
+    None (the box's own formula: networks/delta.NetworkDelta)."""
+    from ..networks.dora import LoraDelta
+
+    if len(box.active) != 1:
+        return None
+    dm = box.adapters[box.active[0]]
+    if type(dm) is not LoraDelta or dm.dora_scale is not None or dm.rank_dropout or dm.module_dropout:
+        return None
+    return dm, float(box.strength.get(box.active[0], 1.0))
 
 
 class GraphDenoiser(nn.Module):
@@ -200,8 +323,8 @@ class Graph:
             for k, v in extra.items():
                 if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == 1:
                     row[f"extra.{k}"] = v[0].float().cpu() if v.is_floating_point() else v[0].cpu()
-                elif v is None or k in ("pooled_output",):
-                    continue
+                elif v is None:  # kept as None: extra_conds read some keys unconditionally (Flux / Chroma:
+                    row[f"none.{k}"] = torch.tensor(0.0)  # kwargs["pooled_output"], None without CLIP-L)
                 elif isinstance(v, (int, float, bool)):
                     row[f"scalar.{k}"] = torch.tensor(float(v))
                 else:
@@ -232,6 +355,8 @@ class Graph:
                 extra[k[len("extra."):]] = v[None]
             elif k.startswith("scalar."):
                 extra[k[len("scalar."):]] = float(v)
+            elif k.startswith("none."):
+                extra[k[len("none."):]] = None
         return row["cross_attn"][:n][None], extra
 
     def vae_factor(self) -> int:
@@ -243,7 +368,10 @@ class Graph:
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> the model's latents (process_latent_in of the VAE's)."""
         img = ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
-        lat = self.vae.encode(img)
+        if getattr(self.vae, "latent_dim", 2) == 3:  # a video VAE (Wan, Qwen-Image) reads a batch as frames of one
+            lat = torch.cat([self.vae.encode(img[i:i + 1]) for i in range(img.shape[0])])  # video: 1 frame each
+        else:
+            lat = self.vae.encode(img)
         return self.inner.process_latent_in(lat.float()).float().cpu()
 
     # ------------------------------------------------------------------ the network
@@ -348,9 +476,8 @@ class Graph:
         return lw
 
     def gradient_checkpointing(self, on: bool = True) -> None:
-        """torch checkpointing on each block of the diffusion model's block lists (as ComfyUI's TrainLoraNode)."""
-        from torch.utils.checkpoint import checkpoint
-
+        """Checkpointing on each block of the diffusion model's block lists (as ComfyUI's TrainLoraNode), made safe
+        for ComfyUI's in-place residual adds (`_checkpointed`)."""
         if not on or self._ckpt:
             return
         for name, mod in self.inner.diffusion_model.named_children():
@@ -360,7 +487,7 @@ class Graph:
                 fwd = block.forward
 
                 def run(*a, _f=fwd, **kw):
-                    return checkpoint(lambda *x, **y: _f(*x, **y), *a, use_reentrant=False, **kw)
+                    return _checkpointed(_f, a, kw) if torch.is_grad_enabled() else _f(*a, **kw)
                 block.forward = run
                 block._lora_train_forward = fwd
                 self._ckpt.append(block)
@@ -372,8 +499,34 @@ class Graph:
         import comfy.model_management as mm
 
         self.inner.requires_grad_(False)
+        rope_autograd()
         mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
+        self._unfreeze_inference_tensors()
         self.loaded = True
+
+    def _unfreeze_inference_tensors(self) -> None:
+        """ComfyUI runs its nodes under torch.inference_mode(), so the weights and buffers its loaders made are
+        inference tensors, which autograd refuses to save for backward ("Inference tensors cannot be saved for
+        backward": every LayerNorm / Linear the loss goes through). Each is swapped for a normal tensor on the same
+        storage (no copy); `release` puts ComfyUI's own tensors back where they are still in place."""
+        self._aliased = getattr(self, "_aliased", [])
+        for mod in self.inner.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in list(store.items()):
+                    if t is None or not t.is_inference():
+                        continue
+                    alias = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                        t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+                    if isinstance(t, nn.Parameter):
+                        alias = nn.Parameter(alias, requires_grad=False)
+                    store[name] = alias
+                    self._aliased.append((store, name, t, alias))
+
+    def _restore_inference_tensors(self) -> None:
+        for store, name, t, alias in reversed(getattr(self, "_aliased", [])):
+            if store.get(name) is alias:  # not moved / replaced by ComfyUI since
+                store[name] = t
+        self._aliased = []
 
     @property
     def device(self) -> torch.device:
@@ -399,6 +552,7 @@ class Graph:
             mm.soft_empty_cache()
         except ImportError:  # pragma: no cover
             pass
+        self._restore_inference_tensors()
         self.loaded = False
 
     # ------------------------------------------------------------------ the objective
@@ -471,7 +625,9 @@ class Graph:
                       sigmas=sigma[group])
             c["transformer_options"] = to
             xs = torch.cat([x[j:j + 1] for j in group])
-            pred = self.inner.apply_model(xs, sigma[group], **c)
+            with (torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved) if torch.is_grad_enabled()
+                  else contextlib.nullcontext()):
+                pred = self.inner.apply_model(xs, sigma[group], **c)
             for k, j in enumerate(group):
                 out[j] = pred[k:k + 1]
         return torch.cat(out)
@@ -522,10 +678,17 @@ class Graph:
 
 
 def _same_shapes(a, b) -> bool:
+    """The same entries, tensors of the same shapes (what is not a tensor, e.g. Lumina / Z-Image's num_tokens
+    CONDConstant, is left to can_concat_cond)."""
     ca, cb = a.conditioning, b.conditioning
-    return ca.keys() == cb.keys() and all(getattr(ca[k], "cond", None) is not None and
-                                          getattr(cb[k], "cond", None) is not None and
-                                          tuple(ca[k].cond.shape) == tuple(cb[k].cond.shape) for k in ca)
+    if ca.keys() != cb.keys():
+        return False
+    for k in ca:
+        x, y = getattr(ca[k], "cond", None), getattr(cb[k], "cond", None)
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape):
+                return False
+    return True
 
 
 def _key(v):

@@ -1,6 +1,6 @@
-"""Fake of comfy.conds (0.8.0): CONDRegular (repeated to the batch, concatenated along it) and CONDCrossAttn
+"""Fake of comfy.conds (0.8.0): CONDRegular (repeated to the batch, concatenated along it), CONDCrossAttn
 (text of different lengths concatenates only when one length divides the other: it is repeated up to the longer,
-as ComfyUI does for CLIP's 77-token chunks)."""
+as ComfyUI does for CLIP's 77-token chunks) and CONDConstant (a non-tensor value, e.g. num_tokens)."""
 import math
 
 import torch
@@ -43,3 +43,16 @@ class CONDCrossAttn(CONDRegular):
         conds = [self.cond] + [x.cond for x in others]
         n = max(c.shape[1] for c in conds)
         return torch.cat([c.repeat(1, n // c.shape[1], 1) for c in conds])
+
+
+class CONDConstant(CONDRegular):
+    """A value every sample of a batch shares (Lumina / Z-Image's num_tokens): concatenates only when equal."""
+
+    def process_cond(self, batch_size, **kwargs):
+        return self._copy_with(self.cond)
+
+    def can_concat(self, other):
+        return self.cond == other.cond
+
+    def concat(self, others):
+        return self.cond
